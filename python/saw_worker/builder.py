@@ -1,0 +1,112 @@
+"""Builds a LocalEngine from the worker's options: model, KV pool sized to the budget, calibration."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import tokenizers
+import torch
+
+from saw_worker.engine.engine import LocalEngine
+from saw_worker.engine.interface import EngineInfo
+from saw_worker.engine.model_runner import ModelRunner
+from saw_worker.engine.scheduler import Scheduler
+from saw_worker.kv.backend import PagedAttention
+from saw_worker.kv.calibration import CALIBRATION_TEXT, load_k_mean, measure_k_mean
+from saw_worker.kv.formats import KVFormat
+from saw_worker.kv.pool import KVPool, bytes_per_token
+from saw_worker.loader import load_model
+
+log = logging.getLogger("saw_worker")
+
+CPU_DEFAULT_KV_BYTES = 1 << 30  # on CPU "free memory" is the whole machine's; take a fixed slice
+
+
+@dataclass
+class WorkerOptions:
+    model: str = "smollm2-135m"
+    load_format: str = "auto"
+    kv: str = "int4-bdr"
+    hadamard_order: int = 128
+    rotate_v: bool = False
+    k_center: bool = False
+    k_mean_file: str | None = None
+    device: str = "auto"
+    mem_fraction: float = 0.85
+    kv_cache_memory: int | None = None
+    page_size: int = 16
+    max_running_requests: int = 256
+    max_prefill_tokens: int | None = None
+    context_length: int | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def kv_budget(opts: WorkerOptions, device: torch.device) -> int:
+    """Bytes for the KV pool: --kv-cache-memory, else what --mem-fraction leaves free on the GPU."""
+    if opts.kv_cache_memory is not None:
+        return opts.kv_cache_memory
+    if device.type != "cuda":
+        return CPU_DEFAULT_KV_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    reserve = int(total * (1 - opts.mem_fraction))  # activations, CUDA graphs, logits
+    return max(free - reserve, 0)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def build_engine(opts: WorkerOptions) -> LocalEngine:
+    device = resolve_device(opts.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    # The pool needs the model's shape, so the model is loaded with a plain attention and then
+    # switched to the paged one.
+    loaded = load_model(opts.model, opts.load_format, device, dtype, _no_attention)
+    cfg = loaded.config
+    fmt = KVFormat.make(opts.kv, cfg.head_dim, opts.hadamard_order, opts.rotate_v, opts.k_center)
+    budget = kv_budget(opts, device)
+    pool = KVPool.from_budget(fmt, cfg.num_layers, cfg.num_kv_heads, budget, opts.page_size, device)
+    attention = PagedAttention(pool, cfg.head_dim ** -0.5, use_kernels=device.type == "cuda")
+    loaded.model.attention = attention
+    runner = ModelRunner(loaded.model, attention, pool, device)
+    log.info("KV pool: %s, %d tokens in %.1f MiB (%d B/token)", fmt.name, pool.capacity_tokens, budget / 2**20,
+             bytes_per_token(fmt, cfg.num_layers, cfg.num_kv_heads))
+
+    if fmt.k_center:
+        if opts.k_mean_file:
+            pool.k_mean = load_k_mean(opts.k_mean_file, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim).to(device)
+        else:
+            ids = tokenizers.Tokenizer.from_str(loaded.tokenizer.tokenizer_json).encode(CALIBRATION_TEXT).ids
+            pool.k_mean = measure_k_mean(runner, ids)
+            log.info("K centering: measured the K mean on %d calibration tokens", len(ids))
+        attention.refresh()
+
+    context = min(opts.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    prefill_budget = opts.max_prefill_tokens or (8192 if device.type == "cuda" else 512)
+    scheduler = Scheduler(pool, opts.max_running_requests, prefill_budget, context,
+                          frozenset(loaded.tokenizer.eos_token_ids))
+    info = EngineInfo(
+        model_id=loaded.model_id, tokenizer=loaded.tokenizer, context_length=context, vocab_size=cfg.vocab_size,
+        kv_format=fmt.name, kv_capacity_tokens=pool.capacity_tokens, page_size=opts.page_size,
+        device=device_name(device),
+    )
+    return LocalEngine(runner, scheduler, info)
+
+
+
+def _no_attention(layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("the model ran before its KV pool was attached")

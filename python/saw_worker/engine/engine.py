@@ -1,0 +1,135 @@
+"""LocalEngine: the step loop on its own thread, fed by thread-safe submit/abort calls."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from saw_worker.engine.interface import EngineInfo, LoadStats
+from saw_worker.engine.model_runner import ChunkResult, ModelRunner
+from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sequence, Sink
+from saw_worker.engine.scheduler import Chunk, Scheduler
+
+log = logging.getLogger("saw_worker.engine")
+
+
+class LocalEngine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, info: EngineInfo) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self._info = info
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._incoming: list[Sequence] = []
+        self._aborts: list[str] = []
+        self._live: set[str] = set()
+        self._order = 0
+        self._load = LoadStats(kv_tokens_total=info.kv_capacity_tokens)
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="saw-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def load(self) -> LoadStats:
+        return self._load
+
+    def submit(self, params: GenerateParams, sink: Sink) -> None:
+        info = self._info
+        params.validate(info.vocab_size, info.context_length, info.kv_capacity_tokens)
+        with self._lock:
+            if params.request_id in self._live:
+                raise RequestError(f"request id {params.request_id!r} is already running")
+            self._live.add(params.request_id)
+            self._order += 1
+            self._incoming.append(Sequence(params, sink, self._order))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            found = request_id in self._live
+            if found:
+                self._aborts.append(request_id)
+        self._wake.set()
+        return found
+
+    # --- engine thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._take_inbox()
+            if not self.scheduler.has_work():
+                self._publish_load()
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            batch = self.scheduler.schedule()
+            if batch is None:  # waiting requests cannot fit yet and nothing runs: cannot happen, but never spin
+                self._wake.wait(0.01)
+                continue
+            try:
+                results = self.runner.run(batch)
+            except Exception as exc:  # a bug must fail these requests, not the worker
+                log.exception("forward pass failed")
+                for chunk in batch.chunks:
+                    self._end(chunk.seq, Event(finish=Finish.ABORT, error=f"engine error: {exc}"), remove=True)
+                continue
+            for chunk, result in zip(batch.chunks, results, strict=True):
+                self._commit(chunk, result)
+            self._publish_load()
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            aborts, self._aborts = self._aborts, []
+        for seq in incoming:
+            self.scheduler.add(seq)
+        for request_id in aborts:
+            seq = self.scheduler.remove(request_id)
+            if seq is not None:
+                self._end(seq, Event(finish=Finish.ABORT), remove=False)
+
+    def _commit(self, chunk: Chunk, result: ChunkResult) -> None:
+        seq = chunk.seq
+        if seq.prompt_logprobs is not None and result.prompt_logprobs:
+            seq.prompt_logprobs += result.prompt_logprobs
+        finish = self.scheduler.commit(chunk, result.token)
+        if result.token is None:
+            return
+        ev = Event(token_ids=[result.token], finish=finish)
+        if result.logprob is not None:
+            ev.logprobs = [result.logprob]
+        if seq.prompt_logprobs and seq.num_output == 1:
+            ev.prompt_logprobs = seq.prompt_logprobs
+        if finish is None:
+            seq.sink(ev)
+        else:
+            self._end(seq, ev, remove=False)
+
+    def _end(self, seq: Sequence, ev: Event, remove: bool) -> None:
+        if remove:
+            self.scheduler.remove(seq.id)
+        ev.prompt_tokens = seq.num_prompt
+        ev.completion_tokens = seq.num_output
+        with self._lock:
+            self._live.discard(seq.id)
+        seq.sink(ev)
+
+    def _publish_load(self) -> None:
+        s = self.scheduler
+        live = (*s.running, *s.waiting)
+        self._load = LoadStats(
+            running=len(s.running),
+            waiting=len(s.waiting),
+            kv_tokens_used=s.pool.used_tokens,
+            kv_tokens_total=s.pool.capacity_tokens,
+            outstanding_tokens=sum(q.remaining_tokens() for q in live),
+        )

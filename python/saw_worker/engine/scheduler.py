@@ -1,0 +1,138 @@
+"""Continuous batching: which tokens run in the next forward pass.
+
+Prefill has priority and runs in chunks under a per-step token budget; otherwise every running
+request decodes one token. Admission needs free pages (plus one spare page per running request,
+so new work does not immediately force a preemption); when decode runs out of pages the newest
+request is preempted and later recomputed from its tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from saw_worker.engine.request import Finish, Sequence
+from saw_worker.kv.pool import KVPool
+
+
+@dataclass
+class Chunk:
+    seq: Sequence
+    start: int  # positions [start, end) are computed this step
+    end: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last token, so its logits give the next token."""
+        return self.end == len(self.seq.token_ids)
+
+
+@dataclass
+class Batch:
+    chunks: list[Chunk]
+    is_decode: bool
+
+
+class Scheduler:
+    def __init__(self, pool: KVPool, max_running: int, prefill_budget: int, context_length: int,
+                 eos_token_ids: frozenset[int]) -> None:
+        self.pool = pool
+        self.max_running = max_running
+        self.prefill_budget = prefill_budget
+        self.context_length = context_length
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, request_id: str) -> Sequence | None:
+        """Take a request out wherever it is and free its pages."""
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.id == request_id:
+                    queue.remove(seq)
+                    self._free(seq)
+                    return seq
+        return None
+
+    def schedule(self) -> Batch | None:
+        prefill = self._schedule_prefill()
+        if prefill:
+            return Batch(prefill, is_decode=False)
+        self._reserve_decode_pages()
+        if not self.running:
+            return None
+        return Batch([Chunk(s, len(s.token_ids) - 1, len(s.token_ids)) for s in self.running], is_decode=True)
+
+    def _schedule_prefill(self) -> list[Chunk]:
+        chunks: list[Chunk] = []
+        budget = self.prefill_budget
+        slots_left = self.max_running - len(self.running)
+        for seq in self.waiting:
+            if budget == 0 or slots_left == 0:
+                break
+            n = min(len(seq.token_ids) - seq.cached, budget)
+            need = self.pool.pages_for(seq.cached + n) - len(seq.pages)
+            spare = len(self.running) if not seq.pages else 0
+            if self.pool.free_pages - need < spare:
+                break
+            seq.pages += self.pool.allocate(need) or []
+            chunks.append(Chunk(seq, seq.cached, seq.cached + n))
+            budget -= n
+            slots_left -= 1
+        return chunks
+
+    def _reserve_decode_pages(self) -> None:
+        """Give every running request a slot for its next token, preempting the newest if needed."""
+        for seq in sorted(self.running, key=lambda s: s.order):
+            while seq in self.running and len(seq.token_ids) > len(seq.pages) * self.pool.page_size:
+                pages = self.pool.allocate(1)
+                if pages:
+                    seq.pages += pages
+                else:
+                    self._preempt_newest()
+
+    def _preempt_newest(self) -> None:
+        holders = [s for s in (*self.running, *self.waiting) if s.pages]
+        victim = max(holders, key=lambda s: s.order)
+        self._free(victim)
+        if victim in self.running:
+            self.running.remove(victim)
+            self.waiting.appendleft(victim)
+
+    def _free(self, seq: Sequence) -> None:
+        self.pool.release(seq.pages)
+        seq.pages = []
+        seq.cached = 0
+
+    def commit(self, chunk: Chunk, token: int | None) -> Finish | None:
+        """Record a finished forward for one chunk; token is the sampled next token when chunk.samples."""
+        seq = chunk.seq
+        seq.cached = chunk.end
+        if token is None:
+            return None
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            self.running.append(seq)
+        seq.token_ids.append(token)
+        finish = self._finish_reason(seq, token)
+        if finish is not None:
+            self.running.remove(seq)
+            self._free(seq)
+        return finish
+
+    def _finish_reason(self, seq: Sequence, token: int) -> Finish | None:
+        p = seq.params
+        if seq.num_output >= p.min_new_tokens:
+            if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+                return Finish.STOP
+        # The last clause stops a request that would not fit even with the whole pool to itself.
+        if (seq.num_output >= p.max_new_tokens or len(seq.token_ids) >= self.context_length
+                or len(seq.token_ids) >= self.pool.capacity_tokens):
+            return Finish.LENGTH
+        return None

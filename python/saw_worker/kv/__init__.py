@@ -1,0 +1,1 @@
+"""KV-cache formats, the paged pool and the attention backend that reads it."""

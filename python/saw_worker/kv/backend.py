@@ -1,0 +1,64 @@
+"""The attention the models call: writes new K/V into the paged pool, then attends over it.
+
+The engine sets a StepLayout before each forward; models only see q, k, v. On CUDA the Triton
+kernels of saw_kernels do the work; elsewhere the torch reference does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from saw_worker.kv.pool import KVPool, LayerCache
+from saw_worker.kv.reference import paged_attention_ref, write_kv_ref
+
+
+@dataclass
+class StepLayout:
+    """Where this step's tokens go and what each request sees (all on the pool's device)."""
+
+    slots: torch.Tensor  # int64 [T]: cache slot of each new token (-1 = padding)
+    cu_seqlens: torch.Tensor  # int32 [B+1]: new-token rows of each request
+    seq_lens: torch.Tensor  # int32 [B]: tokens in cache after this step, new ones included
+    prefix_lens: torch.Tensor  # int32 [B]: tokens cached before this step
+    page_table: torch.Tensor  # int32 [B, max_pages]
+    is_decode: bool  # every request adds exactly one token
+    max_new_len: int
+
+
+class PagedAttention:
+    def __init__(self, pool: KVPool, sm_scale: float, use_kernels: bool) -> None:
+        self.pool = pool
+        self.sm_scale = sm_scale
+        self.layout: StepLayout | None = None
+        self.observer: Callable[[int, torch.Tensor], None] | None = None  # sees each layer's new K (calibration)
+        self._kernels = None
+        if use_kernels:
+            import saw_kernels  # imported lazily: it needs a GPU build of Triton
+
+            self._kernels = saw_kernels
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-take per-layer views (after calibration sets the K means)."""
+        self._layers: list[LayerCache] = [self.pool.layer(i) for i in range(self.pool.num_layers)]
+
+    def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        lay, cache, fmt = self.layout, self._layers[layer_id], self.pool.fmt
+        assert lay is not None, "StepLayout not set"
+        if self.observer is not None:
+            self.observer(layer_id, k)
+        kern = self._kernels
+        if kern is None:
+            write_kv_ref(k, v, lay.slots, cache, fmt)
+            return paged_attention_ref(q, lay.cu_seqlens, lay.seq_lens, lay.page_table, self.pool.page_size,
+                                       cache, fmt, self.sm_scale)
+        kern.write_kv(k, v, lay.slots, cache.k, cache.v, cache.k_params, cache.v_params, fmt, cache.k_mean)
+        if lay.is_decode:
+            return kern.decode_attention(q, cache.k, cache.v, cache.k_params, cache.v_params, lay.page_table,
+                                         lay.seq_lens, self.pool.page_size, fmt, self.sm_scale)
+        return kern.extend_attention(q, k, v, lay.cu_seqlens, lay.prefix_lens, cache.k, cache.v, cache.k_params,
+                                     cache.v_params, lay.page_table, self.pool.page_size, fmt, self.sm_scale,
+                                     max_new_len=lay.max_new_len)

@@ -1,0 +1,169 @@
+"""`load_model`: alias | HF folder | .gguf file | config (dummy) -> a ready DecoderLM + tokenizer.
+
+Every failure a user can cause (missing file, corrupt GGUF/safetensors, unsupported architecture)
+surfaces as `ModelLoadError` with a one-line message; the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig, TokenizerInfo, UnsupportedArchitectureError
+from ..models import Attention, DecoderLM
+from .aliases import ALIASES, cache_dir, resolve_alias
+from .errors import ModelLoadError
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+__all__ = ["ALIASES", "LOAD_FORMATS", "LoadedModel", "ModelLoadError", "cache_dir", "load_model"]
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    config: ModelConfig
+    model: DecoderLM
+    tokenizer: TokenizerInfo
+
+
+def load_model(
+    spec: str,
+    load_format: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: Attention,
+    *,
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load `spec` (alias, HF folder, .gguf file, or with load_format="dummy" a folder / config.json).
+
+    overrides: ModelConfig fields to replace (e.g. {"num_layers": 2}); dummy loads only make sense of it.
+    seed: the random init of dummy weights.
+    """
+    fmt = load_format or "auto"
+    if fmt not in LOAD_FORMATS:
+        raise ModelLoadError(f"unknown load format {fmt!r} (choose from {', '.join(LOAD_FORMATS)})")
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    try:
+        loaded = _load(spec, fmt, device, dtype, attention, overrides or {}, seed)
+    except ModelLoadError:
+        raise
+    except UnsupportedArchitectureError as e:
+        raise ModelLoadError(f"{spec}: {e}") from None
+    except (ValueError, KeyError, OSError) as e:
+        raise ModelLoadError(f"cannot load {spec}: {type(e).__name__}: {e}") from None
+    c = loaded.config
+    print(
+        f"saw: loaded {loaded.model_id} ({c.architecture}, {c.num_layers} layers, hidden {c.hidden_size}, "
+        f"{c.num_heads}/{c.num_kv_heads} heads x {c.head_dim}, {fmt}) on {device} as {dtype} "
+        f"in {time.perf_counter() - t0:.1f}s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return loaded
+
+
+def _load(
+    spec: str,
+    fmt: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: Attention,
+    overrides: dict[str, Any],
+    seed: int,
+) -> LoadedModel:
+    if spec in ALIASES:
+        return _load_gguf(resolve_alias(spec), spec, fmt, device, dtype, attention, overrides, seed)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model {spec!r} not found: not a built-in alias ({', '.join(ALIASES)}), file or folder")
+    if path.is_file() and (path.suffix == ".gguf" or fmt == "gguf" or _is_gguf(path)):
+        return _load_gguf(path, path.stem, fmt, device, dtype, attention, overrides, seed)
+    if fmt == "gguf":
+        raise ModelLoadError(f"--load-format gguf needs a .gguf file, got {path}")
+    folder = path.parent if path.is_file() else path
+    if path.is_file() and path.name != "config.json":
+        raise ModelLoadError(f"{path}: expected a .gguf file, an HF folder, or a config.json")
+    return _load_hf(folder, fmt, device, dtype, attention, overrides, seed)
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _build(cfg: ModelConfig, attention: Attention, device: torch.device, dtype: torch.dtype) -> DecoderLM:
+    model = DecoderLM(cfg, attention, device=device, dtype=dtype)
+    return model.eval()
+
+
+def _load_gguf(
+    path: Path,
+    model_id: str,
+    fmt: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: Attention,
+    overrides: dict[str, Any],
+    seed: int,
+) -> LoadedModel:
+    from . import gguf_file
+    from .tokenizer import tokenizer_from_gguf
+
+    if fmt == "safetensors":
+        raise ModelLoadError(f"--load-format safetensors needs an HF folder, got GGUF {path}")
+    reader = gguf_file.open_reader(path)
+    meta = gguf_file.read_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    cfg = gguf_file.config_from_gguf(meta, names, reader)
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    try:
+        tok = tokenizer_from_gguf(meta)
+    except (ValueError, KeyError, Exception) as e:  # the tokenizers library raises plain Exceptions
+        raise ModelLoadError(f"cannot build the tokenizer from {path}: {e}") from None
+    model = _build(cfg, attention, device, dtype)
+    if fmt == "dummy":
+        model.init_random_(seed)
+    else:
+        model.load_weights(gguf_file.iter_weights(reader, cfg, dtype, device))
+    return LoadedModel(model_id, cfg, model, tok)
+
+
+def _load_hf(
+    folder: Path,
+    fmt: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: Attention,
+    overrides: dict[str, Any],
+    seed: int,
+) -> LoadedModel:
+    from .hf import iter_safetensors, read_config_json, safetensors_files
+    from .tokenizer import byte_level_fallback, tokenizer_from_hf_folder
+
+    cfg = ModelConfig.from_hf(read_config_json(folder / "config.json"))
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    has_tok = (folder / "tokenizer.json").exists()
+    if fmt != "dummy" and not has_tok:
+        raise ModelLoadError(f"no tokenizer.json in {folder}")
+    try:
+        tok = tokenizer_from_hf_folder(folder) if has_tok else byte_level_fallback()
+    except Exception as e:
+        raise ModelLoadError(f"cannot read the tokenizer in {folder}: {e}") from None
+    model_id = folder.resolve().name
+    if fmt == "dummy":
+        model = _build(cfg, attention, device, dtype)
+        model.init_random_(seed)
+    else:
+        files = safetensors_files(folder)
+        model = _build(cfg, attention, device, dtype)
+        model.load_weights(iter_safetensors(files, dtype, device))
+    return LoadedModel(model_id, cfg, model, tok)

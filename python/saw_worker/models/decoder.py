@@ -1,0 +1,206 @@
+"""One decoder-only transformer for Llama (SmolLM2, Llama 3), Qwen2/2.5 and Qwen3.
+
+Differences are flags on ModelConfig: `attention_bias` (Qwen2 qkv bias), `qk_norm` (Qwen3
+per-head RMSNorm on q and k before RoPE), `rope_scaling` (Llama 3), `tie_word_embeddings`.
+The model works on a flat token batch; attention over cached context is the `Attention`
+backend's business. Parameters are created uninitialised (no wasted init on load): fill them
+with `load_weights` or `init_random_`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .attention import Attention
+from .rope import apply_rope, cos_sin_cache
+
+
+def _param(*shape: int, device: torch.device | None, dtype: torch.dtype | None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(dim, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # fp32 statistics, cast back before the weight: what HF's LlamaRMSNorm does, so bf16 matches it.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, device: torch.device | None, dtype: torch.dtype | None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.nq, self.nkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        kw = {"device": device, "dtype": dtype}
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, **kw)
+        # Merged projections: one GEMM for q|k|v and one for gate|up.
+        self.qkv_weight = _param((self.nq + 2 * self.nkv) * self.d, h, **kw)
+        self.qkv_bias = _param((self.nq + 2 * self.nkv) * self.d, **kw) if cfg.attention_bias else None
+        self.o_weight = _param(h, self.nq * self.d, **kw)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
+        self.gate_up_weight = _param(2 * i, h, **kw)
+        self.down_weight = _param(h, i, **kw)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: Attention) -> Tensor:
+        t = x.shape[0]
+        qkv = F.linear(self.input_layernorm(x), self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+        q, k, v = q.view(t, self.nq, self.d), k.view(t, self.nkv, self.d), v.view(t, self.nkv, self.d)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attention(self.layer_id, q, k, v)
+        x = x + F.linear(o.reshape(t, self.nq * self.d), self.o_weight)
+        gate, up = F.linear(self.post_attention_layernorm(x), self.gate_up_weight).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.down_weight)
+
+
+class DecoderLM(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        attention: Attention,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.attention = attention
+        dev = torch.device(device) if device is not None else None
+        kw = {"device": dev, "dtype": dtype}
+        self.embed_weight = _param(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, **kw) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.lm_head_weight = (
+            None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size, **kw)
+        )
+        cache = cos_sin_cache(
+            config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings, dev
+        )
+        self.register_buffer("cos_sin", cache, persistent=False)  # float32, cast per call
+
+    # ---- inference -------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """input_ids, positions: [T] int64 -> hidden [T, H] with the final norm applied."""
+        x = F.embedding(input_ids, self.embed_weight)
+        cs = self.cos_sin[positions].to(x.dtype).unsqueeze(1)  # [T, 1, D]
+        cos, sin = cs.chunk(2, dim=-1)
+        for layer in self.layers:
+            x = layer(x, cos, sin, self.attention)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [N, H] -> logits [N, vocab] float32."""
+        w = self.embed_weight if self.lm_head_weight is None else self.lm_head_weight
+        return F.linear(hidden, w).float()
+
+    # ---- weights ---------------------------------------------------------------------------
+    def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
+        """Deterministic random weights (dummy load): small std keeps activations finite in bf16."""
+        dev = self.embed_weight.device
+        g = torch.Generator(device=dev).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.data.fill_(1.0)
+            elif name.endswith("bias"):
+                p.data.zero_()
+            else:
+                p.data.normal_(0.0, std, generator=g)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]], strict: bool = True) -> None:
+        """Copy HF-named tensors (`model.layers.3.self_attn.q_proj.weight`, ...) into the merged params.
+
+        strict: every parameter must be written (a tied lm_head may be absent or present)."""
+        written: set[str] = set()
+        for name, w in weights:
+            target = self._target(name)
+            if target is None:
+                continue
+            pname, rows = target
+            p = self.get_parameter(pname)
+            dst = p.data if rows is None else p.data[rows[0] : rows[1]]
+            if tuple(dst.shape) != tuple(w.shape):
+                raise ValueError(f"weight {name}: shape {tuple(w.shape)}, model expects {tuple(dst.shape)}")
+            dst.copy_(w)
+            written.add(pname if rows is None else f"{pname}[{rows[0]}:{rows[1]}]")
+        if strict:
+            missing = [n for n in self._expected_keys() if n not in written]
+            if missing:
+                shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+                raise ValueError(f"{len(missing)} model weights missing from the checkpoint: {shown}")
+
+    def _expected_keys(self) -> list[str]:
+        keys = []
+        for pname, _ in self.named_parameters():
+            for rows in self._row_splits(pname):
+                keys.append(pname if rows is None else f"{pname}[{rows[0]}:{rows[1]}]")
+        return keys
+
+    def _row_splits(self, pname: str) -> list[tuple[int, int] | None]:
+        c = self.config
+        if pname.endswith(("qkv_weight", "qkv_bias")):
+            q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+            return [(0, q), (q, q + kv), (q + kv, q + 2 * kv)]
+        if pname.endswith("gate_up_weight"):
+            return [(0, c.intermediate_size), (c.intermediate_size, 2 * c.intermediate_size)]
+        return [None]
+
+    def _target(self, name: str) -> tuple[str, tuple[int, int] | None] | None:
+        """HF tensor name -> (our parameter name, row range within it) or None to ignore."""
+        if name.startswith("model."):
+            name = name[len("model.") :]
+        if name == "embed_tokens.weight":
+            return "embed_weight", None
+        if name == "norm.weight":
+            return "norm.weight", None
+        if name == "lm_head.weight":
+            return ("lm_head_weight", None) if self.lm_head_weight is not None else None
+        parts = name.split(".")
+        if len(parts) < 4 or parts[0] != "layers":
+            return None  # e.g. rotary_emb.inv_freq in old checkpoints
+        i, rest = int(parts[1]), ".".join(parts[2:])
+        if rest.endswith("rotary_emb.inv_freq"):
+            return None
+        pre = f"layers.{i}."
+        c = self.config
+        q, kv, inter = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+        table: dict[str, tuple[str, tuple[int, int] | None]] = {
+            "self_attn.q_proj.weight": ("qkv_weight", (0, q)),
+            "self_attn.k_proj.weight": ("qkv_weight", (q, q + kv)),
+            "self_attn.v_proj.weight": ("qkv_weight", (q + kv, q + 2 * kv)),
+            "self_attn.q_proj.bias": ("qkv_bias", (0, q)),
+            "self_attn.k_proj.bias": ("qkv_bias", (q, q + kv)),
+            "self_attn.v_proj.bias": ("qkv_bias", (q + kv, q + 2 * kv)),
+            "self_attn.o_proj.weight": ("o_weight", None),
+            "self_attn.q_norm.weight": ("q_norm.weight", None),
+            "self_attn.k_norm.weight": ("k_norm.weight", None),
+            "mlp.gate_proj.weight": ("gate_up_weight", (0, inter)),
+            "mlp.up_proj.weight": ("gate_up_weight", (inter, 2 * inter)),
+            "mlp.down_proj.weight": ("down_weight", None),
+            "input_layernorm.weight": ("input_layernorm.weight", None),
+            "post_attention_layernorm.weight": ("post_attention_layernorm.weight", None),
+        }
+        hit = table.get(rest)
+        if hit is None:
+            raise ValueError(f"unexpected weight {name!r}")
+        if hit[0] == "qkv_bias" and not c.attention_bias:
+            raise ValueError(f"weight {name!r} present but the config has no attention bias")
+        if hit[0].startswith(("q_norm", "k_norm")) and not c.qk_norm:
+            raise ValueError(f"weight {name!r} present but the config has no q/k norm")
+        return pre + hit[0], hit[1]

@@ -1,0 +1,167 @@
+"""The engine on a tiny random model: batching, chunking, preemption, abort, sampling, bad input."""
+
+from __future__ import annotations
+
+import pytest
+from engine_util import Collector, prompt, run, tiny_engine
+from saw_worker.engine.request import Finish, GenerateParams, RequestError, SamplingOptions
+
+
+def greedy(rid: str, ids: list[int], n: int = 12, **kw: object) -> GenerateParams:
+    return GenerateParams(rid, ids, max_new_tokens=n, ignore_eos=True, **kw)  # type: ignore[arg-type]
+
+
+REQUESTS = [greedy(f"r{i}", prompt(i, n)) for i, n in enumerate([1, 5, 17, 30, 9])]
+
+
+@pytest.mark.parametrize("kv", ["bf16", "int4", "int4-bdr"])
+def test_batch_equals_each_request_alone(kv: str) -> None:
+    engine = tiny_engine(kv)
+    try:
+        together = run(engine, REQUESTS)
+        alone = {r.request_id: run(engine, [r])[r.request_id] for r in REQUESTS}
+    finally:
+        engine.shutdown()
+    assert together == alone
+    assert all(len(t) == 12 for t in together.values())
+
+
+def test_chunked_prefill_and_preemption_give_the_same_tokens() -> None:
+    big = tiny_engine("int4-bdr", num_pages=256, prefill_budget=256)
+    # 11 usable pages of 4 tokens cannot hold five requests of up to 42 tokens: decode must preempt.
+    small = tiny_engine("int4-bdr", num_pages=12, prefill_budget=8)
+    try:
+        want = run(big, REQUESTS)
+        got = run(small, REQUESTS)
+        assert small.scheduler.pool.free_pages == 11
+    finally:
+        big.shutdown()
+        small.shutdown()
+    assert got == want
+
+
+def test_abort_frees_every_page() -> None:
+    engine = tiny_engine("int4", max_running=64)
+    try:
+        pool = engine.scheduler.pool
+        sinks = [Collector() for _ in range(6)]
+        for i, sink in enumerate(sinks):
+            engine.submit(greedy(f"a{i}", prompt(i, 20), n=400), sink)
+        for i in range(6):
+            assert engine.abort(f"a{i}")
+        for sink in sinks:
+            sink.wait()
+            assert sink.last.finish is Finish.ABORT
+        assert pool.free_pages == pool.num_pages - 1
+        assert not engine.scheduler.has_work()
+        assert not engine.abort("a0")  # already gone
+    finally:
+        engine.shutdown()
+
+
+def test_seed_reproduces_and_differs() -> None:
+    engine = tiny_engine("int4-bdr")
+
+    def sampled(rid: str, seed: int) -> GenerateParams:
+        return GenerateParams(rid, prompt(7, 6), max_new_tokens=16, ignore_eos=True,
+                              sampling=SamplingOptions(temperature=1.0, top_p=0.9, top_k=40, seed=seed))
+
+    try:
+        out = run(engine, [sampled("a", 1), sampled("b", 1), sampled("c", 2), greedy("g", prompt(8, 3))])
+    finally:
+        engine.shutdown()
+    assert out["a"] == out["b"]
+    assert out["a"] != out["c"]
+
+
+def test_stop_rules() -> None:
+    engine = tiny_engine("bf16")
+    try:
+        base = run(engine, [greedy("base", prompt(2, 8), n=10)])["base"]
+        stop_at = base[4]
+        out = run(engine, [
+            GenerateParams("stop", prompt(2, 8), max_new_tokens=10, stop_token_ids=frozenset({stop_at})),
+            GenerateParams("min", prompt(2, 8), max_new_tokens=10, min_new_tokens=10,
+                           stop_token_ids=frozenset({stop_at})),
+        ])
+    finally:
+        engine.shutdown()
+    first = base.index(stop_at)
+    assert out["stop"] == base[: first + 1]  # the stop token is the last one sent
+    assert out["min"] == base  # min_new_tokens holds it back
+
+
+def test_eos_finishes_unless_ignored() -> None:
+    base_engine = tiny_engine("bf16")
+    try:
+        base = run(base_engine, [greedy("base", prompt(3, 4), n=10)])["base"]
+    finally:
+        base_engine.shutdown()
+    eos = base[3]
+    engine = tiny_engine("bf16", eos=eos)
+    try:
+        sink = Collector()
+        engine.submit(GenerateParams("e", prompt(3, 4), max_new_tokens=10), sink)
+        tokens = sink.wait()
+        ignored = run(engine, [greedy("i", prompt(3, 4), n=10)])["i"]
+    finally:
+        engine.shutdown()
+    assert tokens == base[: base.index(eos) + 1] and sink.last.finish is Finish.STOP
+    assert sink.last.completion_tokens == len(tokens) and sink.last.prompt_tokens == 4
+    assert ignored == base
+
+
+def test_prompt_logprobs_agree_with_generation_logprobs() -> None:
+    engine = tiny_engine("int4-bdr", prefill_budget=5)  # prompt logprobs across chunks
+    try:
+        ids = prompt(4, 13)
+        gen = Collector()
+        engine.submit(GenerateParams("g", ids, max_new_tokens=1, return_logprobs=True), gen)
+        token = gen.wait()[0]
+        lp = gen.last.logprobs[0].logprob
+        echo = Collector()
+        engine.submit(GenerateParams("p", ids + [token], max_new_tokens=1, prompt_logprobs=True, top_logprobs=3),
+                      echo)
+        echo.wait()
+        plp = echo.events[0].prompt_logprobs
+    finally:
+        engine.shutdown()
+    assert len(plp) == 14
+    assert plp[-1].logprob == pytest.approx(lp, abs=1e-4)
+    assert len(plp[-1].top) == 3 and plp[-1].top[0][0] == token  # greedy token is the most likely
+
+
+@pytest.mark.parametrize("params,message", [
+    (GenerateParams("x", [], max_new_tokens=4), "empty"),
+    (GenerateParams("x", [5] * 600, max_new_tokens=4), "context length"),
+    (GenerateParams("x", [5, 500], max_new_tokens=4), "outside the vocabulary"),
+    (GenerateParams("x", [5], max_new_tokens=0), "at least 1"),
+    (GenerateParams("x", [5], max_new_tokens=4, sampling=SamplingOptions(temperature=float("nan"))), "temperature"),
+    (GenerateParams("x", [5], max_new_tokens=4, sampling=SamplingOptions(temperature=-1)), "temperature"),
+])
+def test_bad_requests_are_refused_and_the_engine_keeps_serving(params: GenerateParams, message: str) -> None:
+    engine = tiny_engine("int4")
+    try:
+        with pytest.raises(RequestError, match=message):
+            engine.submit(params, Collector())
+        assert run(engine, [greedy("ok", [5, 6], n=2)])["ok"]
+    finally:
+        engine.shutdown()
+
+
+def test_load_reports_capacity_and_use() -> None:
+    engine = tiny_engine("int4", num_pages=32)
+    try:
+        sink = Collector()
+        engine.submit(greedy("l", prompt(1, 10), n=200), sink)
+        for _ in range(200):
+            if engine.load().running:
+                break
+            sink.done.wait(0.01)
+        load = engine.load()
+        assert load.kv_tokens_total == 31 * 4
+        assert load.running == 1 and load.kv_tokens_used >= 12
+        engine.abort("l")
+        sink.wait()
+    finally:
+        engine.shutdown()
