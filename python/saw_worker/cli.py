@@ -12,6 +12,7 @@ import sys
 
 from saw_worker.builder import WorkerOptions, build_engine
 from saw_worker.kv.formats import HADAMARD_ORDERS, KV_FORMATS
+from saw_worker.loader import ModelLoadError
 
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = options_from_args(args, dict(os.environ))
         asyncio.run(_serve(args, opts))
-    except (ValueError, OSError, RuntimeError) as exc:
+    except (ModelLoadError, ValueError, OSError, RuntimeError) as exc:
         # Load errors (missing/corrupt files, unsupported architectures, bad flags) end here, without a traceback.
         print(f"saw_worker: error: {exc}", file=sys.stderr)
         return 2

@@ -120,20 +120,18 @@ def _load_gguf(
 
     if fmt == "safetensors":
         raise ModelLoadError(f"--load-format safetensors needs an HF folder, got GGUF {path}")
-    reader = gguf_file.open_reader(path)
-    meta = gguf_file.read_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    cfg = gguf_file.config_from_gguf(meta, names, reader)
+    g = gguf_file.open_gguf(path)
+    cfg = gguf_file.config_from_gguf(g)
     cfg = cfg.replace(**overrides) if overrides else cfg
     try:
-        tok = tokenizer_from_gguf(meta)
+        tok = tokenizer_from_gguf(g.meta)
     except (ValueError, KeyError, Exception) as e:  # the tokenizers library raises plain Exceptions
         raise ModelLoadError(f"cannot build the tokenizer from {path}: {e}") from None
     model = _build(cfg, attention, device, dtype)
     if fmt == "dummy":
         model.init_random_(seed)
     else:
-        model.load_weights(gguf_file.iter_weights(reader, cfg, dtype, device))
+        model.load_weights(gguf_file.iter_weights(g, cfg, dtype, device))
     return LoadedModel(model_id, cfg, model, tok)
 
 

@@ -7,8 +7,13 @@ NEOX RoPE and are stored unpermuted.
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,30 +46,104 @@ _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "
 _BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
-def open_reader(path: Path) -> Any:
-    import gguf
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # GGUF order: fastest-varying dimension first
+    ggml_type: int
+    data: np.ndarray  # raw bytes (uint8 view of the memory map)
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    meta: dict[str, Any]
+    tensors: list[TensorInfo]
+
+
+class _Cursor:
+    """Little-endian reader over the memory-mapped header. gguf.GGUFReader does the same but builds
+    a numpy view per string (seconds for a 150k-token vocabulary); this reads them as bytes."""
+
+    def __init__(self, buf: np.ndarray) -> None:
+        self.buf, self.mv, self.pos = buf, memoryview(buf), 0
+
+    def unpack(self, fmt: str) -> Any:
+        v = struct.unpack_from(fmt, self.mv, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        s = bytes(self.mv[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, n = self.unpack("<I"), self.unpack("<Q")
+            if etype == _STRING:
+                return [self.string() for _ in range(n)]
+            if etype == _ARRAY:
+                return [self.value(_ARRAY) for _ in range(n)]
+            dt = np.dtype(_SCALARS[etype]).newbyteorder("<")
+            arr = np.frombuffer(self.buf, dtype=dt, count=n, offset=self.pos)
+            self.pos += n * dt.itemsize
+            return arr.tolist()
+        v = self.unpack("<" + _SCALARS[vtype])
+        return bool(v) if vtype == _BOOL else v
+
+
+_STRING, _ARRAY, _BOOL = 8, 9, 7
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """Parse header, metadata and tensor table; tensor data stays memory-mapped."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise ModelLoadError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # truncated or corrupt: the reader fails in many ways
+        buf = np.memmap(path, dtype=np.uint8, mode="r")
+        c = _Cursor(buf)
+        c.pos = 4
+        version = c.unpack("<I")
+        if version not in (2, 3):
+            raise ModelLoadError(f"{path}: unsupported GGUF version {version}")
+        n_tensors, n_kv = c.unpack("<Q"), c.unpack("<Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = c.string()
+            meta[key] = c.value(c.unpack("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = c.string()
+            shape = tuple(c.unpack("<Q") for _ in range(c.unpack("<I")))
+            infos.append((name, shape, c.unpack("<I"), c.unpack("<Q")))
+        align = int(meta.get("general.alignment", 32))
+        base = (c.pos + align - 1) // align * align
+        tensors = []
+        for name, shape, ggml_type, offset in infos:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+            nbytes = math.prod(shape) // block * type_size
+            start = base + offset
+            if start + nbytes > buf.shape[0]:
+                raise ModelLoadError(f"corrupt GGUF file {path}: tensor {name} extends past the end (truncated?)")
+            tensors.append(TensorInfo(name, shape, ggml_type, buf[start : start + nbytes]))
+    except ModelLoadError:
+        raise
+    except Exception as e:  # struct.error, bad enum value, bad offsets: all mean a damaged file
         raise ModelLoadError(f"corrupt GGUF file {path}: {type(e).__name__}: {e}") from None
+    return GGUFFile(path, meta, tensors)
 
 
-def read_metadata(reader: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        v = field.contents()
-        meta[key] = v
-    return meta
-
-
-def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], reader: Any) -> ModelConfig:
+def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    meta, tensor_names = g.meta, {t.name for t in g.tensors}
     arch = str(meta.get("general.architecture", "<none>"))
     if arch not in _SUPPORTED:
         why = " (multi-head latent attention is not supported)" if arch in _MLA else ""
@@ -80,8 +159,8 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], reader: Any) 
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
     scaling = None
     if "rope_freqs.weight" in tensor_names:  # Llama 3.1+: per-frequency divisors stored as a tensor
-        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
-        scaling = {"rope_type": "freq_factors", "factors": [float(x) for x in np.asarray(t.data).ravel()]}
+        t = next(t for t in g.tensors if t.name == "rope_freqs.weight")
+        scaling = {"rope_type": "freq_factors", "factors": [float(x) for x in t.data.view(np.float32)]}
     elif meta.get(f"{arch}.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
     return ModelConfig(
@@ -125,24 +204,32 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_weights(
-    reader: Any, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
-) -> Iterator[tuple[str, Tensor]]:
+def _dequantize(t: TensorInfo) -> np.ndarray:
+    from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    for t in reader.tensors:
-        name = hf_name(t.name)
-        if name is None:
-            continue
-        try:
-            a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        except Exception as e:
-            raise ModelLoadError(f"cannot dequantize GGUF tensor {t.name} ({t.tensor_type.name}): {e}") from None
-        shape = tuple(int(x) for x in reversed(list(t.shape)))  # GGUF lists dims fastest-first
-        a = a.reshape(shape)
-        if cfg.architecture == "llama":
-            if t.name.endswith(("attn_q.weight", "attn_q.bias")):
-                a = _unpermute(a, cfg.num_heads)
-            elif t.name.endswith(("attn_k.weight", "attn_k.bias")):
-                a = _unpermute(a, cfg.num_kv_heads)
-        yield name, torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+    qtype = GGMLQuantizationType(t.ggml_type)
+    rows = math.prod(t.shape[1:])
+    try:
+        # Row-major [rows, bytes per row]: the dequantizer expands the last axis.
+        a = dequantize(t.data.reshape(rows, -1), qtype)
+    except Exception as e:
+        raise ModelLoadError(f"cannot dequantize GGUF tensor {t.name} ({qtype.name}): {e}") from None
+    a = np.asarray(a, dtype=np.float32).reshape(tuple(reversed(t.shape)))  # GGUF lists dims fastest-first
+    # F32 tensors are read-only views of the memory map; torch wants writable memory.
+    return a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C")
+
+
+def iter_weights(
+    g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> Iterator[tuple[str, Tensor]]:
+    """(HF name, tensor) for every model weight, dequantized in a few threads (numpy drops the GIL)."""
+    jobs = [(name, t) for t in g.tensors if (name := hf_name(t.name)) is not None]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for (name, t), a in zip(jobs, pool.map(lambda j: _dequantize(j[1]), jobs), strict=True):
+            if cfg.architecture == "llama":
+                if t.name.endswith(("attn_q.weight", "attn_q.bias")):
+                    a = _unpermute(a, cfg.num_heads)
+                elif t.name.endswith(("attn_k.weight", "attn_k.bias")):
+                    a = _unpermute(a, cfg.num_kv_heads)
+            yield name, torch.from_numpy(a).to(device=device, dtype=dtype)

@@ -1,0 +1,102 @@
+"""Shared pieces of the Triton kernels: the Hadamard block matrix, in-register rotation, rounding.
+
+Rotation: R = I_(D/b) kron H_b/sqrt(b) is applied to a row split in two halves (lo = first D/2,
+hi = last D/2), the same halves the INT4 nibble packing uses. With M = I kron H_min(b, D/2)
+(entries 0/+-1, exact in bf16):
+  b <  D:  R x = (x_lo M, x_hi M) / sqrt(b)
+  b == D:  H_D = [[H, H], [H, -H]]  =>  R x = (x_lo M + x_hi M, x_lo M - x_hi M) / sqrt(b)
+so every order costs two [rows, D/2] x [D/2, D/2] tensor-core products with exact products and
+fp32 accumulation. An fp32 input is split into bf16 pieces (x = x1 + x2 + x3) so that it is
+rotated to about fp32 accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter multiplies bf16 operands as their raw uint16 bits (triton 3.9): upcast there.
+_INTERP: tl.constexpr = tl.constexpr(INTERPRET)
+LOG2E = 1.4426950408889634
+EPS = 1e-5  # formats.EPS; repeated so the kernels do not need torch at trace time
+
+_H_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def half_hadamard(head_dim: int, order: int, device: torch.device) -> torch.Tensor:
+    """M = I kron H_min(order, D/2), unnormalized, bf16 [D/2, D/2] (cached per device)."""
+    key = (head_dim, order, str(device))
+    m = _H_CACHE.get(key)
+    if m is None:
+        half = head_dim // 2
+        b = min(order, half)
+        h = torch.ones(1, 1)
+        while h.shape[0] < b:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        m = torch.block_diag(*([h] * (half // b))).to(device=device, dtype=torch.bfloat16).contiguous()
+        _H_CACHE[key] = m
+    return m
+
+
+def rotation_args(fmt_order: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, bool, float]:
+    """(M, FULL, 1/sqrt(b)) for a kernel that rotates."""
+    return half_hadamard(head_dim, fmt_order, device), fmt_order == head_dim, 1.0 / math.sqrt(fmt_order)
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@triton.jit
+def rint(x):
+    # Round half to even like torch.round, valid for |x| < 2**22; portable (the interpreter lacks libdevice.rint).
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def mma(a, b, acc=None):
+    """tl.dot with fp32 accumulation; bf16 operands on the GPU, fp32 copies of them under the interpreter."""
+    if _INTERP:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if acc is None:
+        return tl.dot(a, b, out_dtype=tl.float32)
+    return tl.dot(a, b, acc, out_dtype=tl.float32)
+
+
+@triton.jit
+def _dot_split(x, m, NSPLIT: tl.constexpr):
+    """x (fp32 [R, D2]) @ m (bf16 [D2, D2]) with x split into NSPLIT bf16 pieces."""
+    p = x.to(tl.bfloat16)
+    acc = mma(p, m)
+    if NSPLIT >= 2:
+        r = x - p.to(tl.float32)
+        p2 = r.to(tl.bfloat16)
+        acc = mma(p2, m, acc)
+        if NSPLIT >= 3:
+            r3 = r - p2.to(tl.float32)
+            acc = mma(r3.to(tl.bfloat16), m, acc)
+    return acc
+
+
+@triton.jit
+def rotate_halves(x_lo, x_hi, m, inv_sqrt_b, FULL: tl.constexpr, NSPLIT: tl.constexpr):
+    """R x for rows given as halves (fp32 [R, D/2] each); returns the rotated halves in fp32."""
+    a = _dot_split(x_lo, m, NSPLIT)
+    b = _dot_split(x_hi, m, NSPLIT)
+    if FULL:
+        return (a + b) * inv_sqrt_b, (a - b) * inv_sqrt_b
+    return a * inv_sqrt_b, b * inv_sqrt_b
+
+
+@triton.jit
+def load_hmat(h_ptr, D2: tl.constexpr):
+    c = tl.arange(0, D2)
+    return tl.load(h_ptr + c[:, None] * D2 + c[None, :])

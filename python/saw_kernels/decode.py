@@ -1,0 +1,241 @@
+"""Paged decode attention (flash-decoding) over bf16 or INT4(-BDR) pages.
+
+One program per (request, KV head, split) serves the KV head's whole query group, so each cached
+byte is read once per step. INT4 keys are never expanded to values: with codes c, scale s and lo,
+  q . k_hat = s (q . c) + lo sum(q)   and   sum_n p_n v_hat_n = (p s_v) @ c_v + sum_n p_n lo_n,
+so the tensor cores multiply exact small integers (bf16 codes) and the affine part costs one
+FMA per score. q is rotated in-kernel for int4-bdr (R q . R k = q . k); with rotate_v the output is
+rotated back once per head (in the reduce, or at the end when there is one split).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from saw_kernels._common import INTERPRET, LOG2E, load_hmat, mma, num_sms, rotate_halves, rotation_args
+from saw_worker.kv.formats import KVFormat
+
+
+@triton.jit
+def load_kv_block(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm, QUANT: tl.constexpr, D2: tl.constexpr):
+    """Rows at slots [N] of one head: (lo half, hi half) as bf16 [N, D/2] (INT4: codes) and (scale, lo) fp32 [N]."""
+    off = slot * s_cs + h * s_ch
+    if QUANT:
+        packed = tl.load(c_ptr + off[:, None] + c[None, :], mask=nm[:, None], other=0)
+        # signed codes c - 8 with lo + 8 s: the two terms of s (c - 8) + (lo + 8 s) stay small, so
+        # little cancels when they are summed (via fp32: the interpreter botches int -> bf16)
+        x_lo = ((packed & 15).to(tl.float32) - 8.0).to(tl.bfloat16)
+        x_hi = ((packed >> 4).to(tl.float32) - 8.0).to(tl.bfloat16)
+        p_off = slot * s_ps + h * s_ph
+        sc = tl.load(p_ptr + p_off, mask=nm, other=0.0).to(tl.float32)
+        lo = tl.load(p_ptr + p_off + 1, mask=nm, other=0.0).to(tl.float32) + 8.0 * sc
+    else:
+        x_lo = tl.load(c_ptr + off[:, None] + c[None, :], mask=nm[:, None], other=0.0)
+        x_hi = tl.load(c_ptr + off[:, None] + D2 + c[None, :], mask=nm[:, None], other=0.0)
+        sc = nm.to(tl.float32)
+        lo = sc * 0.0
+    return x_lo, x_hi, sc, lo
+
+
+@triton.jit
+def attend_block(q_lo, q_hi, q_sum, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m, valid,
+                 m_i, l_i, acc_lo, acc_hi, QUANT: tl.constexpr, PSPLIT: tl.constexpr):
+    """One online-softmax step (log2 domain; q carries sm_scale*log2 e) over a block of cached rows."""
+    s = mma(q_lo, tl.trans(k_lo)) + mma(q_hi, tl.trans(k_hi))
+    if QUANT:
+        s = s * k_s[None, :] + q_sum[:, None] * k_m[None, :]
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc_lo = acc_lo * alpha[:, None]
+    acc_hi = acc_hi * alpha[:, None]
+    pw = p
+    if QUANT:
+        pw = p * v_s[None, :]
+        shift = tl.sum(p * v_m[None, :], 1)[:, None]
+        acc_lo += shift
+        acc_hi += shift
+    pb = pw.to(tl.bfloat16)
+    acc_lo = mma(pb, v_lo, acc_lo)
+    acc_hi = mma(pb, v_hi, acc_hi)
+    if PSPLIT == 2:  # second bf16 piece of the weights: ~16-bit P where the tensor cores are idle anyway
+        pr = (pw - pb.to(tl.float32)).to(tl.bfloat16)
+        acc_lo = mma(pr, v_lo, acc_lo)
+        acc_hi = mma(pr, v_hi, acc_hi)
+    return m_new, l_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, len_ptr, h_ptr, out_ptr, po_ptr, pl_ptr,
+    s_qb, s_qh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, s_ptb, s_ob, s_oh,
+    qk_scale, inv_sqrt_b,
+    HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    QUANT: tl.constexpr, ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PSPLIT: tl.constexpr,
+):
+    D2: tl.constexpr = D // 2
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    sp = tl.program_id(2)
+    g = tl.arange(0, GP)
+    gm = g < G
+    qh = kh * G + g
+    c = tl.arange(0, D2)
+    q_off = b.to(tl.int64) * s_qb + qh * s_qh
+    q_lo = tl.load(q_ptr + q_off[:, None] + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+    q_hi = tl.load(q_ptr + q_off[:, None] + D2 + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+    if ROT_Q or ROT_V:
+        hm = load_hmat(h_ptr, D2)
+    if ROT_Q:
+        q_lo, q_hi = rotate_halves(q_lo, q_hi, hm, inv_sqrt_b, FULL, 1)
+    qb_lo = (q_lo * qk_scale).to(tl.bfloat16)
+    qb_hi = (q_hi * qk_scale).to(tl.bfloat16)
+    q_sum = tl.sum(qb_lo.to(tl.float32), 1) + tl.sum(qb_hi.to(tl.float32), 1)
+
+    seq_len = tl.load(len_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+    start = sp * chunk
+    end = tl.minimum(start + chunk, seq_len)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc_lo = tl.zeros([GP, D2], tl.float32)
+    acc_hi = tl.zeros([GP, D2], tl.float32)
+    pt_row = pt_ptr + b.to(tl.int64) * s_ptb
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        nm = pos < end
+        page = tl.load(pt_row + pos // PAGE, mask=nm, other=0).to(tl.int64)
+        slot = page * PAGE + pos % PAGE
+        k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm, QUANT, D2)
+        v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2)
+        m_i, l_i, acc_lo, acc_hi = attend_block(qb_lo, qb_hi, q_sum, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m,
+                                                nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT, PSPLIT)
+
+    if SPLITS == 1:
+        inv_l = 1.0 / l_i
+        o_lo = acc_lo * inv_l[:, None]
+        o_hi = acc_hi * inv_l[:, None]
+        if ROT_V:
+            o_lo, o_hi = rotate_halves(o_lo, o_hi, hm, inv_sqrt_b, FULL, 2)
+        o_off = b.to(tl.int64) * s_ob + qh * s_oh
+        tl.store(out_ptr + o_off[:, None] + c[None, :], o_lo.to(tl.bfloat16), mask=gm[:, None])
+        tl.store(out_ptr + o_off[:, None] + D2 + c[None, :], o_hi.to(tl.bfloat16), mask=gm[:, None])
+    else:
+        # partials: o [B, Hq, SPLITS, D] fp32 (normalized), lse [B, Hq, SPLITS] (log2 domain)
+        row = (b.to(tl.int64) * HQ + qh) * SPLITS + sp
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        tl.store(po_ptr + row[:, None] * D + c[None, :], acc_lo / l_safe[:, None], mask=gm[:, None])
+        tl.store(po_ptr + row[:, None] * D + D2 + c[None, :], acc_hi / l_safe[:, None], mask=gm[:, None])
+        tl.store(pl_ptr + row, m_i + tl.log2(l_safe) + tl.where(l_i > 0, 0.0, float("-inf")), mask=gm)
+
+
+@triton.jit
+def _reduce_kernel(po_ptr, pl_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqrt_b,
+                   HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                   SP2: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr):
+    D2: tl.constexpr = D // 2
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    g = tl.arange(0, GP)
+    gm = g < G
+    qh = kh * G + g
+    c = tl.arange(0, D2)
+    s = tl.arange(0, SP2)
+    base = (b.to(tl.int64) * HQ + qh) * SPLITS
+    lse = tl.load(pl_ptr + base[:, None] + s[None, :], mask=gm[:, None] & (s[None, :] < SPLITS), other=float("-inf"))
+    m = tl.max(lse, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w_all = tl.exp2(lse - m[:, None])
+    denom = tl.sum(w_all, 1)
+    o_lo = tl.zeros([GP, D2], tl.float32)
+    o_hi = tl.zeros([GP, D2], tl.float32)
+    for i in range(SPLITS):
+        li = tl.load(pl_ptr + base + i, mask=gm, other=float("-inf"))
+        w = tl.exp2(li - m)
+        use = (gm & (li > float("-inf")))[:, None]  # empty splits wrote no partial: never read it
+        row = base + i
+        o_lo += w[:, None] * tl.load(po_ptr + row[:, None] * D + c[None, :], mask=use, other=0.0)
+        o_hi += w[:, None] * tl.load(po_ptr + row[:, None] * D + D2 + c[None, :], mask=use, other=0.0)
+    inv = 1.0 / tl.where(denom > 0, denom, 1.0)
+    o_lo = o_lo * inv[:, None]
+    o_hi = o_hi * inv[:, None]
+    if ROT_V:
+        o_lo, o_hi = rotate_halves(o_lo, o_hi, load_hmat(h_ptr, D2), inv_sqrt_b, FULL, 2)
+    o_off = b.to(tl.int64) * s_ob + qh * s_oh
+    tl.store(out_ptr + o_off[:, None] + c[None, :], o_lo.to(tl.bfloat16), mask=gm[:, None])
+    tl.store(out_ptr + o_off[:, None] + D2 + c[None, :], o_hi.to(tl.bfloat16), mask=gm[:, None])
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
+                      block_n: int = 64) -> int:
+    """Splits per (request, KV head) so the grid covers ~2 waves of SMs, from shapes only (graph-safe)."""
+    programs = batch * num_kv_heads
+    want = triton.cdiv(2 * num_sms(device), programs)
+    most = max(1, max_context // (4 * block_n))  # keep >= 4 blocks of work per split
+    return max(1, min(want, most, 64))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_params: torch.Tensor | None,
+                     v_params: torch.Tensor | None, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                     fmt: KVFormat, sm_scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
+                     max_context: int | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     block_n: int | None = None) -> torch.Tensor:
+    """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
+
+    No host reads of seq_lens: the grid depends on (B, num_splits) only, so a CUDA graph captured
+    for a batch size replays for any lengths. max_context (default: page_table width * page_size)
+    is the shape hint num_splits is chosen from. workspace = (o_part fp32 [B, Hq, S, D], lse fp32
+    [B, Hq, S]) may be preallocated; else it is allocated here (from the graph pool when capturing).
+    """
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    group = hq // hkv
+    assert group * hkv == hq and d % 32 == 0 and page_size & (page_size - 1) == 0
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    if out is None:
+        out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device=q.device)
+    if block_n is None:
+        block_n = 16 if INTERPRET else 64
+    if num_splits is None:
+        ctx = max_context if max_context is not None else page_table.shape[1] * page_size
+        num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n)
+    quant = fmt.quantized
+    if quant:
+        assert k_params is not None and v_params is not None and k_params.stride() == v_params.stride()
+        kp, vp, s_ps, s_ph = k_params, v_params, k_params.stride(0), k_params.stride(1)
+    else:
+        kp = vp = k_cache
+        s_ps = s_ph = 0
+    if fmt.rotated:
+        hmat, full, inv = rotation_args(fmt.hadamard_order, d, q.device)
+    else:
+        hmat, full, inv = k_cache, False, 1.0
+    if num_splits > 1:
+        if workspace is None:
+            workspace = (torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device),
+                         torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device))
+        po, pl = workspace
+    else:
+        po = pl = out
+    gp = max(16, triton.next_power_of_2(group))
+    _decode_kernel[(bsz, hkv, num_splits)](
+        q, k_cache, v_cache, kp, vp, page_table, seq_lens, hmat, out, po, pl,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        s_ps, s_ph, page_table.stride(0), out.stride(0), out.stride(1),
+        sm_scale * LOG2E, inv,
+        HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, QUANT=quant, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
+        SPLITS=num_splits, BLOCK_N=block_n, PSPLIT=2, num_warps=4, num_stages=3,
+    )
+    if num_splits > 1:
+        _reduce_kernel[(bsz, hkv)](
+            po, pl, hmat, out, out.stride(0), out.stride(1), inv,
+            HQ=hq, G=group, GP=gp, D=d, SPLITS=num_splits, SP2=triton.next_power_of_2(num_splits),
+            ROT_V=fmt.rotate_v, FULL=full, num_warps=4,
+        )
+    return out

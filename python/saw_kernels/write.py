@@ -1,0 +1,122 @@
+"""Fused paged KV write: center + rotate + min/max + INT4 quantize + pack + scatter, K and V in one launch.
+
+Matches formats.quantize_int4 bit for bit on unrotated rows (same fp32 ops, IEEE division, round
+half to even). Rotated rows are computed by a different summation order than the torch reference,
+so a code can differ by one where (x - lo) / scale lands within ~1e-5 of a .5 tie.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from saw_kernels._common import EPS, INTERPRET, load_hmat, rint, rotate_halves, rotation_args
+from saw_worker.kv.formats import KVFormat
+
+
+@triton.jit
+def _quant_store(x_lo, x_hi, data_ptr, par_ptr, row_off, par_off, c, ok):
+    """Quantize rows (fp32 halves [R, D/2]) to INT4 and store packed bytes + fp16 (scale, lo)."""
+    lo = tl.minimum(tl.min(x_lo, 1), tl.min(x_hi, 1))
+    hi = tl.maximum(tl.max(x_lo, 1), tl.max(x_hi, 1))
+    scale = tl.math.div_rn(tl.maximum(hi - lo, EPS), 15.0)
+    s16 = scale.to(tl.float16)
+    m16 = lo.to(tl.float16)
+    s = s16.to(tl.float32)[:, None]
+    m = m16.to(tl.float32)[:, None]
+    q_lo = tl.minimum(tl.maximum(rint(tl.math.div_rn(x_lo - m, s)), 0.0), 15.0).to(tl.uint8)
+    q_hi = tl.minimum(tl.maximum(rint(tl.math.div_rn(x_hi - m, s)), 0.0), 15.0).to(tl.uint8)
+    packed = q_lo | (q_hi << 4)
+    tl.store(data_ptr + row_off[:, None] + c[None, :], packed, mask=ok[:, None])
+    tl.store(par_ptr + par_off, s16, mask=ok)
+    tl.store(par_ptr + par_off + 1, m16, mask=ok)
+
+
+@triton.jit
+def _write_kernel(
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, mean_ptr, h_ptr,
+    n_rows, s_kt, s_kh, s_vt, s_vh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph,
+    inv_sqrt_b,
+    HKV: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr, ROT_K: tl.constexpr, ROT_V: tl.constexpr,
+    FULL: tl.constexpr, CENTER: tl.constexpr, BLOCK: tl.constexpr,
+):
+    D2: tl.constexpr = D // 2
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = rows < n_rows
+    t = rows // HKV
+    h = rows % HKV
+    slot = tl.load(slot_ptr + t, mask=in_range, other=-1).to(tl.int64)
+    ok = in_range & (slot >= 0)
+    c = tl.arange(0, D2)
+    ld = ok[:, None]
+    k_off = t.to(tl.int64) * s_kt + h * s_kh
+    v_off = t.to(tl.int64) * s_vt + h * s_vh
+    k_lo = tl.load(k_ptr + k_off[:, None] + c[None, :], mask=ld, other=0.0)
+    k_hi = tl.load(k_ptr + k_off[:, None] + D2 + c[None, :], mask=ld, other=0.0)
+    v_lo = tl.load(v_ptr + v_off[:, None] + c[None, :], mask=ld, other=0.0)
+    v_hi = tl.load(v_ptr + v_off[:, None] + D2 + c[None, :], mask=ld, other=0.0)
+    kc_off = slot * s_kcs + h * s_kch
+    vc_off = slot * s_vcs + h * s_vch
+    if QUANT:
+        xk_lo = k_lo.to(tl.float32)
+        xk_hi = k_hi.to(tl.float32)
+        if CENTER:
+            xk_lo = xk_lo - tl.load(mean_ptr + h[:, None] * D + c[None, :])
+            xk_hi = xk_hi - tl.load(mean_ptr + h[:, None] * D + D2 + c[None, :])
+        if ROT_K or ROT_V:
+            m = load_hmat(h_ptr, D2)
+        if ROT_K:
+            # centered K is fp32: two bf16 pieces keep ~16 mantissa bits through the tensor cores
+            xk_lo, xk_hi = rotate_halves(xk_lo, xk_hi, m, inv_sqrt_b, FULL, 2 if CENTER else 1)
+        xv_lo = v_lo.to(tl.float32)
+        xv_hi = v_hi.to(tl.float32)
+        if ROT_V:
+            xv_lo, xv_hi = rotate_halves(xv_lo, xv_hi, m, inv_sqrt_b, FULL, 1)
+        p_off = slot * s_ps + h * s_ph
+        _quant_store(xk_lo, xk_hi, kc_ptr, kp_ptr, kc_off, p_off, c, ok)
+        _quant_store(xv_lo, xv_hi, vc_ptr, vp_ptr, vc_off, p_off, c, ok)
+    else:
+        tl.store(kc_ptr + kc_off[:, None] + c[None, :], k_lo.to(tl.bfloat16), mask=ld)
+        tl.store(kc_ptr + kc_off[:, None] + D2 + c[None, :], k_hi.to(tl.bfloat16), mask=ld)
+        tl.store(vc_ptr + vc_off[:, None] + c[None, :], v_lo.to(tl.bfloat16), mask=ld)
+        tl.store(vc_ptr + vc_off[:, None] + D2 + c[None, :], v_hi.to(tl.bfloat16), mask=ld)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             k_params: torch.Tensor | None, v_params: torch.Tensor | None, fmt: KVFormat,
+             k_mean: torch.Tensor | None = None, block: int | None = None) -> None:
+    """Store K, V [T, Hkv, D] at slots [T] (slot < 0: skipped) in the paged cache of format fmt."""
+    t, hkv, d = k.shape
+    if t == 0:
+        return
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    quant = fmt.quantized
+    center = quant and fmt.k_center and k_mean is not None
+    if quant:
+        assert k_params is not None and v_params is not None and k_params.stride() == v_params.stride()
+        assert k_params.stride(-1) == 1
+        params_k, params_v = k_params, v_params
+        s_ps, s_ph = k_params.stride(0), k_params.stride(1)
+    else:
+        params_k = params_v = k_cache  # unused
+        s_ps = s_ph = 0
+    rot = fmt.rotated
+    if rot:
+        hmat, full, inv = rotation_args(fmt.hadamard_order, d, k.device)
+    else:
+        hmat, full, inv = k_cache, False, 1.0
+    mean = k_mean.float().contiguous() if center else k_cache
+    slots = slots.contiguous()
+    n_rows = t * hkv
+    if block is None:
+        block = 16 if INTERPRET else 64
+    grid = (triton.cdiv(n_rows, block),)
+    _write_kernel[grid](
+        k, v, slots, k_cache, v_cache, params_k, params_v, mean, hmat,
+        n_rows, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), s_ps, s_ph,
+        inv,
+        HKV=hkv, D=d, QUANT=quant, ROT_K=rot, ROT_V=fmt.rotate_v, FULL=full, CENTER=center, BLOCK=block,
+        num_warps=4,
+    )

