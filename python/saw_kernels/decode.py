@@ -40,12 +40,22 @@ def load_kv_block(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm, QUANT: t
 
 
 @triton.jit
-def attend_block(q_lo, q_hi, q_sum, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m, valid,
-                 m_i, l_i, acc_lo, acc_hi, QUANT: tl.constexpr, PSPLIT: tl.constexpr):
-    """One online-softmax step (log2 domain; q carries sm_scale*log2 e) over a block of cached rows."""
-    s = mma(q_lo, tl.trans(k_lo)) + mma(q_hi, tl.trans(k_hi))
+def attend_block(q_lo, q_hi, q2_lo, q2_hi, q_sum, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m, valid,
+                 m_i, l_i, acc_lo, acc_hi, QUANT: tl.constexpr, Q2: tl.constexpr, PSPLIT: tl.constexpr):
+    """One online-softmax step (log2 domain) over a block of cached rows.
+
+    q is given as bf16 halves (plus a second bf16 piece when Q2: rotated q is fp32);
+    scores are scaled by qk_scale = sm_scale * log2(e) in fp32.
+    """
+    kt_lo = tl.trans(k_lo)
+    kt_hi = tl.trans(k_hi)
+    s = mma(q_lo, kt_lo) + mma(q_hi, kt_hi)
+    if Q2:
+        s = mma(q2_lo, kt_lo, s)
+        s = mma(q2_hi, kt_hi, s)
     if QUANT:
         s = s * k_s[None, :] + q_sum[:, None] * k_m[None, :]
+    s = s * qk_scale
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -94,9 +104,12 @@ def _decode_kernel(
         hm = load_hmat(h_ptr, D2)
     if ROT_Q:
         q_lo, q_hi = rotate_halves(q_lo, q_hi, hm, inv_sqrt_b, FULL, 1)
-    qb_lo = (q_lo * qk_scale).to(tl.bfloat16)
-    qb_hi = (q_hi * qk_scale).to(tl.bfloat16)
-    q_sum = tl.sum(qb_lo.to(tl.float32), 1) + tl.sum(qb_hi.to(tl.float32), 1)
+    # q . k with q in two bf16 pieces when rotated (fp32 R q); plain bf16 q is exact in one
+    qb_lo = q_lo.to(tl.bfloat16)
+    qb_hi = q_hi.to(tl.bfloat16)
+    q2_lo = (q_lo - qb_lo.to(tl.float32)).to(tl.bfloat16)
+    q2_hi = (q_hi - qb_hi.to(tl.float32)).to(tl.bfloat16)
+    q_sum = tl.sum(q_lo, 1) + tl.sum(q_hi, 1)
 
     seq_len = tl.load(len_ptr + b)
     chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
@@ -114,8 +127,9 @@ def _decode_kernel(
         slot = page * PAGE + pos % PAGE
         k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm, QUANT, D2)
         v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2)
-        m_i, l_i, acc_lo, acc_hi = attend_block(qb_lo, qb_hi, q_sum, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m,
-                                                nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT, PSPLIT)
+        m_i, l_i, acc_lo, acc_hi = attend_block(qb_lo, qb_hi, q2_lo, q2_hi, q_sum, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m,
+                                                nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT,
+                                                ROT_Q, PSPLIT)
 
     if SPLITS == 1:
         inv_l = 1.0 / l_i

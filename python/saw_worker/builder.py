@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import tokenizers
@@ -40,6 +41,7 @@ class WorkerOptions:
     max_running_requests: int = 256
     max_prefill_tokens: int | None = None
     context_length: int | None = None
+    cuda_graphs: bool = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,6 +99,11 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
 
     context = min(opts.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
     prefill_budget = opts.max_prefill_tokens or (8192 if device.type == "cuda" else 512)
+    if device.type == "cuda" and opts.cuda_graphs:
+        started = time.perf_counter()
+        runner.capture_graphs(opts.max_running_requests, context)
+        log.info("captured decode CUDA graphs for batch sizes up to %d in %.1fs", opts.max_running_requests,
+                 time.perf_counter() - started)
     scheduler = Scheduler(pool, opts.max_running_requests, prefill_budget, context,
                           frozenset(loaded.tokenizer.eos_token_ids))
     info = EngineInfo(

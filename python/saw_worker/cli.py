@@ -59,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="prefill token budget per step; longer prompts are chunked (default: 8192 GPU, 512 CPU)")
     p.add_argument("--context-length", type=int, default=None, help="cap the model's context length")
+    p.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly on CUDA (for debugging)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default: %(default)s)")
     p.add_argument("--unix-socket", default=None, help="listen on this unix socket instead of host:port")
@@ -82,7 +83,7 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> WorkerOp
         k_center=args.k_center, k_mean_file=args.k_mean_file, device=args.device, mem_fraction=args.mem_fraction,
         kv_cache_memory=args.kv_cache_memory, page_size=args.page_size,
         max_running_requests=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,
-        context_length=args.context_length,
+        context_length=args.context_length, cuda_graphs=not args.disable_cuda_graph,
     )
 
 

@@ -14,8 +14,8 @@ pub struct ModelTokenizer {
     templates: Environment<'static>,
     bos_token: String,
     eos_token: String,
-    pub eos_token_ids: Vec<u32>,
     pub context_length: u32,
+    pub vocab_size: u32,
 }
 
 impl ModelTokenizer {
@@ -29,8 +29,8 @@ impl ModelTokenizer {
             templates,
             bos_token: info.bos_token.clone(),
             eos_token: info.eos_token.clone(),
-            eos_token_ids: info.eos_token_ids.clone(),
             context_length: info.context_length,
+            vocab_size: info.vocab_size,
         })
     }
 

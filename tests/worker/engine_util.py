@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import torch
+
 from saw_worker.config import ModelConfig, TokenizerInfo
 from saw_worker.engine.engine import LocalEngine
 from saw_worker.engine.interface import EngineInfo

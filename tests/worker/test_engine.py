@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from engine_util import Collector, prompt, run, tiny_engine
+
 from saw_worker.engine.request import Finish, GenerateParams, RequestError, SamplingOptions
 
 

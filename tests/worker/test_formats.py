@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from saw_worker.kv.formats import (
     KVFormat,
     decode_o,

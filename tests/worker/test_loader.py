@@ -59,9 +59,19 @@ def _check_tokenizer(lm: LoadedModel) -> Tokenizer:
 def test_qwen3_configs_parse() -> None:
     c8 = ModelConfig.from_hf(json.loads((REPO / "configs/qwen3-8b/config.json").read_text()))
     assert (c8.architecture, c8.num_layers, c8.hidden_size, c8.num_heads, c8.num_kv_heads, c8.head_dim) == (
-        "qwen3", 36, 4096, 32, 8, 128)
+        "qwen3",
+        36,
+        4096,
+        32,
+        8,
+        128,
+    )
     assert (c8.intermediate_size, c8.vocab_size, c8.rope_theta, c8.max_position_embeddings) == (
-        12288, 151936, 1e6, 40960)
+        12288,
+        151936,
+        1e6,
+        40960,
+    )
     assert c8.qk_norm and not c8.attention_bias and not c8.tie_word_embeddings and c8.rope_scaling is None
     c4 = ModelConfig.from_hf(json.loads((REPO / "configs/qwen3-4b/config.json").read_text()))
     assert (c4.hidden_size, c4.intermediate_size, c4.num_layers, c4.head_dim) == (2560, 9728, 36, 128)
@@ -95,8 +105,17 @@ def _tiny_hf(kind: str) -> Any:
         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 64}),
         "llama": ("LlamaConfig", "LlamaForCausalLM", {"head_dim": 64, "tie_word_embeddings": True}),
     }[kind]
-    base = dict(vocab_size=262, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128, tie_word_embeddings=False)
+    base = dict(
+        vocab_size=262,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     cfg = getattr(transformers, cfg_cls)(**{**base, **extra})
     torch.manual_seed(0)
     ref = getattr(transformers, model_cls)(cfg).eval()
@@ -109,8 +128,9 @@ def _tiny_hf(kind: str) -> Any:
 def _write_hf_tokenizer(folder: Path) -> None:
     info = byte_level_fallback()
     (folder / "tokenizer.json").write_text(info.tokenizer_json)
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": info.chat_template, "eos_token": "<|im_end|>", "bos_token": None}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": info.chat_template, "eos_token": "<|im_end|>", "bos_token": None})
+    )
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama"])
@@ -132,10 +152,17 @@ def test_hf_folder_round_trip(tmp_path: Path, kind: str) -> None:
 # ---- GGUF -----------------------------------------------------------------------------------------
 
 _GGUF_BLOCK = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 
 
@@ -144,8 +171,11 @@ def _gguf_name(hf: str) -> str:
         _, _, i, rest = hf.split(".", 3)
         base, kind = rest.rsplit(".", 1)
         return f"blk.{i}.{_GGUF_BLOCK[base]}.{kind}"
-    return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-            "lm_head.weight": "output.weight"}[hf]
+    return {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }[hf]
 
 
 def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -163,6 +193,10 @@ def _tokenizer_meta() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
+def _head_dim(c: Any) -> int:
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
 def _write_gguf(path: Path, ref: Any, arch: str, quantize: bool = True) -> None:
     """A llama.cpp-style GGUF of `ref`: Q/K permuted for llama, Q8_0 for 2-D weights that allow it.
     The reference's weights are replaced by their Q8_0 round trip so logits must match."""
@@ -178,8 +212,8 @@ def _write_gguf(path: Path, ref: Any, arch: str, quantize: bool = True) -> None:
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
+    w.add_key_length(_head_dim(c))
+    w.add_value_length(_head_dim(c))
     w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     tokens, types, merges = _tokenizer_meta()
@@ -220,7 +254,7 @@ def test_gguf_load_matches_reference(tmp_path: Path, arch: str) -> None:
     _write_gguf(path, ref, arch)
     lm = _load(path)
     c = lm.config
-    assert lm.model_id == f"tiny-{arch}" and c.architecture == arch and c.head_dim == ref.config.head_dim
+    assert lm.model_id == f"tiny-{arch}" and c.architecture == arch and c.head_dim == _head_dim(ref.config)
     assert c.attention_bias == (arch == "qwen2") and c.qk_norm == (arch == "qwen3")
     assert c.tie_word_embeddings == ref.config.tie_word_embeddings
     ids = torch.tensor([5, 17, 99, 3, 200, 42, 7])
@@ -273,10 +307,20 @@ def test_corrupt_or_missing_safetensors(tmp_path: Path) -> None:
 
 
 def test_mla_and_unknown_architectures_refused(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "kv_lora_rank": 512,
-        "hidden_size": 7168, "num_attention_heads": 128, "num_hidden_layers": 61, "vocab_size": 129280,
-        "intermediate_size": 18432}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["DeepseekV3ForCausalLM"],
+                "model_type": "deepseek_v3",
+                "kv_lora_rank": 512,
+                "hidden_size": 7168,
+                "num_attention_heads": 128,
+                "num_hidden_layers": 61,
+                "vocab_size": 129280,
+                "intermediate_size": 18432,
+            }
+        )
+    )
     msg = _load_error(tmp_path, "dummy")
     assert "DeepseekV3ForCausalLM" in msg and "latent attention" in msg
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
@@ -304,7 +348,13 @@ def test_smollm2_alias_says_paris() -> None:
     lm = load_model("smollm2-135m", "auto", CPU, torch.float32, attention := FullCausalAttention(9, 3, cache=True))
     c = lm.config
     assert (c.architecture, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
-        "llama", 30, 576, 9, 3, 64)
+        "llama",
+        30,
+        576,
+        9,
+        3,
+        64,
+    )
     tok = _check_tokenizer(lm)
     assert lm.tokenizer.eos_token == "<|im_end|>" and tok.token_to_id("<|im_end|>") in lm.tokenizer.eos_token_ids
     ids = tok.encode("The capital of France is").ids

@@ -22,25 +22,40 @@ LLAMA3_ROPE = {
 
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     # GQA, head_dim 64, tied embeddings (SmolLM2 shape in miniature)
-    "llama-gqa-d64-tied": ("LlamaConfig", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                               tie_word_embeddings=True)),
+    "llama-gqa-d64-tied": (
+        "LlamaConfig",
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
+    ),
     # MHA, head_dim 128, Llama 3 rope scaling
-    "llama-mha-d128-llama3rope": ("LlamaConfig", dict(num_attention_heads=2, num_key_value_heads=2, head_dim=128,
-                                                      rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
+    "llama-mha-d128-llama3rope": (
+        "LlamaConfig",
+        dict(num_attention_heads=2, num_key_value_heads=2, head_dim=128, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
+    ),
     # qkv bias, 7 q / 1 kv heads (Qwen2.5-0.5B-like odd group)
-    "qwen2-bias-gqa-d64": ("Qwen2Config", dict(num_attention_heads=7, num_key_value_heads=1, head_dim=64,
-                                               rope_theta=1e6)),
+    "qwen2-bias-gqa-d64": (
+        "Qwen2Config",
+        dict(num_attention_heads=7, num_key_value_heads=1, head_dim=64, rope_theta=1e6),
+    ),
     # q/k RMSNorm, head_dim 128 (Qwen3-8B-like)
-    "qwen3-qknorm-d128": ("Qwen3Config", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=128,
-                                              rope_theta=1e6)),
+    "qwen3-qknorm-d128": (
+        "Qwen3Config",
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=128, rope_theta=1e6),
+    ),
 }
 MODEL_CLASS = {"LlamaConfig": "LlamaForCausalLM", "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM"}
 
 
 def _reference(case: str) -> Any:
     cfg_cls, kw = CASES[case]
-    base = dict(vocab_size=211, hidden_size=128, intermediate_size=192, num_hidden_layers=2, rms_norm_eps=1e-6,
-                max_position_embeddings=256, tie_word_embeddings=False)
+    base = dict(
+        vocab_size=211,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     cfg = getattr(transformers, cfg_cls)(**{**base, **kw})
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -90,8 +105,9 @@ def test_incremental_decode_matches_full(case: str) -> None:
 def test_llama3_inv_freq_matches_transformers() -> None:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    cfg = transformers.LlamaConfig(head_dim=128, num_attention_heads=2, hidden_size=256, rope_theta=500000.0,
-                                   rope_scaling=LLAMA3_ROPE)
+    cfg = transformers.LlamaConfig(
+        head_dim=128, num_attention_heads=2, hidden_size=256, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE
+    )
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     torch.testing.assert_close(inv_freq(128, 500000.0, LLAMA3_ROPE), want.float())
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from saw_worker.engine.cuda_graphs import DecodeGraphs
 from saw_worker.engine.request import TokenLogprob
 from saw_worker.engine.sampler import sample, token_logprobs
 from saw_worker.engine.scheduler import Batch, Chunk
@@ -19,6 +21,33 @@ class ChunkResult:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
+@dataclass
+class HostBatch:
+    """A batch's inputs as host lists, before they become device tensors."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    cu: list[int]  # new-token rows of request b: cu[b]:cu[b+1]
+    seq_lens: list[int]
+    prefix_lens: list[int]
+    tables: list[list[int]]
+
+
+def host_batch(batch: Batch, page: int) -> HostBatch:
+    h = HostBatch([], [], [], [0], [], [], [])
+    for c in batch.chunks:
+        pages = c.seq.pages
+        h.ids += c.seq.token_ids[c.start:c.end]
+        h.positions += range(c.start, c.end)
+        h.slots += [pages[p // page] * page + p % page for p in range(c.start, c.end)]
+        h.cu.append(h.cu[-1] + c.end - c.start)
+        h.seq_lens.append(c.end)
+        h.prefix_lens.append(c.start)
+        h.tables.append(pages)
+    return h
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, attention: PagedAttention, pool: KVPool, device: torch.device) -> None:
         self.model = model
@@ -26,47 +55,46 @@ class ModelRunner:
         self.pool = pool
         self.device = device
         self._pin = device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, max_batch: int, max_context: int) -> None:
+        """Capture decode graphs (CUDA only) for batches up to max_batch and contexts up to max_context."""
+        self.graphs = DecodeGraphs(self.model, self.attention, max_batch, self.pool.pages_for(max_context),
+                                   self.device)
+        self.graphs.capture()
 
     def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
         return t.to(self.device, non_blocking=True)
 
-    def _layout(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, StepLayout]:
-        page = self.pool.page_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu = [0]
-        for c in batch.chunks:
-            pages = c.seq.pages
-            ids += c.seq.token_ids[c.start:c.end]
-            positions += range(c.start, c.end)
-            slots += [pages[p // page] * page + p % page for p in range(c.start, c.end)]
-            cu.append(cu[-1] + c.end - c.start)
-        width = max(len(c.seq.pages) for c in batch.chunks)
-        table = [c.seq.pages + [0] * (width - len(c.seq.pages)) for c in batch.chunks]
-        layout = StepLayout(
-            slots=self._tensor(slots, torch.int64),
-            cu_seqlens=self._tensor(cu, torch.int32),
-            seq_lens=self._tensor([c.end for c in batch.chunks], torch.int32),
-            prefix_lens=self._tensor([c.start for c in batch.chunks], torch.int32),
-            page_table=self._tensor(sum(table, []), torch.int32).view(len(table), width),
-            is_decode=batch.is_decode,
-            max_new_len=max(c.end - c.start for c in batch.chunks),
+    def _eager(self, h: HostBatch, is_decode: bool) -> torch.Tensor:
+        width = max(len(t) for t in h.tables)
+        table = [x for t in h.tables for x in t + [0] * (width - len(t))]
+        self.attention.layout = StepLayout(
+            slots=self._tensor(h.slots, torch.int64),
+            cu_seqlens=self._tensor(h.cu, torch.int32),
+            seq_lens=self._tensor(h.seq_lens, torch.int32),
+            prefix_lens=self._tensor(h.prefix_lens, torch.int32),
+            page_table=self._tensor(table, torch.int32).view(len(h.tables), width),
+            is_decode=is_decode,
+            max_new_len=max(b - a for a, b in zip(h.cu, h.cu[1:], strict=False)),
         )
-        return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), layout
+        return self.model(self._tensor(h.ids, torch.int64), self._tensor(h.positions, torch.int64))
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[ChunkResult]:
-        input_ids, positions, layout = self._layout(batch)
-        self.attention.layout = layout
-        hidden = self.model(input_ids, positions)
+        h = host_batch(batch, self.pool.page_size)
+        graphs = self.graphs
+        if batch.is_decode and graphs is not None and graphs.fits(len(h.ids), max(len(t) for t in h.tables)):
+            hidden = graphs.run(h.ids, h.positions, h.slots, h.seq_lens, h.tables)
+        else:
+            hidden = self._eager(h, batch.is_decode)
 
         results = [ChunkResult() for _ in batch.chunks]
-        offsets = layout.cu_seqlens.tolist()
+        offsets = h.cu
         sampling = [i for i, c in enumerate(batch.chunks) if c.samples]
         if sampling:
-            rows = torch.tensor([offsets[i + 1] - 1 for i in sampling], device=hidden.device)
+            rows = self._tensor([offsets[i + 1] - 1 for i in sampling], torch.int64)
             logits = self.model.compute_logits(hidden[rows])
             seqs = [batch.chunks[i].seq for i in sampling]
             tokens = sample(logits, seqs)

@@ -7,6 +7,7 @@ the same tokens whatever else is in the batch; the draw itself (inverse CDF) is 
 from __future__ import annotations
 
 import torch
+
 from saw_worker.engine.request import Sequence, TokenLogprob
 
 

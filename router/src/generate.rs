@@ -1,0 +1,301 @@
+//! One generation: admission, worker choice (with retries before the first token), the token
+//! stream turned into text events, and cleanup (abort + counters) however it ends.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Code, Status, Streaming};
+
+use crate::admission::Permit;
+use crate::app::{AppState, Model};
+use crate::detok::{Detokenizer, StopMatcher};
+use crate::error::ApiError;
+use crate::openai::Usage;
+use crate::proto::{FinishReason, GenerateChunk, GenerateRequest, TokenLogprob};
+use crate::validate::GenParams;
+use crate::worker::{InflightGuard, Worker};
+
+/// One output token with its logprobs (when asked for).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenOut {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New text (may be empty when tokens are held back, e.g. a possible stop string).
+    Text { text: String, tokens: Vec<TokenOut> },
+    Finished { reason: &'static str, usage: Usage },
+}
+
+pub struct Generation {
+    model: Arc<Model>,
+    state: Arc<AppState>,
+    stream: Option<Streaming<GenerateChunk>>,
+    first: Option<GenerateChunk>,
+    /// Logprobs of the prompt tokens (from the first chunk), when asked for.
+    pub prompt_logprobs: Vec<TokenLogprob>,
+    detok: Detokenizer,
+    stop: StopMatcher,
+    events: VecDeque<Event>,
+    params: GenParams,
+    completion_tokens: u32,
+    started: Instant,
+    last_token: Option<Instant>,
+    done: bool,
+    // Dropped with the generation, i.e. with the response body: nothing leaks on disconnect.
+    abort: AbortOnDrop,
+    _inflight: InflightGuard,
+    _running: RunningGuard,
+    _permit: Permit,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Starts a generation and waits for its first chunk, so that errors up to then (bad request,
+/// worker down) are still an HTTP status; a worker failing before that is retried elsewhere.
+pub async fn start(state: &Arc<AppState>, model: &Arc<Model>, mut params: GenParams) -> Result<Generation, ApiError> {
+    let started = Instant::now();
+    let permit = state.admission.acquire().await?;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_error = None;
+    loop {
+        let candidates: Vec<Arc<Worker>> =
+            state.workers.iter().filter(|w| w.is_healthy() && !tried.contains(&w.index)).cloned().collect();
+        if candidates.is_empty() {
+            return Err(last_error.unwrap_or_else(|| ApiError::unavailable("no healthy worker is available")));
+        }
+        let worker = candidates[state.policy.pick(&candidates, &params.input_ids)].clone();
+        tried.push(worker.index);
+        let inflight = worker.track();
+        let id = format!("saw-{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let abort = AbortOnDrop { worker: worker.clone(), id: id.clone(), armed: true };
+        match open(&worker, request(&id, &params)).await {
+            Ok((stream, mut first)) => {
+                let prompt_logprobs = std::mem::take(&mut first.prompt_logprobs);
+                state.metrics.running.inc();
+                return Ok(Generation {
+                    model: model.clone(),
+                    state: state.clone(),
+                    stream: Some(stream),
+                    first: Some(first),
+                    prompt_logprobs,
+                    detok: Detokenizer::new(&params.input_ids),
+                    stop: StopMatcher::new(std::mem::take(&mut params.stop)),
+                    events: VecDeque::new(),
+                    params,
+                    completion_tokens: 0,
+                    started,
+                    last_token: None,
+                    done: false,
+                    abort,
+                    _inflight: inflight,
+                    _running: RunningGuard(state.clone()),
+                    _permit: permit,
+                });
+            }
+            Err(status) if is_client_error(&status) => return Err(ApiError::bad_request(status.message())),
+            Err(status) => {
+                eprintln!("saw-router: worker {} failed a request: {}", worker.index, status.message());
+                if status.code() == Code::Unavailable {
+                    worker.set_healthy(false);
+                }
+                last_error = Some(worker_error(&status));
+            }
+        }
+    }
+}
+
+fn request(id: &str, p: &GenParams) -> GenerateRequest {
+    GenerateRequest {
+        id: id.to_string(),
+        input_ids: p.input_ids.clone(),
+        max_new_tokens: p.max_new_tokens,
+        min_new_tokens: p.min_new_tokens,
+        ignore_eos: p.ignore_eos,
+        stop_token_ids: vec![],
+        sampling: Some(p.sampling),
+        logprobs: p.logprobs.unwrap_or(0),
+        return_logprobs: p.logprobs.is_some(),
+        prompt_logprobs: p.prompt_logprobs,
+    }
+}
+
+async fn open(worker: &Worker, req: GenerateRequest) -> Result<(Streaming<GenerateChunk>, GenerateChunk), Status> {
+    let mut stream = worker.client().generate(req).await?.into_inner();
+    match stream.message().await? {
+        Some(first) => Ok((stream, first)),
+        None => Err(Status::internal("worker closed the stream without output")),
+    }
+}
+
+fn is_client_error(status: &Status) -> bool {
+    matches!(status.code(), Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition)
+}
+
+fn worker_error(status: &Status) -> ApiError {
+    match status.code() {
+        Code::ResourceExhausted => ApiError::unavailable(format!("worker is out of capacity: {}", status.message())),
+        Code::Unavailable => ApiError::unavailable(format!("worker unavailable: {}", status.message())),
+        _ => ApiError::upstream(format!("worker error: {}", status.message())),
+    }
+}
+
+impl Generation {
+    /// The next event; `None` after `Finished` or an error.
+    pub async fn next(&mut self) -> Option<Result<Event, ApiError>> {
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return Some(Ok(event));
+            }
+            if self.done {
+                return None;
+            }
+            let chunk = match self.first.take() {
+                Some(chunk) => chunk,
+                None => match self.stream.as_mut()?.message().await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => {
+                        self.done = true;
+                        return Some(Err(ApiError::upstream("worker ended the stream before finishing")));
+                    }
+                    Err(status) => {
+                        self.done = true;
+                        return Some(Err(worker_error(&status)));
+                    }
+                },
+            };
+            self.absorb(chunk);
+        }
+    }
+
+    fn absorb(&mut self, chunk: GenerateChunk) {
+        self.time_tokens(chunk.token_ids.len());
+        let tok = &self.model.tokenizer;
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let mut stopped = false;
+        for (i, &id) in chunk.token_ids.iter().enumerate() {
+            self.completion_tokens += 1;
+            if self.params.discard_output {
+                continue;
+            }
+            let scan = self.stop.push(&self.detok.push(tok, id));
+            text.push_str(&scan.text);
+            if self.params.logprobs.is_some() {
+                let lp = chunk.logprobs.get(i);
+                tokens.push(TokenOut {
+                    id,
+                    logprob: lp.map_or(0.0, |l| l.logprob),
+                    top: lp.map_or_else(Vec::new, |l| l.top.iter().map(|t| (t.token_id, t.logprob)).collect()),
+                });
+            }
+            if scan.stopped {
+                stopped = true;
+                break;
+            }
+        }
+        let finished = FinishReason::try_from(chunk.finished).unwrap_or(FinishReason::Unspecified);
+        let reason = if stopped {
+            // Our own stop string: the worker request is dropped and aborted now.
+            self.stream = None;
+            self.abort.fire();
+            Some("stop")
+        } else if finished != FinishReason::Unspecified {
+            self.abort.armed = false;
+            let tail = self.detok.flush(tok);
+            let scan = self.stop.push(&tail);
+            text.push_str(&scan.text);
+            if !scan.stopped {
+                text.push_str(&self.stop.flush());
+            }
+            Some(if scan.stopped { "stop" } else { finish_reason(finished) })
+        } else {
+            None
+        };
+        if !text.is_empty() || !tokens.is_empty() {
+            self.events.push_back(Event::Text { text, tokens });
+        }
+        if let Some(reason) = reason {
+            let usage = self.usage(chunk.usage.filter(|_| !stopped));
+            self.record_finish(reason, &usage);
+            self.events.push_back(Event::Finished { reason, usage });
+            self.done = true;
+        }
+    }
+
+    fn usage(&self, reported: Option<crate::proto::Usage>) -> Usage {
+        let shown = |n: u32| if self.params.discard_output { 0 } else { n };
+        match reported {
+            Some(u) => Usage::new(u.prompt_tokens, shown(u.completion_tokens), u.cached_tokens),
+            None => Usage::new(self.params.input_ids.len() as u32, shown(self.completion_tokens), 0),
+        }
+    }
+
+    fn time_tokens(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let metrics = &self.state.metrics;
+        match self.last_token {
+            None => metrics.ttft.observe((now - self.started).as_secs_f64()),
+            Some(last) => {
+                let gap = (now - last).as_secs_f64() / n as f64;
+                for _ in 0..n {
+                    metrics.inter_token.observe(gap);
+                }
+            }
+        }
+        self.last_token = Some(now);
+    }
+
+    fn record_finish(&self, reason: &str, usage: &Usage) {
+        let metrics = &self.state.metrics;
+        metrics.e2e.with_label_values(&[reason]).observe(self.started.elapsed().as_secs_f64());
+        metrics.prompt_tokens.inc_by(usage.prompt_tokens.into());
+        metrics.generation_tokens.inc_by(usage.completion_tokens.into());
+    }
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Abort => "abort",
+        FinishReason::Stop | FinishReason::Unspecified => "stop",
+    }
+}
+
+/// Sends `Abort` for a request that is dropped before the worker finished it (client gone,
+/// stop string, error). Dropping the gRPC stream cancels it too; the explicit abort makes sure.
+struct AbortOnDrop {
+    worker: Arc<Worker>,
+    id: String,
+    armed: bool,
+}
+
+impl AbortOnDrop {
+    fn fire(&mut self) {
+        if std::mem::take(&mut self.armed) {
+            self.worker.abort(self.id.clone());
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.fire();
+    }
+}
+
+struct RunningGuard(Arc<AppState>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.metrics.running.dec();
+    }
+}
