@@ -40,12 +40,12 @@ def load_kv_block(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm, QUANT: t
 
 
 @triton.jit
-def attend_block(q_lo, q_hi, q2_lo, q2_hi, q_sum, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m, valid,
+def attend_block(q_lo, q_hi, q2_lo, q2_hi, q_sum, bias, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m, valid,
                  m_i, l_i, acc_lo, acc_hi, QUANT: tl.constexpr, Q2: tl.constexpr, PSPLIT: tl.constexpr):
     """One online-softmax step (log2 domain) over a block of cached rows.
 
     q is given as bf16 halves (plus a second bf16 piece when Q2: rotated q is fp32);
-    scores are scaled by qk_scale = sm_scale * log2(e) in fp32.
+    bias (per query) is added to raw scores; scores are then scaled by qk_scale = sm_scale * log2(e).
     """
     kt_lo = tl.trans(k_lo)
     kt_hi = tl.trans(k_hi)
@@ -55,7 +55,7 @@ def attend_block(q_lo, q_hi, q2_lo, q2_hi, q_sum, qk_scale, k_lo, k_hi, k_s, k_m
         s = mma(q2_hi, kt_hi, s)
     if QUANT:
         s = s * k_s[None, :] + q_sum[:, None] * k_m[None, :]
-    s = s * qk_scale
+    s = (s + bias) * qk_scale
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -127,9 +127,9 @@ def _decode_kernel(
         slot = page * PAGE + pos % PAGE
         k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm, QUANT, D2)
         v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2)
-        m_i, l_i, acc_lo, acc_hi = attend_block(qb_lo, qb_hi, q2_lo, q2_hi, q_sum, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m,
-                                                nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT,
-                                                ROT_Q, PSPLIT)
+        m_i, l_i, acc_lo, acc_hi = attend_block(
+            qb_lo, qb_hi, q2_lo, q2_hi, q_sum, 0.0, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m,
+            nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT, ROT_Q, PSPLIT)
 
     if SPLITS == 1:
         inv_l = 1.0 / l_i

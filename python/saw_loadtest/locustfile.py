@@ -162,8 +162,9 @@ class ChatUser(User):
             seq=seq,
         )
         body = chat_body(o.saw_model, item.prompt, item.output_tokens, o.saw_temperature)
-        stream_chat(self._client, body, rec, timeout=self._timeout, api_key=o.saw_api_key or None,
-                    path_prefix=self._prefix)
+        stream_chat(
+            self._client, body, rec, timeout=self._timeout, api_key=o.saw_api_key or None, path_prefix=self._prefix
+        )
         if not rec.ok:  # the connection may be in any state after a failure: start a fresh one
             self._client.close()
             self._client = make_client(self.host, self._timeout)

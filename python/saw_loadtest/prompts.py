@@ -88,7 +88,7 @@ class ProbePrompts:
     """Exact-length prompts found by asking the server for usage.prompt_tokens of candidate cuts."""
 
     def __init__(self, count_prompt: CountPrompt, corpus: str, distinct: int = 16) -> None:
-        self._count = count_prompt
+        self.count_prompt = count_prompt
         self._corpus = corpus
         self._lines = [0] + [i + 1 for i, c in enumerate(corpus[:-1]) if c == "\n" and corpus[i + 1] != "\n"]
         self.distinct = distinct  # prompts per length; beyond that they repeat (each costs probes)
@@ -108,7 +108,7 @@ class ProbePrompts:
 
     def _measure(self, text: str) -> int:
         self.probes += 1
-        return self._count(text)
+        return self.count_prompt(text)
 
     def _search(self, total: int, line: int) -> str:
         for attempt in range(8):

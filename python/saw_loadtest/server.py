@@ -83,4 +83,3 @@ class RouterProcess:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
-

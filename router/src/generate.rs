@@ -145,7 +145,29 @@ fn worker_error(status: &Status) -> ApiError {
     }
 }
 
+/// A whole generation, for non-streaming replies.
+pub struct Collected {
+    pub text: String,
+    pub tokens: Vec<TokenOut>,
+    pub reason: &'static str,
+    pub usage: Usage,
+}
+
 impl Generation {
+    pub async fn collect(mut self) -> Result<Collected, ApiError> {
+        let (mut text, mut tokens) = (String::new(), Vec::new());
+        while let Some(event) = self.next().await {
+            match event? {
+                Event::Text { text: t, tokens: mut k } => {
+                    text.push_str(&t);
+                    tokens.append(&mut k);
+                }
+                Event::Finished { reason, usage } => return Ok(Collected { text, tokens, reason, usage }),
+            }
+        }
+        Err(ApiError::upstream("generation ended without a finish"))
+    }
+
     /// The next event; `None` after `Finished` or an error.
     pub async fn next(&mut self) -> Option<Result<Event, ApiError>> {
         loop {

@@ -1,0 +1,68 @@
+//! saw-router: the OpenAI-compatible front of saw (see docs/router.md for the module map).
+
+pub mod admission;
+pub mod app;
+pub mod cli;
+pub mod detok;
+pub mod error;
+pub mod generate;
+pub mod metrics;
+pub mod openai;
+pub mod policy;
+pub mod routes;
+pub mod server;
+pub mod tokenizer;
+pub mod validate;
+pub mod worker;
+
+/// Messages and client generated from proto/saw.proto.
+pub mod proto {
+    tonic::include_proto!("saw.v1");
+}
+
+use clap::Parser;
+
+/// Runs the `saw-router` command line; returns the process exit code.
+pub fn run_cli(argv: Vec<String>, python: String) -> i32 {
+    let args = match cli::Args::try_parse_from(argv) {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("saw-router: error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let result = runtime.block_on(server::run(args, python));
+    // Stray tasks (open connections after a forced drain) must not keep the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("saw-router: error: {e}");
+            1
+        }
+    }
+}
+
+#[cfg(feature = "pyo3")]
+mod python {
+    use pyo3::prelude::*;
+
+    /// `_native.run(argv, python)`: runs the router with the GIL released; `python` is the
+    /// interpreter that starts workers (`python -m saw_worker`).
+    #[pyfunction]
+    fn run(py: Python<'_>, argv: Vec<String>, python: String) -> PyResult<i32> {
+        Ok(py.detach(move || super::run_cli(argv, python)))
+    }
+
+    #[pymodule]
+    fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(run, m)?)
+    }
+}

@@ -68,8 +68,7 @@ def _handler(opts: FakeOptions) -> type[BaseHTTPRequestHandler]:
             usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
             if not body.get("stream"):
                 msg = {"role": "assistant", "content": "w " * n_out}
-                self._json(200, {"choices": [{"index": 0, "message": msg, "finish_reason": "length"}],
-                                 "usage": usage})
+                self._json(200, {"choices": [{"index": 0, "message": msg, "finish_reason": "length"}], "usage": usage})
                 return
             with opts.lock:
                 opts.served += 1
@@ -109,6 +108,7 @@ class FakeServer:
         self.opts = opts
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(opts))
         self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda *a: None  # clients closing keep-alive sockets is not news
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

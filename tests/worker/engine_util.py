@@ -21,21 +21,27 @@ VOCAB = 97
 EOS = 3
 
 TINY = ModelConfig(
-    architecture="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-    num_kv_heads=2, head_dim=32, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6,
+    architecture="qwen2", vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=64, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6,
     max_position_embeddings=512, tie_word_embeddings=False, attention_bias=True, qk_norm=False,
 )
 
 
 def tiny_engine(kv: str = "int4-bdr", num_pages: int = 64, page_size: int = 4, max_running: int = 64,
-                prefill_budget: int = 64, eos: int = EOS, **fmt_kw: object) -> LocalEngine:
+                prefill_budget: int = 64, eos: int = EOS, device: str = "cpu", cuda_graphs: bool = False,
+                **fmt_kw: object) -> LocalEngine:
+    """On CUDA the model runs in bf16 through the Triton kernels; on CPU in fp32 through the reference."""
     torch.manual_seed(0)
+    dev = torch.device(device)
+    on_gpu = dev.type == "cuda"
     fmt = KVFormat.make(kv, TINY.head_dim, **fmt_kw)  # type: ignore[arg-type]
-    pool = KVPool(fmt, TINY.num_layers, TINY.num_kv_heads, num_pages, page_size, torch.device("cpu"))
-    attention = PagedAttention(pool, TINY.head_dim ** -0.5, use_kernels=False)
-    model = DecoderLM(TINY, attention, dtype=torch.float32)
+    pool = KVPool(fmt, TINY.num_layers, TINY.num_kv_heads, num_pages, page_size, dev)
+    attention = PagedAttention(pool, TINY.head_dim ** -0.5, use_kernels=on_gpu)
+    model = DecoderLM(TINY, attention, device=dev, dtype=torch.bfloat16 if on_gpu else torch.float32)
     model.init_random_(seed=1, std=0.3)  # large enough that greedy choices are not near-ties
-    runner = ModelRunner(model, attention, pool, torch.device("cpu"))
+    runner = ModelRunner(model, attention, pool, dev)
+    if cuda_graphs:
+        runner.capture_graphs(max_running, TINY.max_position_embeddings)
     scheduler = Scheduler(pool, max_running, prefill_budget, TINY.max_position_embeddings, frozenset({eos}))
     tok = TokenizerInfo(tokenizer_json="{}", chat_template="", bos_token="", eos_token="", bos_token_id=None,
                         eos_token_ids=(eos,))

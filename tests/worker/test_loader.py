@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
+
 from saw_worker.config import ModelConfig
 from saw_worker.loader import LoadedModel, ModelLoadError, load_model
 from saw_worker.loader.tokenizer import byte_level_fallback
 from saw_worker.models import FullCausalAttention
-from tokenizers import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from saw_worker.config import ModelConfig
 from saw_worker.models import DecoderLM, FullCausalAttention
 from saw_worker.models.rope import inv_freq
@@ -145,3 +146,22 @@ def test_missing_weight_is_reported() -> None:
     sd = {k: v for k, v in ref.state_dict().items() if "layers.1.mlp.up_proj" not in k}
     with pytest.raises(ValueError, match="missing"):
         model.load_weights(sd.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_bf16_tracks_fp32_reference(case: str) -> None:
+    """bf16 on CUDA (the serving dtype) stays close to the fp32 transformers reference."""
+    ref = _reference(case)
+    cfg = ModelConfig.from_hf(ref.config.to_dict())
+    dev = torch.device("cuda")
+    model = DecoderLM(cfg, FullCausalAttention(cfg.num_heads, cfg.num_kv_heads), device=dev, dtype=torch.bfloat16)
+    model.load_weights((k, v.to(dev, torch.bfloat16)) for k, v in ref.state_dict().items())
+    ids = torch.randint(0, ref.config.vocab_size, (64,), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(64)
+    with torch.no_grad():
+        want = ref(input_ids=ids[None], position_ids=pos[None]).logits[0].float()
+        got = model.compute_logits(model(ids.to(dev), pos.to(dev))).cpu()
+    assert torch.isfinite(got).all()
+    rel = (got - want).norm() / want.norm()
+    assert rel < 0.03, f"relative error {rel:.4f}"

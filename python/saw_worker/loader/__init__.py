@@ -54,12 +54,12 @@ def load_model(
     t0 = time.perf_counter()
     try:
         loaded = _load(spec, fmt, device, dtype, attention, overrides or {}, seed)
-    except ModelLoadError:
-        raise
+    except ModelLoadError as e:
+        raise ModelLoadError(_one_line(str(e))) from None
     except UnsupportedArchitectureError as e:
-        raise ModelLoadError(f"{spec}: {e}") from None
+        raise ModelLoadError(_one_line(f"{spec}: {e}")) from None
     except (ValueError, KeyError, OSError) as e:
-        raise ModelLoadError(f"cannot load {spec}: {type(e).__name__}: {e}") from None
+        raise ModelLoadError(_one_line(f"cannot load {spec}: {type(e).__name__}: {e}")) from None
     c = loaded.config
     print(
         f"saw: loaded {loaded.model_id} ({c.architecture}, {c.num_layers} layers, hidden {c.hidden_size}, "
@@ -69,6 +69,10 @@ def load_model(
         flush=True,
     )
     return loaded
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
 
 
 def _load(

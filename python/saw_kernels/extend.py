@@ -1,0 +1,157 @@
+"""Extend (chunked prefill) attention: new tokens at bf16, causal among themselves, plus the request's
+cached prefix read straight from the paged cache (INT4 codes dequantized in registers, never as a
+copy of the sequence).
+
+The two phases live in different spaces, and the kernel brings them together:
+- int4-bdr keys are stored rotated: the prefix phase uses R q, the new-token phase plain q;
+- centered keys (k_center) shift every prefix logit by -q.mu but not the new ones, so q.mu is
+  added back to the prefix logits (this needs k_mean);
+- with rotate_v the prefix values are rotated: the accumulator is rotated back (R is linear and
+  its own inverse) between the phases, before any raw value is added to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from saw_kernels._common import INTERPRET, LOG2E, load_hmat, rotate_halves, rotation_args
+from saw_kernels.decode import attend_block, load_kv_block
+from saw_worker.kv.formats import KVFormat
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, k_ptr, v_ptr, cu_ptr, pre_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, h_ptr, mean_ptr, out_ptr,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, s_ptb, s_ot, s_oh,
+    qk_scale, inv_sqrt_b,
+    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr, ROT_Q: tl.constexpr,
+    ROT_V: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    D2: tl.constexpr = D // 2
+    mb = tl.program_id(0)
+    qh = tl.program_id(1)
+    b = tl.program_id(2)
+    kh = qh // G
+    row0 = tl.load(cu_ptr + b)
+    new_len = tl.load(cu_ptr + b + 1) - row0
+    active = mb * BLOCK_M < new_len  # the grid is sized for the longest request
+    prefix = tl.where(active, tl.load(pre_ptr + b), 0)
+    i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    im = i < new_len
+    c = tl.arange(0, D2)
+    q_off = (row0 + i).to(tl.int64) * s_qt + qh * s_qh
+    q_lo = tl.load(q_ptr + q_off[:, None] + c[None, :], mask=im[:, None], other=0.0)
+    q_hi = tl.load(q_ptr + q_off[:, None] + D2 + c[None, :], mask=im[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_lo = tl.zeros([BLOCK_M, D2], tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, D2], tl.float32)
+
+    # phase 1: cached prefix [0, prefix) from the pages
+    if prefix > 0:
+        r_lo = q_lo.to(tl.float32)
+        r_hi = q_hi.to(tl.float32)
+        bias = tl.zeros([BLOCK_M], tl.float32)
+        if CENTER:
+            mu = mean_ptr + kh * D
+            bias = tl.sum(r_lo * tl.load(mu + c)[None, :], 1) + tl.sum(r_hi * tl.load(mu + D2 + c)[None, :], 1)
+        if ROT_Q or ROT_V:
+            hm = load_hmat(h_ptr, D2)
+        if ROT_Q:
+            r_lo, r_hi = rotate_halves(r_lo, r_hi, hm, inv_sqrt_b, FULL, 1)
+        rb_lo = r_lo.to(tl.bfloat16)
+        rb_hi = r_hi.to(tl.bfloat16)
+        r_sum = tl.sum(r_lo, 1) + tl.sum(r_hi, 1)
+        pt_row = pt_ptr + b.to(tl.int64) * s_ptb
+        for n0 in range(0, prefix, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            nm = pos < prefix
+            page = tl.load(pt_row + pos // PAGE, mask=nm, other=0).to(tl.int64)
+            slot = page * PAGE + pos % PAGE
+            k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm, QUANT, D2)
+            v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2)
+            m_i, l_i, acc_lo, acc_hi = attend_block(
+                rb_lo, rb_hi, rb_lo, rb_hi, r_sum, bias[:, None], qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s,
+                v_m, nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT, False, 1)
+        if ROT_V:
+            acc_lo, acc_hi = rotate_halves(acc_lo, acc_hi, hm, inv_sqrt_b, FULL, 2)
+
+    # phase 2: the new tokens themselves at bf16, causal (key j <= query i)
+    hi = tl.where(active, tl.minimum(new_len, (mb + 1) * BLOCK_M), 0)
+    for n0 in range(0, hi, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        jm = j < new_len
+        k_off = (row0 + j).to(tl.int64) * s_kt + kh * s_kh
+        v_off = (row0 + j).to(tl.int64) * s_vt + kh * s_vh
+        k_lo = tl.load(k_ptr + k_off[:, None] + c[None, :], mask=jm[:, None], other=0.0)
+        k_hi = tl.load(k_ptr + k_off[:, None] + D2 + c[None, :], mask=jm[:, None], other=0.0)
+        v_lo = tl.load(v_ptr + v_off[:, None] + c[None, :], mask=jm[:, None], other=0.0)
+        v_hi = tl.load(v_ptr + v_off[:, None] + D2 + c[None, :], mask=jm[:, None], other=0.0)
+        valid = (j[None, :] <= i[:, None]) & jm[None, :]
+        m_i, l_i, acc_lo, acc_hi = attend_block(
+            q_lo, q_hi, q_lo, q_hi, 0.0, 0.0, qk_scale, k_lo, k_hi, 0.0, 0.0, v_lo, v_hi, 0.0, 0.0,
+            valid, m_i, l_i, acc_lo, acc_hi, False, False, 1)
+
+    inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+    o_off = (row0 + i).to(tl.int64) * s_ot + qh * s_oh
+    tl.store(out_ptr + o_off[:, None] + c[None, :], (acc_lo * inv_l[:, None]).to(tl.bfloat16), mask=im[:, None])
+    tl.store(out_ptr + o_off[:, None] + D2 + c[None, :], (acc_hi * inv_l[:, None]).to(tl.bfloat16), mask=im[:, None])
+
+
+def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     prefix_lens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     k_params: torch.Tensor | None, v_params: torch.Tensor | None, page_table: torch.Tensor,
+                     page_size: int, fmt: KVFormat, sm_scale: float, max_new_len: int | None = None,
+                     k_mean: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                     block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """o [Tn, Hq, D] bf16: new query i of request b attends to its prefix_lens[b] cached tokens and to
+    new tokens 0..i of its own rows cu_seqlens[b]:cu_seqlens[b+1] (positions prefix_lens[b] + i).
+
+    k_mean must be the K mean the cache was written with when fmt.k_center is on (the prefix logits
+    are shifted by -q.mu, the new ones are not). max_new_len avoids a host read of cu_seqlens.
+    """
+    tn, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    bsz = cu_seqlens.numel() - 1
+    assert group * hkv == hq and d % 32 == 0 and page_size & (page_size - 1) == 0
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    if fmt.k_center and k_mean is None:
+        raise ValueError("extend_attention needs k_mean when fmt.k_center is on")
+    if out is None:
+        out = torch.empty(tn, hq, d, dtype=torch.bfloat16, device=q.device)
+    if tn == 0 or bsz == 0:
+        return out
+    if max_new_len is None:
+        max_new_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    quant = fmt.quantized
+    if quant:
+        assert k_params is not None and v_params is not None and k_params.stride() == v_params.stride()
+        kp, vp, s_ps, s_ph = k_params, v_params, k_params.stride(0), k_params.stride(1)
+    else:
+        kp = vp = k_cache
+        s_ps = s_ph = 0
+    if fmt.rotated:
+        hmat, full, inv = rotation_args(fmt.hadamard_order, d, q.device)
+    else:
+        hmat, full, inv = k_cache, False, 1.0
+    center = quant and fmt.k_center
+    mean = k_mean.float().contiguous() if center else k_cache
+    if block_m is None:
+        block_m = 16 if INTERPRET else 128
+    if block_n is None:
+        block_n = 16 if INTERPRET else 64
+    grid = (triton.cdiv(max(max_new_len, 1), block_m), hq, bsz)
+    _extend_kernel[grid](
+        q, k, v, cu_seqlens, prefix_lens, k_cache, v_cache, kp, vp, page_table, hmat, mean, out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), s_ps, s_ph,
+        page_table.stride(0), out.stride(0), out.stride(1),
+        sm_scale * LOG2E, inv,
+        G=group, D=d, PAGE=page_size, QUANT=quant, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
+        CENTER=center, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4 if INTERPRET else 8, num_stages=2,
+    )
+    return out

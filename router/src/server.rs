@@ -1,0 +1,247 @@
+//! Startup and shutdown: workers up, wait until ready, serve HTTP, drain, workers down.
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::admission::Admission;
+use crate::app::{app, AppState, Model};
+use crate::cli::{Args, Device};
+use crate::metrics::Metrics;
+use crate::tokenizer::ModelTokenizer;
+use crate::worker::supervisor::{self, LaunchSpec};
+use crate::worker::{health, Worker};
+
+/// In-flight requests get this long to finish after SIGINT/SIGTERM (a second signal cuts it short).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+pub async fn run(args: Args, python: String) -> Result<(), String> {
+    let signals = listen_for_signals()?;
+    let metrics = Arc::new(Metrics::new());
+    let (workers, launches) = plan_workers(&args, &python)?;
+    let state = Arc::new(AppState {
+        model: Default::default(),
+        workers: workers.clone(),
+        policy: crate::policy::from_kind(args.policy),
+        admission: Admission::new(
+            args.max_concurrent_requests,
+            args.queue_size,
+            Duration::from_secs(args.queue_timeout_secs),
+            metrics.queue_depth.clone(),
+        ),
+        metrics: metrics.clone(),
+        api_key: args.api_key.clone(),
+        created: crate::routes::unix_now(),
+    });
+
+    let (stop_workers, stop_rx) = watch::channel(false);
+    let mut tasks: Vec<_> = launches
+        .into_iter()
+        .map(|(worker, spec)| tokio::spawn(supervisor::supervise(worker, spec, stop_rx.clone())))
+        .collect();
+    tasks.push(tokio::spawn(health::poll_forever(workers, metrics, stop_rx)));
+
+    let result = async {
+        tokio::select! {
+            ready = wait_ready(&state, &args) => ready?,
+            _ = signalled(signals.clone(), 1) => return Err("interrupted while workers were starting".to_string()),
+        }
+        serve(state, &args, signals).await
+    }
+    .await;
+
+    eprintln!("saw-router: stopping workers");
+    let _ = stop_workers.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    result
+}
+
+/// Counts SIGINT/SIGTERM deliveries.
+fn listen_for_signals() -> Result<watch::Receiver<u32>, String> {
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let (tx, rx) = watch::channel(0u32);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    Ok(rx)
+}
+
+async fn signalled(mut signals: watch::Receiver<u32>, count: u32) {
+    let _ = signals.wait_for(|&n| n >= count).await;
+}
+
+async fn serve(state: Arc<AppState>, args: &Args, signals: watch::Receiver<u32>) -> Result<(), String> {
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;
+    let name = state.model.get().map(|m| m.name.clone()).unwrap_or_default();
+    eprintln!(
+        "saw-router: serving {name} on http://{}:{} ({} worker(s), policy {:?}); Ctrl-C to stop",
+        args.host,
+        args.port,
+        state.workers.len(),
+        args.policy
+    );
+    let graceful = {
+        let signals = signals.clone();
+        async move {
+            signalled(signals, 1).await;
+            eprintln!("saw-router: shutting down: no new connections, draining requests");
+        }
+    };
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(graceful);
+    tokio::select! {
+        served = server.into_future() => served.map_err(|e| format!("server error: {e}")),
+        _ = async {
+            signalled(signals.clone(), 1).await;
+            tokio::select! {
+                _ = tokio::time::sleep(DRAIN_TIMEOUT) => {}
+                _ = signalled(signals, 2) => {}
+            }
+        } => {
+            eprintln!("saw-router: closing the connections still open");
+            Ok(())
+        }
+    }
+}
+
+/// Waits until every worker answers `Info` (or failed, or the startup timeout passed), and sets
+/// up the tokenizer from the first one.
+async fn wait_ready(state: &AppState, args: &Args) -> Result<(), String> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.startup_timeout_secs);
+    let mut last_report = started;
+    let n = state.workers.len();
+    eprintln!("saw-router: waiting for {n} worker(s) to load the model");
+    loop {
+        for worker in state.workers.iter().filter(|w| !w.is_ready() && !w.is_failed()) {
+            let Ok(info) = worker.info().await else { continue };
+            eprintln!(
+                "saw-router: worker {} ready after {}s: {} on {}, kv {} ({} tokens), context {}",
+                worker.index,
+                started.elapsed().as_secs(),
+                info.model_id,
+                info.device,
+                info.kv_format,
+                info.kv_capacity_tokens,
+                info.context_length
+            );
+            if state.model.get().is_none() {
+                let tokenizer = ModelTokenizer::from_info(&info)?;
+                let local = args.worker_urls.is_empty();
+                let name = args
+                    .served_model_name
+                    .clone()
+                    .unwrap_or_else(|| if local { args.model.clone() } else { info.model_id.clone() });
+                let _ = state.model.set(Arc::new(Model { name, tokenizer }));
+            }
+        }
+        let ready = state.workers.iter().filter(|w| w.is_ready()).count();
+        let failed = state.workers.iter().filter(|w| w.is_failed()).count();
+        let timed_out = Instant::now() >= deadline;
+        if ready == n || (ready + failed == n && ready > 0) || (timed_out && ready > 0) {
+            if ready < n {
+                eprintln!("saw-router: warning: only {ready} of {n} workers are up; serving with those");
+            }
+            return Ok(());
+        }
+        if ready + failed == n {
+            return Err("no worker could be started (see the worker output above)".into());
+        }
+        if timed_out {
+            return Err(format!("no worker became ready within {}s (--startup-timeout-secs)", args.startup_timeout_secs));
+        }
+        if last_report.elapsed() >= PROGRESS_EVERY {
+            last_report = Instant::now();
+            eprintln!("saw-router: waiting for workers: {ready}/{n} ready ({}s)", started.elapsed().as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+type Launch = (Arc<Worker>, LaunchSpec);
+
+/// Remote workers from `--worker-url`, or `--workers` local ones with how to start each.
+fn plan_workers(args: &Args, python: &str) -> Result<(Vec<Arc<Worker>>, Vec<Launch>), String> {
+    if !args.worker_urls.is_empty() {
+        let workers = args
+            .worker_urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                let url = if url.contains("://") { url.clone() } else { format!("http://{url}") };
+                Worker::new(i, &url).map(Arc::new)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok((workers, vec![]));
+    }
+    if args.workers == 0 {
+        return Err("--workers must be at least 1 (or give --worker-url)".into());
+    }
+    let gpus = visible_gpus();
+    let cuda = match args.device {
+        Device::Cuda => true,
+        Device::Cpu => false,
+        Device::Auto => !gpus.is_empty(),
+    };
+    if cuda && args.workers > gpus.len().max(1) {
+        eprintln!("saw-router: warning: {} workers on {} GPU(s): some GPUs hold several workers", args.workers, gpus.len());
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut base = vec!["-m".to_string(), "saw_worker".to_string()];
+    base.extend(args.worker_flags(|k| std::env::var(k).ok()));
+    base.extend(["--device".to_string(), if cuda { "cuda" } else { "cpu" }.to_string()]);
+    let mut launches = Vec::new();
+    for i in 0..args.workers {
+        let port = match args.worker_base_port {
+            Some(base) => base.checked_add(i as u16).ok_or("--worker-base-port too high")?,
+            None => free_port()?,
+        };
+        let mut env = Vec::new();
+        if cuda && !gpus.is_empty() {
+            env.push(("CUDA_VISIBLE_DEVICES".to_string(), gpus[i % gpus.len()].clone()));
+        }
+        if !cuda && std::env::var_os("OMP_NUM_THREADS").is_none() {
+            // CPU workers share the cores instead of each spinning a thread per core.
+            env.push(("OMP_NUM_THREADS".to_string(), (cores / args.workers).max(1).to_string()));
+        }
+        let worker = Arc::new(Worker::new(i, &format!("http://127.0.0.1:{port}"))?);
+        let spec = LaunchSpec { python: python.to_string(), args: base.clone(), port, env };
+        launches.push((worker, spec));
+    }
+    Ok((launches.iter().map(|(w, _)| w.clone()).collect(), launches))
+}
+
+/// GPU ids the workers may use: `CUDA_VISIBLE_DEVICES` when set, else the /dev/nvidiaN devices.
+fn visible_gpus() -> Vec<String> {
+    if let Ok(list) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        return list.split(',').map(str::trim).filter(|s| !s.is_empty() && *s != "-1").map(String::from).collect();
+    }
+    let mut ids: Vec<u32> = std::fs::read_dir("/dev")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("nvidia")?.parse().ok()).collect()
+        })
+        .unwrap_or_default();
+    ids.sort_unstable();
+    ids.into_iter().map(|i| i.to_string()).collect()
+}
+
+/// A port nobody listens on right now (the worker binds it a moment later).
+fn free_port() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
+    listener.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}

@@ -1,0 +1,130 @@
+"""Float64 references and random paged-cache scenarios for the kernel tests (built on formats.py)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from saw_worker.kv.formats import KVFormat, decode_o, dequantize_int4, encode_q
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rand_kv(t: int, hkv: int, d: int, outliers: bool = True, gen: torch.Generator | None = None) -> torch.Tensor:
+    """bf16 [T, Hkv, D] with a few large outlier channels and a constant offset (what breaks INT4)."""
+    x = torch.randn(t, hkv, d, generator=gen, dtype=torch.float64)
+    if outliers:
+        ch = torch.randperm(d, generator=gen)[:3]
+        x[:, :, ch] = x[:, :, ch] * 6 + 10
+    return x.to(DEV, torch.bfloat16)
+
+
+@dataclass
+class Cache:
+    k: torch.Tensor
+    v: torch.Tensor
+    kp: torch.Tensor | None
+    vp: torch.Tensor | None
+
+
+def empty_cache(fmt: KVFormat, slots: int, hkv: int) -> Cache:
+    """A poisoned cache: 0xFF bytes and NaN params / bf16 so unwritten reads show up."""
+    d = fmt.head_dim
+    if fmt.quantized:
+        data = torch.full((slots, hkv, d // 2), 0xFF, dtype=torch.uint8, device=DEV)
+        par = torch.full((slots, hkv, 2), float("nan"), dtype=torch.float16, device=DEV)
+        return Cache(data, data.clone(), par, par.clone())
+    data = torch.full((slots, hkv, d), float("nan"), dtype=torch.bfloat16, device=DEV)
+    return Cache(data, data.clone(), None, None)
+
+
+def stored(cache: Cache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored K, V rows at slots (any shape) as float64, in the stored (centered / rotated) space."""
+    if cache.kp is None:
+        return cache.k[slots].double(), cache.v[slots].double()
+    return (dequantize_int4(cache.k[slots], cache.kp[slots]).double(),
+            dequantize_int4(cache.v[slots], cache.vp[slots]).double())
+
+
+@dataclass
+class Paged:
+    page_table: torch.Tensor  # int32 [B, P]
+    page_size: int
+    num_slots: int
+
+    def slots(self, b: int, positions: torch.Tensor) -> torch.Tensor:
+        pages = self.page_table[b].long()[positions // self.page_size]
+        return pages * self.page_size + positions % self.page_size
+
+
+def make_pages(lens: list[int], page_size: int, gen: torch.Generator | None = None) -> Paged:
+    """Random distinct pages per request (page 0 left unused, as in the pool); extra columns point at 0."""
+    need = [-(-n // page_size) for n in lens]
+    width = max(need) + 1
+    total = sum(need) + 3
+    perm = torch.randperm(total, generator=gen)[: sum(need)] + 1
+    table = torch.zeros(len(lens), width, dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[at:at + n].int()
+        at += n
+    return Paged(table.to(DEV), page_size, (total + 1) * page_size)
+
+
+def attention_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sm_scale: float,
+                  mask: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 GQA attention: q [M, Hq, D], keys/values [N, Hkv, D], mask [M, N] bool, bias [M, Hq, N]."""
+    hq, hkv = q.shape[1], keys.shape[1]
+    kk = keys.repeat_interleave(hq // hkv, 1).double()
+    vv = values.repeat_interleave(hq // hkv, 1).double()
+    s = torch.einsum("mhd,nhd->mhn", q.double(), kk) * sm_scale
+    if bias is not None:
+        s = s + bias * sm_scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    return torch.einsum("mhn,nhd->mhd", s.softmax(-1), vv)
+
+
+def decode_ref(q: torch.Tensor, cache: Cache, paged: Paged, lens: list[int], fmt: KVFormat,
+               sm_scale: float) -> torch.Tensor:
+    out = []
+    for b, n in enumerate(lens):
+        keys, values = stored(cache, paged.slots(b, torch.arange(n, device=DEV)))
+        o = attention_ref(encode_q(q[b:b + 1].double(), fmt).double(), keys, values, sm_scale)
+        out.append(decode_o(o, fmt))
+    return torch.cat(out)
+
+
+def extend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int], prefix: list[int], cache: Cache,
+               paged: Paged, fmt: KVFormat, sm_scale: float, k_mean: torch.Tensor | None) -> torch.Tensor:
+    """Prefix from the cache (stored space, logits shifted back by q.mu), new tokens raw, causal."""
+    d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+    out = []
+    for b in range(len(prefix)):
+        qb = q[cu[b]:cu[b + 1]].double()
+        n, p = qb.shape[0], prefix[b]
+        keys, values = stored(cache, paged.slots(b, torch.arange(p, device=DEV)))
+        qr = encode_q(qb, fmt).double()
+        s_pre = torch.einsum("mhd,nhd->mhn", qr, keys.repeat_interleave(hq // hkv, 1))
+        if fmt.k_center and k_mean is not None:
+            mu = k_mean.double().repeat_interleave(hq // hkv, 0)  # [Hq, D]
+            s_pre = s_pre + torch.einsum("mhd,hd->mh", qb, mu)[:, :, None]
+        s_new = torch.einsum("mhd,nhd->mhn", qb, k[cu[b]:cu[b + 1]].double().repeat_interleave(hq // hkv, 1))
+        causal = torch.ones(n, n, dtype=torch.bool, device=DEV).tril()
+        s_new = s_new.masked_fill(~causal[:, None, :], float("-inf"))
+        w = (torch.cat([s_pre, s_new], -1) * sm_scale).softmax(-1)
+        o_pre = decode_o(torch.einsum("mhn,nhd->mhd", w[..., :p], values.repeat_interleave(hq // hkv, 1)), fmt)
+        o_new = torch.einsum("mhn,nhd->mhd", w[..., p:], v[cu[b]:cu[b + 1]].double().repeat_interleave(hq // hkv, 1))
+        out.append(o_pre + o_new)
+    return torch.cat(out).reshape(-1, hq, d)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in output (unwritten or poisoned element)"
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)
