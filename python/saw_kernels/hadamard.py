@@ -38,6 +38,10 @@ def _hadamard_kernel(x_ptr, y_ptr, h_ptr, n_rows, inv_sqrt_b,
     tl.store(y_ptr + off + D2, y_hi.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+def fast_hadamard_available() -> bool:
+    return _fht is not None
+
+
 def hadamard(x: torch.Tensor, order: int, use_fht: bool = True) -> torch.Tensor:
     """R x along the last dim; R = I kron H_order/sqrt(order) (natural-order Sylvester), its own inverse."""
     d = x.shape[-1]

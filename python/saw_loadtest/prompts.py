@@ -94,6 +94,7 @@ class ProbePrompts:
         self.distinct = distinct  # prompts per length; beyond that they repeat (each costs probes)
         self.probes = 0
         self._found: dict[tuple[int, int], str] = {}
+        self._model: tuple[float, float] | None = None
 
     def prompt(self, total_tokens: int, index: int) -> str:
         key = (total_tokens, index % self.distinct)
@@ -117,10 +118,20 @@ class ProbePrompts:
                 return text
         raise RuntimeError(f"no cut of the corpus gives a {total}-token prompt")
 
+    def _linear_model(self) -> tuple[float, float]:
+        """(template overhead, chars per token) from two probes, so first guesses land close:
+        a wild first guess could be a prompt over the context length."""
+        if self._model is None:
+            m1, m2 = self._measure(self._cut(0, 256)), self._measure(self._cut(0, 1024))
+            cpt = 768 / max(1, m2 - m1)
+            self._model = (m1 - 256 / cpt, cpt)
+        return self._model
+
     def _search_from(self, total: int, line: int) -> str | None:
-        # Bracketed secant on the character count k: tokens grow ~1 per 4 chars, not always by 1.
-        lo, hi = (0, None), (None, None)  # (k, tokens) with tokens < total, and > total
-        cpt, k = 4.0, max(1, total * 4)
+        # Bracketed secant on the character count k; counts grow by about one token per `cpt` chars.
+        overhead, cpt = self._linear_model()
+        lo, hi = (0, None), (None, None)  # (k, tokens) with tokens < total, and with tokens > total
+        k = max(1, round((total - overhead) * cpt))
         for _ in range(48):
             m = self._measure(self._cut(line, k))
             if m == total:
@@ -131,16 +142,15 @@ class ProbePrompts:
                 hi = (k, m)
                 if k == 1:
                     raise TemplateTooLong(f"{total} tokens requested, template plus one char takes {m}")
-            if lo[1] is not None and hi[0] is not None:
+            if hi[0] is not None and lo[1] is not None:
                 if hi[0] - lo[0] <= 1:
-                    return None  # count jumps past `total` at this cut: try another start
-                if hi[1] != lo[1]:
-                    cpt = (hi[0] - lo[0]) / (hi[1] - lo[1])
-            guess = int(round(k + (total - m) * cpt))
-            upper = hi[0] if hi[0] is not None else 1 << 40
-            if not lo[0] < guess < upper:
-                guess = (lo[0] + upper) // 2 if hi[0] is not None else max(lo[0] + 1, 2 * k)
-            k = guess
+                    return None  # the count jumps past `total` at this cut: try another start
+                cpt = (hi[0] - lo[0]) / (hi[1] - lo[1])
+            guess = round(k + (total - m) * cpt)
+            if hi[0] is None:
+                k = max(guess, k + 1)
+            else:
+                k = guess if lo[0] < guess < hi[0] else (lo[0] + hi[0]) // 2
         return None
 
 

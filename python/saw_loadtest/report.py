@@ -84,6 +84,8 @@ def markdown_report(summaries: Sequence[PointSummary], meta: dict) -> str:
     for key in ("date", "command", "url", "model", "prompt_counting", "client_host"):
         if meta.get(key):
             lines.append(f"- {key.replace('_', ' ')}: `{meta[key]}`")
+    for label, cmd in meta.get("servers", {}).items():
+        lines.append(f"- server for {label}: `{cmd}`")
     lines += ["", paper_table(summaries), "", "## Errors and checks", "", checks_table(summaries), ""]
     lines += [f"- {w}" for w in meta.get("warnings", [])]
     return "\n".join(lines).rstrip() + "\n"

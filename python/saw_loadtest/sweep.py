@@ -178,6 +178,7 @@ class Sweep:
         if kv is not None:
             server = RouterProcess(a.router_cmd, kv, self.passthrough, self.out / "logs" / f"router_{kv}.log")
             print(f"[{label}] starting: {shlex.join(server.cmd)}", flush=True)
+            self.meta.setdefault("servers", {})[label] = shlex.join(server.cmd)
         with server or contextlib.nullcontext():
             base = server.url if server else a.url.rstrip("/")
             try:

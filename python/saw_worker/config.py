@@ -58,7 +58,9 @@ class ModelConfig:
 
     @staticmethod
     def from_hf(d: dict[str, Any]) -> ModelConfig:
-        arch, _ = _hf_architecture(d)
+        arch, named = _hf_architecture(d)
+        if d.get("use_sliding_window"):
+            raise UnsupportedArchitectureError(f"{named} with use_sliding_window=true is not supported")
         # transformers >= 4.5x nests rope settings in `rope_parameters`; older configs use the flat keys.
         rope_params = d.get("rope_parameters") or {}
         rope_theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))

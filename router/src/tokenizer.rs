@@ -42,7 +42,7 @@ impl ModelTokenizer {
         ctx.insert("bos_token".into(), Value::String(self.bos_token.clone()));
         ctx.insert("eos_token".into(), Value::String(self.eos_token.clone()));
         let template = self.templates.get_template("chat").map_err(|e| e.to_string())?;
-        template.render(JinjaValue::from_serialize(&ctx)).map_err(|e| match e.kind() {
+        template.render(JinjaValue::from(minijinja::value::Serde(&ctx))).map_err(|e| match e.kind() {
             // raise_exception() carries a message written for the user.
             ErrorKind::InvalidOperation => e.detail().unwrap_or("chat template error").to_string(),
             _ => format!("chat template error: {e}"),

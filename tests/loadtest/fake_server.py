@@ -25,6 +25,7 @@ class FakeOptions:
     first_token_delay: float = 0.0  # s before the first output chunk
     fail_every: int = 0  # every n-th streamed request answers HTTP 500
     include_usage: bool = True  # honour stream_options.include_usage
+    midstream_error: bool = False  # an SSE error event after the first token, as a dying worker gives
     served: int = 0
     bodies: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -88,6 +89,9 @@ def _handler(opts: FakeOptions) -> type[BaseHTTPRequestHandler]:
                     time.sleep(opts.token_delay)
                 fin = "length" if i == n_out - 1 else None
                 self._event({"choices": [{"index": 0, "delta": {"content": "w "}, "finish_reason": fin}]})
+                if opts.midstream_error:
+                    self._event({"error": {"message": "worker died", "type": "server_error"}})
+                    break
             if opts.include_usage and (body.get("stream_options") or {}).get("include_usage"):
                 self._event({"choices": [], "usage": usage})
             self._chunk(b"data: [DONE]\n\n")

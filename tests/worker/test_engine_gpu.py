@@ -4,8 +4,8 @@ preemption do not change greedy tokens, and the kernels' outputs stay close to t
 from __future__ import annotations
 
 import pytest
-
 from engine_util import prompt, run, tiny_engine
+
 from saw_worker.engine.request import GenerateParams
 
 pytestmark = pytest.mark.gpu

@@ -198,7 +198,9 @@ def _head_dim(c: Any) -> int:
     return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
-def _write_gguf(path: Path, ref: Any, arch: str, quantize: bool = True) -> None:
+def _write_gguf(
+    path: Path, ref: Any, arch: str, quantize: bool = True, extra: dict[str, np.ndarray] | None = None
+) -> None:
     """A llama.cpp-style GGUF of `ref`: Q/K permuted for llama, Q8_0 for 2-D weights that allow it.
     The reference's weights are replaced by their Q8_0 round trip so logits must match."""
     import gguf
@@ -226,6 +228,8 @@ def _write_gguf(path: Path, ref: Any, arch: str, quantize: bool = True) -> None:
     w.add_bos_token_id(260)
     w.add_eos_token_id(261)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    for name, arr in (extra or {}).items():
+        w.add_tensor(name, arr)
     sd = ref.state_dict()
     for name, t in sd.items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
@@ -266,6 +270,43 @@ def test_gguf_load_matches_reference(tmp_path: Path, arch: str) -> None:
     assert tok.encode("Hello", add_special_tokens=False).tokens == ["He", "ll", "o"]
     assert lm.tokenizer.bos_token == "<|im_start|>" and lm.tokenizer.eos_token_ids[0] == 261
     assert lm.tokenizer.chat_template.startswith("{% for m in messages %}")
+
+
+def test_gguf_llama3_rope_freqs(tmp_path: Path) -> None:
+    """Llama 3.1 GGUFs carry rope scaling as `rope_freqs.weight` (frequency divisors), not metadata."""
+    from saw_worker.models.rope import inv_freq
+
+    transformers = pytest.importorskip("transformers")
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    cfg = transformers.LlamaConfig(
+        vocab_size=262,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        rope_scaling=rope,
+    )
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    factors = (inv_freq(64, 10000.0, None) / inv_freq(64, 10000.0, rope)).numpy()
+    path = tmp_path / "llama31.gguf"
+    _write_gguf(path, ref, "llama", quantize=False, extra={"rope_freqs.weight": factors.astype(np.float32)})
+    lm = _load(path)
+    assert lm.config.rope_scaling is not None and lm.config.rope_scaling["rope_type"] == "freq_factors"
+    ids = torch.tensor([5, 17, 99, 3, 200, 42, 7] * 4)
+    with torch.no_grad():
+        want = ref(input_ids=ids[None]).logits[0].float()
+    torch.testing.assert_close(_logits(lm, ids), want, atol=2e-4, rtol=1e-4)
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -324,6 +365,8 @@ def test_mla_and_unknown_architectures_refused(tmp_path: Path) -> None:
     )
     msg = _load_error(tmp_path, "dummy")
     assert "DeepseekV3ForCausalLM" in msg and "latent attention" in msg
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}))
+    assert "Qwen3MoeForCausalLM" in _load_error(tmp_path, "dummy")
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
     assert "MambaForCausalLM" in _load_error(tmp_path, "dummy")
     import gguf

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saw_worker.engine.cuda_graphs import DecodeGraphs
-from saw_worker.engine.request import TokenLogprob
+from saw_worker.engine.request import GenerateParams, Sequence, TokenLogprob
 from saw_worker.engine.sampler import sample, token_logprobs
 from saw_worker.engine.scheduler import Batch, Chunk
 from saw_worker.kv.backend import PagedAttention, StepLayout
@@ -110,6 +110,21 @@ class ModelRunner:
             if c.seq.wants_prompt_logprobs:
                 results[i].prompt_logprobs = self._prompt_logprobs(c, hidden[offsets[i]:offsets[i + 1]])
         return results
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [n, vocab] at every position of one text, run as one prefill through the real cache
+        path (calibration, accuracy checks). Not for use while the engine loop runs."""
+        pages = self.pool.allocate(self.pool.pages_for(len(token_ids)))
+        if pages is None:
+            raise RuntimeError(f"the KV pool cannot hold a {len(token_ids)}-token text")
+        seq = Sequence(GenerateParams("score", token_ids, max_new_tokens=1), sink=lambda ev: None, order=0)
+        seq.pages = pages
+        try:
+            batch = Batch([Chunk(seq, 0, len(token_ids))], is_decode=False)
+            return self.model.compute_logits(self._eager(host_batch(batch, self.pool.page_size), False))
+        finally:
+            self.pool.release(pages)
 
     def _prompt_logprobs(self, chunk: Chunk, hidden: torch.Tensor) -> list[TokenLogprob]:
         """Logprob of each prompt token this chunk predicts (row at position p predicts token p + 1)."""

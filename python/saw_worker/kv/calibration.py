@@ -11,8 +11,6 @@ from pathlib import Path
 import torch
 
 from saw_worker.engine.model_runner import ModelRunner
-from saw_worker.engine.request import GenerateParams, Sequence
-from saw_worker.engine.scheduler import Batch, Chunk
 
 # Prose and code, since served traffic mixes both; a few hundred tokens settle the mean.
 CALIBRATION_TEXT = """\
@@ -38,25 +36,18 @@ and oxygen. 3.14159 * r ** 2 gives the area of a circle; 6.022e23 is Avogadro's 
 
 
 def measure_k_mean(runner: ModelRunner, token_ids: list[int]) -> torch.Tensor:
-    """Run the text through the model (one prefill, real cache path) and average each layer's K."""
-    pool = runner.pool
+    """Run the text through the model and average each layer's post-RoPE K over its tokens."""
     sums: dict[int, torch.Tensor] = {}
 
     def observe(layer_id: int, k: torch.Tensor) -> None:
         sums[layer_id] = k.float().mean(0)
 
-    seq = Sequence(GenerateParams("calibration", token_ids, max_new_tokens=1), sink=lambda ev: None, order=0)
-    pages = pool.allocate(pool.pages_for(len(token_ids)))
-    if pages is None:
-        raise RuntimeError("the KV pool is too small to hold the K-centering calibration text")
-    seq.pages = pages
     runner.attention.observer = observe
     try:
-        runner.run(Batch([Chunk(seq, 0, len(token_ids) - 1)], is_decode=False))
+        runner.score(token_ids)
     finally:
         runner.attention.observer = None
-        pool.release(pages)
-    return torch.stack([sums[i] for i in range(pool.num_layers)])
+    return torch.stack([sums[i] for i in range(runner.pool.num_layers)])
 
 
 def load_k_mean(path: str | Path, num_layers: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:

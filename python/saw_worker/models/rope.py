@@ -44,15 +44,20 @@ def _llama3(freqs: Tensor, s: dict) -> Tensor:
 def cos_sin_cache(
     head_dim: int, theta: float, scaling: dict | None, max_positions: int, device: torch.device | None = None
 ) -> Tensor:
-    """[max_positions, head_dim] float32: cos in the first half, sin in the second."""
+    """[max_positions, 2 * head_dim] float32: (cos, cos) then (-sin, sin), laid out so that
+    apply_rope is one multiply and one fused multiply-add over the whole head."""
     f = inv_freq(head_dim, theta, scaling, device)
     t = torch.arange(max_positions, dtype=torch.int64, device=device).float()
     angles = torch.outer(t, f)
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos, -sin, sin], dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [T, H, D]; cos/sin [T, 1, D/2] in x's dtype. Rotate-half, like HF's apply_rotary_pos_emb."""
+    """x [T, H, D]; cos = (cos, cos), sin = (-sin, sin), [T, 1, D] in x's dtype.
+
+    Rotate-half as HF's apply_rotary_pos_emb: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in
+    three kernels (swap halves, multiply, multiply-add) instead of seven."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # (x2, x1), contiguous copy
+    return torch.addcmul(x * cos, swapped, sin)

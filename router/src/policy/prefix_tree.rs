@@ -29,6 +29,7 @@ impl PrefixTree {
         PrefixTree { nodes: vec![Node::default()], free: Vec::new(), tokens: 0, capacity, clock: 0 }
     }
 
+    #[cfg(test)]
     pub fn tokens(&self) -> usize {
         self.tokens
     }

@@ -1,0 +1,206 @@
+"""Kernel benchmark (issue 4): write, decode and extend against the copy-bandwidth floor.
+
+    python bench/kernels_bench.py --out bench/results/kernels-h100-<date>.json
+
+Times with CUDA-graph replays (write, decode: the engine's mode) or triton.testing.do_bench
+(extend, SDPA), medians. Bytes are the ones that must move (each input read once, each output
+written once); copy bandwidth is a large device-to-device copy in the same run (read + write).
+`--smoke` runs tiny shapes (CPU interpreter too) to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+from saw_kernels import decode_attention, extend_attention, write_kv  # noqa: E402
+from saw_worker.kv.formats import KVFormat  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HQ, HKV, D, PS = 32, 8, 128, 16  # Qwen3-8B attention, engine page size
+
+
+def bench(fn, graph: bool = True) -> float:
+    """Median microseconds."""
+    if DEV.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3
+
+
+def copy_gbps(nbytes: int) -> float:
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=DEV).normal_()
+    y = torch.empty_like(x)
+    us = bench(lambda: y.copy_(x), graph=False)
+    return 2 * x.numel() * 4 / us / 1e3
+
+
+def make_fmt(kv: str) -> KVFormat:
+    """kv spelled like 'int4-bdr-b16-rv-kc'."""
+    parts = kv.split("-")
+    name = "int4-bdr" if kv.startswith("int4-bdr") else parts[0]
+    order = next((int(p[1:]) for p in parts if p.startswith("b") and p[1:].isdigit()), 128)
+    return KVFormat(name, D, order, "rv" in parts, "kc" in parts)
+
+
+def alloc_cache(fmt: KVFormat, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    if fmt.quantized:
+        k = torch.randint(0, 256, (slots, HKV, D // 2), dtype=torch.uint8, device=DEV)
+        p = torch.rand(slots, HKV, 2, device=DEV).to(torch.float16) * 0.1
+        p[..., 1] -= 0.5
+        return k, k.clone(), p, p.clone()
+    k = torch.randn(slots, HKV, D, device=DEV, dtype=torch.bfloat16)
+    return k, k.clone(), None, None
+
+
+def paged_table(batch: int, ctx: int) -> torch.Tensor:
+    """Each request's pages are a random permutation of the pool (pages 1..), like a fragmented pool."""
+    pages = ctx // PS
+    perm = torch.randperm(batch * pages, device=DEV).int() + 1
+    return perm.view(batch, pages)
+
+
+def run_write(t: int, kv: str, copy: float) -> dict:
+    fmt = make_fmt(kv)
+    k = torch.randn(t, HKV, D, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(t, HKV, D, device=DEV, dtype=torch.bfloat16)
+    k[:, :, 7] += 10
+    slots = (paged_table(1, t).long().view(-1, 1) * PS + torch.arange(PS, device=DEV)).view(-1)
+    kc, vc, kp, vp = alloc_cache(fmt, (t // PS + 1) * PS)
+    mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
+    us = bench(lambda: write_kv(k, v, slots, kc, vc, kp, vp, fmt, mean))
+    nbytes = 2 * k.numel() * 2 + slots.numel() * 8 + t * HKV * fmt.bytes_per_token_head()
+    return row("write", kv, f"T={t},Hkv={HKV},D={D}", us, nbytes, copy)
+
+
+def run_decode(batch: int, ctx: int, kv: str, copy: float) -> dict:
+    fmt = make_fmt(kv)
+    table = paged_table(batch, ctx)
+    kc, vc, kp, vp = alloc_cache(fmt, (batch * ctx // PS + 1) * PS)
+    q = torch.randn(batch, HQ, D, device=DEV, dtype=torch.bfloat16)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+    out = torch.empty_like(q)
+    us = bench(lambda: decode_attention(q, kc, vc, kp, vp, table, lens, PS, fmt, D ** -0.5, out=out))
+    nbytes = batch * ctx * HKV * fmt.bytes_per_token_head() + 2 * q.numel() * 2 + table.numel() * 4
+    return row("decode", kv, f"B={batch},ctx={ctx},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy)
+
+
+def run_extend(batch: int, prefix: int, new: int, kv: str, copy: float) -> list[dict]:
+    fmt = make_fmt(kv)
+    table = paged_table(batch, prefix + new)
+    kc, vc, kp, vp = alloc_cache(fmt, (batch * (prefix + new) // PS + 1) * PS)
+    tn = batch * new
+    q = torch.randn(tn, HQ, D, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(tn, HKV, D, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(tn, HKV, D, device=DEV, dtype=torch.bfloat16)
+    cu = torch.arange(0, tn + 1, new, dtype=torch.int32, device=DEV)
+    pre = torch.full((batch,), prefix, dtype=torch.int32, device=DEV)
+    mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
+
+    def fn() -> None:
+        extend_attention(q, k, v, cu, pre, kc, vc, kp, vp, table, PS, fmt, D ** -0.5, max_new_len=new, k_mean=mean)
+
+    us = bench(fn, graph=False)
+    flops = 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
+    nbytes = batch * prefix * HKV * fmt.bytes_per_token_head() + 2 * (q.numel() * 2 + k.numel() * 2)
+    r = row("extend", kv, f"B={batch},prefix={prefix},new={new},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy)
+    r["tflops"] = flops / us / 1e6
+    return [r]
+
+
+def run_sdpa(batch: int, prefix: int, new: int, copy: float) -> dict:
+    """torch SDPA on contiguous bf16: q [B, Hq, new], k/v [B, Hq, prefix+new], bottom-right causal."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    q = torch.randn(batch, HQ, new, D, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(batch, HQ, prefix + new, D, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    mask = causal_lower_right(new, prefix + new)
+    f = torch.nn.functional.scaled_dot_product_attention
+    us = bench(lambda: f(q, k, v, attn_mask=mask), graph=False)
+    flops = 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
+    r = row("extend-sdpa", "bf16-contiguous", f"B={batch},prefix={prefix},new={new},Hq={HQ},D={D}", us,
+            2 * (q.numel() + 2 * k.numel()) * 2, copy)
+    r["tflops"] = flops / us / 1e6
+    return r
+
+
+def row(kernel: str, kv: str, shape: str, us: float, nbytes: float, copy: float) -> dict:
+    gbps = nbytes / us / 1e3
+    dev = torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu-interpreter"
+    r = {"kernel": kernel, "kv": kv, "shape": shape, "us": round(us, 2), "gbps": round(gbps, 1),
+         "copy_gbps": round(copy, 1), "frac_copy": round(gbps / copy, 3), "device": dev}
+    print(f"{kernel:12s} {kv:22s} {shape:44s} {us:10.1f} us {gbps:8.0f} GB/s {gbps / copy:6.1%}"
+          + (f" {r.get('tflops', 0):.0f}" if "tflops" in r else ""), flush=True)
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--only", default="write,decode,latency,extend")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    only = set(args.only.split(","))
+    smoke = args.smoke or DEV.type != "cuda"
+    copy = copy_gbps(1 << 22 if smoke else 2 << 30)
+    print(f"device-to-device copy: {copy:.0f} GB/s (read + write)", flush=True)
+    rows: list[dict] = []
+    kvs_write = ["bf16", "int4", "int4-bdr-b16", "int4-bdr-b32", "int4-bdr-b64", "int4-bdr-b128",
+                 "int4-bdr-b128-rv", "int4-bdr-b128-kc", "int4-kc"]
+    kvs_decode = ["bf16", "int4", "int4-bdr-b128", "int4-bdr-b16", "int4-bdr-b128-rv"]
+    if smoke:
+        write_shapes, dec_shapes, lat_b, lat_ctx, ext = [64], [(2, 64)], [1], [64], (2, 48, 16)
+    else:
+        write_shapes, dec_shapes = [8192, 32768], [(64, 4096), (16, 16384), (128, 2048)]
+        lat_b, lat_ctx, ext = [1, 2, 4, 8], [1024, 4096, 16384, 32768], (8, 16384, 2048)
+    if "write" in only:
+        for t in write_shapes:
+            for kv in kvs_write:
+                rows.append(run_write(t, kv, copy))
+    if "decode" in only:
+        for b, ctx in dec_shapes:
+            for kv in kvs_decode:
+                rows.append(run_decode(b, ctx, kv, copy))
+    if "latency" in only:
+        for kv in ("bf16", "int4", "int4-bdr-b128"):
+            for b in lat_b:
+                for ctx in lat_ctx:
+                    r = run_decode(b, ctx, kv, copy)
+                    r["kernel"] = "decode-latency"
+                    rows.append(r)
+    if "extend" in only:
+        for kv in ("bf16", "int4", "int4-bdr-b128", "int4-bdr-b128-rv-kc"):
+            rows.extend(run_extend(*ext, kv, copy))
+        if DEV.type == "cuda":
+            try:
+                rows.append(run_sdpa(*ext, copy))
+            except Exception as e:  # noqa: BLE001 - report, keep the other numbers
+                print(f"sdpa failed: {e!r}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        Path(out_dir, "kernels.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Extend attention (new tokens at bf16 + cached prefix from the pages) against a float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kref import DEV, default_scale, empty_cache, extend_ref, make_pages, rand_kv, rel_err
+
+from saw_kernels import extend_attention, write_kv
+from saw_worker.kv.formats import KVFormat
+
+TOL = 1.5e-2  # bf16 q and P on the tensor cores (as flash attention), bf16 output
+
+# (format, query group, page size, prefix lengths, new lengths)
+CASES = [
+    (KVFormat("bf16", 64), 1, 4, [0, 5], [1, 20]),
+    (KVFormat("bf16", 128), 4, 16, [33, 1], [17, 2]),
+    (KVFormat("int4", 128), 2, 16, [17, 0, 40], [3, 18, 1]),
+    (KVFormat("int4", 64, k_center=True), 4, 8, [33], [21]),
+    (KVFormat("int4-bdr", 128, 16, rotate_v=True, k_center=True), 7, 4, [9, 20], [5, 17]),
+    (KVFormat("int4-bdr", 64, 32), 8, 1, [6, 3], [2, 9]),
+    (KVFormat("int4-bdr", 128, 64, rotate_v=True), 4, 32, [40], [35]),
+    (KVFormat("int4-bdr", 128, 128, k_center=True), 2, 16, [1, 18], [16, 1]),
+    (KVFormat("int4-bdr", 64, 64, rotate_v=True, k_center=True), 1, 128, [130], [4]),
+]
+
+
+def case_id(case: tuple) -> str:
+    f, g, ps, pre, new = case
+    return f"{f.name}-d{f.head_dim}-b{f.hadamard_order}{'-rv' if f.rotate_v else ''}{'-kc' if f.k_center else ''}" \
+           f"-g{g}-ps{ps}-p{'_'.join(map(str, pre))}-n{'_'.join(map(str, new))}"
+
+
+def run_extend(fmt: KVFormat, group: int, page_size: int, prefix: list[int], new: list[int], hkv: int = 2,
+               seed: int = 0) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    d = fmt.head_dim
+    total = [p + n for p, n in zip(prefix, new, strict=True)]
+    paged = make_pages(total, page_size, gen)
+    cache = empty_cache(fmt, paged.num_slots, hkv)
+    k_mean = (torch.randn(hkv, d, generator=gen) * 3).to(DEV) if fmt.k_center else None
+    if sum(prefix):
+        slots = torch.cat([paged.slots(b, torch.arange(p, device=DEV)) for b, p in enumerate(prefix)])
+        write_kv(rand_kv(slots.numel(), hkv, d, gen=gen), rand_kv(slots.numel(), hkv, d, gen=gen), slots, cache.k,
+                 cache.v, cache.kp, cache.vp, fmt, k_mean)
+    tn = sum(new)
+    cu = [0]
+    for n in new:
+        cu.append(cu[-1] + n)
+    q = (torch.randn(tn, hkv * group, d, generator=gen) * 0.5).to(DEV, torch.bfloat16)
+    k, v = rand_kv(tn, hkv, d, gen=gen), rand_kv(tn, hkv, d, gen=gen)
+    out = torch.full_like(q, float("nan"))
+    extend_attention(q, k, v, torch.tensor(cu, dtype=torch.int32, device=DEV),
+                     torch.tensor(prefix, dtype=torch.int32, device=DEV), cache.k, cache.v, cache.kp, cache.vp,
+                     paged.page_table, page_size, fmt, default_scale(d), k_mean=k_mean, out=out)
+    return rel_err(out, extend_ref(q, k, v, cu, prefix, cache, paged, fmt, default_scale(d), k_mean))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_extend_matches_reference(case: tuple) -> None:
+    assert run_extend(*case) < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,order,rv", [("bf16", 128, False), ("int4", 128, False), ("int4-bdr", 128, True),
+                                           ("int4-bdr", 32, False)])
+def test_extend_full_shape(name: str, order: int, rv: bool) -> None:
+    fmt = KVFormat(name, 128, order, rv, name != "bf16")
+    assert run_extend(fmt, 4, 16, [1000, 513, 0], [300, 77, 129], hkv=8, seed=1) < TOL

@@ -1,0 +1,88 @@
+"""Fused write kernel against formats.py: packed bytes and (scale, lo) per row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kref import DEV, empty_cache, rand_kv
+
+from saw_kernels import write_kv
+from saw_worker.kv.formats import HADAMARD_ORDERS, KVFormat, encode_k, encode_v, quantize_int4, rotate
+
+TIE = 2e-3  # |frac((x - lo) / scale) - 0.5| below this: rounding may go either way for rotated rows
+
+
+def all_formats(d: int) -> list[KVFormat]:
+    fmts = [KVFormat("bf16", d), KVFormat("int4", d), KVFormat("int4", d, k_center=True)]
+    for order in HADAMARD_ORDERS:
+        if order <= d:
+            for rv in (False, True):
+                for kc in (False, True):
+                    fmts.append(KVFormat("int4-bdr", d, order, rv, kc))
+    return fmts
+
+
+FORMATS = all_formats(64) + all_formats(128)
+
+
+def fmt_id(f: KVFormat) -> str:
+    return f"{f.name}-d{f.head_dim}-b{f.hadamard_order}{'-rv' if f.rotate_v else ''}{'-kc' if f.k_center else ''}"
+
+
+def check_rows(x64: torch.Tensor, ref_x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, exact: bool) -> None:
+    """Kernel rows vs quantize_int4 of the fp32 reference; rotated rows may differ only at rounding ties."""
+    ref_packed, ref_params = quantize_int4(ref_x)
+    if exact:
+        assert torch.equal(packed, ref_packed)
+        assert torch.equal(params, ref_params)
+        return
+    torch.testing.assert_close(params.float(), ref_params.float(), rtol=2e-3, atol=1e-6)
+    s, m = params.double().unbind(-1)
+    u = (x64 - m[..., None]) / s[..., None]
+    want = torch.clamp(torch.round(u), 0, 15)
+    codes = torch.cat([packed & 0xF, packed >> 4], -1).double()
+    off = codes != want
+    near_tie = ((u - torch.floor(u)) - 0.5).abs() < TIE
+    assert not (off & ~near_tie).any(), f"{int((off & ~near_tie).sum())} codes differ away from a rounding tie"
+    assert (codes - want).abs().max() <= 1
+    assert (packed != ref_packed).float().mean() < 5e-3  # ties are rare
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)
+@pytest.mark.parametrize("t", [1, 37])
+def test_write_matches_reference(fmt: KVFormat, t: int) -> None:
+    gen = torch.Generator().manual_seed(t * 1000 + hash(fmt_id(fmt)) % 1000)
+    hkv, d, num_slots = 3, fmt.head_dim, 64
+    k, v = rand_kv(t, hkv, d, gen=gen), rand_kv(t, hkv, d, gen=gen)
+    slots = torch.randperm(num_slots, generator=gen)[:t]
+    if t > 1:
+        slots[torch.randperm(t, generator=gen)[: t // 5]] = -1  # padding rows are skipped
+    slots = slots.to(DEV)
+    k_mean = (torch.randn(hkv, d, generator=gen) * 3).to(DEV) if fmt.k_center else None
+    cache = empty_cache(fmt, num_slots, hkv)
+    write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean)
+
+    keep = slots >= 0
+    s = slots[keep]
+    untouched = torch.ones(num_slots, dtype=torch.bool, device=DEV)
+    untouched[s] = False
+    if not fmt.quantized:
+        assert torch.equal(cache.k[s], k[keep]) and torch.equal(cache.v[s], v[keep])
+        assert cache.k[untouched].isnan().all() and cache.v[untouched].isnan().all()
+        return
+    assert (cache.k[untouched] == 0xFF).all() and cache.kp[untouched].isnan().all()
+    assert (cache.v[untouched] == 0xFF).all() and cache.vp[untouched].isnan().all()
+    kk, vv = k[keep], v[keep]
+    xk = kk.double() - (k_mean.double() if k_mean is not None else 0.0)
+    xk = rotate(xk, fmt.hadamard_order) if fmt.rotated else xk
+    xv = rotate(vv.double(), fmt.hadamard_order) if fmt.rotate_v else vv.double()
+    check_rows(xk, encode_k(kk, fmt, k_mean), cache.k[s], cache.kp[s], exact=not fmt.rotated)
+    check_rows(xv, encode_v(vv, fmt), cache.v[s], cache.vp[s], exact=not fmt.rotate_v)
+
+
+def test_write_empty_batch() -> None:
+    fmt = KVFormat("int4-bdr", 64, 64)
+    cache = empty_cache(fmt, 8, 2)
+    z = torch.empty(0, 2, 64, dtype=torch.bfloat16, device=DEV)
+    write_kv(z, z, torch.empty(0, dtype=torch.int64, device=DEV), cache.k, cache.v, cache.kp, cache.vp, fmt)
+    assert (cache.k == 0xFF).all()

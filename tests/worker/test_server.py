@@ -1,0 +1,129 @@
+"""`python -m saw_worker` as a process, spoken to over gRPC exactly as the router does."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from saw_worker.proto import health_pb2, saw_pb2
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    def __init__(self, channel: grpc.Channel) -> None:
+        def unary(name: str, req, rep):  # noqa: ANN001, ANN202
+            return channel.unary_unary(f"/saw.v1.Worker/{name}", req.SerializeToString, rep.FromString)
+
+        self.info = unary("Info", saw_pb2.InfoRequest, saw_pb2.InfoReply)
+        self.load = unary("Load", saw_pb2.LoadRequest, saw_pb2.LoadReply)
+        self.abort = unary("Abort", saw_pb2.AbortRequest, saw_pb2.AbortReply)
+        self.generate = channel.unary_stream("/saw.v1.Worker/Generate", saw_pb2.GenerateRequest.SerializeToString,
+                                             saw_pb2.GenerateChunk.FromString)
+        self.health = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                          health_pb2.HealthCheckRequest.SerializeToString,
+                                          health_pb2.HealthCheckResponse.FromString)
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[Client]:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    proc = subprocess.Popen([sys.executable, "-m", "saw_worker", "--model", "smollm2-135m", "--kv", "int4-bdr",
+                             "--kv-cache-memory", "64MiB", "--port", str(port)], env=env)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    client = Client(channel)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                client.info(saw_pb2.InfoRequest(), timeout=2)
+                break
+            except grpc.RpcError:
+                assert proc.poll() is None, "worker exited during start-up"
+                assert time.monotonic() < deadline, "worker did not become ready"
+                time.sleep(0.5)
+        yield client
+    finally:
+        channel.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def wait_idle(client: Client) -> saw_pb2.LoadReply:
+    for _ in range(100):
+        load = client.load(saw_pb2.LoadRequest())
+        if load.running == 0 and load.waiting == 0:
+            return load
+        time.sleep(0.05)
+    return load
+
+
+def test_info_describes_model_and_cache(worker: Client) -> None:
+    info = worker.info(saw_pb2.InfoRequest())
+    assert info.model_id == "smollm2-135m" and info.kv_format == "int4-bdr"
+    assert '"model"' in info.tokenizer_json and "im_start" in info.chat_template
+    assert info.kv_capacity_tokens > 1000 and info.page_size == 16 and info.context_length >= 2048
+    assert list(info.eos_token_ids)
+    assert worker.health(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_generate_streams_tokens_then_usage(worker: Client) -> None:
+    req = saw_pb2.GenerateRequest(id="g1", input_ids=[1, 504, 3458, 282, 4649, 314], max_new_tokens=8,
+                                  ignore_eos=True, logprobs=2)
+    chunks = list(worker.generate(req))
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert len(tokens) == 8
+    assert chunks[-1].finished == saw_pb2.FINISH_REASON_LENGTH
+    assert chunks[-1].usage.prompt_tokens == 6 and chunks[-1].usage.completion_tokens == 8
+    assert all(len(c.logprobs) == len(c.token_ids) and len(c.logprobs[0].top) == 2 for c in chunks)
+
+
+@pytest.mark.parametrize("req,needle", [
+    (saw_pb2.GenerateRequest(id="b1", input_ids=[], max_new_tokens=4), "empty"),
+    (saw_pb2.GenerateRequest(id="b2", input_ids=[1, 10**7], max_new_tokens=4), "vocabulary"),
+    (saw_pb2.GenerateRequest(id="b3", input_ids=[1, 2], max_new_tokens=0), "max_new_tokens"),
+    (saw_pb2.GenerateRequest(id="b4", input_ids=[1, 2], max_new_tokens=4,
+                             sampling=saw_pb2.SamplingParams(temperature=float("nan"))), "temperature"),
+])
+def test_bad_requests_get_invalid_argument(worker: Client, req: saw_pb2.GenerateRequest, needle: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        list(worker.generate(req))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
+    ok = list(worker.generate(saw_pb2.GenerateRequest(id=f"after-{req.id}", input_ids=[1, 2], max_new_tokens=2)))
+    assert ok[-1].finished != saw_pb2.FINISH_REASON_UNSPECIFIED
+
+
+def test_cancelled_stream_frees_its_kv(worker: Client) -> None:
+    stream = worker.generate(saw_pb2.GenerateRequest(id="c1", input_ids=[1, 2, 3], max_new_tokens=5000,
+                                                     ignore_eos=True))
+    next(stream)
+    assert worker.load(saw_pb2.LoadRequest()).running == 1
+    stream.cancel()
+    load = wait_idle(worker)
+    assert load.running == 0 and load.kv_tokens_used == 0
+
+
+def test_abort_ends_the_stream(worker: Client) -> None:
+    stream = worker.generate(saw_pb2.GenerateRequest(id="a1", input_ids=[1, 2, 3], max_new_tokens=5000,
+                                                     ignore_eos=True))
+    next(stream)
+    assert worker.abort(saw_pb2.AbortRequest(id="a1")).found
+    last = list(stream)[-1]
+    assert last.finished == saw_pb2.FINISH_REASON_ABORT
+    assert wait_idle(worker).kv_tokens_used == 0
