@@ -59,7 +59,10 @@ def make_fmt(kv: str) -> KVFormat:
     return KVFormat(name, D, order, "rv" in parts, "kc" in parts)
 
 
-def alloc_cache(fmt: KVFormat, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+Cache = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+def alloc_cache(fmt: KVFormat, slots: int) -> Cache:
     if fmt.quantized:
         k = torch.randint(0, 256, (slots, HKV, D // 2), dtype=torch.uint8, device=DEV)
         p = torch.rand(slots, HKV, 2, device=DEV).to(torch.float16) * 0.1
@@ -89,7 +92,7 @@ def run_write(t: int, kv: str, copy: float) -> dict:
     return row("write", kv, f"T={t},Hkv={HKV},D={D}", us, nbytes, copy)
 
 
-def run_decode(batch: int, ctx: int, kv: str, copy: float) -> dict:
+def run_decode(batch: int, ctx: int, kv: str, copy: float, kernel: str = "decode") -> dict:
     fmt = make_fmt(kv)
     table = paged_table(batch, ctx)
     kc, vc, kp, vp = alloc_cache(fmt, (batch * ctx // PS + 1) * PS)
@@ -98,7 +101,7 @@ def run_decode(batch: int, ctx: int, kv: str, copy: float) -> dict:
     out = torch.empty_like(q)
     us = bench(lambda: decode_attention(q, kc, vc, kp, vp, table, lens, PS, fmt, D ** -0.5, out=out))
     nbytes = batch * ctx * HKV * fmt.bytes_per_token_head() + 2 * q.numel() * 2 + table.numel() * 4
-    return row("decode", kv, f"B={batch},ctx={ctx},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy)
+    return row(kernel, kv, f"B={batch},ctx={ctx},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy)
 
 
 def run_extend(batch: int, prefix: int, new: int, kv: str, copy: float) -> list[dict]:
@@ -183,9 +186,7 @@ def main() -> None:
         for kv in ("bf16", "int4", "int4-bdr-b128"):
             for b in lat_b:
                 for ctx in lat_ctx:
-                    r = run_decode(b, ctx, kv, copy)
-                    r["kernel"] = "decode-latency"
-                    rows.append(r)
+                    rows.append(run_decode(b, ctx, kv, copy, "decode-latency"))
     if "extend" in only:
         for kv in ("bf16", "int4", "int4-bdr-b128", "int4-bdr-b128-rv-kc"):
             rows.extend(run_extend(*ext, kv, copy))

@@ -21,9 +21,9 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter multiplies bf16 operands as their raw uint16 bits (triton 3.9): upcast there.
-_INTERP: tl.constexpr = tl.constexpr(INTERPRET)
+_INTERP = tl.constexpr(INTERPRET)
 LOG2E = 1.4426950408889634
-EPS = 1e-5  # formats.EPS; repeated so the kernels do not need torch at trace time
+EPS = tl.constexpr(1e-5)  # formats.EPS, as a constexpr so kernels may read it
 
 _H_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
 
@@ -52,12 +52,6 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
-
-
-@triton.jit
-def rint(x):
-    # Round half to even like torch.round, valid for |x| < 2**22; portable (the interpreter lacks libdevice.rint).
-    return (x + 12582912.0) - 12582912.0
 
 
 @triton.jit

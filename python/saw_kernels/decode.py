@@ -14,23 +14,70 @@ import torch
 import triton
 import triton.language as tl
 
-from saw_kernels._common import INTERPRET, LOG2E, load_hmat, mma, num_sms, rotate_halves, rotation_args
+from saw_kernels._common import _INTERP, INTERPRET, LOG2E, load_hmat, mma, num_sms, rotate_halves, rotation_args
 from saw_worker.kv.formats import KVFormat
 
 
 @triton.jit
-def load_kv_block(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm, QUANT: tl.constexpr, D2: tl.constexpr):
-    """Rows at slots [N] of one head: (lo half, hi half) as bf16 [N, D/2] (INT4: codes) and (scale, lo) fp32 [N]."""
+def _nibbles_asm(packed):
+    """uint8 codes -> (128 + low nibble, 128 + high nibble) as bf16: bf16 bits 0x4300 | c are 128 + c.
+
+    prmt spreads two bytes into two 16-bit lanes, and/or (one lop3) mask and set the exponent: about one
+    instruction per code, against an int->float conversion (quarter rate) and a repack otherwise.
+    """
+    lo = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t0, t1;
+        prmt.b32 t0, $2, 0, 0x4140;
+        prmt.b32 t1, $2, 0, 0x4342;
+        and.b32 t0, t0, 0x000F000F;
+        and.b32 t1, t1, 0x000F000F;
+        or.b32 $0, t0, 0x43004300;
+        or.b32 $1, t1, 0x43004300;
+        }""",
+        constraints="=r,=r,r", args=[packed], dtype=tl.bfloat16, is_pure=True, pack=4)
+    hi = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t0, t1, x;
+        shr.b32 x, $2, 4;
+        prmt.b32 t0, x, 0, 0x4140;
+        prmt.b32 t1, x, 0, 0x4342;
+        and.b32 t0, t0, 0x000F000F;
+        and.b32 t1, t1, 0x000F000F;
+        or.b32 $0, t0, 0x43004300;
+        or.b32 $1, t1, 0x43004300;
+        }""",
+        constraints="=r,=r,r", args=[packed], dtype=tl.bfloat16, is_pure=True, pack=4)
+    return lo, hi
+
+
+@triton.jit
+def load_kv_block(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm, QUANT: tl.constexpr, D2: tl.constexpr,
+                  DEQ: tl.constexpr):
+    """Rows at slots [N] of one head: (lo half, hi half) as bf16 [N, D/2] and per-row (scale, shift) fp32 [N].
+
+    INT4 rows come back as codes x = c + OFF with the row value s * x + (lo - OFF s):
+    DEQ 0: OFF = -8 via fp32 (signed codes keep both terms small: the extend kernel's bf16 P needs it);
+    DEQ 1: OFF = 128 by bit tricks; DEQ 2: the same in inline PTX (GPU only; 1 under the interpreter).
+    p_ptr is the (scale, lo) fp16 pair viewed as one int32 per row.
+    """
     off = slot * s_cs + h * s_ch
     if QUANT:
         packed = tl.load(c_ptr + off[:, None] + c[None, :], mask=nm[:, None], other=0)
-        # signed codes c - 8 with lo + 8 s: the two terms of s (c - 8) + (lo + 8 s) stay small, so
-        # little cancels when they are summed (via fp32: the interpreter botches int -> bf16)
-        x_lo = ((packed & 15).to(tl.float32) - 8.0).to(tl.bfloat16)
-        x_hi = ((packed >> 4).to(tl.float32) - 8.0).to(tl.bfloat16)
-        p_off = slot * s_ps + h * s_ph
-        sc = tl.load(p_ptr + p_off, mask=nm, other=0.0).to(tl.float32)
-        lo = tl.load(p_ptr + p_off + 1, mask=nm, other=0.0).to(tl.float32) + 8.0 * sc
+        if DEQ == 0:  # via fp32: the interpreter botches int -> bf16
+            x_lo = ((packed & 15).to(tl.float32) - 8.0).to(tl.bfloat16)
+            x_hi = ((packed >> 4).to(tl.float32) - 8.0).to(tl.bfloat16)
+            code_off = -8.0
+        elif DEQ == 1 or _INTERP:
+            x_lo = ((packed & 15).to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+            x_hi = ((packed >> 4).to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+            code_off = 128.0
+        else:
+            x_lo, x_hi = _nibbles_asm(packed)
+            code_off = 128.0
+        w = tl.load(p_ptr + slot * s_ps + h * s_ph, mask=nm, other=0)
+        sc = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        lo = (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) - code_off * sc
     else:
         x_lo = tl.load(c_ptr + off[:, None] + c[None, :], mask=nm[:, None], other=0.0)
         x_hi = tl.load(c_ptr + off[:, None] + D2 + c[None, :], mask=nm[:, None], other=0.0)
@@ -87,7 +134,7 @@ def _decode_kernel(
     qk_scale, inv_sqrt_b,
     HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     QUANT: tl.constexpr, ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PSPLIT: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PSPLIT: tl.constexpr, DEQ: tl.constexpr,
 ):
     D2: tl.constexpr = D // 2
     b = tl.program_id(0)
@@ -125,8 +172,8 @@ def _decode_kernel(
         nm = pos < end
         page = tl.load(pt_row + pos // PAGE, mask=nm, other=0).to(tl.int64)
         slot = page * PAGE + pos % PAGE
-        k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm, QUANT, D2)
-        v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2)
+        k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm, QUANT, D2, DEQ)
+        v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2, DEQ)
         m_i, l_i, acc_lo, acc_hi = attend_block(
             qb_lo, qb_hi, q2_lo, q2_hi, q_sum, 0.0, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m,
             nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT, ROT_Q, PSPLIT)
@@ -186,6 +233,15 @@ def _reduce_kernel(po_ptr, pl_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqrt_b,
     tl.store(out_ptr + o_off[:, None] + D2 + c[None, :], o_hi.to(tl.bfloat16), mask=gm[:, None])
 
 
+def params_as_words(k_params: torch.Tensor | None, v_params: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """fp16 (scale, lo) [slots, Hkv, 2] viewed as int32 [slots, Hkv]: one 4-byte access per row."""
+    assert k_params is not None and v_params is not None and k_params.stride() == v_params.stride()
+    assert k_params.stride(-1) == 1 and k_params.stride(1) == 2
+    kw, vw = k_params.view(torch.int32).squeeze(-1), v_params.view(torch.int32).squeeze(-1)
+    return kw, vw, kw.stride(0), kw.stride(1)
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
                       block_n: int = 64) -> int:
     """Splits per (request, KV head) so the grid covers ~2 waves of SMs, from shapes only (graph-safe)."""
@@ -199,7 +255,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_params: torch.Tensor | None, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      fmt: KVFormat, sm_scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
                      max_context: int | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     block_n: int | None = None) -> torch.Tensor:
+                     block_n: int | None = None, num_warps: int = 4, num_stages: int = 3, deq: int = 2) -> torch.Tensor:
     """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
 
     No host reads of seq_lens: the grid depends on (B, num_splits) only, so a CUDA graph captured
@@ -221,8 +277,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n)
     quant = fmt.quantized
     if quant:
-        assert k_params is not None and v_params is not None and k_params.stride() == v_params.stride()
-        kp, vp, s_ps, s_ph = k_params, v_params, k_params.stride(0), k_params.stride(1)
+        kp, vp, s_ps, s_ph = params_as_words(k_params, v_params)
     else:
         kp = vp = k_cache
         s_ps = s_ph = 0
@@ -244,7 +299,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         s_ps, s_ph, page_table.stride(0), out.stride(0), out.stride(1),
         sm_scale * LOG2E, inv,
         HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, QUANT=quant, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
-        SPLITS=num_splits, BLOCK_N=block_n, PSPLIT=2, num_warps=4, num_stages=3,
+        SPLITS=num_splits, BLOCK_N=block_n, PSPLIT=2, DEQ=deq, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_kernel[(bsz, hkv)](

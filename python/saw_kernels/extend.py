@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from saw_kernels._common import INTERPRET, LOG2E, load_hmat, rotate_halves, rotation_args
-from saw_kernels.decode import attend_block, load_kv_block
+from saw_kernels.decode import attend_block, load_kv_block, params_as_words
 from saw_worker.kv.formats import KVFormat
 
 
@@ -70,8 +70,10 @@ def _extend_kernel(
             nm = pos < prefix
             page = tl.load(pt_row + pos // PAGE, mask=nm, other=0).to(tl.int64)
             slot = page * PAGE + pos % PAGE
-            k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm, QUANT, D2)
-            v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2)
+            k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm, QUANT, D2,
+                                                 0)
+            v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2,
+                                                 0)
             m_i, l_i, acc_lo, acc_hi = attend_block(
                 rb_lo, rb_hi, rb_lo, rb_hi, r_sum, bias[:, None], qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s,
                 v_m, nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT, False, 1)
@@ -128,8 +130,7 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         max_new_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     quant = fmt.quantized
     if quant:
-        assert k_params is not None and v_params is not None and k_params.stride() == v_params.stride()
-        kp, vp, s_ps, s_ph = k_params, v_params, k_params.stride(0), k_params.stride(1)
+        kp, vp, s_ps, s_ph = params_as_words(k_params, v_params)
     else:
         kp = vp = k_cache
         s_ps = s_ph = 0

@@ -1,8 +1,11 @@
 """Fused paged KV write: center + rotate + min/max + INT4 quantize + pack + scatter, K and V in one launch.
 
-Matches formats.quantize_int4 bit for bit on unrotated rows (same fp32 ops, IEEE division, round
-half to even). Rotated rows are computed by a different summation order than the torch reference,
-so a code can differ by one where (x - lo) / scale lands within ~1e-5 of a .5 tie.
+(scale, lo) match formats.quantize_int4 bit for bit on unrotated rows (same fp32 ops, IEEE
+division). Codes use (x - lo) * (1/scale) instead of a division per element (the division's slow
+path cost ~9 instructions per element in a kernel that must run at copy bandwidth): the two differ
+by at most ~2 ulp, so a code can differ by one only where (x - lo) / scale lies within ~2e-6 of a
+.5 tie. Rotated rows are also summed in a different order than the torch reference (tensor-core
+products), so there a code can differ by one where the quotient lies within ~1e-5 of a tie.
 """
 
 from __future__ import annotations
@@ -11,8 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
-from saw_kernels._common import EPS, INTERPRET, load_hmat, rint, rotate_halves, rotation_args
+from saw_kernels._common import EPS, INTERPRET, load_hmat, rotate_halves, rotation_args
+from saw_kernels.decode import params_as_words
 from saw_worker.kv.formats import KVFormat
+
+
+@triton.jit
+def _codes(x, m, r):
+    """clamp(round_half_even((x - m) * r), 0, 15) as int32, without int<->float conversions.
+
+    Adding 1.5 * 2**23 rounds to an integer held in the low mantissa bits (half to even, like rint).
+    """
+    bits = ((x - m) * r + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    return tl.minimum(tl.maximum(bits, 0), 15)
 
 
 @triton.jit
@@ -23,14 +37,13 @@ def _quant_store(x_lo, x_hi, data_ptr, par_ptr, row_off, par_off, c, ok):
     scale = tl.math.div_rn(tl.maximum(hi - lo, EPS), 15.0)
     s16 = scale.to(tl.float16)
     m16 = lo.to(tl.float16)
-    s = s16.to(tl.float32)[:, None]
+    # one IEEE reciprocal per row instead of a division per element (see the module docstring)
+    r = tl.math.div_rn(1.0, s16.to(tl.float32))[:, None]
     m = m16.to(tl.float32)[:, None]
-    q_lo = tl.minimum(tl.maximum(rint(tl.math.div_rn(x_lo - m, s)), 0.0), 15.0).to(tl.uint8)
-    q_hi = tl.minimum(tl.maximum(rint(tl.math.div_rn(x_hi - m, s)), 0.0), 15.0).to(tl.uint8)
-    packed = q_lo | (q_hi << 4)
+    packed = (_codes(x_lo, m, r) | (_codes(x_hi, m, r) << 4)).to(tl.uint8)
     tl.store(data_ptr + row_off[:, None] + c[None, :], packed, mask=ok[:, None])
-    tl.store(par_ptr + par_off, s16, mask=ok)
-    tl.store(par_ptr + par_off + 1, m16, mask=ok)
+    word = s16.to(tl.uint16, bitcast=True).to(tl.int32) | (m16.to(tl.uint16, bitcast=True).to(tl.int32) << 16)
+    tl.store(par_ptr + par_off, word, mask=ok)  # (scale, lo) as one 4-byte store
 
 
 @triton.jit
@@ -85,7 +98,7 @@ def _write_kernel(
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              k_params: torch.Tensor | None, v_params: torch.Tensor | None, fmt: KVFormat,
-             k_mean: torch.Tensor | None = None, block: int | None = None) -> None:
+             k_mean: torch.Tensor | None = None, block: int | None = None, num_warps: int = 4) -> None:
     """Store K, V [T, Hkv, D] at slots [T] (slot < 0: skipped) in the paged cache of format fmt."""
     t, hkv, d = k.shape
     if t == 0:
@@ -94,10 +107,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: tor
     quant = fmt.quantized
     center = quant and fmt.k_center and k_mean is not None
     if quant:
-        assert k_params is not None and v_params is not None and k_params.stride() == v_params.stride()
-        assert k_params.stride(-1) == 1
-        params_k, params_v = k_params, v_params
-        s_ps, s_ph = k_params.stride(0), k_params.stride(1)
+        params_k, params_v, s_ps, s_ph = params_as_words(k_params, v_params)
     else:
         params_k = params_v = k_cache  # unused
         s_ps = s_ph = 0
@@ -118,5 +128,5 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: tor
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), s_ps, s_ph,
         inv,
         HKV=hkv, D=d, QUANT=quant, ROT_K=rot, ROT_V=fmt.rotate_v, FULL=full, CENTER=center, BLOCK=block,
-        num_warps=4,
+        num_warps=num_warps,
     )

@@ -22,7 +22,12 @@ pub struct Admission {
 pub type Permit = OwnedSemaphorePermit;
 
 impl Admission {
-    pub fn new(max_concurrent: usize, queue_size: usize, queue_timeout: Duration, queue_depth: IntGauge) -> Self {
+    pub fn new(
+        max_concurrent: usize,
+        queue_size: usize,
+        queue_timeout: Duration,
+        queue_depth: IntGauge,
+    ) -> Self {
         Admission {
             slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
             queued: Arc::new(AtomicUsize::new(0)),

@@ -65,7 +65,8 @@ pub fn app(state: Arc<AppState>) -> Router {
 async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if let Some(key) = &state.api_key {
         let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let ok = given.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|k| constant_time_eq(k.trim(), key));
+        let ok =
+            given.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|k| constant_time_eq(k.trim(), key));
         if !ok {
             return ApiError::unauthorized().into_response();
         }
@@ -80,7 +81,9 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
 
 async fn count_requests(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let endpoint = match request.uri().path() {
-        p @ ("/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/metrics") => p.to_string(),
+        p @ ("/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/metrics") => {
+            p.to_string()
+        }
         _ => "other".to_string(),
     };
     let response = next.run(request).await;

@@ -154,11 +154,13 @@ impl Args {
 
     /// Flags for `python -m saw_worker`, with every alias resolved here so workers see explicit values.
     pub fn worker_flags(&self, env: impl Fn(&str) -> Option<String>) -> Vec<String> {
-        let mut flags = vec!["--model".into(), self.model.clone(), "--kv".into(), self.kv_format(&env).as_str().into()];
+        let mut flags =
+            vec!["--model".into(), self.model.clone(), "--kv".into(), self.kv_format(&env).as_str().into()];
         if let Some(order) = self.hadamard_order.clone().or_else(|| env("HADAMARD_ORDER")) {
             flags.extend(["--hadamard-order".into(), order]);
         }
-        let rotate_v = self.rotate_v.or_else(|| env("ROTATE_V").map(|v| v == "1" || v.eq_ignore_ascii_case("true")));
+        let rotate_v =
+            self.rotate_v.or_else(|| env("ROTATE_V").map(|v| v == "1" || v.eq_ignore_ascii_case("true")));
         match rotate_v {
             Some(true) => flags.push("--rotate-v".into()),
             Some(false) => flags.push("--no-rotate-v".into()),

@@ -127,7 +127,8 @@ mod tests {
 
     /// Token i decodes to PIECES[i] bytes; decoding is lossy UTF-8, like byte-level BPE.
     struct Bytes;
-    const PIECES: &[&[u8]] = &[b"Hello", b" wor", b"ld", b"\xC3", b"\xA9", b"\xE2\x82", b"\xAC", b"!", b"ST", b"OP", b" x"];
+    const PIECES: &[&[u8]] =
+        &[b"Hello", b" wor", b"ld", b"\xC3", b"\xA9", b"\xE2\x82", b"\xAC", b"!", b"ST", b"OP", b" x"];
 
     impl Decode for Bytes {
         fn decode(&self, ids: &[u32]) -> String {

@@ -43,7 +43,8 @@ impl ApiError {
     }
 
     pub fn unauthorized() -> Self {
-        let mut e = Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid or missing API key");
+        let mut e =
+            Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid or missing API key");
         e.code = Some("invalid_api_key");
         e
     }
@@ -100,7 +101,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             let status = rejection.status();
-            let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { "invalid_request_error" } else { "server_error" };
+            let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "invalid_request_error"
+            } else {
+                "server_error"
+            };
             ApiError::new(status, kind, rejection.body_text())
         })?;
         serde_json::from_slice(&bytes)

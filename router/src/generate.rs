@@ -28,8 +28,14 @@ pub struct TokenOut {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// New text (may be empty when tokens are held back, e.g. a possible stop string).
-    Text { text: String, tokens: Vec<TokenOut> },
-    Finished { reason: &'static str, usage: Usage },
+    Text {
+        text: String,
+        tokens: Vec<TokenOut>,
+    },
+    Finished {
+        reason: &'static str,
+        usage: Usage,
+    },
 }
 
 pub struct Generation {
@@ -58,7 +64,11 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// Starts a generation and waits for its first chunk, so that errors up to then (bad request,
 /// worker down) are still an HTTP status; a worker failing before that is retried elsewhere.
-pub async fn start(state: &Arc<AppState>, model: &Arc<Model>, mut params: GenParams) -> Result<Generation, ApiError> {
+pub async fn start(
+    state: &Arc<AppState>,
+    model: &Arc<Model>,
+    mut params: GenParams,
+) -> Result<Generation, ApiError> {
     let started = Instant::now();
     let permit = state.admission.acquire().await?;
     let mut tried: Vec<usize> = Vec::new();
@@ -78,6 +88,7 @@ pub async fn start(state: &Arc<AppState>, model: &Arc<Model>, mut params: GenPar
             Ok((stream, mut first)) => {
                 let prompt_logprobs = std::mem::take(&mut first.prompt_logprobs);
                 state.metrics.running.inc();
+                state.metrics.count_worker_request(worker.index);
                 return Ok(Generation {
                     model: model.clone(),
                     state: state.clone(),
@@ -125,7 +136,10 @@ fn request(id: &str, p: &GenParams) -> GenerateRequest {
     }
 }
 
-async fn open(worker: &Worker, req: GenerateRequest) -> Result<(Streaming<GenerateChunk>, GenerateChunk), Status> {
+async fn open(
+    worker: &Worker,
+    req: GenerateRequest,
+) -> Result<(Streaming<GenerateChunk>, GenerateChunk), Status> {
     let mut stream = worker.client().generate(req).await?.into_inner();
     match stream.message().await? {
         Some(first) => Ok((stream, first)),
@@ -139,7 +153,9 @@ fn is_client_error(status: &Status) -> bool {
 
 fn worker_error(status: &Status) -> ApiError {
     match status.code() {
-        Code::ResourceExhausted => ApiError::unavailable(format!("worker is out of capacity: {}", status.message())),
+        Code::ResourceExhausted => {
+            ApiError::unavailable(format!("worker is out of capacity: {}", status.message()))
+        }
         Code::Unavailable => ApiError::unavailable(format!("worker unavailable: {}", status.message())),
         _ => ApiError::upstream(format!("worker error: {}", status.message())),
     }
@@ -213,7 +229,8 @@ impl Generation {
                 tokens.push(TokenOut {
                     id,
                     logprob: lp.map_or(0.0, |l| l.logprob),
-                    top: lp.map_or_else(Vec::new, |l| l.top.iter().map(|t| (t.token_id, t.logprob)).collect()),
+                    top: lp
+                        .map_or_else(Vec::new, |l| l.top.iter().map(|t| (t.token_id, t.logprob)).collect()),
                 });
             }
             if scan.stopped {

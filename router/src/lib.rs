@@ -2,9 +2,15 @@
 
 pub mod admission;
 pub mod app;
+#[cfg(test)]
+mod app_tests;
 pub mod cli;
 pub mod detok;
 pub mod error;
+#[cfg(test)]
+mod fake_worker;
+#[cfg(test)]
+mod gen_tests;
 pub mod generate;
 pub mod metrics;
 pub mod openai;

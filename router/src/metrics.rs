@@ -23,6 +23,7 @@ pub struct Metrics {
     worker_kv_total: IntGaugeVec,
     worker_healthy: IntGaugeVec,
     worker_inflight: IntGaugeVec,
+    worker_requests: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -65,6 +66,11 @@ impl Metrics {
             worker_kv_total: worker("saw_worker_kv_tokens_total", "KV-cache capacity in tokens (polled)"),
             worker_healthy: worker("saw_worker_healthy", "1 when the worker takes requests"),
             worker_inflight: worker("saw_worker_inflight_requests", "Requests this router has on the worker"),
+            worker_requests: IntCounterVec::new(
+                Opts::new("saw_worker_requests_total", "Requests routed to the worker"),
+                &["worker"],
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -82,6 +88,7 @@ impl Metrics {
             Box::new(m.worker_kv_total.clone()),
             Box::new(m.worker_healthy.clone()),
             Box::new(m.worker_inflight.clone()),
+            Box::new(m.worker_requests.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -91,7 +98,8 @@ impl Metrics {
 
     pub fn record_worker_load(&self, worker: usize, load: &LoadReply) {
         let w = worker.to_string();
-        let set = |g: &IntGaugeVec, v: u64| g.with_label_values(&[w.as_str()]).set(v.min(i64::MAX as u64) as i64);
+        let set =
+            |g: &IntGaugeVec, v: u64| g.with_label_values(&[w.as_str()]).set(v.min(i64::MAX as u64) as i64);
         set(&self.worker_running, load.running.into());
         set(&self.worker_waiting, load.waiting.into());
         set(&self.worker_kv_used, load.kv_tokens_used);
@@ -102,6 +110,10 @@ impl Metrics {
         let w = worker.to_string();
         self.worker_healthy.with_label_values(&[w.as_str()]).set(healthy.into());
         self.worker_inflight.with_label_values(&[w.as_str()]).set(inflight as i64);
+    }
+
+    pub fn count_worker_request(&self, worker: usize) {
+        self.worker_requests.with_label_values(&[worker.to_string().as_str()]).inc();
     }
 
     pub fn render(&self) -> String {

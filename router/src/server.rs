@@ -143,10 +143,13 @@ async fn wait_ready(state: &AppState, args: &Args) -> Result<(), String> {
             if state.model.get().is_none() {
                 let tokenizer = ModelTokenizer::from_info(&info)?;
                 let local = args.worker_urls.is_empty();
-                let name = args
-                    .served_model_name
-                    .clone()
-                    .unwrap_or_else(|| if local { args.model.clone() } else { info.model_id.clone() });
+                let name = args.served_model_name.clone().unwrap_or_else(|| {
+                    if local {
+                        args.model.clone()
+                    } else {
+                        info.model_id.clone()
+                    }
+                });
                 let _ = state.model.set(Arc::new(Model { name, tokenizer }));
             }
         }
@@ -163,11 +166,17 @@ async fn wait_ready(state: &AppState, args: &Args) -> Result<(), String> {
             return Err("no worker could be started (see the worker output above)".into());
         }
         if timed_out {
-            return Err(format!("no worker became ready within {}s (--startup-timeout-secs)", args.startup_timeout_secs));
+            return Err(format!(
+                "no worker became ready within {}s (--startup-timeout-secs)",
+                args.startup_timeout_secs
+            ));
         }
         if last_report.elapsed() >= PROGRESS_EVERY {
             last_report = Instant::now();
-            eprintln!("saw-router: waiting for workers: {ready}/{n} ready ({}s)", started.elapsed().as_secs());
+            eprintln!(
+                "saw-router: waiting for workers: {ready}/{n} ready ({}s)",
+                started.elapsed().as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -199,7 +208,11 @@ fn plan_workers(args: &Args, python: &str) -> Result<(Vec<Arc<Worker>>, Vec<Laun
         Device::Auto => !gpus.is_empty(),
     };
     if cuda && args.workers > gpus.len().max(1) {
-        eprintln!("saw-router: warning: {} workers on {} GPU(s): some GPUs hold several workers", args.workers, gpus.len());
+        eprintln!(
+            "saw-router: warning: {} workers on {} GPU(s): some GPUs hold several workers",
+            args.workers,
+            gpus.len()
+        );
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut base = vec!["-m".to_string(), "saw_worker".to_string()];
@@ -229,7 +242,12 @@ fn plan_workers(args: &Args, python: &str) -> Result<(Vec<Arc<Worker>>, Vec<Laun
 /// GPU ids the workers may use: `CUDA_VISIBLE_DEVICES` when set, else the /dev/nvidiaN devices.
 fn visible_gpus() -> Vec<String> {
     if let Ok(list) = std::env::var("CUDA_VISIBLE_DEVICES") {
-        return list.split(',').map(str::trim).filter(|s| !s.is_empty() && *s != "-1").map(String::from).collect();
+        return list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty() && *s != "-1")
+            .map(String::from)
+            .collect();
     }
     let mut ids: Vec<u32> = std::fs::read_dir("/dev")
         .map(|dir| {

@@ -22,8 +22,10 @@ impl ModelTokenizer {
     pub fn from_info(info: &InfoReply) -> Result<Self, String> {
         let tokenizer = tokenizers::Tokenizer::from_bytes(info.tokenizer_json.as_bytes())
             .map_err(|e| format!("worker sent an unreadable tokenizer: {e}"))?;
-        let source = if info.chat_template.trim().is_empty() { FALLBACK_TEMPLATE } else { &info.chat_template };
-        let templates = chat_environment(source.to_string()).map_err(|e| format!("bad chat template: {e}"))?;
+        let source =
+            if info.chat_template.trim().is_empty() { FALLBACK_TEMPLATE } else { &info.chat_template };
+        let templates =
+            chat_environment(source.to_string()).map_err(|e| format!("bad chat template: {e}"))?;
         Ok(ModelTokenizer {
             tokenizer,
             templates,
@@ -35,7 +37,11 @@ impl ModelTokenizer {
     }
 
     /// Renders messages the way HF `apply_chat_template(..., add_generation_prompt=True)` does.
-    pub fn render_chat(&self, messages: &[Value], kwargs: Option<&Map<String, Value>>) -> Result<String, String> {
+    pub fn render_chat(
+        &self,
+        messages: &[Value],
+        kwargs: Option<&Map<String, Value>>,
+    ) -> Result<String, String> {
         let mut ctx = kwargs.cloned().unwrap_or_default();
         ctx.insert("messages".into(), Value::Array(messages.to_vec()));
         ctx.entry("add_generation_prompt").or_insert(Value::Bool(true));
@@ -60,7 +66,8 @@ impl ModelTokenizer {
     }
 
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
-        let encoding = self.tokenizer.encode(text, add_special_tokens).map_err(|e| format!("tokenizer: {e}"))?;
+        let encoding =
+            self.tokenizer.encode(text, add_special_tokens).map_err(|e| format!("tokenizer: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -95,8 +102,18 @@ fn strftime_now(format: String) -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     let month_name = MONTHS[(month - 1) as usize];
     format
@@ -129,10 +146,32 @@ pub(crate) mod tests {
     /// A tiny word-level tokenizer, enough to exercise the router without a real model.
     pub fn test_tokenizer_json() -> String {
         let words = [
-            "<unk>", "<s>", "</s>", "Hello", "world", "!", "The", "capital", "is", "Paris", ".", "<|im_start|>",
-            "<|im_end|>", "user", "assistant", "\n", "What", "?", "héllo", "STOP", "a", "b", "c",
+            "<unk>",
+            "<s>",
+            "</s>",
+            "Hello",
+            "world",
+            "!",
+            "The",
+            "capital",
+            "is",
+            "Paris",
+            ".",
+            "<|im_start|>",
+            "<|im_end|>",
+            "user",
+            "assistant",
+            "\n",
+            "What",
+            "?",
+            "héllo",
+            "STOP",
+            "a",
+            "b",
+            "c",
         ];
-        let vocab: Map<String, Value> = words.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
+        let vocab: Map<String, Value> =
+            words.iter().enumerate().map(|(i, w)| (w.to_string(), json!(i))).collect();
         json!({
             "version": "1.0",
             "truncation": null,
@@ -179,7 +218,10 @@ pub(crate) mod tests {
     #[test]
     fn renders_chatml_with_generation_prompt() {
         let tok = ModelTokenizer::from_info(&test_info()).unwrap();
-        let messages = vec![json!({"role": "system", "content": "Be brief. "}), json!({"role": "user", "content": "Hi"})];
+        let messages = vec![
+            json!({"role": "system", "content": "Be brief. "}),
+            json!({"role": "user", "content": "Hi"}),
+        ];
         let text = tok.render_chat(&messages, None).unwrap();
         assert_eq!(
             text,
@@ -204,9 +246,14 @@ pub(crate) mod tests {
     #[test]
     fn hf_whitespace_rules_apply() {
         let mut info = test_info();
-        info.chat_template = "{% for m in messages %}\n    {% if true %}\n{{ m['content'] }}\n    {% endif %}\n{% endfor %}".into();
+        info.chat_template =
+            "{% for m in messages %}\n    {% if true %}\n{{ m['content'] }}\n    {% endif %}\n{% endfor %}"
+                .into();
         let tok = ModelTokenizer::from_info(&info).unwrap();
-        let text = tok.render_chat(&[json!({"role": "user", "content": "x"}), json!({"role": "user", "content": "y"})], None);
+        let text = tok.render_chat(
+            &[json!({"role": "user", "content": "x"}), json!({"role": "user", "content": "y"})],
+            None,
+        );
         assert_eq!(text.unwrap(), "x\ny\n");
     }
 

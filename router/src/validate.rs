@@ -31,7 +31,8 @@ pub fn chat(req: &ChatCompletionRequest, tok: &ModelTokenizer) -> Result<GenPara
         return Err(ApiError::invalid_param("messages", "messages must not be empty"));
     }
     let messages = req.messages.iter().map(normalize_message).collect::<Result<Vec<_>, _>>()?;
-    let text = tok.render_chat(&messages, req.chat_template_kwargs.as_ref()).map_err(ApiError::bad_request)?;
+    let text =
+        tok.render_chat(&messages, req.chat_template_kwargs.as_ref()).map_err(ApiError::bad_request)?;
     let input_ids = tok.encode_chat(&text).map_err(ApiError::bad_request)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(k)) if k > 0 => {
@@ -41,7 +42,8 @@ pub fn chat(req: &ChatCompletionRequest, tok: &ModelTokenizer) -> Result<GenPara
         (true, k) => Some(top_logprobs("top_logprobs", k.unwrap_or(0))?),
     };
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    let limits = Limits { context_length: tok.context_length, allow_zero_max_tokens: false, prompt_field: "messages" };
+    let limits =
+        Limits { context_length: tok.context_length, allow_zero_max_tokens: false, prompt_field: "messages" };
     let mut params = common(&req.sampling, max_tokens, input_ids, &limits)?;
     params.logprobs = logprobs;
     Ok(params)
@@ -53,7 +55,10 @@ pub fn completion(req: &CompletionRequest, tok: &ModelTokenizer) -> Result<(GenP
         if n == 1 {
             Ok(())
         } else {
-            Err(ApiError::invalid_param("prompt", "send one prompt per request (batched prompts are not supported)"))
+            Err(ApiError::invalid_param(
+                "prompt",
+                "send one prompt per request (batched prompts are not supported)",
+            ))
         }
     };
     let (input_ids, text) = match &req.prompt {
@@ -70,11 +75,15 @@ pub fn completion(req: &CompletionRequest, tok: &ModelTokenizer) -> Result<(GenP
     };
     let vocab = tok.vocab_size;
     if let Some(bad) = input_ids.iter().find(|&&id| vocab > 0 && id >= vocab) {
-        return Err(ApiError::invalid_param("prompt", format!("token id {bad} is outside the vocabulary ({vocab})")));
+        return Err(ApiError::invalid_param(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary ({vocab})"),
+        ));
     }
     let echo = req.echo.unwrap_or(false);
     let logprobs = req.logprobs.map(|k| top_logprobs("logprobs", k)).transpose()?;
-    let limits = Limits { context_length: tok.context_length, allow_zero_max_tokens: echo, prompt_field: "prompt" };
+    let limits =
+        Limits { context_length: tok.context_length, allow_zero_max_tokens: echo, prompt_field: "prompt" };
     let mut params = common(&req.sampling, req.sampling.max_tokens, input_ids, &limits)?;
     params.logprobs = logprobs;
     params.prompt_logprobs = echo && logprobs.is_some();
@@ -135,7 +144,9 @@ fn common(
     let max_new = match max_tokens {
         None => room,
         Some(0) if limits.allow_zero_max_tokens => 0,
-        Some(n) if n < 1 => return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1")),
+        Some(n) if n < 1 => {
+            return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"))
+        }
         Some(n) if n as u64 > room => {
             let mut e = ApiError::invalid_param(
                 "max_tokens",
@@ -185,7 +196,10 @@ fn common(
 
 fn top_logprobs(field: &str, k: i64) -> Result<u32, ApiError> {
     if !(0..=MAX_TOP_LOGPROBS).contains(&k) {
-        return Err(ApiError::invalid_param(field, format!("{field} must be between 0 and {MAX_TOP_LOGPROBS}")));
+        return Err(ApiError::invalid_param(
+            field,
+            format!("{field} must be between 0 and {MAX_TOP_LOGPROBS}"),
+        ));
     }
     Ok(k as u32)
 }

@@ -10,6 +10,7 @@ from saw_kernels import write_kv
 from saw_worker.kv.formats import HADAMARD_ORDERS, KVFormat, encode_k, encode_v, quantize_int4, rotate
 
 TIE = 2e-3  # |frac((x - lo) / scale) - 0.5| below this: rounding may go either way for rotated rows
+TIE_EXACT = 1e-5  # unrotated rows: only the reciprocal's ~2 ulp separate kernel and reference
 
 
 def all_formats(d: int) -> list[KVFormat]:
@@ -30,22 +31,21 @@ def fmt_id(f: KVFormat) -> str:
 
 
 def check_rows(x64: torch.Tensor, ref_x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, exact: bool) -> None:
-    """Kernel rows vs quantize_int4 of the fp32 reference; rotated rows may differ only at rounding ties."""
+    """Kernel rows vs quantize_int4 of the fp32 reference: codes may differ by one only at rounding ties."""
     ref_packed, ref_params = quantize_int4(ref_x)
-    if exact:
-        assert torch.equal(packed, ref_packed)
+    if exact:  # unrotated: same fp32 ops as the reference up to the reciprocal (ties within ~2 ulp)
         assert torch.equal(params, ref_params)
-        return
-    torch.testing.assert_close(params.float(), ref_params.float(), rtol=2e-3, atol=1e-6)
+    else:
+        torch.testing.assert_close(params.float(), ref_params.float(), rtol=2e-3, atol=1e-6)
     s, m = params.double().unbind(-1)
     u = (x64 - m[..., None]) / s[..., None]
     want = torch.clamp(torch.round(u), 0, 15)
     codes = torch.cat([packed & 0xF, packed >> 4], -1).double()
     off = codes != want
-    near_tie = ((u - torch.floor(u)) - 0.5).abs() < TIE
+    near_tie = ((u - torch.floor(u)) - 0.5).abs() < (TIE_EXACT if exact else TIE)
     assert not (off & ~near_tie).any(), f"{int((off & ~near_tie).sum())} codes differ away from a rounding tie"
     assert (codes - want).abs().max() <= 1
-    assert (packed != ref_packed).float().mean() < 5e-3  # ties are rare
+    assert int((packed != ref_packed).sum()) <= max(2, packed.numel() // 200)  # ties are rare
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=fmt_id)

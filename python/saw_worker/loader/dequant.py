@@ -1,9 +1,9 @@
 """Torch dequantization of the simple GGUF block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, BF16, F32).
 
-gguf's numpy dequantizer runs at ~70 M elements/s on one core; these run on the target device (or
-on all CPU threads), which cuts model load time severalfold. Layouts follow ggml-quants.c, and the
-tests check them bit-exact against `gguf.quants.dequantize`. Other types (K-quants, IQ*) return
-None and the caller falls back to gguf's numpy path.
+Used when loading onto an accelerator: the packed bytes go to the device (3-7x fewer bytes than
+float32) and expand there, instead of gguf's single-threaded numpy code on the host. Layouts follow
+ggml-quants.c; the tests check them bit-exact against `gguf.quants.dequantize`. Other types
+(K-quants, IQ*) return None and the caller falls back to gguf's numpy path.
 """
 
 from __future__ import annotations

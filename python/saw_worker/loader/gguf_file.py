@@ -8,11 +8,9 @@ NEOX RoPE and are stored unpermuted.
 from __future__ import annotations
 
 import math
-import os
 import re
 import struct
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
+from . import dequant
 from .errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
@@ -198,38 +197,44 @@ def hf_name(gguf_name: str) -> str | None:
     raise ModelLoadError(f"unexpected GGUF tensor {gguf_name!r}")
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def _unpermute(w: Tensor, n_head: int) -> Tensor:
     """Inverse of llama.cpp's convert_hf_to_gguf `permute` (rows of each head: interleaved -> halves)."""
     rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _dequantize(t: TensorInfo) -> np.ndarray:
+def _dequantize(t: TensorInfo, device: torch.device) -> Tensor:
+    """float32 tensor in HF layout ([out, in]) on `device`."""
     from gguf.constants import GGMLQuantizationType
-    from gguf.quants import dequantize
+    from gguf.quants import dequantize as np_dequantize
 
+    shape = tuple(reversed(t.shape))  # GGUF lists dims fastest-first
     qtype = GGMLQuantizationType(t.ggml_type)
-    rows = math.prod(t.shape[1:])
     try:
-        # Row-major [rows, bytes per row]: the dequantizer expands the last axis.
-        a = dequantize(t.data.reshape(rows, -1), qtype)
+        # On an accelerator, ship the packed bytes and expand them there. On the CPU gguf's numpy
+        # code is as fast (single-threaded numpy beats torch's thread pool on a busy host).
+        w = dequant.dequantize(t.data, t.ggml_type, device) if device.type != "cpu" else None
+        if w is None:
+            rows = math.prod(t.shape[1:])
+            a = np.asarray(np_dequantize(t.data.reshape(rows, -1), qtype), dtype=np.float32)
+            w = torch.from_numpy(np.array(a, order="C")).to(device)
     except Exception as e:
         raise ModelLoadError(f"cannot dequantize GGUF tensor {t.name} ({qtype.name}): {e}") from None
-    a = np.asarray(a, dtype=np.float32).reshape(tuple(reversed(t.shape)))  # GGUF lists dims fastest-first
-    # F32 tensors are read-only views of the memory map; torch wants writable memory.
-    return a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C")
+    return w.reshape(shape)
 
 
 def iter_weights(
     g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> Iterator[tuple[str, Tensor]]:
-    """(HF name, tensor) for every model weight, dequantized in a few threads (numpy drops the GIL)."""
-    jobs = [(name, t) for t in g.tensors if (name := hf_name(t.name)) is not None]
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for (name, t), a in zip(jobs, pool.map(lambda j: _dequantize(j[1]), jobs), strict=True):
-            if cfg.architecture == "llama":
-                if t.name.endswith(("attn_q.weight", "attn_q.bias")):
-                    a = _unpermute(a, cfg.num_heads)
-                elif t.name.endswith(("attn_k.weight", "attn_k.bias")):
-                    a = _unpermute(a, cfg.num_kv_heads)
-            yield name, torch.from_numpy(a).to(device=device, dtype=dtype)
+    """(HF name, tensor) for every model weight, dequantized on `device` and cast to `dtype`."""
+    for t in g.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        w = _dequantize(t, device)
+        if cfg.architecture == "llama":
+            if t.name.endswith(("attn_q.weight", "attn_q.bias")):
+                w = _unpermute(w, cfg.num_heads)
+            elif t.name.endswith(("attn_k.weight", "attn_k.bias")):
+                w = _unpermute(w, cfg.num_kv_heads)
+        yield name, w.to(dtype)

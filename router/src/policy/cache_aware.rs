@@ -83,7 +83,11 @@ mod tests {
         let workers = crate::policy::test_workers(2);
         let p = CacheAware::default();
         let guards: Vec<_> = (0..32).map(|_| workers[p.pick(&workers, &[5, 6, 7])].track()).collect();
-        assert!(workers.iter().all(|w| w.inflight() >= 8), "{:?}", workers.iter().map(|w| w.inflight()).collect::<Vec<_>>());
+        assert!(
+            workers.iter().all(|w| w.inflight() >= 8),
+            "{:?}",
+            workers.iter().map(|w| w.inflight()).collect::<Vec<_>>()
+        );
         drop(guards);
     }
 }

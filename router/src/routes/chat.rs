@@ -56,7 +56,12 @@ struct ChatWriter {
 }
 
 impl ChatWriter {
-    fn chunk(&self, delta: ChatDelta, logprobs: Option<ChatLogprobs>, finish: Option<&'static str>) -> String {
+    fn chunk(
+        &self,
+        delta: ChatDelta,
+        logprobs: Option<ChatLogprobs>,
+        finish: Option<&'static str>,
+    ) -> String {
         let choice = ChatChunkChoice { index: 0, delta, logprobs, finish_reason: finish };
         self.to_json(vec![choice], None)
     }

@@ -73,7 +73,13 @@ struct LegacyLogprobs {
 }
 
 impl LegacyLogprobs {
-    fn push(&mut self, out: &mut CompletionLogprobs, token: String, logprob: Option<f32>, top: Option<Map<String, Value>>) {
+    fn push(
+        &mut self,
+        out: &mut CompletionLogprobs,
+        token: String,
+        logprob: Option<f32>,
+        top: Option<Map<String, Value>>,
+    ) {
         out.text_offset.push(self.offset);
         self.offset += token.chars().count();
         out.tokens.push(token);
@@ -125,7 +131,12 @@ struct CompletionWriter {
 }
 
 impl CompletionWriter {
-    fn chunk(&self, text: String, logprobs: Option<CompletionLogprobs>, finish: Option<&'static str>) -> String {
+    fn chunk(
+        &self,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish: Option<&'static str>,
+    ) -> String {
         let choice = CompletionChoice { index: 0, text, logprobs, finish_reason: finish };
         self.to_json(vec![choice], None)
     }
@@ -147,7 +158,8 @@ impl ChunkWriter for CompletionWriter {
     fn preamble(&mut self, generation: &Generation) -> Vec<String> {
         let Some((prompt, ids)) = self.echo.clone() else { return vec![] };
         let model = self.model.clone();
-        let logprobs = self.logprobs.as_mut().map(|lp| lp.push_prompt(&model, &ids, &generation.prompt_logprobs));
+        let logprobs =
+            self.logprobs.as_mut().map(|lp| lp.push_prompt(&model, &ids, &generation.prompt_logprobs));
         vec![self.chunk(prompt, logprobs, None)]
     }
 

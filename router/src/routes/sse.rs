@@ -28,7 +28,8 @@ struct Stream<W> {
 }
 
 pub fn respond(generation: Generation, writer: impl ChunkWriter, include_usage: bool) -> Response {
-    let stream = Stream { generation, writer, include_usage, pending: VecDeque::new(), started: false, done: false };
+    let stream =
+        Stream { generation, writer, include_usage, pending: VecDeque::new(), started: false, done: false };
     let events = futures_util::stream::unfold(stream, |mut s| async move {
         let data = s.next_frame().await?;
         Some((Ok::<_, Infallible>(SseEvent::default().data(data)), s))

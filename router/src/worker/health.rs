@@ -12,7 +12,11 @@ const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Consecutive failed polls before a worker is taken out of rotation.
 const FAILURES_TO_UNHEALTHY: u32 = 2;
 
-pub async fn poll_forever(workers: Vec<Arc<Worker>>, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+pub async fn poll_forever(
+    workers: Vec<Arc<Worker>>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut failures = vec![0u32; workers.len()];
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     loop {

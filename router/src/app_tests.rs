@@ -1,0 +1,189 @@
+//! Request handling through `app().oneshot(...)`: validation, errors, auth, info routes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use crate::admission::Admission;
+use crate::app::{app, AppState, Model, MAX_BODY_BYTES};
+use crate::metrics::Metrics;
+use crate::tokenizer::{tests::test_info, ModelTokenizer};
+use crate::worker::Worker;
+
+pub fn state_with(workers: Vec<Arc<Worker>>, api_key: Option<&str>) -> Arc<AppState> {
+    let metrics = Arc::new(Metrics::new());
+    let state = AppState {
+        model: Default::default(),
+        workers,
+        policy: crate::policy::from_kind(crate::cli::PolicyKind::CacheAware),
+        admission: Admission::new(4, 4, Duration::from_secs(5), metrics.queue_depth.clone()),
+        metrics,
+        api_key: api_key.map(String::from),
+        created: 0,
+    };
+    let tokenizer = ModelTokenizer::from_info(&test_info()).unwrap();
+    let _ = state.model.set(Arc::new(Model { name: "test-model".into(), tokenizer }));
+    Arc::new(state)
+}
+
+pub async fn call(
+    state: &Arc<AppState>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (StatusCode, String) {
+    let mut req = Request::builder().method(method).uri(path);
+    if body.is_some() {
+        req = req.header(header::CONTENT_TYPE, "application/json");
+    }
+    let req = req.body(Body::from(body.unwrap_or_default().to_string())).unwrap();
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+async fn error_of(state: &Arc<AppState>, path: &str, body: &str) -> (StatusCode, Value) {
+    let (status, text) = call(state, "POST", path, Some(body)).await;
+    let value: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    let err = value.get("error").unwrap_or_else(|| panic!("no error object: {text}")).clone();
+    for field in ["message", "type", "param", "code"] {
+        assert!(err.get(field).is_some(), "{field} missing in {err}");
+    }
+    (status, err)
+}
+
+const CHAT: &str = "/v1/chat/completions";
+const COMPLETIONS: &str = "/v1/completions";
+
+#[tokio::test]
+async fn malformed_json_and_wrong_types_are_400_objects() {
+    let s = state_with(vec![], None);
+    let (status, err) = error_of(&s, CHAT, "{not json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(err["type"], "invalid_request_error");
+    let (status, _) = error_of(&s, CHAT, r#"{"messages": "hi"}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) =
+        error_of(&s, CHAT, r#"{"messages": [{"role":"user","content":"Hello"}], "temperature": "hot"}"#)
+            .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = error_of(&s, COMPLETIONS, r#"{"prompt": {"a": 1}}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn out_of_range_values_name_their_param() {
+    let s = state_with(vec![], None);
+    let cases = [
+        (r#""temperature": 2.5"#, "temperature"),
+        (r#""top_p": 0"#, "top_p"),
+        (r#""top_k": -5"#, "top_k"),
+        (r#""n": 2"#, "n"),
+        (r#""max_tokens": 0"#, "max_tokens"),
+        (r#""max_tokens": 1000"#, "max_tokens"),
+        (r#""seed": -1"#, "seed"),
+        (r#""stop": ["a", ""]"#, "stop"),
+        (r#""top_logprobs": 3"#, "top_logprobs"),
+        (r#""logprobs": true, "top_logprobs": 50"#, "top_logprobs"),
+        (r#""min_tokens": 9, "max_tokens": 2"#, "min_tokens"),
+    ];
+    for (extra, param) in cases {
+        let body = format!(r#"{{"messages": [{{"role":"user","content":"Hello"}}], {extra}}}"#);
+        let (status, err) = error_of(&s, CHAT, &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{extra}");
+        assert_eq!(err["param"], param, "{extra}: {err}");
+    }
+    let (status, err) = error_of(&s, COMPLETIONS, r#"{"prompt": "Hello", "logprobs": 30}"#).await;
+    assert_eq!((status, err["param"].as_str()), (StatusCode::BAD_REQUEST, Some("logprobs")));
+    let (status, err) = error_of(&s, COMPLETIONS, r#"{"prompt": [1, 2, 999]}"#).await;
+    assert_eq!((status, err["param"].as_str()), (StatusCode::BAD_REQUEST, Some("prompt")));
+    let (status, _) = error_of(&s, COMPLETIONS, r#"{"prompt": ["a", "b"]}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = error_of(&s, CHAT, r#"{"messages": []}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = error_of(&s, CHAT, r#"{"messages": [{"content": "no role"}]}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn prompt_over_context_length_is_400() {
+    let s = state_with(vec![], None);
+    let long = vec!["Hello"; 80].join(" ");
+    let (status, err) = error_of(&s, COMPLETIONS, &json!({"prompt": long}).to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(err["code"], "context_length_exceeded");
+}
+
+#[tokio::test]
+async fn template_errors_are_400() {
+    let s = state_with(vec![], None);
+    let (status, err) =
+        error_of(&s, CHAT, r#"{"messages": [{"role":"user","content":[{"type":"image_url"}]}]}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(err["param"], "messages");
+}
+
+#[tokio::test]
+async fn valid_request_without_workers_is_503() {
+    let s = state_with(vec![], None);
+    let (status, _) = error_of(&s, CHAT, r#"{"messages": [{"role":"user","content":"Hello"}]}"#).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn unknown_route_and_method() {
+    let s = state_with(vec![], None);
+    let (status, err) = error_of(&s, "/v1/nope", "{}").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(err["message"].as_str().unwrap().contains("/v1/nope"));
+    let (status, text) = call(&s, "GET", CHAT, None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(text.contains("\"error\""));
+}
+
+#[tokio::test]
+async fn body_limit_is_413() {
+    let s = state_with(vec![], None);
+    let big = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(MAX_BODY_BYTES + 1));
+    let (status, err) = error_of(&s, COMPLETIONS, &big).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(!err["message"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn api_key_guards_v1_only() {
+    let s = state_with(vec![], Some("sekret"));
+    let (status, err) = error_of(&s, CHAT, r#"{"messages": []}"#).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(err["code"], "invalid_api_key");
+    let req = Request::get("/v1/models")
+        .header(header::AUTHORIZATION, "Bearer sekret")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(app(s.clone()).oneshot(req).await.unwrap().status(), StatusCode::OK);
+    let req =
+        Request::get("/v1/models").header(header::AUTHORIZATION, "Bearer wrong").body(Body::empty()).unwrap();
+    assert_eq!(app(s.clone()).oneshot(req).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, "GET", "/metrics", None).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn models_health_metrics() {
+    let s = state_with(vec![], None);
+    let (status, text) = call(&s, "GET", "/v1/models", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["data"][0]["id"], "test-model");
+    assert_eq!(v["data"][0]["max_model_len"], 64);
+    // No healthy worker: not ready.
+    assert_eq!(call(&s, "GET", "/health", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, text) = call(&s, "GET", "/metrics", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(text.contains("saw_requests_total{endpoint=\"/v1/models\",status=\"200\"} 1"), "{text}");
+}

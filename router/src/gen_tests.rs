@@ -1,0 +1,254 @@
+//! End-to-end through the router against in-process fake workers: streaming, stop strings,
+//! echo logprobs, cancellation, retries, admission.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tonic::Status;
+use tower::ServiceExt;
+
+use crate::app::app;
+use crate::app_tests::{call, state_with};
+use crate::fake_worker::{self, Observed, Script};
+use crate::worker::Worker;
+
+// Token ids of the test vocabulary (tokenizer::tests): The capital is Paris .
+const ANSWER: [u32; 5] = [6, 7, 8, 9, 10];
+// The test tokenizer joins words with spaces, also after the prompt: hence the leading space.
+const ANSWER_TEXT: &str = " The capital is Paris .";
+
+async fn ready_worker(index: usize, script: Script) -> (Arc<Worker>, Arc<Observed>) {
+    let (url, seen) = fake_worker::start(script).await;
+    let worker = Arc::new(Worker::new(index, &url).unwrap());
+    worker.info().await.unwrap();
+    (worker, seen)
+}
+
+fn answer(delay_ms: u64) -> Script {
+    Script { tokens: ANSWER.to_vec(), delay: Duration::from_millis(delay_ms), ..Default::default() }
+}
+
+async fn post_json(state: &Arc<crate::app::AppState>, path: &str, body: Value) -> (StatusCode, Value) {
+    let (status, text) = call(state, "POST", path, Some(&body.to_string())).await;
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_data(text: &str) -> Vec<String> {
+    text.lines().filter_map(|l| l.strip_prefix("data: ")).map(String::from).collect()
+}
+
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    for _ in 0..100 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+#[tokio::test]
+async fn chat_non_streaming() {
+    let (worker, seen) = ready_worker(0, answer(0)).await;
+    let state = state_with(vec![worker.clone()], None);
+    let (status, v) = post_json(
+        &state,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hello"}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], ANSWER_TEXT);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    let req = seen.requests.lock().unwrap()[0].clone();
+    // <|im_start|> user Hello <|im_end|> <|im_start|> assistant (the test tokenizer drops newlines)
+    assert_eq!(req.input_ids, vec![11, 13, 3, 12, 11, 14]);
+    assert_eq!(req.max_new_tokens, 64 - 6);
+    assert_eq!(worker.inflight(), 0);
+}
+
+#[tokio::test]
+async fn chat_streaming_with_usage() {
+    let (worker, _) = ready_worker(0, answer(0)).await;
+    let state = state_with(vec![worker], None);
+    let body = json!({"messages": [{"role": "user", "content": "Hello"}], "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let (status, text) = call(&state, "POST", "/v1/chat/completions", Some(&body.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    let frames = sse_data(&text);
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> =
+        frames[..frames.len() - 1].iter().map(|f| serde_json::from_str(f).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect::<Vec<_>>()
+        .concat();
+    assert_eq!(content, ANSWER_TEXT);
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["total_tokens"], 6 + 5);
+}
+
+#[tokio::test]
+async fn stop_string_cuts_output_and_aborts_the_worker() {
+    let (worker, seen) = ready_worker(0, answer(30)).await;
+    let state = state_with(vec![worker.clone()], None);
+    let (status, v) =
+        post_json(&state, "/v1/completions", json!({"prompt": "Hello", "stop": "is Par"})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], " The capital ");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    eventually("abort sent", || seen.aborted.lock().unwrap().len() == 1).await;
+    eventually("worker request gone", || seen.running.load(Ordering::SeqCst) == 0).await;
+    assert_eq!(worker.inflight(), 0);
+}
+
+#[tokio::test]
+async fn echo_with_logprobs_scores_the_prompt() {
+    let (worker, seen) = ready_worker(0, answer(0)).await;
+    let state = state_with(vec![worker], None);
+    let body = json!({"prompt": "Hello world !", "max_tokens": 0, "echo": true, "logprobs": 1});
+    let (status, v) = post_json(&state, "/v1/completions", body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["text"], "Hello world !");
+    let lp = &choice["logprobs"];
+    assert_eq!(lp["tokens"], json!(["Hello", "world", "!"]));
+    assert_eq!(lp["token_logprobs"], json!([null, -0.5, -0.5]));
+    assert_eq!(lp["top_logprobs"][0], Value::Null);
+    assert_eq!(lp["top_logprobs"][1], json!({"Hello": -1.0}));
+    assert_eq!(lp["text_offset"], json!([0, 5, 10]));
+    assert_eq!(v["usage"]["completion_tokens"], 0);
+    let req = seen.requests.lock().unwrap()[0].clone();
+    assert!(req.prompt_logprobs && req.return_logprobs);
+    assert_eq!(req.max_new_tokens, 1);
+}
+
+#[tokio::test]
+async fn chat_logprobs() {
+    let (worker, _) = ready_worker(0, answer(0)).await;
+    let state = state_with(vec![worker], None);
+    let body = json!({"messages": [{"role": "user", "content": "Hello"}], "logprobs": true, "top_logprobs": 2,
+                      "max_tokens": 2});
+    let (status, v) = post_json(&state, "/v1/chat/completions", body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let content = &v["choices"][0]["logprobs"]["content"];
+    assert_eq!(content.as_array().unwrap().len(), 2);
+    assert_eq!(content[0]["token"], "The");
+    assert_eq!(content[0]["bytes"], json!([84, 104, 101]));
+    assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn client_disconnect_aborts_and_releases_everything() {
+    let (worker, seen) = ready_worker(0, answer(200)).await;
+    let state = state_with(vec![worker.clone()], None);
+    let body = json!({"messages": [{"role": "user", "content": "Hello"}], "stream": true});
+    let req = Request::post("/v1/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.data_ref().is_some());
+    assert_eq!(worker.inflight(), 1);
+    assert_eq!(state.metrics.running.get(), 1);
+    drop(body); // the client goes away
+    assert_eq!(worker.inflight(), 0);
+    assert_eq!(state.metrics.running.get(), 0);
+    eventually("abort sent", || seen.aborted.lock().unwrap().len() == 1).await;
+    eventually("worker request gone", || seen.running.load(Ordering::SeqCst) == 0).await;
+}
+
+#[tokio::test]
+async fn worker_invalid_argument_is_400() {
+    let script = Script {
+        fail: Some(Status::invalid_argument("prompt too long for the KV cache")),
+        ..Default::default()
+    };
+    let (worker, _) = ready_worker(0, script).await;
+    let state = state_with(vec![worker], None);
+    let (status, v) = post_json(&state, "/v1/completions", json!({"prompt": "Hello"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["message"], "prompt too long for the KV cache");
+}
+
+#[tokio::test]
+async fn failing_worker_is_retried_before_the_first_token() {
+    let (bad, _) =
+        ready_worker(0, Script { fail: Some(Status::unavailable("down")), ..Default::default() }).await;
+    let (good, seen) = ready_worker(1, answer(0)).await;
+    let state = state_with(vec![bad.clone(), good], None);
+    for _ in 0..3 {
+        let (status, v) = post_json(&state, "/v1/completions", json!({"prompt": "Hello world"})).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+    }
+    assert_eq!(seen.requests.lock().unwrap().len(), 3);
+    assert!(!bad.is_healthy());
+}
+
+#[tokio::test]
+async fn full_queue_is_429_with_retry_after() {
+    let (worker, _) = ready_worker(0, answer(300)).await;
+    let state = state_with(vec![worker], None);
+    // state_with allows 4 running + 4 queued.
+    let held: Vec<_> = futures_util::future::join_all((0..4).map(|_| {
+        let req = Request::post("/v1/completions")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(json!({"prompt": "Hello", "stream": true}).to_string()))
+            .unwrap();
+        app(state.clone()).oneshot(req)
+    }))
+    .await;
+    let queued: Vec<_> = (0..4).map(|_| tokio::spawn(call_owned(state.clone()))).collect();
+    eventually("queue full", || state.metrics.queue_depth.get() == 4).await;
+    let req = Request::post("/v1/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(json!({"prompt": "Hello"}).to_string()))
+        .unwrap();
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+    drop(held);
+    for q in queued {
+        assert_eq!(q.await.unwrap(), StatusCode::OK);
+    }
+}
+
+async fn call_owned(state: Arc<crate::app::AppState>) -> StatusCode {
+    let body = json!({"prompt": "Hello", "max_tokens": 1}).to_string();
+    call(&state, "POST", "/v1/completions", Some(&body)).await.0
+}
+
+#[tokio::test]
+async fn streaming_completion_with_echo() {
+    let (worker, _) = ready_worker(0, answer(0)).await;
+    let state = state_with(vec![worker], None);
+    let body = json!({"prompt": "Hello", "stream": true, "echo": true, "max_tokens": 2});
+    let (status, text) = call(&state, "POST", "/v1/completions", Some(&body.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    let frames = sse_data(&text);
+    let texts: Vec<String> = frames[..frames.len() - 1]
+        .iter()
+        .map(|f| {
+            serde_json::from_str::<Value>(f).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(texts.concat(), "Hello The capital");
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+}
