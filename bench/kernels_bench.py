@@ -79,7 +79,7 @@ def paged_table(batch: int, ctx: int) -> torch.Tensor:
     return perm.view(batch, pages)
 
 
-def run_write(t: int, kv: str, copy: float) -> dict:
+def run_write(t: int, kv: str, copy: float, cfg: dict | None = None) -> dict:
     fmt = make_fmt(kv)
     k = torch.randn(t, HKV, D, device=DEV, dtype=torch.bfloat16)
     v = torch.randn(t, HKV, D, device=DEV, dtype=torch.bfloat16)
@@ -87,24 +87,26 @@ def run_write(t: int, kv: str, copy: float) -> dict:
     slots = (paged_table(1, t).long().view(-1, 1) * PS + torch.arange(PS, device=DEV)).view(-1)
     kc, vc, kp, vp = alloc_cache(fmt, (t // PS + 1) * PS)
     mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
-    us = bench(lambda: write_kv(k, v, slots, kc, vc, kp, vp, fmt, mean))
+    cfg = cfg or {}
+    us = bench(lambda: write_kv(k, v, slots, kc, vc, kp, vp, fmt, mean, **cfg))
     nbytes = 2 * k.numel() * 2 + slots.numel() * 8 + t * HKV * fmt.bytes_per_token_head()
-    return row("write", kv, f"T={t},Hkv={HKV},D={D}", us, nbytes, copy)
+    return row("write", kv, f"T={t},Hkv={HKV},D={D}", us, nbytes, copy, cfg)
 
 
-def run_decode(batch: int, ctx: int, kv: str, copy: float, kernel: str = "decode") -> dict:
+def run_decode(batch: int, ctx: int, kv: str, copy: float, kernel: str = "decode", cfg: dict | None = None) -> dict:
     fmt = make_fmt(kv)
     table = paged_table(batch, ctx)
     kc, vc, kp, vp = alloc_cache(fmt, (batch * ctx // PS + 1) * PS)
     q = torch.randn(batch, HQ, D, device=DEV, dtype=torch.bfloat16)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
-    us = bench(lambda: decode_attention(q, kc, vc, kp, vp, table, lens, PS, fmt, D ** -0.5, out=out))
+    cfg = cfg or {}
+    us = bench(lambda: decode_attention(q, kc, vc, kp, vp, table, lens, PS, fmt, D ** -0.5, out=out, **cfg))
     nbytes = batch * ctx * HKV * fmt.bytes_per_token_head() + 2 * q.numel() * 2 + table.numel() * 4
-    return row(kernel, kv, f"B={batch},ctx={ctx},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy)
+    return row(kernel, kv, f"B={batch},ctx={ctx},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy, cfg)
 
 
-def run_extend(batch: int, prefix: int, new: int, kv: str, copy: float) -> list[dict]:
+def run_extend(batch: int, prefix: int, new: int, kv: str, copy: float, cfg: dict | None = None) -> list[dict]:
     fmt = make_fmt(kv)
     table = paged_table(batch, prefix + new)
     kc, vc, kp, vp = alloc_cache(fmt, (batch * (prefix + new) // PS + 1) * PS)
@@ -116,14 +118,17 @@ def run_extend(batch: int, prefix: int, new: int, kv: str, copy: float) -> list[
     pre = torch.full((batch,), prefix, dtype=torch.int32, device=DEV)
     mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
 
+    cfg = cfg or {}
+
     def fn() -> None:
-        extend_attention(q, k, v, cu, pre, kc, vc, kp, vp, table, PS, fmt, D ** -0.5, max_new_len=new, k_mean=mean)
+        extend_attention(q, k, v, cu, pre, kc, vc, kp, vp, table, PS, fmt, D ** -0.5, max_new_len=new, k_mean=mean,
+                         **cfg)
 
     us = bench(fn, graph=False)
     flops = 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
     nbytes = batch * prefix * HKV * fmt.bytes_per_token_head() + 2 * (q.numel() * 2 + k.numel() * 2)
-    r = row("extend", kv, f"B={batch},prefix={prefix},new={new},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy)
-    r["tflops"] = flops / us / 1e6
+    r = row("extend", kv, f"B={batch},prefix={prefix},new={new},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy, cfg,
+            tflops=flops / us / 1e6)
     return [r]
 
 
@@ -138,69 +143,118 @@ def run_sdpa(batch: int, prefix: int, new: int, copy: float) -> dict:
     f = torch.nn.functional.scaled_dot_product_attention
     us = bench(lambda: f(q, k, v, attn_mask=mask), graph=False)
     flops = 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
-    r = row("extend-sdpa", "bf16-contiguous", f"B={batch},prefix={prefix},new={new},Hq={HQ},D={D}", us,
-            2 * (q.numel() + 2 * k.numel()) * 2, copy)
-    r["tflops"] = flops / us / 1e6
-    return r
+    return row("extend-sdpa", "bf16-contiguous", f"B={batch},prefix={prefix},new={new},Hq={HQ},D={D}", us,
+               2 * (q.numel() + 2 * k.numel()) * 2, copy, tflops=flops / us / 1e6)
 
 
-def row(kernel: str, kv: str, shape: str, us: float, nbytes: float, copy: float) -> dict:
+ROWS: list[dict] = []
+OUT_FILES: list[Path] = []
+
+
+def row(kernel: str, kv: str, shape: str, us: float, nbytes: float, copy: float, cfg: dict | None = None,
+        tflops: float | None = None) -> dict:
     gbps = nbytes / us / 1e3
     dev = torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu-interpreter"
     r = {"kernel": kernel, "kv": kv, "shape": shape, "us": round(us, 2), "gbps": round(gbps, 1),
          "copy_gbps": round(copy, 1), "frac_copy": round(gbps / copy, 3), "device": dev}
-    print(f"{kernel:12s} {kv:22s} {shape:44s} {us:10.1f} us {gbps:8.0f} GB/s {gbps / copy:6.1%}"
-          + (f" {r.get('tflops', 0):.0f}" if "tflops" in r else ""), flush=True)
+    if tflops is not None:
+        r["tflops"] = round(tflops, 1)
+    if cfg:
+        r["config"] = cfg
+    print(f"{kernel:14s} {kv:20s} {shape:44s} {us:10.1f} us {gbps:6.0f} GB/s {gbps / copy:6.1%}"
+          + (f" {tflops:5.0f} TF/s" if tflops is not None else "") + (f" {cfg}" if cfg else ""), flush=True)
+    ROWS.append(r)
+    for f in OUT_FILES:  # rewrite after every row: a run cut short still leaves its numbers
+        f.write_text(json.dumps(ROWS, indent=1))
     return r
+
+
+def sweep(name: str, fn, configs: list[dict]) -> dict:
+    """Time fn(cfg) for each config; return the fastest (its rows are kept, kernel 'sweep-...')."""
+    best, best_us = configs[0], float("inf")
+    for cfg in configs:
+        try:
+            r = fn(cfg)
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is just skipped
+            print(f"{name} {cfg} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        r["kernel"] = f"sweep-{name}"
+        if r["us"] < best_us:
+            best, best_us = cfg, r["us"]
+    print(f"best {name}: {best} {best_us:.1f} us", flush=True)
+    return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--only", default="write,decode,latency,extend")
     args = ap.parse_args()
     torch.manual_seed(0)
     only = set(args.only.split(","))
     smoke = args.smoke or DEV.type != "cuda"
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        OUT_FILES.append(args.out)
+    if os.environ.get("OUT"):
+        OUT_FILES.append(Path(os.environ["OUT"], "kernels.json"))
+    t0 = time.time()
     copy = copy_gbps(1 << 22 if smoke else 2 << 30)
     print(f"device-to-device copy: {copy:.0f} GB/s (read + write)", flush=True)
-    rows: list[dict] = []
     kvs_write = ["bf16", "int4", "int4-bdr-b16", "int4-bdr-b32", "int4-bdr-b64", "int4-bdr-b128",
                  "int4-bdr-b128-rv", "int4-bdr-b128-kc", "int4-kc"]
-    kvs_decode = ["bf16", "int4", "int4-bdr-b128", "int4-bdr-b16", "int4-bdr-b128-rv"]
+    kvs_decode = ["int4", "int4-bdr-b128", "int4-bdr-b16", "int4-bdr-b128-rv"]
     if smoke:
         write_shapes, dec_shapes, lat_b, lat_ctx, ext = [64], [(2, 64)], [1], [64], (2, 48, 16)
     else:
         write_shapes, dec_shapes = [8192, 32768], [(64, 4096), (16, 16384), (128, 2048)]
-        lat_b, lat_ctx, ext = [1, 2, 4, 8], [1024, 4096, 16384, 32768], (8, 16384, 2048)
+        lat_b, lat_ctx, ext = [1, 4, 8], [1024, 4096, 16384, 32768], (8, 16384, 2048)
+    sweeping = not (smoke or args.no_sweep)
+    wcfg: dict = {}
     if "write" in only:
+        if sweeping:
+            wcfg = sweep("write", lambda c: run_write(32768, "int4-bdr-b128", copy, c),
+                         [dict(block=16, num_warps=4), dict(block=32, num_warps=4), dict(block=64, num_warps=4),
+                          dict(block=64, num_warps=8)])
         for t in write_shapes:
             for kv in kvs_write:
-                rows.append(run_write(t, kv, copy))
+                run_write(t, kv, copy, wcfg)
+    dcfg: dict = {}
+    bcfg: dict = {}
+    if "decode" in only or "latency" in only:
+        if sweeping:
+            dcfg = sweep("decode-int4", lambda c: run_decode(64, 4096, "int4-bdr-b128", copy, cfg=c),
+                         [dict(deq=d, block_n=n, num_warps=4, num_stages=st) for d in (0, 2) for n in (64, 128)
+                          for st in (2, 4)] + [dict(deq=2, block_n=64, num_warps=8, num_stages=3),
+                                               dict(deq=1, block_n=64, num_warps=4, num_stages=3)])
+            bcfg = sweep("decode-bf16", lambda c: run_decode(64, 4096, "bf16", copy, cfg=c),
+                         [dict(block_n=64, num_warps=4, num_stages=3), dict(block_n=32, num_warps=4, num_stages=4),
+                          dict(block_n=64, num_warps=8, num_stages=3), dict(block_n=64, num_warps=4, num_stages=2)])
     if "decode" in only:
         for b, ctx in dec_shapes:
+            run_decode(b, ctx, "bf16", copy, cfg=bcfg)
             for kv in kvs_decode:
-                rows.append(run_decode(b, ctx, kv, copy))
+                run_decode(b, ctx, kv, copy, cfg=dcfg)
     if "latency" in only:
-        for kv in ("bf16", "int4", "int4-bdr-b128"):
+        for kv in ("bf16", "int4-bdr-b128"):
             for b in lat_b:
                 for ctx in lat_ctx:
-                    rows.append(run_decode(b, ctx, kv, copy, "decode-latency"))
+                    run_decode(b, ctx, kv, copy, "decode-latency", cfg=bcfg if kv == "bf16" else dcfg)
     if "extend" in only:
+        ecfg: dict = {}
+        if sweeping:
+            ecfg = sweep("extend", lambda c: run_extend(*ext, "int4-bdr-b128", copy, c)[0],
+                         [dict(block_m=128, block_n=64), dict(block_m=128, block_n=128), dict(block_m=64, block_n=64)])
         for kv in ("bf16", "int4", "int4-bdr-b128", "int4-bdr-b128-rv-kc"):
-            rows.extend(run_extend(*ext, kv, copy))
+            run_extend(*ext, kv, copy, ecfg)
         if DEV.type == "cuda":
             try:
-                rows.append(run_sdpa(*ext, copy))
+                run_sdpa(*ext, copy)
             except Exception as e:  # noqa: BLE001 - report, keep the other numbers
                 print(f"sdpa failed: {e!r}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1))
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        Path(out_dir, "kernels.json").write_text(json.dumps(rows, indent=1))
+    print(f"bench wall time {time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -52,19 +52,61 @@ def _nibbles_asm(packed):
 
 
 @triton.jit
+def _signed_nibbles_asm(packed):
+    """uint8 codes -> (low nibble - 8, high nibble - 8) as bf16: 128 + c by bits, then one bf16x2 fma
+    (x * 1 - 136, exact) per two codes. Small signed codes keep bf16 P @ V accurate (extend)."""
+    lo = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t0, t1, one, off;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 off, 0xC308C308;
+        prmt.b32 t0, $2, 0, 0x4140;
+        prmt.b32 t1, $2, 0, 0x4342;
+        and.b32 t0, t0, 0x000F000F;
+        and.b32 t1, t1, 0x000F000F;
+        or.b32 t0, t0, 0x43004300;
+        or.b32 t1, t1, 0x43004300;
+        fma.rn.bf16x2 $0, t0, one, off;
+        fma.rn.bf16x2 $1, t1, one, off;
+        }""",
+        constraints="=r,=r,r", args=[packed], dtype=tl.bfloat16, is_pure=True, pack=4)
+    hi = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t0, t1, x, one, off;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 off, 0xC308C308;
+        shr.b32 x, $2, 4;
+        prmt.b32 t0, x, 0, 0x4140;
+        prmt.b32 t1, x, 0, 0x4342;
+        and.b32 t0, t0, 0x000F000F;
+        and.b32 t1, t1, 0x000F000F;
+        or.b32 t0, t0, 0x43004300;
+        or.b32 t1, t1, 0x43004300;
+        fma.rn.bf16x2 $0, t0, one, off;
+        fma.rn.bf16x2 $1, t1, one, off;
+        }""",
+        constraints="=r,=r,r", args=[packed], dtype=tl.bfloat16, is_pure=True, pack=4)
+    return lo, hi
+
+
+@triton.jit
 def load_kv_block(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm, QUANT: tl.constexpr, D2: tl.constexpr,
                   DEQ: tl.constexpr):
     """Rows at slots [N] of one head: (lo half, hi half) as bf16 [N, D/2] and per-row (scale, shift) fp32 [N].
 
     INT4 rows come back as codes x = c + OFF with the row value s * x + (lo - OFF s):
     DEQ 0: OFF = -8 via fp32 (signed codes keep both terms small: the extend kernel's bf16 P needs it);
-    DEQ 1: OFF = 128 by bit tricks; DEQ 2: the same in inline PTX (GPU only; 1 under the interpreter).
+    DEQ 1: OFF = 128 by bit tricks; DEQ 2: the same in inline PTX (GPU only; 1 under the interpreter);
+    DEQ 3: OFF = -8 in inline PTX (GPU only; 0 under the interpreter).
     p_ptr is the (scale, lo) fp16 pair viewed as one int32 per row.
     """
     off = slot * s_cs + h * s_ch
     if QUANT:
         packed = tl.load(c_ptr + off[:, None] + c[None, :], mask=nm[:, None], other=0)
-        if DEQ == 0:  # via fp32: the interpreter botches int -> bf16
+        if DEQ == 3 and not _INTERP:
+            x_lo, x_hi = _signed_nibbles_asm(packed)
+            code_off = -8.0
+        elif DEQ == 0 or DEQ == 3:  # via fp32: the interpreter botches int -> bf16
             x_lo = ((packed & 15).to(tl.float32) - 8.0).to(tl.bfloat16)
             x_hi = ((packed >> 4).to(tl.float32) - 8.0).to(tl.bfloat16)
             code_off = -8.0
@@ -134,7 +176,7 @@ def _decode_kernel(
     qk_scale, inv_sqrt_b,
     HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     QUANT: tl.constexpr, ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PSPLIT: tl.constexpr, DEQ: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PSPLIT: tl.constexpr, DEQ: tl.constexpr, Q2: tl.constexpr,
 ):
     D2: tl.constexpr = D // 2
     b = tl.program_id(0)
@@ -176,7 +218,7 @@ def _decode_kernel(
         v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2, DEQ)
         m_i, l_i, acc_lo, acc_hi = attend_block(
             qb_lo, qb_hi, q2_lo, q2_hi, q_sum, 0.0, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m,
-            nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT, ROT_Q, PSPLIT)
+            nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT, Q2, PSPLIT)
 
     if SPLITS == 1:
         inv_l = 1.0 / l_i
@@ -255,7 +297,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_params: torch.Tensor | None, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      fmt: KVFormat, sm_scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
                      max_context: int | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     block_n: int | None = None, num_warps: int = 4, num_stages: int = 3, deq: int = 2) -> torch.Tensor:
+                     block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None, deq: int = 2,
+                     q_split: bool = True) -> torch.Tensor:
     """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
 
     No host reads of seq_lens: the grid depends on (B, num_splits) only, so a CUDA graph captured
@@ -270,12 +313,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device=q.device)
-    if block_n is None:
-        block_n = 16 if INTERPRET else 64
+    quant = fmt.quantized
+    if block_n is None:  # measured on H100 (docs/kernels.md): INT4 wants long blocks to amortize the loop
+        block_n = 16 if INTERPRET else (128 if quant else 64)
+    if num_stages is None:
+        num_stages = 4 if quant else 2
     if num_splits is None:
         ctx = max_context if max_context is not None else page_table.shape[1] * page_size
         num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n)
-    quant = fmt.quantized
     if quant:
         kp, vp, s_ps, s_ph = params_as_words(k_params, v_params)
     else:
@@ -299,7 +344,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         s_ps, s_ph, page_table.stride(0), out.stride(0), out.stride(1),
         sm_scale * LOG2E, inv,
         HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, QUANT=quant, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
-        SPLITS=num_splits, BLOCK_N=block_n, PSPLIT=2, DEQ=deq, num_warps=num_warps, num_stages=num_stages,
+        SPLITS=num_splits, BLOCK_N=block_n, PSPLIT=2, DEQ=deq, Q2=fmt.rotated and q_split, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_kernel[(bsz, hkv)](

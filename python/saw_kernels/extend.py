@@ -26,20 +26,26 @@ def _extend_kernel(
     q_ptr, k_ptr, v_ptr, cu_ptr, pre_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, h_ptr, mean_ptr, out_ptr,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, s_ptb, s_ot, s_oh,
     qk_scale, inv_sqrt_b,
-    G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr, ROT_Q: tl.constexpr,
-    ROT_V: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
+    ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, DEQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # A program serves BQ = BLOCK_M / GP queries times the GP (>= G, padded) heads of one KV head's
+    # group, so each cached tile is loaded and dequantized once for the whole group.
     D2: tl.constexpr = D // 2
+    BQ: tl.constexpr = BLOCK_M // GP
     mb = tl.program_id(0)
-    qh = tl.program_id(1)
+    kh = tl.program_id(1)
     b = tl.program_id(2)
-    kh = qh // G
     row0 = tl.load(cu_ptr + b)
     new_len = tl.load(cu_ptr + b + 1) - row0
-    active = mb * BLOCK_M < new_len  # the grid is sized for the longest request
+    active = mb * BQ < new_len  # the grid is sized for the longest request
     prefix = tl.where(active, tl.load(pre_ptr + b), 0)
-    i = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    im = i < new_len
+    r = tl.arange(0, BLOCK_M)
+    i = mb * BQ + r // GP  # query index within the request
+    g = r % GP
+    qh = kh * G + g
+    im = (i < new_len) & (g < G)
     c = tl.arange(0, D2)
     q_off = (row0 + i).to(tl.int64) * s_qt + qh * s_qh
     q_lo = tl.load(q_ptr + q_off[:, None] + c[None, :], mask=im[:, None], other=0.0)
@@ -71,9 +77,9 @@ def _extend_kernel(
             page = tl.load(pt_row + pos // PAGE, mask=nm, other=0).to(tl.int64)
             slot = page * PAGE + pos % PAGE
             k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm, QUANT, D2,
-                                                 0)
+                                                 DEQ)
             v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2,
-                                                 0)
+                                                 DEQ)
             m_i, l_i, acc_lo, acc_hi = attend_block(
                 rb_lo, rb_hi, rb_lo, rb_hi, r_sum, bias[:, None], qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s,
                 v_m, nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT, False, 1)
@@ -81,7 +87,7 @@ def _extend_kernel(
             acc_lo, acc_hi = rotate_halves(acc_lo, acc_hi, hm, inv_sqrt_b, FULL, 2)
 
     # phase 2: the new tokens themselves at bf16, causal (key j <= query i)
-    hi = tl.where(active, tl.minimum(new_len, (mb + 1) * BLOCK_M), 0)
+    hi = tl.where(active, tl.minimum(new_len, (mb + 1) * BQ), 0)
     for n0 in range(0, hi, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
         jm = j < new_len
@@ -107,7 +113,8 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      k_params: torch.Tensor | None, v_params: torch.Tensor | None, page_table: torch.Tensor,
                      page_size: int, fmt: KVFormat, sm_scale: float, max_new_len: int | None = None,
                      k_mean: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int = 2, deq: int = 3) -> torch.Tensor:
     """o [Tn, Hq, D] bf16: new query i of request b attends to its prefix_lens[b] cached tokens and to
     new tokens 0..i of its own rows cu_seqlens[b]:cu_seqlens[b+1] (positions prefix_lens[b] + i).
 
@@ -144,15 +151,18 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         block_m = 16 if INTERPRET else 128
     if block_n is None:
         block_n = 16 if INTERPRET else 64
-    grid = (triton.cdiv(max(max_new_len, 1), block_m), hq, bsz)
+    gp = triton.next_power_of_2(group)
+    block_m = max(block_m, gp)
+    if num_warps is None:
+        num_warps = 4 if INTERPRET else 8
+    grid = (triton.cdiv(max(max_new_len, 1), block_m // gp), hkv, bsz)
     _extend_kernel[grid](
         q, k, v, cu_seqlens, prefix_lens, k_cache, v_cache, kp, vp, page_table, hmat, mean, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), s_ps, s_ph,
         page_table.stride(0), out.stride(0), out.stride(1),
         sm_scale * LOG2E, inv,
-        G=group, D=d, PAGE=page_size, QUANT=quant, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
-        CENTER=center, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4 if INTERPRET else 8, num_stages=2,
+        G=group, GP=gp, D=d, PAGE=page_size, QUANT=quant, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
+        CENTER=center, DEQ=deq, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from saw_kernels._common import EPS, INTERPRET, load_hmat, rotate_halves, rotation_args
 from saw_kernels.decode import params_as_words
-from saw_worker.kv.formats import KVFormat
+from saw_worker.kv.formats import KVFormat, rotate
 
 
 @triton.jit
@@ -74,14 +74,13 @@ def _write_kernel(
     if QUANT:
         xk_lo = k_lo.to(tl.float32)
         xk_hi = k_hi.to(tl.float32)
+        if ROT_K or ROT_V:
+            m = load_hmat(h_ptr, D2)
+        if ROT_K:  # R (k - mu) = R k - R mu: rotate the exact bf16 k, subtract the pre-rotated mean
+            xk_lo, xk_hi = rotate_halves(xk_lo, xk_hi, m, inv_sqrt_b, FULL, 1)
         if CENTER:
             xk_lo = xk_lo - tl.load(mean_ptr + h[:, None] * D + c[None, :])
             xk_hi = xk_hi - tl.load(mean_ptr + h[:, None] * D + D2 + c[None, :])
-        if ROT_K or ROT_V:
-            m = load_hmat(h_ptr, D2)
-        if ROT_K:
-            # centered K is fp32: two bf16 pieces keep ~16 mantissa bits through the tensor cores
-            xk_lo, xk_hi = rotate_halves(xk_lo, xk_hi, m, inv_sqrt_b, FULL, 2 if CENTER else 1)
         xv_lo = v_lo.to(tl.float32)
         xv_hi = v_hi.to(tl.float32)
         if ROT_V:
@@ -94,6 +93,24 @@ def _write_kernel(
         tl.store(kc_ptr + kc_off[:, None] + D2 + c[None, :], k_hi.to(tl.bfloat16), mask=ld)
         tl.store(vc_ptr + vc_off[:, None] + c[None, :], v_lo.to(tl.bfloat16), mask=ld)
         tl.store(vc_ptr + vc_off[:, None] + D2 + c[None, :], v_hi.to(tl.bfloat16), mask=ld)
+
+
+_RMEAN: dict[tuple, torch.Tensor] = {}
+
+
+def rotated_mean(k_mean: torch.Tensor, order: int) -> torch.Tensor:
+    """R mu in fp32 (from float64), cached per k_mean version; recomputed inside a graph capture, where a
+    cached result would only be written at replay."""
+    capturing = k_mean.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (k_mean.data_ptr(), k_mean._version, order, str(k_mean.device), tuple(k_mean.shape))
+    r = None if capturing else _RMEAN.get(key)
+    if r is None:
+        r = rotate(k_mean.double(), order).float().contiguous()
+        if not capturing:
+            if len(_RMEAN) > 64:
+                _RMEAN.clear()
+            _RMEAN[key] = r
+    return r
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -116,7 +133,10 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: tor
         hmat, full, inv = rotation_args(fmt.hadamard_order, d, k.device)
     else:
         hmat, full, inv = k_cache, False, 1.0
-    mean = k_mean.float().contiguous() if center else k_cache
+    if center:
+        mean = rotated_mean(k_mean, fmt.hadamard_order) if rot else k_mean.float().contiguous()
+    else:
+        mean = k_cache
     slots = slots.contiguous()
     n_rows = t * hkv
     if block is None:

@@ -119,6 +119,7 @@ def run_point(spec: PointSpec) -> PointResult:
             warnings.append("locust did not stop in time and was killed; in-flight requests are lost")
             for p, _ in running:
                 p.kill()
+            hard_stop = float("inf")
         if not spec.quiet and time.time() - last_print >= spec.progress_every:
             last_print = time.time()
             _count_lines(raw, offsets, tally)

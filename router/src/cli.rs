@@ -12,7 +12,7 @@ Environment aliases (spellings of the saw-int4 SGLang fork; explicit flags alway
 
 Examples:
   saw-router --workers 1 --kv int4-bdr
-  saw-router --worker-url http://10.0.0.5:50051 --worker-url http://10.0.0.6:50051";
+  saw-router --worker-url http://gpu-a:50051 --worker-url http://gpu-b:50051";
 
 #[derive(Parser, Debug, Clone)]
 #[command(

@@ -203,6 +203,14 @@ impl Generation {
                     }
                     Err(status) => {
                         self.done = true;
+                        eprintln!(
+                            "saw-router: worker {} failed mid-request: {}",
+                            self.abort.worker.index, status
+                        );
+                        if status.code() == Code::Unavailable {
+                            // New requests go elsewhere until the health poller sees it back.
+                            self.abort.worker.set_healthy(false);
+                        }
                         return Some(Err(worker_error(&status)));
                     }
                 },

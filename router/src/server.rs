@@ -22,11 +22,15 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(args: Args, python: String) -> Result<(), String> {
     let signals = listen_for_signals()?;
+    // Bind first: a busy port should fail now, not after the model has loaded.
+    let listener = TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;
     let metrics = Arc::new(Metrics::new());
     let (workers, launches) = plan_workers(&args, &python)?;
     let state = Arc::new(AppState {
         model: Default::default(),
-        workers: workers.clone(),
+        workers,
         policy: crate::policy::from_kind(args.policy),
         admission: Admission::new(
             args.max_concurrent_requests,
@@ -34,7 +38,7 @@ pub async fn run(args: Args, python: String) -> Result<(), String> {
             Duration::from_secs(args.queue_timeout_secs),
             metrics.queue_depth.clone(),
         ),
-        metrics: metrics.clone(),
+        metrics,
         api_key: args.api_key.clone(),
         created: crate::routes::unix_now(),
     });
@@ -44,23 +48,33 @@ pub async fn run(args: Args, python: String) -> Result<(), String> {
         .into_iter()
         .map(|(worker, spec)| tokio::spawn(supervisor::supervise(worker, spec, stop_rx.clone())))
         .collect();
-    tasks.push(tokio::spawn(health::poll_forever(workers, metrics, stop_rx)));
+    tasks.push(tokio::spawn(health::poll_forever(state.clone(), stop_rx)));
 
-    let result = async {
+    eprintln!(
+        "saw-router: listening on http://{}:{} (/health answers 503 until a worker is ready)",
+        args.host, args.port
+    );
+    let (startup_failed, startup_failed_rx) = watch::channel(false);
+    let interrupted = signals.clone();
+    let startup = async {
         tokio::select! {
-            ready = wait_ready(&state, &args) => ready?,
-            _ = signalled(signals.clone(), 1) => return Err("interrupted while workers were starting".to_string()),
+            ready = wait_ready(&state, &args) => {
+                if ready.is_err() {
+                    let _ = startup_failed.send(true);
+                }
+                ready
+            }
+            _ = signalled(interrupted, 1) => Ok(()),
         }
-        serve(state, &args, signals).await
-    }
-    .await;
+    };
+    let (ready, served) = tokio::join!(startup, serve(listener, state.clone(), signals, startup_failed_rx));
 
     eprintln!("saw-router: stopping workers");
     let _ = stop_workers.send(true);
     for task in tasks {
         let _ = task.await;
     }
-    result
+    ready.and(served)
 }
 
 /// Counts SIGINT/SIGTERM deliveries.
@@ -84,35 +98,38 @@ async fn signalled(mut signals: watch::Receiver<u32>, count: u32) {
     let _ = signals.wait_for(|&n| n >= count).await;
 }
 
-async fn serve(state: Arc<AppState>, args: &Args, signals: watch::Receiver<u32>) -> Result<(), String> {
-    let listener = TcpListener::bind((args.host.as_str(), args.port))
-        .await
-        .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;
-    let name = state.model.get().map(|m| m.name.clone()).unwrap_or_default();
-    eprintln!(
-        "saw-router: serving {name} on http://{}:{} ({} worker(s), policy {:?}); Ctrl-C to stop",
-        args.host,
-        args.port,
-        state.workers.len(),
-        args.policy
-    );
+/// Serves until a signal (or a failed startup), then drains: open requests get `DRAIN_TIMEOUT`
+/// to finish, a second signal cuts that short.
+async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    signals: watch::Receiver<u32>,
+    mut startup_failed: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_trigger = async move {
+        tokio::select! {
+            _ = signalled(signals.clone(), 1) => {
+                eprintln!("saw-router: shutting down: no new connections, draining requests");
+            }
+            _ = startup_failed.wait_for(|&failed| failed) => {}
+        }
+        let _ = stop_tx.send(true);
+        tokio::select! {
+            _ = tokio::time::sleep(DRAIN_TIMEOUT) => {}
+            _ = signalled(signals, 2) => {}
+        }
+    };
     let graceful = {
-        let signals = signals.clone();
+        let mut stop_rx = stop_rx.clone();
         async move {
-            signalled(signals, 1).await;
-            eprintln!("saw-router: shutting down: no new connections, draining requests");
+            let _ = stop_rx.wait_for(|&stop| stop).await;
         }
     };
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(graceful);
     tokio::select! {
         served = server.into_future() => served.map_err(|e| format!("server error: {e}")),
-        _ = async {
-            signalled(signals.clone(), 1).await;
-            tokio::select! {
-                _ = tokio::time::sleep(DRAIN_TIMEOUT) => {}
-                _ = signalled(signals, 2) => {}
-            }
-        } => {
+        _ = stop_trigger => {
             eprintln!("saw-router: closing the connections still open");
             Ok(())
         }
@@ -160,6 +177,11 @@ async fn wait_ready(state: &AppState, args: &Args) -> Result<(), String> {
             if ready < n {
                 eprintln!("saw-router: warning: only {ready} of {n} workers are up; serving with those");
             }
+            let name = state.model.get().map(|m| m.name.clone()).unwrap_or_default();
+            eprintln!(
+                "saw-router: ready: serving {name} on http://{}:{} with {ready} worker(s), policy {:?}",
+                args.host, args.port, args.policy
+            );
             return Ok(());
         }
         if ready + failed == n {

@@ -257,6 +257,28 @@ pub(crate) mod tests {
         assert_eq!(text.unwrap(), "x\ny\n");
     }
 
+    /// Qwen3's template shape: namespace, reversed slices, `is string`, Python string methods,
+    /// `enable_thinking` from chat_template_kwargs. Expected text rendered by Python's jinja2.
+    #[test]
+    fn renders_a_qwen3_style_template_like_jinja2() {
+        let mut info = test_info();
+        info.chat_template = include_str!("../testdata/qwen3_chat_template.jinja").into();
+        let tok = ModelTokenizer::from_info(&info).unwrap();
+        let messages = vec![
+            json!({"role": "system", "content": "S"}),
+            json!({"role": "user", "content": "Q1"}),
+            json!({"role": "assistant", "content": "<think>\nhmm\n</think>\n\nA1"}),
+            json!({"role": "user", "content": "Q2"}),
+        ];
+        let kwargs: Map<String, Value> =
+            [("enable_thinking".to_string(), json!(false))].into_iter().collect();
+        assert_eq!(
+            tok.render_chat(&messages, Some(&kwargs)).unwrap(),
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n\
+             <|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        );
+    }
+
     #[test]
     fn encodes_and_decodes_without_specials() {
         let tok = ModelTokenizer::from_info(&test_info()).unwrap();

@@ -35,7 +35,7 @@ def case_id(case: tuple) -> str:
 
 
 def run_decode(fmt: KVFormat, group: int, page_size: int, lens: list[int], splits: int | None, hkv: int = 2,
-               seed: int = 0) -> float:
+               seed: int = 0, **kw: int) -> float:
     gen = torch.Generator().manual_seed(seed)
     d = fmt.head_dim
     paged = make_pages(lens, page_size, gen)
@@ -48,7 +48,7 @@ def run_decode(fmt: KVFormat, group: int, page_size: int, lens: list[int], split
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out = torch.full_like(q, float("nan"))
     got = decode_attention(q, cache.k, cache.v, cache.kp, cache.vp, paged.page_table, seq_lens, page_size, fmt,
-                           default_scale(d), out=out, num_splits=splits)
+                           default_scale(d), out=out, num_splits=splits, **kw)
     assert got.data_ptr() == out.data_ptr()
     return rel_err(out, decode_ref(q, cache, paged, lens, fmt, default_scale(d)))
 
@@ -58,12 +58,21 @@ def test_decode_matches_reference(case: tuple) -> None:
     assert run_decode(*case) < TOL
 
 
+@pytest.mark.parametrize("deq", [0, 1, 2])
+def test_decode_dequant_paths(deq: int) -> None:
+    """The three ways of turning codes into bf16 (2 is inline PTX on the GPU, 1 under the interpreter)."""
+    assert run_decode(KVFormat("int4-bdr", 128, 32, True, True), 4, 16, [1, 40, 77], 2, deq=deq) < TOL
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,order,rv", [("bf16", 128, False), ("int4", 128, False), ("int4-bdr", 128, False),
                                            ("int4-bdr", 16, True)])
-def test_decode_full_shape(name: str, order: int, rv: bool) -> None:
+@pytest.mark.parametrize("deq", [0, 1, 2])
+def test_decode_full_shape(name: str, order: int, rv: bool, deq: int) -> None:
+    if name == "bf16" and deq:
+        pytest.skip("bf16 has no codes")
     fmt = KVFormat(name, 128, order, rv, name != "bf16")
-    assert run_decode(fmt, 4, 16, [1, 4096, 2000, 777], None, hkv=8, seed=1) < TOL
+    assert run_decode(fmt, 4, 16, [1, 4096, 2000, 777], None, hkv=8, seed=1, deq=deq) < TOL
 
 
 @pytest.mark.gpu

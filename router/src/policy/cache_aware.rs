@@ -45,6 +45,10 @@ impl Policy for CacheAware {
             .insert(input_ids);
         chosen
     }
+
+    fn forget(&self, worker: usize) {
+        self.trees.lock().unwrap_or_else(|p| p.into_inner()).remove(&worker);
+    }
 }
 
 fn unbalanced(candidates: &[Arc<Worker>]) -> bool {
@@ -67,6 +71,16 @@ mod tests {
         assert_eq!(p.pick(&workers, &[1, 2, 3, 4, 5]), first);
         // Unrelated prompt: least loaded worker.
         assert_ne!(p.pick(&workers, &[9, 9, 9, 9]), first);
+    }
+
+    #[test]
+    fn forgotten_worker_loses_its_prefixes() {
+        let workers = crate::policy::test_workers(2);
+        let p = CacheAware::default();
+        let first = p.pick(&workers, &[1, 2, 3, 4]);
+        let _busy = workers[first].track();
+        p.forget(workers[first].index);
+        assert_ne!(p.pick(&workers, &[1, 2, 3, 4]), first);
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub trait Policy: Send + Sync {
     /// Picks one of `candidates` (healthy, not yet tried for this request, never empty) for a
     /// request with these prompt tokens; returns its position in `candidates`.
     fn pick(&self, candidates: &[Arc<Worker>], input_ids: &[u32]) -> usize;
+
+    /// The worker went down (and lost its cache).
+    fn forget(&self, _worker: usize) {}
 }
 
 pub fn from_kind(kind: PolicyKind) -> Box<dyn Policy> {

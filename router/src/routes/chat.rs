@@ -22,7 +22,16 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = state.model()?;
-    let params = validate::chat(&req, &model.tokenizer)?;
+    // Templating and tokenizing long prompts is CPU work: keep it off the async threads.
+    let (req, params) = super::blocking({
+        let model = model.clone();
+        move || {
+            let params = validate::chat(&req, &model.tokenizer);
+            (req, params)
+        }
+    })
+    .await?;
+    let params = params?;
     let with_logprobs = params.logprobs.is_some();
     let generation = generate::start(&state, &model, params).await?;
     let writer = ChatWriter { id: response_id("chatcmpl"), created: unix_now(), model, with_logprobs };

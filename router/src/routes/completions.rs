@@ -21,7 +21,15 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = state.model()?;
-    let (params, prompt_text) = validate::completion(&req, &model.tokenizer)?;
+    let (req, validated) = super::blocking({
+        let model = model.clone();
+        move || {
+            let validated = validate::completion(&req, &model.tokenizer);
+            (req, validated)
+        }
+    })
+    .await?;
+    let (params, prompt_text) = validated?;
     let echo = req.echo.unwrap_or(false).then(|| (prompt_text, params.input_ids.clone()));
     let with_logprobs = params.logprobs.is_some();
     let generation = generate::start(&state, &model, params).await?;

@@ -1,0 +1,289 @@
+"""End to end: `saw-router` with real CPU workers (smollm2-135m, int4-bdr KV), driven by the official
+openai client and raw HTTP. Each router runs as a subprocess; teardown stops it and checks that no
+worker process survives it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from openai import OpenAI
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m"
+KV = os.environ.get("SAW_E2E_KV", "int4-bdr")
+STARTUP_TIMEOUT = 600
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _router_command() -> list[str]:
+    exe = shutil.which("saw-router")
+    return [exe] if exe else [sys.executable, "-c", "from saw_router import main; main()"]
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of pid, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Router:
+    def __init__(self, workers: int) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="saw-router-", suffix=".log", delete=False)
+        cmd = _router_command() + ["--workers", str(workers), "--kv", KV, "--model", MODEL, "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.workers: list[int] = []
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"saw-router exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    self.workers = _children(self.proc.pid)
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"saw-router not ready in {STARTUP_TIMEOUT}s:\n{self.output()[-4000:]}")
+
+    def client(self) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def metrics(self) -> dict[str, float]:
+        text = requests.get(f"{self.url}/metrics", timeout=5).text
+        return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail("saw-router did not stop within 60s of SIGTERM")
+        assert code == 0, self.output()[-4000:]
+        time.sleep(0.5)
+        left = [pid for pid in self.workers if _alive(pid)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"worker processes outlived the router: {left}"
+
+
+@pytest.fixture(scope="module")
+def router():
+    r = Router(workers=1)
+    try:
+        r.wait_ready()
+        assert len(r.workers) == 1, r.output()
+        yield r
+    finally:
+        r.stop()
+
+
+@pytest.fixture(scope="module")
+def router2():
+    r = Router(workers=2)
+    try:
+        r.wait_ready()
+        yield r
+    finally:
+        r.stop()
+
+
+def test_models(router: Router) -> None:
+    models = router.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_chat_answer(router: Router) -> None:
+    reply = router.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=32, temperature=0)
+    content = reply.choices[0].message.content
+    assert content is not None and "Paris" in content, content
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+
+
+def test_chat_stream_with_usage(router: Router) -> None:
+    stream = router.client().chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text, text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_completion_and_stop_string(router: Router) -> None:
+    client = router.client()
+    full = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    text = full.choices[0].text
+    assert "Paris" in text, text
+    cut = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stop=["Par"]
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.index("Par")]
+
+
+def test_echo_logprobs_score_the_prompt(router: Router) -> None:
+    reply = router.client().completions.create(
+        model=MODEL, prompt="The capital of France is Paris.", max_tokens=0, echo=True, logprobs=1, temperature=0
+    )
+    lp = reply.choices[0].logprobs
+    assert reply.choices[0].text == "The capital of France is Paris."
+    assert len(lp.tokens) == reply.usage.prompt_tokens == len(lp.token_logprobs)
+    assert lp.token_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens) == reply.choices[0].text
+
+
+def test_32_concurrent_streams(router: Router) -> None:
+    client = router.client()
+
+    def one(i: int) -> tuple[str, str]:
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
+            max_tokens=16,
+            temperature=0.7,
+            seed=i,
+            stream=True,
+        )
+        text, finish = "", None
+        for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    assert all(finish in ("stop", "length") for _, finish in results), results
+    assert sum(1 for text, _ in results if text) >= 30
+
+
+def test_disconnect_frees_the_worker(router: Router) -> None:
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with requests.post(f"{router.url}/v1/completions", json=body, stream=True, timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        assert any(next(lines).startswith(b"data: {") for _ in range(6))
+        # The worker's load (polled every 0.5 s) shows the request while it runs.
+        deadline = time.monotonic() + 10
+        while router.metrics()['saw_worker_running_requests{worker="0"}'] < 1:
+            assert time.monotonic() < deadline, "the running request never showed in /metrics"
+            time.sleep(0.1)
+    # Leaving the block closed the connection mid-stream.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = router.metrics()
+        if m['saw_worker_running_requests{worker="0"}'] == 0 and m['saw_worker_inflight_requests{worker="0"}'] == 0:
+            break
+        time.sleep(0.25)
+    m = router.metrics()
+    assert m['saw_worker_running_requests{worker="0"}'] == 0, m
+    assert m['saw_worker_waiting_requests{worker="0"}'] == 0, m
+    assert m['saw_worker_inflight_requests{worker="0"}'] == 0, m
+    assert m["saw_running_requests"] == 0, m
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/chat/completions", "{not json", 400),
+        ("/v1/chat/completions", json.dumps({"messages": "hi"}), 400),
+        ("/v1/chat/completions", json.dumps({"messages": QUESTION, "temperature": 9}), 400),
+        ("/v1/chat/completions", json.dumps({"messages": QUESTION, "n": 3}), 400),
+        ("/v1/completions", json.dumps({"prompt": "hello " * 10000}), 400),
+        ("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": -1}), 400),
+        ("/v1/nothing", "{}", 404),
+    ],
+)
+def test_bad_requests(router: Router, path: str, body: str, status: int) -> None:
+    resp = requests.post(f"{router.url}{path}", data=body, headers={"content-type": "application/json"}, timeout=30)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["message"] and {"type", "param", "code"} <= err.keys()
+
+
+def test_two_workers_share_the_load(router2: Router) -> None:
+    client = router2.client()
+
+    def one(i: int) -> str:
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Question {i}: name a color."}],
+            max_tokens=8,
+        )
+        return reply.choices[0].finish_reason
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(one, range(24)))
+    m = router2.metrics()
+    served = [m.get(f'saw_worker_requests_total{{worker="{i}"}}', 0) for i in range(2)]
+    assert sum(served) == 24 and min(served) > 0, served
+    assert len(router2.workers) == 2
+
+
+def test_sigterm_drains_open_streams() -> None:
+    r = Router(workers=1)
+    try:
+        r.wait_ready()
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True, "stream": True}
+        with requests.post(f"{r.url}/v1/completions", json=body, stream=True, timeout=120) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line).startswith(b"data: {")
+            r.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        # The open stream ran to its end after the signal.
+        assert rest[-1] == b"data: [DONE]"
+        finish = json.loads(rest[-2][len(b"data: ") :])["choices"][0]["finish_reason"]
+        assert finish == "length"
+        assert r.proc.wait(timeout=60) == 0
+    finally:
+        r.stop()
