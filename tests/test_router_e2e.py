@@ -218,15 +218,17 @@ def test_disconnect_frees_the_worker(router: Router) -> None:
         while router.metrics()['saw_worker_running_requests{worker="0"}'] < 1:
             assert time.monotonic() < deadline, "the running request never showed in /metrics"
             time.sleep(0.1)
-    # Leaving the block closed the connection mid-stream.
+    # Leaving the block closed the connection mid-stream: the worker must drop the request and its KV.
+    running, kv_used = 'saw_worker_running_requests{worker="0"}', 'saw_worker_kv_tokens_used{worker="0"}'
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         m = router.metrics()
-        if m['saw_worker_running_requests{worker="0"}'] == 0 and m['saw_worker_inflight_requests{worker="0"}'] == 0:
+        if m[running] == 0 and m[kv_used] == 0 and m['saw_worker_inflight_requests{worker="0"}'] == 0:
             break
         time.sleep(0.25)
     m = router.metrics()
-    assert m['saw_worker_running_requests{worker="0"}'] == 0, m
+    assert m[running] == 0, m
+    assert m[kv_used] == 0, m
     assert m['saw_worker_waiting_requests{worker="0"}'] == 0, m
     assert m['saw_worker_inflight_requests{worker="0"}'] == 0, m
     assert m["saw_running_requests"] == 0, m

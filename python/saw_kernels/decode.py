@@ -344,7 +344,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         s_ps, s_ph, page_table.stride(0), out.stride(0), out.stride(1),
         sm_scale * LOG2E, inv,
         HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, QUANT=quant, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
-        SPLITS=num_splits, BLOCK_N=block_n, PSPLIT=2, DEQ=deq, Q2=fmt.rotated and q_split, num_warps=num_warps, num_stages=num_stages,
+        SPLITS=num_splits, BLOCK_N=block_n, PSPLIT=2, DEQ=deq, Q2=fmt.rotated and q_split, num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_kernel[(bsz, hkv)](

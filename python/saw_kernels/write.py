@@ -95,21 +95,22 @@ def _write_kernel(
         tl.store(vc_ptr + vc_off[:, None] + D2 + c[None, :], v_hi.to(tl.bfloat16), mask=ld)
 
 
-_RMEAN: dict[tuple, torch.Tensor] = {}
+_RMEAN: dict[tuple[int, int], tuple[torch.Tensor, int, torch.Tensor]] = {}
 
 
 def rotated_mean(k_mean: torch.Tensor, order: int) -> torch.Tensor:
-    """R mu in fp32 (from float64), cached per k_mean version; recomputed inside a graph capture, where a
-    cached result would only be written at replay."""
+    """R mu in fp32 (from float64), cached per k_mean object and version (the entry holds k_mean, so its
+    id cannot be reused); recomputed inside a graph capture, where a new result is written only at replay."""
     capturing = k_mean.is_cuda and torch.cuda.is_current_stream_capturing()
-    key = (k_mean.data_ptr(), k_mean._version, order, str(k_mean.device), tuple(k_mean.shape))
-    r = None if capturing else _RMEAN.get(key)
-    if r is None:
-        r = rotate(k_mean.double(), order).float().contiguous()
-        if not capturing:
-            if len(_RMEAN) > 64:
-                _RMEAN.clear()
-            _RMEAN[key] = r
+    key = (id(k_mean), order)
+    hit = None if capturing else _RMEAN.get(key)
+    if hit is not None and hit[0] is k_mean and hit[1] == k_mean._version:
+        return hit[2]
+    r = rotate(k_mean.double(), order).float().contiguous()
+    if not capturing:
+        if len(_RMEAN) > 64:
+            _RMEAN.clear()
+        _RMEAN[key] = (k_mean, k_mean._version, r)
     return r
 
 

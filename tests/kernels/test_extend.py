@@ -32,7 +32,7 @@ def case_id(case: tuple) -> str:
 
 
 def run_extend(fmt: KVFormat, group: int, page_size: int, prefix: list[int], new: list[int], hkv: int = 2,
-               seed: int = 0) -> float:
+               seed: int = 0, **kw: int) -> float:
     gen = torch.Generator().manual_seed(seed)
     d = fmt.head_dim
     total = [p + n for p, n in zip(prefix, new, strict=True)]
@@ -52,7 +52,7 @@ def run_extend(fmt: KVFormat, group: int, page_size: int, prefix: list[int], new
     out = torch.full_like(q, float("nan"))
     extend_attention(q, k, v, torch.tensor(cu, dtype=torch.int32, device=DEV),
                      torch.tensor(prefix, dtype=torch.int32, device=DEV), cache.k, cache.v, cache.kp, cache.vp,
-                     paged.page_table, page_size, fmt, default_scale(d), k_mean=k_mean, out=out)
+                     paged.page_table, page_size, fmt, default_scale(d), k_mean=k_mean, out=out, **kw)
     return rel_err(out, extend_ref(q, k, v, cu, prefix, cache, paged, fmt, default_scale(d), k_mean))
 
 
@@ -64,6 +64,12 @@ def test_extend_matches_reference(case: tuple) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,order,rv", [("bf16", 128, False), ("int4", 128, False), ("int4-bdr", 128, True),
                                            ("int4-bdr", 32, False)])
-def test_extend_full_shape(name: str, order: int, rv: bool) -> None:
+@pytest.mark.parametrize("deq", [0, 3])
+def test_extend_full_shape(name: str, order: int, rv: bool, deq: int) -> None:
     fmt = KVFormat(name, 128, order, rv, name != "bf16")
-    assert run_extend(fmt, 4, 16, [1000, 513, 0], [300, 77, 129], hkv=8, seed=1) < TOL
+    assert run_extend(fmt, 4, 16, [1000, 513, 0], [300, 77, 129], hkv=8, seed=1, deq=deq) < TOL
+
+
+@pytest.mark.gpu
+def test_extend_gqa7_full_shape() -> None:
+    assert run_extend(KVFormat("int4-bdr", 128, 64, False, True), 7, 16, [700, 64], [200, 333], hkv=4, seed=2) < TOL
