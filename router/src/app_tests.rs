@@ -181,6 +181,9 @@ async fn models_health_metrics() {
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["data"][0]["id"], "test-model");
     assert_eq!(v["data"][0]["max_model_len"], 64);
+    let (status, text) = call(&s, "GET", "/v1/tokenizer", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["model"]["type"], "WordLevel");
     // No healthy worker: not ready.
     assert_eq!(call(&s, "GET", "/health", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
     let (status, text) = call(&s, "GET", "/metrics", None).await;

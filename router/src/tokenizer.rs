@@ -11,6 +11,9 @@ const FALLBACK_TEMPLATE: &str = "{% for m in messages %}{{ m['role'] }}: {{ m['c
 
 pub struct ModelTokenizer {
     tokenizer: tokenizers::Tokenizer,
+    /// The worker's tokenizer JSON as received, served at `/v1/tokenizer` for clients that
+    /// must count tokens exactly (load tests build prompts of a given length with it).
+    pub json: String,
     templates: Environment<'static>,
     bos_token: String,
     eos_token: String,
@@ -28,6 +31,7 @@ impl ModelTokenizer {
             chat_environment(source.to_string()).map_err(|e| format!("bad chat template: {e}"))?;
         Ok(ModelTokenizer {
             tokenizer,
+            json: info.tokenizer_json.clone(),
             templates,
             bos_token: info.bos_token.clone(),
             eos_token: info.eos_token.clone(),

@@ -30,6 +30,12 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Result<Json<ModelList
     }))
 }
 
+/// The served model's HF tokenizer JSON (not an OpenAI route; saw's load tests use it).
+pub async fn tokenizer(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+    let model = state.model()?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], model.tokenizer.json.clone()))
+}
+
 /// 200 when the model is known and at least one worker takes requests, else 503.
 pub async fn health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let healthy = state.workers.iter().filter(|w| w.is_healthy()).count();
