@@ -61,4 +61,4 @@ class PagedAttention:
                                          lay.seq_lens, self.pool.page_size, fmt, self.sm_scale)
         return kern.extend_attention(q, k, v, lay.cu_seqlens, lay.prefix_lens, cache.k, cache.v, cache.k_params,
                                      cache.v_params, lay.page_table, self.pool.page_size, fmt, self.sm_scale,
-                                     max_new_len=lay.max_new_len)
+                                     max_new_len=lay.max_new_len, k_mean=cache.k_mean)
