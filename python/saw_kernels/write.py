@@ -103,14 +103,15 @@ def rotated_mean(k_mean: torch.Tensor, order: int) -> torch.Tensor:
     id cannot be reused); recomputed inside a graph capture, where a new result is written only at replay."""
     capturing = k_mean.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (id(k_mean), order)
-    hit = None if capturing else _RMEAN.get(key)
+    hit = _RMEAN.get(key)
     if hit is not None and hit[0] is k_mean and hit[1] == k_mean._version:
         return hit[2]
+    if capturing:
+        raise RuntimeError("write_kv: run it once with this k_mean before capturing a CUDA graph")
     r = rotate(k_mean.double(), order).float().contiguous()
-    if not capturing:
-        if len(_RMEAN) > 64:
-            _RMEAN.clear()
-        _RMEAN[key] = (k_mean, k_mean._version, r)
+    if len(_RMEAN) > 64:
+        _RMEAN.clear()
+    _RMEAN[key] = (k_mean, k_mean._version, r)
     return r
 
 

@@ -1,0 +1,161 @@
+"""In-process accuracy sweep over KV formats and options (exact full-vocabulary KL, no server).
+
+    PYTHONPATH=python python bench/accuracy/sweep.py --model smollm2-135m --windows 8 --window 1024 \\
+        --out bench/results/accuracy-smollm2-135m.json
+
+For each corpus window (saw_eval.corpus) the bf16-cache run is the reference; every config reports
+perplexity, mean KL(bf16 || config) over all positions and top-1 agreement. Also: the per-layer K
+outlier statistic (max channel magnitude / median channel magnitude) and, with --greedy, a greedy
+answer to a chat prompt under each config. See sim.py for how formats are simulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "python"), str(Path(__file__).resolve().parent)]
+
+import tokenizers  # noqa: E402
+from sim import SimAttention, SimFormat  # noqa: E402
+
+from saw_eval.corpus import corpus_meta, load_corpus, windows  # noqa: E402
+from saw_worker.kv.calibration import CALIBRATION_TEXT  # noqa: E402
+from saw_worker.loader import load_model  # noqa: E402
+
+GREEDY_PROMPT = "What is the capital of France?"
+
+
+def configs(head_dim: int) -> dict[str, SimFormat]:
+    c: dict[str, SimFormat] = {"bf16": SimFormat("bf16")}
+    for kc in (False, True):
+        sfx = " +kc" if kc else ""
+        c["int4" + sfx] = SimFormat("int4", k_center=kc)
+        for order in (16, 32, 64):
+            c[f"int4-bdr{order}{sfx}"] = SimFormat("int4-bdr", order, k_center=kc)
+        c[f"int4-bdr{head_dim} --rotate-v{sfx}"] = SimFormat("int4-bdr", head_dim, rotate_v=True, k_center=kc)
+    best = SimFormat("int4-bdr", head_dim, k_center=True)
+    c["bdr+kc, bf16 scales"] = replace(best, param_dtype=torch.bfloat16)
+    c["bdr+kc, sink 4 bf16"] = replace(best, sink=4)
+    c["int4+kc, sink 4 bf16"] = SimFormat("int4", k_center=True, sink=4)
+    c["bdr+kc, V centered"] = replace(best, v_center=True)
+    c["bdr+kc, K groups of 32"] = replace(best, k_group=32)
+    c["bdr+kc, K int8"] = replace(best, k_bits=8)
+    c["bdr+kc, layers 0-1 bf16"] = replace(best, exact_layers=frozenset({0, 1}))
+    return c
+
+
+def outlier_stats(k: torch.Tensor) -> float:
+    """max over heads of max_c(max_t |k|) / median_c(max_t |k|) for K [T, Hkv, D]."""
+    mag = k.abs().amax(0)  # [Hkv, D]
+    return float((mag.amax(-1) / mag.median(-1).values.clamp(min=1e-6)).max())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--only", nargs="*", help="config names to run (default: all)")
+    p.add_argument("--greedy", action="store_true", help="also answer a chat prompt greedily under each config")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+
+    att = SimAttention(SimFormat("bf16"), 1.0)
+    loaded = load_model(args.model, "auto", torch.device("cpu"), torch.float32, att)
+    model, cfg = loaded.model, loaded.config
+    att.sm_scale = cfg.head_dim ** -0.5
+    tok = tokenizers.Tokenizer.from_str(loaded.tokenizer.tokenizer_json)
+    encode = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+
+    @torch.inference_mode()
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        t = torch.tensor(ids)
+        return torch.log_softmax(model.compute_logits(model(t, torch.arange(len(ids)))), -1)
+
+    # K/V means for centering, from the calibration text under a bf16 cache.
+    sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    att.observer = lambda i, k, v: sums.__setitem__(i, (k.float().mean(0), v.float().mean(0)))
+    logprobs(encode(CALIBRATION_TEXT))
+    k_mean = torch.stack([sums[i][0] for i in range(cfg.num_layers)])
+    v_mean = torch.stack([sums[i][1] for i in range(cfg.num_layers)])
+
+    files = load_corpus()
+    wins = windows(files, encode, args.window, args.windows)
+    table = configs(cfg.head_dim)
+    names = [n for n in table if not args.only or n in args.only or n == "bf16"]
+    acc = {n: {"nll": 0.0, "kl": 0.0, "top1": 0, "n": 0} for n in names}
+    stats: dict[int, dict[str, float]] = {}
+    started = time.perf_counter()
+    for w, ids in enumerate(wins):
+        att.fmt, att.k_mean, att.v_mean = table["bf16"], k_mean, v_mean
+        if w == 0:
+            def observe(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+                stats[i] = {"k_raw": outlier_stats(k), "k_centered": outlier_stats(k - k_mean[i]),
+                            "v": outlier_stats(v), "k_mean_norm_over_rms": float(
+                                (k_mean[i].norm(dim=-1) / (k - k_mean[i]).pow(2).sum(-1).mean(0).sqrt()).max())}
+            att.observer = observe
+        else:
+            att.observer = None
+        ref = logprobs(ids)
+        att.observer = None
+        tgt = torch.tensor(ids[1:])
+        for n in names:
+            att.fmt = table[n]
+            lp = ref if n == "bf16" else logprobs(ids)
+            a = acc[n]
+            a["nll"] -= float(lp[:-1].gather(1, tgt[:, None]).sum())
+            a["kl"] += float((ref.exp() * (ref - lp)).sum(-1)[:-1].sum())
+            a["top1"] += int((lp[:-1].argmax(-1) == ref[:-1].argmax(-1)).sum())
+            a["n"] += len(ids) - 1
+        print(f"window {w + 1}/{len(wins)} done, {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
+
+    rows = []
+    for n in names:
+        a, f = acc[n], table[n]
+        rows.append({"config": n, "ppl": round(float(torch.tensor(a["nll"] / a["n"]).exp()), 4),
+                     "mean_kl": round(a["kl"] / a["n"], 5), "top1_agree": round(a["top1"] / a["n"], 4),
+                     "tokens": a["n"], "bytes_per_token_head": f.bytes_per_token_head(cfg.head_dim),
+                     "format": {k: (str(v) if not isinstance(v, (int, bool, str)) else v)
+                                for k, v in asdict(f).items()}})
+        print(f"{n:32s} ppl {rows[-1]['ppl']:8.3f}  KL {rows[-1]['mean_kl']:.5f}  top1 {rows[-1]['top1_agree']:.4f}")
+
+    greedy = {}
+    if args.greedy:
+        import jinja2
+
+        tmpl = jinja2.Environment().from_string(loaded.tokenizer.chat_template)
+        text = tmpl.render(messages=[{"role": "user", "content": GREEDY_PROMPT}], add_generation_prompt=True,
+                           bos_token=loaded.tokenizer.bos_token, eos_token=loaded.tokenizer.eos_token)
+        prompt = encode(text)
+        eos = set(loaded.tokenizer.eos_token_ids)
+        for n in names:
+            att.fmt = table[n]
+            ids = list(prompt)
+            for _ in range(24):  # full recompute per step: every token re-reads the quantized cache
+                nxt = int(logprobs(ids)[-1].argmax())
+                if nxt in eos:
+                    break
+                ids.append(nxt)
+            greedy[n] = tok.decode(ids[len(prompt):])
+            print(f"{n:32s} -> {greedy[n]!r}")
+
+    out = {"model": args.model, "model_id": loaded.model_id, "head_dim": cfg.head_dim, "window": args.window,
+           "windows": len(wins), "corpus": corpus_meta(files), "method": "in-process simulation, exact KL",
+           "command": " ".join(sys.argv), "rows": rows, "k_outliers_per_layer": stats,
+           "greedy_prompt": GREEDY_PROMPT if args.greedy else None, "greedy": greedy,
+           "seconds": round(time.perf_counter() - started, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
