@@ -117,7 +117,37 @@ def main() -> None:
             a["top1"] += int((lp[:-1].argmax(-1) == ref[:-1].argmax(-1)).sum())
             a["n"] += len(ids) - 1
         print(f"window {w + 1}/{len(wins)} done, {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
+        save(args, loaded, cfg, files, table, names, acc, stats, {}, w + 1, started, quiet=False)
 
+    greedy: dict[str, str] = {}
+    if args.greedy:
+        greedy = run_greedy(loaded, tok, encode, att, table, names, logprobs)
+    save(args, loaded, cfg, files, table, names, acc, stats, greedy, len(wins), started, quiet=False)
+
+
+def run_greedy(loaded, tok, encode, att, table, names, logprobs) -> dict[str, str]:  # noqa: ANN001
+    import jinja2
+
+    tmpl = jinja2.Environment().from_string(loaded.tokenizer.chat_template)
+    text = tmpl.render(messages=[{"role": "user", "content": GREEDY_PROMPT}], add_generation_prompt=True,
+                       bos_token=loaded.tokenizer.bos_token, eos_token=loaded.tokenizer.eos_token)
+    prompt = encode(text)
+    eos = set(loaded.tokenizer.eos_token_ids)
+    greedy = {}
+    for n in names:
+        att.fmt = table[n]
+        ids = list(prompt)
+        for _ in range(24):  # full recompute per step: every token re-reads the quantized cache
+            nxt = int(logprobs(ids)[-1].argmax())
+            if nxt in eos:
+                break
+            ids.append(nxt)
+        greedy[n] = tok.decode(ids[len(prompt):])
+        print(f"{n:32s} -> {greedy[n]!r}", flush=True)
+    return greedy
+
+
+def save(args, loaded, cfg, files, table, names, acc, stats, greedy, n_windows, started, quiet) -> None:  # noqa: ANN001
     rows = []
     for n in names:
         a, f = acc[n], table[n]
@@ -126,30 +156,12 @@ def main() -> None:
                      "tokens": a["n"], "bytes_per_token_head": f.bytes_per_token_head(cfg.head_dim),
                      "format": {k: (str(v) if not isinstance(v, (int, bool, str)) else v)
                                 for k, v in asdict(f).items()}})
-        print(f"{n:32s} ppl {rows[-1]['ppl']:8.3f}  KL {rows[-1]['mean_kl']:.5f}  top1 {rows[-1]['top1_agree']:.4f}")
-
-    greedy = {}
-    if args.greedy:
-        import jinja2
-
-        tmpl = jinja2.Environment().from_string(loaded.tokenizer.chat_template)
-        text = tmpl.render(messages=[{"role": "user", "content": GREEDY_PROMPT}], add_generation_prompt=True,
-                           bos_token=loaded.tokenizer.bos_token, eos_token=loaded.tokenizer.eos_token)
-        prompt = encode(text)
-        eos = set(loaded.tokenizer.eos_token_ids)
-        for n in names:
-            att.fmt = table[n]
-            ids = list(prompt)
-            for _ in range(24):  # full recompute per step: every token re-reads the quantized cache
-                nxt = int(logprobs(ids)[-1].argmax())
-                if nxt in eos:
-                    break
-                ids.append(nxt)
-            greedy[n] = tok.decode(ids[len(prompt):])
-            print(f"{n:32s} -> {greedy[n]!r}")
+        if not quiet:
+            print(f"{n:32s} ppl {rows[-1]['ppl']:8.3f}  KL {rows[-1]['mean_kl']:.5f}  "
+                  f"top1 {rows[-1]['top1_agree']:.4f}", flush=True)
 
     out = {"model": args.model, "model_id": loaded.model_id, "head_dim": cfg.head_dim, "window": args.window,
-           "windows": len(wins), "corpus": corpus_meta(files), "method": "in-process simulation, exact KL",
+           "windows": n_windows, "corpus": corpus_meta(files), "method": "in-process simulation, exact KL",
            "command": " ".join(sys.argv), "rows": rows, "k_outliers_per_layer": stats,
            "greedy_prompt": GREEDY_PROMPT if args.greedy else None, "greedy": greedy,
            "seconds": round(time.perf_counter() - started, 1)}

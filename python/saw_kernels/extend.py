@@ -119,7 +119,8 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     new tokens 0..i of its own rows cu_seqlens[b]:cu_seqlens[b+1] (positions prefix_lens[b] + i).
 
     k_mean must be the K mean the cache was written with when fmt.k_center is on (the prefix logits
-    are shifted by -q.mu, the new ones are not). max_new_len avoids a host read of cu_seqlens.
+    are shifted by -q.mu, the new ones are not; None = no centering, as in write_kv). max_new_len
+    avoids a host read of cu_seqlens.
     """
     tn, hq, d = q.shape
     hkv = k.shape[1]
@@ -127,8 +128,6 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     bsz = cu_seqlens.numel() - 1
     assert group * hkv == hq and d % 32 == 0 and page_size & (page_size - 1) == 0
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    if fmt.k_center and k_mean is None:
-        raise ValueError("extend_attention needs k_mean when fmt.k_center is on")
     if out is None:
         out = torch.empty(tn, hq, d, dtype=torch.bfloat16, device=q.device)
     if tn == 0 or bsz == 0:
@@ -145,7 +144,7 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         hmat, full, inv = rotation_args(fmt.hadamard_order, d, q.device)
     else:
         hmat, full, inv = k_cache, False, 1.0
-    center = quant and fmt.k_center
+    center = quant and fmt.k_center and k_mean is not None  # as in write_kv: no mean, nothing was subtracted
     mean = k_mean.float().contiguous() if center else k_cache
     if block_m is None:
         block_m = 16 if INTERPRET else 128

@@ -10,6 +10,7 @@ from saw_kernels import decode_attention, write_kv
 from saw_worker.kv.formats import KVFormat
 
 TOL = 8e-3  # bf16 output rounding (~2e-3) plus bf16 q / P pieces; the CPU interpreter truncates to bf16
+TOL_Q1 = 1.2e-2  # rotated q rounded once to bf16 (the default, q_split=False); ~half that on the GPU
 
 # (format, query group, page size, lengths, splits): every Hadamard order, GQA 1/2/4/7/8,
 # 1-token requests, page crossings, empty splits, page sizes 1..128.
@@ -55,13 +56,15 @@ def run_decode(fmt: KVFormat, group: int, page_size: int, lens: list[int], split
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_decode_matches_reference(case: tuple) -> None:
-    assert run_decode(*case) < TOL
+    assert run_decode(*case, q_split=True) < TOL
+    if case[0].rotated:
+        assert run_decode(*case) < TOL_Q1
 
 
 @pytest.mark.parametrize("deq", [0, 1, 2])
 def test_decode_dequant_paths(deq: int) -> None:
     """The three ways of turning codes into bf16 (2 is inline PTX on the GPU, 1 under the interpreter)."""
-    assert run_decode(KVFormat("int4-bdr", 128, 32, True, True), 4, 16, [1, 40, 77], 2, deq=deq) < TOL
+    assert run_decode(KVFormat("int4-bdr", 128, 32, True, True), 4, 16, [1, 40, 77], 2, deq=deq) < TOL_Q1
 
 
 @pytest.mark.gpu
@@ -72,7 +75,7 @@ def test_decode_full_shape(name: str, order: int, rv: bool, deq: int) -> None:
     if name == "bf16" and deq:
         pytest.skip("bf16 has no codes")
     fmt = KVFormat(name, 128, order, rv, name != "bf16")
-    assert run_decode(fmt, 4, 16, [1, 4096, 2000, 777], None, hkv=8, seed=1, deq=deq) < TOL
+    assert run_decode(fmt, 4, 16, [1, 4096, 2000, 777], None, hkv=8, seed=1, deq=deq) < TOL_Q1
 
 
 @pytest.mark.gpu
@@ -102,4 +105,4 @@ def test_decode_cuda_graph_replays_new_lengths() -> None:
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        assert rel_err(out, decode_ref(q, cache, paged, new, fmt, 0.09)) < TOL
+        assert rel_err(out, decode_ref(q, cache, paged, new, fmt, 0.09)) < TOL_Q1

@@ -94,6 +94,14 @@ def test_byte_level_fallback_round_trips() -> None:
     assert tok.get_vocab_size() == 259
     assert tok.decode(tok.encode(ROUND_TRIP).ids) == ROUND_TRIP
     assert tok.encode("A").ids == [ord("A")]
+    assert tok.encode("<|im_end|>").ids == [258]
+
+
+def test_byte_level_fallback_names_every_id_of_a_dummy_vocab() -> None:
+    tok = Tokenizer.from_str(byte_level_fallback(1000).tokenizer_json)
+    assert tok.get_vocab_size() == 1000
+    assert tok.decode([999, 300]) == " w999 w300"
+    assert tok.decode(tok.encode(ROUND_TRIP).ids) == ROUND_TRIP  # fillers never come out of encoding
 
 
 # ---- HF folder ------------------------------------------------------------------------------------
@@ -187,7 +195,7 @@ def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _tokenizer_meta() -> tuple[list[str], list[int], list[str]]:
     byte_tok = Tokenizer.from_str(byte_level_fallback().tokenizer_json)
     vocab = byte_tok.get_vocab(with_added_tokens=False)
-    tokens = sorted(vocab, key=vocab.get)  # 256 byte symbols
+    tokens = sorted(vocab, key=vocab.get)[:256]  # the byte symbols
     merges = ["H e", "l l", "Ġ w"]
     tokens += ["He", "ll", "Ġw", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     types = [1] * 259 + [3, 3, 3]

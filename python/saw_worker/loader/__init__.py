@@ -157,7 +157,7 @@ def _load_hf(
     if fmt != "dummy" and not has_tok:
         raise ModelLoadError(f"no tokenizer.json in {folder}")
     try:
-        tok = tokenizer_from_hf_folder(folder) if has_tok else byte_level_fallback()
+        tok = tokenizer_from_hf_folder(folder) if has_tok else byte_level_fallback(cfg.vocab_size)
     except Exception as e:
         raise ModelLoadError(f"cannot read the tokenizer in {folder}: {e}") from None
     model_id = folder.resolve().name

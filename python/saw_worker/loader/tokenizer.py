@@ -163,20 +163,25 @@ def tokenizer_from_hf_folder(folder: Path) -> TokenizerInfo:
     )
 
 
-def byte_level_fallback() -> TokenizerInfo:
-    """A small valid tokenizer for dummy-weight models without tokenizer.json: the 256 byte-level
-    symbols (ids 0..255, no merges) plus ChatML specials 256..258. Text round-trips, one token per byte."""
+def byte_level_fallback(vocab_size: int = 259) -> TokenizerInfo:
+    """A valid tokenizer for dummy-weight models without tokenizer.json: the 256 byte-level symbols
+    (ids 0..255, no merges), ChatML specials 256..258, and ids 259..vocab_size-1 as filler words
+    " w259", " w260", ... Text round-trips one token per byte (no merges, so encoding never yields a
+    filler); the fillers give every id a random-weight model samples some text, so streams carry
+    content and load tests measure real chunks."""
     from tokenizers.pre_tokenizers import ByteLevel
 
     alphabet = ByteLevel.alphabet()
     # Order by byte value so id == byte; bytes_to_unicode maps printable bytes to themselves.
     byte_chars = sorted(alphabet, key=_byte_of)
-    vocab = {c: i for i, c in enumerate(byte_chars)}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    space = byte_chars[ord(" ")]
+    fillers = [f"{space}w{i}" for i in range(len(byte_chars) + len(specials), vocab_size)]
+    vocab = {c: i for i, c in enumerate(byte_chars + specials + fillers)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     return TokenizerInfo(
         tokenizer_json=tok.to_str(),

@@ -1,0 +1,3 @@
+from saw_eval.cli import main
+
+main()
