@@ -13,5 +13,5 @@ export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 timeout 240 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/worker tests/kernels 2>&1 | tail -12 \
   | tee "$out/gpu-tests.log"
 # shellcheck disable=SC2086
-timeout 330 saw-bench --kv $kvs --scenario "$scenario" -c $conc --max-requests 2x --duration 120 \
+timeout 480 saw-bench --kv $kvs --scenario "$scenario" -c $conc --max-requests 2x --duration 120 \
   --out "$out/serving" -- --model configs/qwen3-8b --load-format dummy 2>&1 | tail -40
