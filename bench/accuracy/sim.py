@@ -31,14 +31,18 @@ class SimFormat:
     k_group: int = 0  # 0 = whole row; else min/scale per group of k_group channels (K only)
     k_bits: int = 4
     exact_layers: frozenset[int] = field(default_factory=frozenset)  # layers kept in bf16
+    exact_k_layers: frozenset[int] = field(default_factory=frozenset)  # layers whose K is kept in bf16
 
-    def bytes_per_token_head(self, d: int) -> float:
-        """K + V bytes of one (token, KV head) in the steady state (sinks and exceptions excluded)."""
+    def bytes_per_token_head(self, d: int, num_layers: int = 1) -> float:
+        """K + V bytes of one (token, KV head), averaged over layers (bf16 exceptions included; the
+        sinks' cost is per request, not per token, and left out)."""
         if self.name == "bf16":
             return 4.0 * d
         groups = d // self.k_group if self.k_group else 1
-        k = d * self.k_bits / 8 + 4 * groups
-        return k + d / 2 + 4
+        k, v = d * self.k_bits / 8 + 4 * groups, d / 2 + 4
+        n_full, n_k = len(self.exact_layers), len(self.exact_k_layers - self.exact_layers)
+        n_q = num_layers - n_full - n_k
+        return (n_q * (k + v) + n_full * 4 * d + n_k * (2 * d + v)) / max(num_layers, n_full + n_k)
 
 
 def fake_quant(x: torch.Tensor, bits: int, group: int, param_dtype: torch.dtype) -> torch.Tensor:
@@ -86,6 +90,8 @@ class SimAttention:
         vh = rotate(vh, f.order) if f.rotate_v else vh
         if vm is not None:
             vh = vh + vm  # == adding vm to the output once: attention weights sum to 1
+        if layer in f.exact_k_layers:
+            kh = bf16(kc)
         if f.sink:  # sinks stay in the same (centered) space as the other keys
             kh[: f.sink] = bf16(kc[: f.sink])
             vh[: f.sink] = bf16(v[: f.sink])

@@ -49,6 +49,12 @@ def configs(head_dim: int) -> dict[str, SimFormat]:
     c["bdr+kc, K groups of 32"] = replace(best, k_group=32)
     c["bdr+kc, K int8"] = replace(best, k_bits=8)
     c["bdr+kc, layers 0-1 bf16"] = replace(best, exact_layers=frozenset({0, 1}))
+    # Second round (qwen): combinations on the best order-32 config; run with --only.
+    b32 = SimFormat("int4-bdr", min(32, head_dim), k_center=True)
+    c["bdr32+kc, K groups of 32"] = replace(b32, k_group=32)
+    c["bdr32+kc, layers 0-1 K bf16"] = replace(b32, exact_k_layers=frozenset({0, 1}))
+    c["bdr32+kc, K groups of 32, sink 4"] = replace(b32, k_group=32, sink=4)
+    c["bdr32+kc, K groups of 32, layers 0-1 K bf16"] = replace(b32, k_group=32, exact_k_layers=frozenset({0, 1}))
     return c
 
 
@@ -91,7 +97,8 @@ def main() -> None:
     files = load_corpus()
     wins = windows(files, encode, args.window, args.windows)
     table = configs(cfg.head_dim)
-    names = [n for n in table if not args.only or n in args.only or n == "bf16"]
+    extra = {n for n in table if n.startswith("bdr32+kc")}  # second round: only when asked for
+    names = [n for n in table if (n in args.only if args.only else n not in extra) or n == "bf16"]
     acc = {n: {"nll": 0.0, "kl": 0.0, "top1": 0, "n": 0} for n in names}
     stats: dict[int, dict[str, float]] = {}
     started = time.perf_counter()
@@ -153,7 +160,7 @@ def save(args, loaded, cfg, files, table, names, acc, stats, greedy, n_windows, 
         a, f = acc[n], table[n]
         rows.append({"config": n, "ppl": round(float(torch.tensor(a["nll"] / a["n"]).exp()), 4),
                      "mean_kl": round(a["kl"] / a["n"], 5), "top1_agree": round(a["top1"] / a["n"], 4),
-                     "tokens": a["n"], "bytes_per_token_head": f.bytes_per_token_head(cfg.head_dim),
+                     "tokens": a["n"], "bytes_per_token_head": f.bytes_per_token_head(cfg.head_dim, cfg.num_layers),
                      "format": {k: (str(v) if not isinstance(v, (int, bool, str)) else v)
                                 for k, v in asdict(f).items()}})
         if not quiet:

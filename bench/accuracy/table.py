@@ -20,7 +20,7 @@ def render(path: str) -> str:
     for x in r["rows"]:
         g = (r.get("greedy") or {}).get(x["config"], "")
         g = g.replace("|", "\\|").replace("\n", " ")[:48]
-        out.append(f"| {x['config']} | {x['bytes_per_token_head']:.0f} | {x['ppl']:.3f} | "
+        out.append(f"| {x['config']} | {x['bytes_per_token_head']:.1f} | {x['ppl']:.3f} | "
                    f"{100 * (x['ppl'] / bf16['ppl'] - 1):+.1f}% | {x['mean_kl']:.4f} | {x['top1_agree']:.3f} | {g} |")
     out += ["", f"K outlier statistic per layer (max over KV heads of max-channel |k| / median-channel |k|, "
             f"first window; D={d}):", "",
