@@ -26,9 +26,9 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
 KV = os.environ.get("SAW_E2E_KV", "int4-bdr")
 STARTUP_TIMEOUT = 600
-# "Answer in one word." matters with 4-bit KV on this 135M model: asked bare, greedy int4 and
-# int4-bdr drift into French prose, because quantizing the first (attention-sink) token's K/V is
-# what breaks it (keeping that one token exact restores "Paris"; see docs/accuracy.md).
+# "Answer in one word." matters with 4-bit KV on this 135M model: asked bare, the first answer
+# token is a near-tie under bf16 ("The" p=0.157 vs "L" p=0.140), so INT4 noise can tip greedy
+# int4 / int4-bdr into French prose (see docs/accuracy.md).
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
