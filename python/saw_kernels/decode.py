@@ -284,6 +284,23 @@ def params_as_words(k_params: torch.Tensor | None, v_params: torch.Tensor | None
     return kw, vw, kw.stride(0), kw.stride(1)
 
 
+def format_args(fmt: KVFormat, head_dim: int, k_cache: torch.Tensor, k_params: torch.Tensor | None,
+                v_params: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor, bool, float]:
+    """What every cache kernel takes for fmt: the (scale, lo) words and their strides, then the rotation
+    arguments (M, FULL, 1/sqrt(b)); k_cache stands in for tensors a format does not use."""
+    if fmt.quantized:
+        kp, vp, s_ps, s_ph = params_as_words(k_params, v_params)
+    else:
+        kp = vp = k_cache
+        s_ps = s_ph = 0
+    if fmt.rotated:
+        hmat, full, inv = rotation_args(fmt.hadamard_order, head_dim, k_cache.device)
+    else:
+        hmat, full, inv = k_cache, False, 1.0
+    return kp, vp, s_ps, s_ph, hmat, full, inv
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
                       block_n: int = 64) -> int:
     """Splits per (request, KV head) so the grid covers ~2 waves of SMs, from shapes only (graph-safe)."""
@@ -324,15 +341,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits is None:
         ctx = max_context if max_context is not None else page_table.shape[1] * page_size
         num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n)
-    if quant:
-        kp, vp, s_ps, s_ph = params_as_words(k_params, v_params)
-    else:
-        kp = vp = k_cache
-        s_ps = s_ph = 0
-    if fmt.rotated:
-        hmat, full, inv = rotation_args(fmt.hadamard_order, d, q.device)
-    else:
-        hmat, full, inv = k_cache, False, 1.0
+    kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
     if num_splits > 1:
         if workspace is None:
             workspace = (torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device),

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from saw_kernels._common import INTERPRET, LOG2E, load_hmat, rotate_halves, rotation_args
-from saw_kernels.decode import attend_block, load_kv_block, params_as_words
+from saw_kernels._common import INTERPRET, LOG2E, load_hmat, rotate_halves
+from saw_kernels.decode import attend_block, format_args, load_kv_block
 from saw_worker.kv.formats import KVFormat
 
 
@@ -135,15 +135,7 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if max_new_len is None:
         max_new_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     quant = fmt.quantized
-    if quant:
-        kp, vp, s_ps, s_ph = params_as_words(k_params, v_params)
-    else:
-        kp = vp = k_cache
-        s_ps = s_ph = 0
-    if fmt.rotated:
-        hmat, full, inv = rotation_args(fmt.hadamard_order, d, q.device)
-    else:
-        hmat, full, inv = k_cache, False, 1.0
+    kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
     center = quant and fmt.k_center and k_mean is not None  # as in write_kv: no mean, nothing was subtracted
     mean = k_mean.float().contiguous() if center else k_cache
     if block_m is None:

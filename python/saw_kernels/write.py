@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from saw_kernels._common import EPS, INTERPRET, load_hmat, rotate_halves, rotation_args
-from saw_kernels.decode import params_as_words
+from saw_kernels._common import EPS, INTERPRET, load_hmat, rotate_halves
+from saw_kernels.decode import format_args
 from saw_worker.kv.formats import KVFormat, rotate
 
 
@@ -125,16 +125,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: tor
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     quant = fmt.quantized
     center = quant and fmt.k_center and k_mean is not None
-    if quant:
-        params_k, params_v, s_ps, s_ph = params_as_words(k_params, v_params)
-    else:
-        params_k = params_v = k_cache  # unused
-        s_ps = s_ph = 0
+    params_k, params_v, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
     rot = fmt.rotated
-    if rot:
-        hmat, full, inv = rotation_args(fmt.hadamard_order, d, k.device)
-    else:
-        hmat, full, inv = k_cache, False, 1.0
     if center:
         mean = rotated_mean(k_mean, fmt.hadamard_order) if rot else k_mean.float().contiguous()
     else:
