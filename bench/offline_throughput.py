@@ -4,7 +4,10 @@ submitted at once to the engine (no server, no router), for each KV format.
     python bench/offline_throughput.py --model configs/qwen3-8b --load-format dummy \\
         --kv bf16 int4 int4-bdr --batch 8 16 32 64 128 256 --input-len 256 --output-len 512
 
-Prints output tokens/s per (format, batch) and writes JSON + Markdown to --out.
+Prints output tokens/s per (format, batch) and where a decode step's time goes: the engine's wall
+time per step, the part inside the model runner (until sampled tokens reach the host), and on CUDA
+the replay of that batch's decode graph alone (GPU time at the run's final context length); the
+rest of a step is host work. Writes JSON + Markdown to --out.
 """
 
 from __future__ import annotations
@@ -44,6 +47,22 @@ def run_batch(engine, batch: int, input_len: int, output_len: int, vocab: int, t
     return time.perf_counter() - started
 
 
+def graph_ms(engine, batch: int) -> float | None:  # noqa: ANN001
+    """GPU milliseconds of one replay of the decode graph that serves `batch` rows, as last filled."""
+    graphs = engine.runner.graphs
+    if graphs is None:
+        return None
+    graph = graphs._graphs[next(s for s in graphs.sizes if s >= batch)]  # noqa: SLF001 (a benchmark probe)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 10
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="configs/qwen3-8b")
@@ -75,12 +94,19 @@ def main() -> None:
               flush=True)
         run_batch(engine, min(args.batch), 32, 8, info.vocab_size, f"{kv}-warm")  # discarded warm-up
         for b in args.batch:
+            before = engine.step_totals()
             wall = run_batch(engine, b, args.input_len, args.output_len, info.vocab_size, f"{kv}-{b}")
+            steps = engine.step_totals().minus(before)
             tps = b * args.output_len / wall
+            n = max(steps.decode_steps, 1)
+            step_ms, forward_ms, gpu_ms = 1e3 * steps.decode_s / n, 1e3 * steps.forward_s / n, graph_ms(engine, b)
             rows.append({"kv": kv, "batch": b, "input_len": args.input_len, "output_len": args.output_len,
-                         "wall_s": round(wall, 3), "output_tps": round(tps, 1),
+                         "wall_s": round(wall, 3), "output_tps": round(tps, 1), "decode_step_ms": round(step_ms, 3),
+                         "forward_ms": round(forward_ms, 3), "graph_gpu_ms": gpu_ms and round(gpu_ms, 3),
                          "kv_capacity_tokens": info.kv_capacity_tokens, "device": device})
-            print(f"[{kv}] batch {b:4d}: {wall:7.2f}s  {tps:9.1f} output tok/s", flush=True)
+            gpu = f", last-step graph {gpu_ms:.2f} ms GPU" if gpu_ms else ""
+            print(f"[{kv}] batch {b:4d}: {wall:7.2f}s  {tps:9.1f} output tok/s | decode step {step_ms:.2f} ms, "
+                  f"runner {forward_ms:.2f} ms{gpu}", flush=True)
         engine.shutdown()
         del engine
         gc.collect()

@@ -9,8 +9,10 @@ import os
 import re
 import signal
 import sys
+import threading
 
-from saw_worker.builder import WorkerOptions, build_engine
+from saw_worker.builder import WorkerOptions
+from saw_worker.engine.process import ProcessEngine
 from saw_worker.kv.formats import HADAMARD_ORDERS, KV_FORMATS
 from saw_worker.loader import ModelLoadError
 
@@ -90,7 +92,7 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> WorkerOp
 async def _serve(args: argparse.Namespace, opts: WorkerOptions) -> None:
     from saw_worker.server import serve
 
-    engine = build_engine(opts)
+    engine = ProcessEngine(opts, logging.getLogger().level)
     engine.start()
     address = f"unix:{args.unix_socket}" if args.unix_socket else f"{args.host}:{args.port}"
     server = await serve(engine, address)
@@ -101,9 +103,18 @@ async def _serve(args: argparse.Namespace, opts: WorkerOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    died = threading.Event()
+
+    def on_death() -> None:
+        died.set()
+        loop.call_soon_threadsafe(stop.set)
+
+    engine.on_death = on_death
     await stop.wait()
     await server.stop(grace=5)
     engine.shutdown()
+    if died.is_set():
+        raise RuntimeError("the engine process exited; see the log above")
 
 
 def main(argv: list[str] | None = None) -> int:

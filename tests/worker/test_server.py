@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,8 +42,8 @@ class Client:
                                           health_pb2.HealthCheckResponse.FromString)
 
 
-@pytest.fixture(scope="module")
-def worker() -> Iterator[Client]:
+@contextlib.contextmanager
+def running_worker() -> Iterator[tuple[subprocess.Popen, Client]]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
     proc = subprocess.Popen([sys.executable, "-m", "saw_worker", "--model", "smollm2-135m", "--kv", "int4-bdr",
@@ -58,11 +60,17 @@ def worker() -> Iterator[Client]:
                 assert proc.poll() is None, "worker exited during start-up"
                 assert time.monotonic() < deadline, "worker did not become ready"
                 time.sleep(0.5)
-        yield client
+        yield proc, client
     finally:
         channel.close()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[Client]:
+    with running_worker() as (_, client):
+        yield client
 
 
 def wait_idle(client: Client) -> saw_pb2.LoadReply:
@@ -127,3 +135,20 @@ def test_abort_ends_the_stream(worker: Client) -> None:
     last = list(stream)[-1]
     assert last.finished == saw_pb2.FINISH_REASON_ABORT
     assert wait_idle(worker).kv_tokens_used == 0
+
+
+def test_engine_process_crash_fails_streams_and_exits_the_worker() -> None:
+    """The engine runs in a child process; if it dies, running requests end with an error and the
+    worker exits non-zero so that the router's supervisor restarts it."""
+    with running_worker() as (proc, client):
+        stream = client.generate(saw_pb2.GenerateRequest(id="k1", input_ids=[1, 2, 3], max_new_tokens=5000,
+                                                         ignore_eos=True))
+        next(stream)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        engines = [pid for pid in children if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(engines) == 1
+        os.kill(int(engines[0]), signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert "engine process exited" in err.value.details()
+        assert proc.wait(timeout=30) != 0

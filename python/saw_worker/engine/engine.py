@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 from saw_worker.engine.interface import EngineInfo, LoadStats
 from saw_worker.engine.model_runner import ChunkResult, ModelRunner
 from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sequence, Sink
 from saw_worker.engine.scheduler import Chunk, Scheduler
+from saw_worker.engine.stats import StepStats, StepTotals
 
 log = logging.getLogger("saw_worker.engine")
 
@@ -25,6 +29,8 @@ class LocalEngine:
         self._live: set[str] = set()
         self._order = 0
         self._load = LoadStats(kv_tokens_total=info.kv_capacity_tokens)
+        self._stats = StepStats()
+        self.on_step_end: Callable[[], None] | None = None  # set before start(); runs on the engine thread
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="saw-engine", daemon=True)
 
@@ -41,6 +47,10 @@ class LocalEngine:
 
     def load(self) -> LoadStats:
         return self._load
+
+    def step_totals(self) -> StepTotals:
+        """A copy of the running step counters (benchmarks read them before and after a run)."""
+        return dataclasses.replace(self._stats.totals)
 
     def submit(self, params: GenerateParams, sink: Sink) -> None:
         info = self._info
@@ -65,26 +75,37 @@ class LocalEngine:
 
     def _loop(self) -> None:
         while not self._stop:
-            self._take_inbox()
-            if not self.scheduler.has_work():
-                self._publish_load()
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
-            batch = self.scheduler.schedule()
-            if batch is None:  # waiting requests cannot fit yet and nothing runs: cannot happen, but never spin
-                self._wake.wait(0.01)
-                continue
-            try:
-                results = self.runner.run(batch)
-            except Exception as exc:  # a bug must fail these requests, not the worker
-                log.exception("forward pass failed")
-                for chunk in batch.chunks:
-                    self._end(chunk.seq, Event(finish=Finish.ABORT, error=f"engine error: {exc}"), remove=True)
-                continue
-            for chunk, result in zip(batch.chunks, results, strict=True):
-                self._commit(chunk, result)
+            self._step()
+            if self.on_step_end is not None:
+                self.on_step_end()
+
+    def _step(self) -> None:
+        """One scheduling round: a forward pass when there is work, else a short wait for some."""
+        self._take_inbox()
+        if not self.scheduler.has_work():
             self._publish_load()
+            self._wake.wait(0.5)
+            self._wake.clear()
+            return
+        started = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if batch is None:  # waiting requests cannot fit yet and nothing runs: cannot happen, but never spin
+            self._wake.wait(0.01)
+            return
+        try:
+            forward_started = time.perf_counter()
+            results = self.runner.run(batch)
+            forward_s = time.perf_counter() - forward_started
+        except Exception as exc:  # a bug must fail these requests, not the worker
+            log.exception("forward pass failed")
+            for chunk in batch.chunks:
+                self._end(chunk.seq, Event(finish=Finish.ABORT, error=f"engine error: {exc}"), remove=True)
+            return
+        for chunk, result in zip(batch.chunks, results, strict=True):
+            self._commit(chunk, result)
+        rows = len(batch.chunks) if batch.is_decode else sum(c.end - c.start for c in batch.chunks)
+        self._stats.record(batch.is_decode, rows, time.perf_counter() - started, forward_s)
+        self._publish_load()
 
     def _take_inbox(self) -> None:
         with self._lock:
@@ -133,3 +154,4 @@ class LocalEngine:
             kv_tokens_total=s.pool.capacity_tokens,
             outstanding_tokens=sum(q.remaining_tokens() for q in live),
         )
+        self._stats.maybe_log(len(s.running), len(s.waiting), s.pool.used_tokens / max(s.pool.capacity_tokens, 1))

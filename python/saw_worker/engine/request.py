@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -83,6 +83,11 @@ class Event:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None  # the engine failed this request (a bug, not bad input)
+
+    def followed_by(self, later: Event) -> Event:
+        """One event saying what this one and then `later` say."""
+        return replace(later, token_ids=self.token_ids + later.token_ids, logprobs=self.logprobs + later.logprobs,
+                       prompt_logprobs=self.prompt_logprobs + later.prompt_logprobs)
 
 
 Sink = Callable[[Event], None]
