@@ -1,7 +1,9 @@
-"""Triton kernels of the paged KV cache (ARCHITECTURE.md section 4): write, decode, extend, Hadamard."""
+"""Triton kernels of the paged KV cache (ARCHITECTURE.md section 4): write, decode, extend, Hadamard;
+and the small fused kernels of a decoder layer (q/k norm + RoPE, SiLU-and-mul)."""
 
 from saw_kernels.decode import choose_num_splits, decode_attention
 from saw_kernels.extend import extend_attention
+from saw_kernels.fused import qk_norm_rope, silu_mul
 from saw_kernels.hadamard import fast_hadamard_available, hadamard
 from saw_kernels.write import write_kv
 
@@ -11,5 +13,7 @@ __all__ = [
     "extend_attention",
     "fast_hadamard_available",
     "hadamard",
+    "qk_norm_rope",
+    "silu_mul",
     "write_kv",
 ]

@@ -40,6 +40,7 @@ class WorkerOptions:
     page_size: int = 16
     max_running_requests: int = 256
     max_prefill_tokens: int | None = None
+    reserve_decode_tokens: int = 1024
     context_length: int | None = None
     cuda_graphs: bool = True
 
@@ -105,7 +106,7 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
         log.info("captured decode CUDA graphs for batch sizes up to %d in %.1fs", opts.max_running_requests,
                  time.perf_counter() - started)
     scheduler = Scheduler(pool, opts.max_running_requests, prefill_budget, context,
-                          frozenset(loaded.tokenizer.eos_token_ids))
+                          frozenset(loaded.tokenizer.eos_token_ids), opts.reserve_decode_tokens)
     info = EngineInfo(
         model_id=loaded.model_id, tokenizer=loaded.tokenizer, context_length=context, vocab_size=cfg.vocab_size,
         kv_format=fmt.name, kv_capacity_tokens=pool.capacity_tokens, page_size=opts.page_size,

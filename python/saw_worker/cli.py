@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-running-requests", type=int, default=256, help="decode batch limit (default: %(default)s)")
     p.add_argument("--max-prefill-tokens", type=int, default=None,
                    help="prefill token budget per step; longer prompts are chunked (default: 8192 GPU, 512 CPU)")
+    p.add_argument("--reserve-decode-tokens", type=int, default=1024,
+                   help="admit a request only while the KV cache keeps room for this many more output tokens "
+                        "of it and of every running request (default: %(default)s; 0 = admit greedily)")
     p.add_argument("--context-length", type=int, default=None, help="cap the model's context length")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly on CUDA (for debugging)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
@@ -85,6 +88,7 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> WorkerOp
         k_center=args.k_center, k_mean_file=args.k_mean_file, device=args.device, mem_fraction=args.mem_fraction,
         kv_cache_memory=args.kv_cache_memory, page_size=args.page_size,
         max_running_requests=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,
+        reserve_decode_tokens=args.reserve_decode_tokens,
         context_length=args.context_length, cuda_graphs=not args.disable_cuda_graph,
     )
 

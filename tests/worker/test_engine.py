@@ -35,6 +35,23 @@ def test_chunked_prefill_and_preemption_give_the_same_tokens() -> None:
         want = run(big, REQUESTS)
         got = run(small, REQUESTS)
         assert small.scheduler.pool.free_pages == 11
+        assert small.scheduler.preemptions > 0
+    finally:
+        big.shutdown()
+        small.shutdown()
+    assert got == want
+
+
+def test_reserving_decode_room_queues_instead_of_preempting() -> None:
+    """With room kept for every admitted request's outputs, the same tight pool never preempts:
+    requests wait for pages instead, and the tokens are the same."""
+    big = tiny_engine("int4", num_pages=256)
+    small = tiny_engine("int4", num_pages=12, prefill_budget=8, reserve_decode_tokens=12)
+    try:
+        want = run(big, REQUESTS)
+        got = run(small, REQUESTS)
+        assert small.scheduler.preemptions == 0
+        assert small.scheduler.pool.free_pages == 11
     finally:
         big.shutdown()
         small.shutdown()

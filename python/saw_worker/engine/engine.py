@@ -154,4 +154,5 @@ class LocalEngine:
             kv_tokens_total=s.pool.capacity_tokens,
             outstanding_tokens=sum(q.remaining_tokens() for q in live),
         )
-        self._stats.maybe_log(len(s.running), len(s.waiting), s.pool.used_tokens / max(s.pool.capacity_tokens, 1))
+        self._stats.maybe_log(len(s.running), len(s.waiting), s.pool.used_tokens / max(s.pool.capacity_tokens, 1),
+                              s.preemptions)

@@ -1,9 +1,11 @@
 """Continuous batching: which tokens run in the next forward pass.
 
 Prefill has priority and runs in chunks under a per-step token budget; otherwise every running
-request decodes one token. Admission needs free pages (plus one spare page per running request,
-so new work does not immediately force a preemption); when decode runs out of pages the newest
-request is preempted and later recomputed from its tokens.
+request decodes one token. Admission needs free pages for the rest of the request's prompt plus
+room for the next `reserve_decode_tokens` outputs of it and of every admitted request, so a burst
+of long prompts waits instead of being admitted and then preempted (a preempted 16k-token prompt
+is recomputed from scratch). When decode still runs out of pages the newest request is preempted
+and later recomputed from its tokens.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ class Batch:
 
 class Scheduler:
     def __init__(self, pool: KVPool, max_running: int, prefill_budget: int, context_length: int,
-                 eos_token_ids: frozenset[int]) -> None:
+                 eos_token_ids: frozenset[int], reserve_decode_tokens: int = 0) -> None:
         self.pool = pool
+        self.reserve_decode_tokens = reserve_decode_tokens
+        self.preemptions = 0
         self.max_running = max_running
         self.prefill_budget = prefill_budget
         self.context_length = context_length
@@ -73,19 +77,28 @@ class Scheduler:
         chunks: list[Chunk] = []
         budget = self.prefill_budget
         slots_left = self.max_running - len(self.running)
+        reserved = sum(self._pages_still_needed(s) for s in self.running)
         for seq in self.waiting:
             if budget == 0 or slots_left == 0:
                 break
             n = min(len(seq.token_ids) - seq.cached, budget)
             need = self.pool.pages_for(seq.cached + n) - len(seq.pages)
-            spare = len(self.running) if not seq.pages else 0
-            if self.pool.free_pages - need < spare:
+            footprint = max(self._pages_still_needed(seq), need)
+            alone = not (self.running or chunks)  # a request too big for the reserve still runs by itself
+            if need > self.pool.free_pages or (self.pool.free_pages - footprint < reserved and not alone):
                 break
             seq.pages += self.pool.allocate(need) or []
+            reserved += footprint - need
             chunks.append(Chunk(seq, seq.cached, seq.cached + n))
             budget -= n
             slots_left -= 1
         return chunks
+
+    def _pages_still_needed(self, seq: Sequence) -> int:
+        """Pages seq needs beyond those it holds: the rest of its tokens and its reserved outputs
+        (at least the next one)."""
+        outputs = min(seq.params.max_new_tokens - seq.num_output, max(self.reserve_decode_tokens, 1))
+        return max(0, self.pool.pages_for(len(seq.token_ids) + outputs) - len(seq.pages))
 
     def _reserve_decode_pages(self) -> None:
         """Give every running request a slot for its next token, preempting the newest if needed."""
@@ -100,6 +113,7 @@ class Scheduler:
     def _preempt_newest(self) -> None:
         holders = [s for s in (*self.running, *self.waiting) if s.pages]
         victim = max(holders, key=lambda s: s.order)
+        self.preemptions += 1
         self._free(victim)
         if victim in self.running:
             self.running.remove(victim)

@@ -45,7 +45,7 @@ class StepStats:
             t.prefill_tokens += rows
             t.prefill_s += step_s
 
-    def maybe_log(self, running: int, waiting: int, kv_used: float) -> None:
+    def maybe_log(self, running: int, waiting: int, kv_used: float, preemptions: int) -> None:
         now = time.perf_counter()
         window = now - self._logged_at
         if window < self.every_s:
@@ -54,9 +54,9 @@ class StepStats:
         if w.decode_steps or w.prefill_steps:
             d = max(w.decode_steps, 1)
             log.info("%d running, %d waiting, KV %.0f%% used | decode: %.0f tok/s, batch %.1f, step %.2f ms "
-                     "(forward+sample %.2f ms) | prefill: %.0f tok/s in %d steps | busy %.0f%%",
+                     "(forward+sample %.2f ms) | prefill: %.0f tok/s in %d steps | busy %.0f%% | %d preempted so far",
                      running, waiting, 100 * kv_used, w.decode_rows / window, w.decode_rows / d,
                      1e3 * w.decode_s / d, 1e3 * w.forward_s / d, w.prefill_tokens / window, w.prefill_steps,
-                     100 * (w.decode_s + w.prefill_s) / window)
+                     100 * (w.decode_s + w.prefill_s) / window, preemptions)
         self._logged = dataclasses.replace(self.totals)
         self._logged_at = now

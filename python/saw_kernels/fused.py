@@ -1,0 +1,125 @@
+"""Small fused kernels of a decoder layer: q/k RMSNorm + RoPE straight from the qkv GEMM, and SiLU-and-mul.
+
+Each replaces a chain of elementwise torch kernels (norm, copy, flip, mul, addcmul; silu, mul) by one
+launch. Both compute in fp32, round once to the input dtype, and take their grid from shapes only
+(CUDA-graph capturable).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    qkv_ptr, q_ptr, k_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr,
+    s_qkv, s_cs, eps,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_H: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    D2: tl.constexpr = D // 2
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # q heads, then k heads
+    c = tl.arange(0, BLOCK_D2)
+    c_ok = c < D2
+    is_q = h < HQ
+    ok = (h < HQ + HKV)[:, None] & c_ok[None, :]
+    off = t * s_qkv + h[:, None] * D + c[None, :]  # k heads follow the q heads in the fused row
+    x_lo = tl.load(qkv_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    x_hi = tl.load(qkv_ptr + off + D2, mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        rstd = tl.rsqrt((tl.sum(x_lo * x_lo, 1) + tl.sum(x_hi * x_hi, 1)) / D + eps)[:, None]
+        wq_lo = tl.load(qw_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        wq_hi = tl.load(qw_ptr + D2 + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        wk_lo = tl.load(kw_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        wk_hi = tl.load(kw_ptr + D2 + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        q_row = is_q[:, None]
+        x_lo = x_lo * rstd * tl.where(q_row, wq_lo, wk_lo)
+        x_hi = x_hi * rstd * tl.where(q_row, wq_hi, wk_hi)
+    # cache row: (cos, cos, -sin, sin); rotate-half: (lo cos - hi sin, hi cos + lo sin)
+    cs = cs_ptr + tl.load(pos_ptr + t).to(tl.int64) * s_cs
+    cos = tl.load(cs + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs + 3 * D2 + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    y_lo = x_lo * cos - x_hi * sin
+    y_hi = x_hi * cos + x_lo * sin
+    q_off = t * (HQ * D) + h[:, None] * D + c[None, :]
+    k_off = t * (HKV * D) + (h - HQ)[:, None] * D + c[None, :]
+    q_ok = ok & is_q[:, None]
+    k_ok = ok & ~is_q[:, None]
+    tl.store(q_ptr + q_off, y_lo.to(q_ptr.dtype.element_ty), mask=q_ok)
+    tl.store(q_ptr + q_off + D2, y_hi.to(q_ptr.dtype.element_ty), mask=q_ok)
+    tl.store(k_ptr + k_off, y_lo.to(k_ptr.dtype.element_ty), mask=k_ok)
+    tl.store(k_ptr + k_off + D2, y_hi.to(k_ptr.dtype.element_ty), mask=k_ok)
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+    cos_sin: torch.Tensor,
+    positions: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv [T, (Hq + 2 Hkv) D] (fused projection, q|k|v) -> contiguous q [T, Hq, D], k [T, Hkv, D].
+
+    Per-head RMSNorm (as F.rms_norm: fp32 statistics, fp32 weight multiply; skipped when both weights
+    are None), then rotate-half RoPE with cos_sin [max_pos, 2 D] = (cos, cos, -sin, sin) rows
+    (rope.cos_sin_cache) at positions [T]. One launch for all q and k heads; v is not touched."""
+    t = qkv.shape[0]
+    d = head_dim
+    if d % 2 or qkv.dim() != 2 or qkv.shape[1] != (num_q_heads + 2 * num_kv_heads) * d:
+        raise ValueError(f"qkv {tuple(qkv.shape)} does not hold {num_q_heads}+2x{num_kv_heads} heads of {d}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("q_norm_weight and k_norm_weight must both be given or both be None")
+    if cos_sin.shape[-1] != 2 * d or cos_sin.stride(-1) != 1:
+        raise ValueError(f"cos_sin {tuple(cos_sin.shape)} is not a [max_pos, {2 * d}] row-major cache")
+    if qkv.stride(1) != 1:
+        qkv = qkv.contiguous()
+    q = torch.empty(t, num_q_heads, d, device=qkv.device, dtype=qkv.dtype)
+    k = torch.empty(t, num_kv_heads, d, device=qkv.device, dtype=qkv.dtype)
+    if t == 0:
+        return q, k
+    norm = q_norm_weight is not None
+    qw = q_norm_weight.contiguous() if norm else qkv  # any pointer: never read without NORM
+    kw = k_norm_weight.contiguous() if norm else qkv
+    heads = num_q_heads + num_kv_heads
+    block_h = min(8, triton.next_power_of_2(heads))
+    grid = (t, triton.cdiv(heads, block_h))
+    _qk_norm_rope_kernel[grid](
+        qkv, q, k, qw, kw, cos_sin, positions, qkv.stride(0), cos_sin.stride(0), float(eps),
+        HQ=num_q_heads, HKV=num_kv_heads, D=d, BLOCK_D2=triton.next_power_of_2(d // 2), BLOCK_H=block_h,
+        NORM=norm, num_warps=4 if d >= 128 else 2,
+    )
+    return q, k
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, s_x, n, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < n
+    g = tl.load(x_ptr + t * s_x + c, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + t * s_x + n + c, mask=ok, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(out_ptr + t * n + c, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 I] (gate | up) -> silu(gate) * up [T, I] in gate_up's dtype, computed in fp32."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up {tuple(gate_up.shape)} is not [T, 2 I]")
+    if gate_up.stride(1) != 1:
+        gate_up = gate_up.contiguous()
+    t, n = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(t, n, device=gate_up.device, dtype=gate_up.dtype)
+    if t == 0 or n == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(n))
+    _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), n, BLOCK=block,
+                                                 num_warps=4 if block >= 512 else 2)
+    return out

@@ -1,0 +1,137 @@
+"""Fused q/k norm + RoPE and SiLU-and-mul against the torch reference path (F.rms_norm, apply_rope, F.silu) in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kref import DEV
+
+from saw_kernels import qk_norm_rope, silu_mul
+from saw_worker.models.rope import apply_rope, cos_sin_cache
+
+MAX_POS = 300
+EPS = 1e-6
+# fp32 math, one rounding to the output dtype: half an ulp relative, plus fp32 noise against the row scale
+RTOL = {torch.bfloat16: 2.0**-8, torch.float32: 1e-5}
+
+# GQA (Hq, Hkv): MHA, small group, one KV head, the Qwen3-8B/Llama-8B ratio scaled down (32/8 -> 12/3)
+HEADS = [(1, 1), (4, 2), (8, 1), (12, 3)]
+
+
+def rand_rows(t: int, n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """[T, n] with a few large outlier channels (what the qkv / gate_up GEMM outputs look like)."""
+    x = torch.randn(t, n, generator=gen, dtype=torch.float64)
+    ch = torch.randperm(n, generator=gen)[: max(2, n // 40)]
+    x[:, ch] = x[:, ch] * 8 + 5
+    return x.to(DEV, dtype)
+
+
+def assert_close_rows(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype and got.is_contiguous() and not torch.isnan(got).any()
+    scale = ref.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    err = (got.double() - ref).abs()
+    bad = err > RTOL[dtype] * ref.abs() + 1e-6 * scale
+    assert not bad.any(), f"max err {err.max().item():.3g} at {bad.nonzero()[0].tolist()}"
+
+
+def ref_qk(qkv: torch.Tensor, hq: int, hkv: int, d: int, qw: torch.Tensor | None, kw: torch.Tensor | None,
+           cache: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """decoder.DecoderLayer's torch path, in float64."""
+    t = qkv.shape[0]
+    q, k, _ = qkv.double().split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k = q.reshape(t, hq, d), k.reshape(t, hkv, d)
+    if qw is not None and kw is not None:
+        q, k = F.rms_norm(q, (d,), qw.double(), EPS), F.rms_norm(k, (d,), kw.double(), EPS)
+    cos, sin = cache[pos].double().unsqueeze(1).chunk(2, dim=-1)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+@pytest.mark.parametrize("t", [1, 7, 33])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"q{h[0]}kv{h[1]}")
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+def test_qk_norm_rope_matches_reference(t: int, d: int, heads: tuple[int, int], norm: bool) -> None:
+    hq, hkv = heads
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(t * 1000 + d + 10 * hq + hkv + norm)
+    qkv = rand_rows(t, (hq + 2 * hkv) * d, gen, dtype)
+    qw = kw = None
+    if norm:  # HF norm weights are near 1, with a few large ones
+        qw = (1 + 0.3 * torch.randn(d, generator=gen)).to(DEV, dtype)
+        kw = (1 + 0.3 * torch.randn(d, generator=gen)).to(DEV, dtype)
+        kw[3] = 12.0
+    cache = cos_sin_cache(d, 1e6, None, MAX_POS, DEV)
+    pos = torch.randint(0, MAX_POS, (2 * t,), generator=gen).to(DEV)[::2]  # non-contiguous, unordered
+    pos[0] = MAX_POS - 1
+    q, k = qk_norm_rope(qkv, hq, hkv, d, qw, kw, EPS, cache, pos)
+    assert q.shape == (t, hq, d) and k.shape == (t, hkv, d)
+    rq, rk = ref_qk(qkv, hq, hkv, d, qw, kw, cache, pos)
+    assert_close_rows(q, rq, dtype)
+    assert_close_rows(k, rk, dtype)
+
+
+def test_qk_norm_rope_fp32_strided_input() -> None:
+    """fp32 to fp32 accuracy, from a qkv view with padded rows (row stride > width)."""
+    gen = torch.Generator().manual_seed(5)
+    hq, hkv, d, t = 4, 2, 64, 9
+    wide = rand_rows(t, (hq + 2 * hkv) * d + 16, gen, torch.float32)
+    qkv = wide[:, : (hq + 2 * hkv) * d]
+    qw = (1 + 0.3 * torch.randn(d, generator=gen)).to(DEV)
+    kw = (1 + 0.3 * torch.randn(d, generator=gen)).to(DEV)
+    cache = cos_sin_cache(d, 1e4, None, MAX_POS, DEV)
+    pos = torch.randint(0, MAX_POS, (t,), generator=gen).to(DEV)
+    q, k = qk_norm_rope(qkv, hq, hkv, d, qw, kw, EPS, cache, pos)
+    rq, rk = ref_qk(qkv, hq, hkv, d, qw, kw, cache, pos)
+    assert_close_rows(q, rq, torch.float32)
+    assert_close_rows(k, rk, torch.float32)
+
+
+@pytest.mark.parametrize("t", [1, 7, 33])
+@pytest.mark.parametrize("inter", [64, 192, 1500])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_silu_mul_matches_reference(t: int, inter: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(t + inter)
+    x = rand_rows(t, 2 * inter, gen, dtype)
+    x[0, :4] = torch.tensor([-100.0, 100.0, -30.0, 0.0], dtype=dtype)  # saturated sigmoid, exact zero
+    out = silu_mul(x)
+    assert out.shape == (t, inter)
+    g, u = x.double().chunk(2, dim=-1)
+    assert_close_rows(out, F.silu(g) * u, dtype)
+
+
+def test_empty_batch() -> None:
+    cache = cos_sin_cache(64, 1e4, None, 8, DEV)
+    q, k = qk_norm_rope(torch.empty(0, 4 * 64, device=DEV), 2, 1, 64, None, None, EPS, cache,
+                        torch.empty(0, dtype=torch.int64, device=DEV))
+    assert q.shape == (0, 2, 64) and k.shape == (0, 1, 64)
+    assert silu_mul(torch.empty(0, 8, device=DEV)).shape == (0, 4)
+
+
+@pytest.mark.gpu
+def test_qwen3_8b_shapes_cuda_graph() -> None:
+    """Full Qwen3-8B head counts at decode batch 64, launched inside a captured CUDA graph."""
+    gen = torch.Generator().manual_seed(0)
+    hq, hkv, d, t, inter = 32, 8, 128, 64, 12288
+    qkv = rand_rows(t, (hq + 2 * hkv) * d, gen, torch.bfloat16)
+    gate_up = rand_rows(t, 2 * inter, gen, torch.bfloat16)
+    qw = (1 + 0.3 * torch.randn(d, generator=gen)).to(DEV, torch.bfloat16)
+    kw = (1 + 0.3 * torch.randn(d, generator=gen)).to(DEV, torch.bfloat16)
+    cache = cos_sin_cache(d, 1e6, None, 40960, DEV)
+    pos = torch.randint(0, 40960, (t,), generator=gen).to(DEV)
+    qk_norm_rope(qkv, hq, hkv, d, qw, kw, EPS, cache, pos)  # compile outside the capture
+    silu_mul(gate_up)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q, k = qk_norm_rope(qkv, hq, hkv, d, qw, kw, EPS, cache, pos)
+        out = silu_mul(gate_up)
+    qkv.copy_(rand_rows(t, (hq + 2 * hkv) * d, gen, torch.bfloat16))  # replay reads the new inputs
+    pos.copy_(torch.randint(0, 40960, (t,), generator=gen).to(DEV))
+    graph.replay()
+    torch.cuda.synchronize()
+    rq, rk = ref_qk(qkv, hq, hkv, d, qw, kw, cache, pos)
+    assert_close_rows(q, rq, torch.bfloat16)
+    assert_close_rows(k, rk, torch.bfloat16)
+    g, u = gate_up.double().chunk(2, dim=-1)
+    assert_close_rows(out, F.silu(g) * u, torch.bfloat16)
