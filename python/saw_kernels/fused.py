@@ -15,7 +15,7 @@ import triton.language as tl
 @triton.jit
 def _qk_norm_rope_kernel(
     qkv_ptr, q_ptr, k_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr,
-    s_qkv, s_cs, eps,
+    s_qkv, s_cs, s_pos, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_H: tl.constexpr,
     NORM: tl.constexpr,
 ):
@@ -39,7 +39,7 @@ def _qk_norm_rope_kernel(
         x_lo = x_lo * rstd * tl.where(q_row, wq_lo, wk_lo)
         x_hi = x_hi * rstd * tl.where(q_row, wq_hi, wk_hi)
     # cache row: (cos, cos, -sin, sin); rotate-half: (lo cos - hi sin, hi cos + lo sin)
-    cs = cs_ptr + tl.load(pos_ptr + t).to(tl.int64) * s_cs
+    cs = cs_ptr + tl.load(pos_ptr + t * s_pos).to(tl.int64) * s_cs
     cos = tl.load(cs + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(cs + 3 * D2 + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     y_lo = x_lo * cos - x_hi * sin
@@ -91,7 +91,8 @@ def qk_norm_rope(
     block_h = min(8, triton.next_power_of_2(heads))
     grid = (t, triton.cdiv(heads, block_h))
     _qk_norm_rope_kernel[grid](
-        qkv, q, k, qw, kw, cos_sin, positions, qkv.stride(0), cos_sin.stride(0), float(eps),
+        qkv, q, k, qw, kw, cos_sin, positions, qkv.stride(0), cos_sin.stride(0), positions.stride(0),
+        float(eps),
         HQ=num_q_heads, HKV=num_kv_heads, D=d, BLOCK_D2=triton.next_power_of_2(d // 2), BLOCK_H=block_h,
         NORM=norm, num_warps=4 if d >= 128 else 2,
     )

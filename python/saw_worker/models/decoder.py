@@ -10,6 +10,7 @@ with `load_weights` or `init_random_`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,21 @@ from .rope import apply_rope, cos_sin_cache
 
 def _param(*shape: int, device: torch.device | None, dtype: torch.dtype | None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=False)
+
+
+def use_fused_kernels(x: Tensor) -> bool:
+    """The one switch: Triton kernels (q/k norm + RoPE, SiLU-and-mul) on CUDA; the torch reference elsewhere."""
+    return x.is_cuda
+
+
+class Rope(NamedTuple):
+    """A forward's RoPE inputs: the float32 (cos, cos, -sin, sin) cache and positions [T] (fused kernel), and
+    the gathered rows cos = (cos, cos), sin = (-sin, sin) [T, 1, D] in the activation dtype (torch path only)."""
+
+    cache: Tensor
+    positions: Tensor
+    cos: Tensor | None = None
+    sin: Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -54,18 +70,37 @@ class DecoderLayer(nn.Module):
         self.gate_up_weight = _param(2 * i, h, **kw)
         self.down_weight = _param(h, i, **kw)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: Attention) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope, attention: Attention) -> Tensor:
         t = x.shape[0]
+        fused = use_fused_kernels(x)
         qkv = F.linear(self.input_layernorm(x), self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
-        q, k, v = q.view(t, self.nq, self.d), k.view(t, self.nkv, self.d), v.view(t, self.nkv, self.d)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        v = v.view(t, self.nkv, self.d)
+        if fused:  # one launch: reads q, k from qkv; writes contiguous normed, rotated q, k (fp32 in between)
+            from saw_kernels.fused import qk_norm_rope  # lazily: needs a GPU build of Triton
+
+            qw = kw = None
+            eps = 0.0
+            if self.q_norm is not None and self.k_norm is not None:
+                qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+            q, k = qk_norm_rope(qkv, self.nq, self.nkv, self.d, qw, kw, eps, rope.cache, rope.positions)
+        else:
+            assert rope.cos is not None and rope.sin is not None
+            q, k = q.view(t, self.nq, self.d), k.view(t, self.nkv, self.d)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
         o = attention(self.layer_id, q, k, v)
         x = x + F.linear(o.reshape(t, self.nq * self.d), self.o_weight)
-        gate, up = F.linear(self.post_attention_layernorm(x), self.gate_up_weight).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.down_weight)
+        gate_up = F.linear(self.post_attention_layernorm(x), self.gate_up_weight)
+        if fused:
+            from saw_kernels.fused import silu_mul
+
+            h = silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return x + F.linear(h, self.down_weight)
 
 
 class DecoderLM(nn.Module):
@@ -97,10 +132,13 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         """input_ids, positions: [T] int64 -> hidden [T, H] with the final norm applied."""
         x = F.embedding(input_ids, self.embed_weight)
-        cs = self.cos_sin[positions].to(x.dtype).unsqueeze(1)  # [T, 1, 2D]
-        cos, sin = cs.chunk(2, dim=-1)  # (cos, cos), (-sin, sin)
+        rope = Rope(self.cos_sin, positions)
+        if not use_fused_kernels(x):  # the torch path gathers the rows once for all layers
+            cs = self.cos_sin[positions].to(x.dtype).unsqueeze(1)  # [T, 1, 2D]
+            cos, sin = cs.chunk(2, dim=-1)  # (cos, cos), (-sin, sin)
+            rope = Rope(self.cos_sin, positions, cos, sin)
         for layer in self.layers:
-            x = layer(x, cos, sin, self.attention)
+            x = layer(x, rope, self.attention)
         return self.norm(x)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
