@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the lent GPU from the repo root (`run` tool, carrying .whl and target/wheels): installs the
 # saw wheel built here (abi3) and Locust's wheels, then sweeps the whole stack (saw-router -> worker
-# -> Triton kernels) with Qwen3-8B shapes and dummy weights. GPU tests first when GPU_TESTS=1.
+# -> Triton kernels) with Qwen3-8B shapes and dummy weights. GPU tests first when GPU_TESTS names them.
 # Usage: bash bench/device/serving_gpu.sh "D(256,1024)" "32 64 128 256" "bf16 int4 int4-bdr" [saw-bench flags]
 set -uo pipefail
 scenario=${1:-"D(256,1024)"}
@@ -12,9 +12,12 @@ out=${OUT:-bench/out}
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl target/wheels/saw-*.whl || exit 1
 export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
-if [ "${GPU_TESTS:-0}" = 1 ]; then
-  timeout 200 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/worker tests/kernels 2>&1 | tail -8 \
-    | tee "$out/gpu-tests.log"
+if [ -n "${GPU_TESTS:-}" ]; then  # e.g. GPU_TESTS="tests/worker tests/kernels"; a failure stops the run
+  # shellcheck disable=SC2086
+  timeout 200 python3 -m pytest -q -x -m gpu -n 8 -p no:cacheprovider $GPU_TESTS > "$out/gpu-tests.log" 2>&1
+  status=$?
+  tail -8 "$out/gpu-tests.log"
+  [ $status = 0 ] || exit $status
 fi
 # shellcheck disable=SC2086
 timeout ${BENCH_TIMEOUT:-560} saw-bench --kv $kvs --scenario "$scenario" -c $conc --max-requests 2x $extra \
