@@ -34,10 +34,11 @@ from saw_worker.kv.calibration import CALIBRATION_TEXT  # noqa: E402
 
 CONFIGS = {  # label -> (WorkerOptions kwargs, SimFormat)
     "bf16": ({"kv": "bf16"}, SimFormat("bf16")),
-    "int4": ({"kv": "int4"}, SimFormat("int4")),
+    "int4": ({"kv": "int4", "k_center": False}, SimFormat("int4")),
     "int4 +kc": ({"kv": "int4", "k_center": True}, SimFormat("int4", k_center=True)),
-    "int4-bdr": ({"kv": "int4-bdr"}, SimFormat("int4-bdr", 64)),
-    "int4-bdr +kc": ({"kv": "int4-bdr", "k_center": True}, SimFormat("int4-bdr", 64, k_center=True)),
+    "int4-bdr": ({"kv": "int4-bdr", "k_center": False, "hadamard_order": 64}, SimFormat("int4-bdr", 64)),
+    "int4-bdr +kc": ({"kv": "int4-bdr", "k_center": True, "hadamard_order": 64},
+                     SimFormat("int4-bdr", 64, k_center=True)),
 }
 
 

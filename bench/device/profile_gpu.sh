@@ -16,5 +16,5 @@ timeout 200 python3 bench/offline_throughput.py --model configs/qwen3-8b --load-
   --batch 64 256 --input-len 256 --output-len 768 --out "$out" 2>&1 | grep -v " INFO " | tee "$out/offline.log"
 # shellcheck disable=SC2086
 timeout 300 saw-bench --kv $serve_kv --scenario "D(256,1024)" -c $conc --max-requests 2x --duration 120 \
-  --out "$out/serving" -- --model configs/qwen3-8b --load-format dummy 2>&1 | tail -25
+  --out "$out/serving" -- --model configs/qwen3-8b --load-format dummy --k-center false 2>&1 | tail -25
 grep -h "running, " "$out"/serving/logs/*.log 2>/dev/null | tail -30

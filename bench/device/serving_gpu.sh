@@ -19,7 +19,8 @@ if [ -n "${GPU_TESTS:-}" ]; then  # e.g. GPU_TESTS="tests/worker tests/kernels";
   tail -8 "$out/gpu-tests.log"
   [ $status = 0 ] || exit $status
 fi
+# K centering off, as in the paper's INT4 / INT4-BDR rows (it is the worker's default since 2026-11-23).
 # shellcheck disable=SC2086
 timeout ${BENCH_TIMEOUT:-560} saw-bench --kv $kvs --scenario "$scenario" -c $conc --max-requests 2x $extra \
-  --out "$out/serving" -- --model configs/qwen3-8b --load-format dummy 2>&1 | grep -v "requests done" | tail -40
+  --out "$out/serving" -- --model configs/qwen3-8b --load-format dummy --k-center false 2>&1 | grep -v "requests done" | tail -40
 grep -h "running, " "$out"/serving/logs/*.log 2>/dev/null | cut -c1-220 | awk 'NR % 3 == 0' | tail -24

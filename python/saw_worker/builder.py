@@ -16,7 +16,7 @@ from saw_worker.engine.model_runner import ModelRunner
 from saw_worker.engine.scheduler import Scheduler
 from saw_worker.kv.backend import PagedAttention
 from saw_worker.kv.calibration import CALIBRATION_TEXT, load_k_mean, measure_k_mean
-from saw_worker.kv.formats import KVFormat
+from saw_worker.kv.formats import KVFormat, default_kv_options
 from saw_worker.kv.pool import KVPool, bytes_per_token
 from saw_worker.loader import load_model
 
@@ -30,9 +30,9 @@ class WorkerOptions:
     model: str = "smollm2-135m"
     load_format: str = "auto"
     kv: str = "int4-bdr"
-    hadamard_order: int = 128
+    hadamard_order: int | None = None  # None: default_kv_options
     rotate_v: bool = False
-    k_center: bool = False
+    k_center: bool | None = None  # None: default_kv_options
     k_mean_file: str | None = None
     device: str = "auto"
     mem_fraction: float = 0.85
@@ -80,7 +80,9 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
     # switched to the paged one.
     loaded = load_model(opts.model, opts.load_format, device, dtype, _no_attention)
     cfg = loaded.config
-    fmt = KVFormat.make(opts.kv, cfg.head_dim, opts.hadamard_order, opts.rotate_v, opts.k_center)
+    order, k_center = default_kv_options(opts.kv, cfg.head_dim)
+    fmt = KVFormat.make(opts.kv, cfg.head_dim, opts.hadamard_order or order, opts.rotate_v,
+                        k_center if opts.k_center is None else opts.k_center)
     budget = kv_budget(opts, device)
     pool = KVPool.from_budget(fmt, cfg.num_layers, cfg.num_kv_heads, budget, opts.page_size, device)
     attention = PagedAttention(pool, cfg.head_dim ** -0.5, use_kernels=device.type == "cuda")

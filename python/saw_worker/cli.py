@@ -44,12 +44,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=["auto", "bf16", "int4"], default=None,
                    help="SGLang-style spelling: int4 = --kv int4 (int4-bdr with HADAMARD=1), bf16/auto = --kv bf16")
     p.add_argument("--hadamard-order", type=int, choices=HADAMARD_ORDERS, default=None,
-                   help="block size b of the rotation for int4-bdr, capped at head_dim (default: 128)")
+                   help="block size b of the rotation for int4-bdr (default: 128 at head_dim >= 128, else 32; "
+                        "docs/accuracy.md)")
     p.add_argument("--rotate-v", action=argparse.BooleanOptionalAction, default=None,
                    help="rotate V as well as K (int4-bdr); the output is rotated back once per head")
-    p.add_argument("--k-center", action="store_true",
-                   help="subtract the per-(layer, KV head) mean of K before quantizing (int4, int4-bdr); the mean "
-                        "is measured on a built-in calibration text at load, or read from --k-mean-file")
+    p.add_argument("--k-center", action=argparse.BooleanOptionalAction, default=None,
+                   help="subtract the per-(layer, KV head) mean of K before quantizing (default: on for int4 and "
+                        "int4-bdr); the mean is measured on a built-in calibration text at load, or read from "
+                        "--k-mean-file")
     p.add_argument("--k-mean-file", default=None, help="torch file holding the K mean [layers, kv_heads, head_dim]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--mem-fraction", type=float, default=0.85,
@@ -81,7 +83,7 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> WorkerOp
         kv = "int4" if env.get("HADAMARD") == "0" else "int4-bdr"
     if kv == "int4" and args.kv is None and env.get("HADAMARD") == "1":
         kv = "int4-bdr"
-    order = args.hadamard_order or int(env.get("HADAMARD_ORDER", 128))
+    order = args.hadamard_order or (int(env["HADAMARD_ORDER"]) if env.get("HADAMARD_ORDER") else None)
     rotate_v = args.rotate_v if args.rotate_v is not None else env.get("ROTATE_V", "0") == "1"
     return WorkerOptions(
         model=args.model, load_format=args.load_format, kv=kv, hadamard_order=order, rotate_v=rotate_v,

@@ -35,15 +35,16 @@ pub struct Args {
     /// SGLang-style alias of --kv (int4 = --kv int4, bf16/auto = --kv bf16).
     #[arg(long, value_enum)]
     pub kv_cache_dtype: Option<KvCacheDtype>,
-    /// Block size of the Hadamard rotation for int4-bdr (worker default: 128).
+    /// Block size of the Hadamard rotation for int4-bdr (worker default: 128 at head_dim >= 128, else 32).
     #[arg(long, value_parser = ["16", "32", "64", "128"])]
     pub hadamard_order: Option<String>,
     /// Rotate V as well as K (int4-bdr). `--rotate-v false` turns it off.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub rotate_v: Option<bool>,
-    /// Subtract the per-(layer, KV head) mean of K before quantizing (int4, int4-bdr).
-    #[arg(long)]
-    pub k_center: bool,
+    /// Subtract the per-(layer, KV head) mean of K before quantizing (worker default: on for int4 and
+    /// int4-bdr). `--k-center false` turns it off.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub k_center: Option<bool>,
     /// How workers read weights: auto, safetensors, gguf, dummy.
     #[arg(long)]
     pub load_format: Option<String>,
@@ -161,14 +162,8 @@ impl Args {
         }
         let rotate_v =
             self.rotate_v.or_else(|| env("ROTATE_V").map(|v| v == "1" || v.eq_ignore_ascii_case("true")));
-        match rotate_v {
-            Some(true) => flags.push("--rotate-v".into()),
-            Some(false) => flags.push("--no-rotate-v".into()),
-            None => {}
-        }
-        if self.k_center {
-            flags.push("--k-center".into());
-        }
+        push_switch(&mut flags, "rotate-v", rotate_v);
+        push_switch(&mut flags, "k-center", self.k_center);
         let passthrough = [
             ("--load-format", self.load_format.clone()),
             ("--mem-fraction", self.mem_fraction.map(|f| f.to_string())),
@@ -181,6 +176,15 @@ impl Args {
             }
         }
         flags
+    }
+}
+
+/// `--name`, `--no-name`, or nothing when the user left it to the worker.
+fn push_switch(flags: &mut Vec<String>, name: &str, value: Option<bool>) {
+    match value {
+        Some(true) => flags.push(format!("--{name}")),
+        Some(false) => flags.push(format!("--no-{name}")),
+        None => {}
     }
 }
 
@@ -220,6 +224,14 @@ mod tests {
         let vars = [("HADAMARD", "1"), ("HADAMARD_ORDER", "128"), ("ROTATE_V", "1")];
         assert_eq!(a.kv_format(env(&vars)), KvFormat::Int4);
         assert_eq!(a.worker_flags(env(&vars))[3..], ["int4", "--hadamard-order", "32", "--no-rotate-v"]);
+    }
+
+    #[test]
+    fn k_center_is_left_to_the_worker_unless_given() {
+        let flags = |args: &[&str]| parse(args).worker_flags(env(&[]))[4..].to_vec();
+        assert!(flags(&[]).is_empty());
+        assert_eq!(flags(&["--k-center"]), ["--k-center"]);
+        assert_eq!(flags(&["--k-center", "false"]), ["--no-k-center"]);
     }
 
     #[test]

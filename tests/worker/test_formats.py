@@ -10,6 +10,7 @@ import torch
 from saw_worker.kv.formats import (
     KVFormat,
     decode_o,
+    default_kv_options,
     dequantize_int4,
     encode_k,
     encode_q,
@@ -80,6 +81,19 @@ def test_format_validation_messages() -> None:
     assert KVFormat.make("int4-bdr", 64, hadamard_order=128).hadamard_order == 64  # capped at head_dim
     assert KVFormat.make("int4", 128).bytes_per_token_head() * 3.76 == pytest.approx(
         KVFormat.make("bf16", 128).bytes_per_token_head(), rel=0.01)
+
+
+def test_worker_defaults_follow_the_accuracy_measurements() -> None:
+    """Unless told otherwise: K centering for INT4 formats; order 128 at head_dim 128, 32 at 64."""
+    from saw_worker.cli import options_from_args, parser
+
+    assert default_kv_options("int4-bdr", 128) == (128, True)
+    assert default_kv_options("int4", 64) == (32, True)
+    assert default_kv_options("bf16", 64)[1] is False
+    opts = options_from_args(parser().parse_args([]), {})
+    assert (opts.kv, opts.hadamard_order, opts.k_center) == ("int4-bdr", None, None)  # resolved per model
+    opts = options_from_args(parser().parse_args(["--no-k-center"]), {"HADAMARD_ORDER": "64"})
+    assert (opts.hadamard_order, opts.k_center) == (64, False)
 
 
 def naive_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:

@@ -28,6 +28,13 @@ KV_FORMATS = ("bf16", "int4", "int4-bdr")
 HADAMARD_ORDERS = (16, 32, 64, 128)
 
 
+def default_kv_options(kv: str, head_dim: int) -> tuple[int, bool]:
+    """(Hadamard order, K centering) when the user names neither, chosen from the accuracy
+    measurements (docs/accuracy.md §5): centering helps every INT4 model we measured and rescues
+    Qwen2's biased K; at head_dim 64 order 32 beat 64 on Qwen; at 128 the paper's b = 128."""
+    return (128 if head_dim >= 128 else 32), kv != "bf16"
+
+
 @dataclass(frozen=True)
 class KVFormat:
     """What `--kv` and its modifiers mean for one model."""
