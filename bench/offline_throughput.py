@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--hadamard-order", type=int, default=128)
     p.add_argument("--k-center", action=argparse.BooleanOptionalAction, default=False,
                    help="K centering for the INT4 formats (off by default here, as in the paper's runs)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
+                   help="launch decode step N+1 before step N's tokens reach the host (worker flag --overlap)")
     p.add_argument("--kv-cache-memory", default=None, help="fixed pool size (e.g. 20GiB); default: --mem-fraction")
     p.add_argument("--mem-fraction", type=float, default=0.85)
     p.add_argument("--out", default="bench/out")
@@ -86,7 +88,7 @@ def main() -> None:
     for kv in args.kv:
         opts = WorkerOptions(model=args.model, load_format=args.load_format, kv=kv,
                              hadamard_order=args.hadamard_order, k_center=args.k_center and kv != "bf16",
-                             mem_fraction=args.mem_fraction,
+                             mem_fraction=args.mem_fraction, overlap=args.overlap,
                              max_running_requests=max(args.batch),
                              kv_cache_memory=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None)
         t0 = time.perf_counter()

@@ -43,6 +43,7 @@ class WorkerOptions:
     reserve_decode_tokens: int = 1024
     context_length: int | None = None
     cuda_graphs: bool = True
+    overlap: bool = False  # see LocalEngine; not yet run on a GPU
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,7 +115,7 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
         kv_format=fmt.name, kv_capacity_tokens=pool.capacity_tokens, page_size=opts.page_size,
         device=device_name(device),
     )
-    return LocalEngine(runner, scheduler, info)
+    return LocalEngine(runner, scheduler, info, opts.overlap)
 
 
 

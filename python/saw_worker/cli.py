@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
                         "of it and of every running request (default: %(default)s; 0 = admit greedily)")
     p.add_argument("--context-length", type=int, default=None, help="cap the model's context length")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly on CUDA (for debugging)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
+                   help="launch each decode step before the previous one's tokens reach the host (default: off "
+                        "until it has been measured on a GPU; tested on CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default: %(default)s)")
     p.add_argument("--unix-socket", default=None, help="listen on this unix socket instead of host:port")
@@ -91,7 +94,7 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> WorkerOp
         kv_cache_memory=args.kv_cache_memory, page_size=args.page_size,
         max_running_requests=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,
         reserve_decode_tokens=args.reserve_decode_tokens,
-        context_length=args.context_length, cuda_graphs=not args.disable_cuda_graph,
+        context_length=args.context_length, cuda_graphs=not args.disable_cuda_graph, overlap=args.overlap,
     )
 
 

@@ -29,7 +29,7 @@ TINY = ModelConfig(
 
 def tiny_engine(kv: str = "int4-bdr", num_pages: int = 64, page_size: int = 4, max_running: int = 64,
                 prefill_budget: int = 64, eos: int = EOS, device: str = "cpu", cuda_graphs: bool = False,
-                reserve_decode_tokens: int = 0, **fmt_kw: object) -> LocalEngine:
+                reserve_decode_tokens: int = 0, overlap: bool = True, **fmt_kw: object) -> LocalEngine:
     """On CUDA the model runs in bf16 through the Triton kernels; on CPU in fp32 through the reference."""
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -48,7 +48,7 @@ def tiny_engine(kv: str = "int4-bdr", num_pages: int = 64, page_size: int = 4, m
                         eos_token_ids=(eos,))
     info = EngineInfo("tiny", tok, TINY.max_position_embeddings, VOCAB, fmt.name, pool.capacity_tokens, page_size,
                       "cpu")
-    engine = LocalEngine(runner, scheduler, info)
+    engine = LocalEngine(runner, scheduler, info, overlap)
     engine.start()
     return engine
 

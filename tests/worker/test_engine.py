@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engine_util import Collector, prompt, run, tiny_engine
+from engine_util import VOCAB, Collector, prompt, run, tiny_engine
 
 from saw_worker.engine.request import Finish, GenerateParams, RequestError, SamplingOptions
 
@@ -56,6 +56,29 @@ def test_reserving_decode_room_queues_instead_of_preempting() -> None:
         big.shutdown()
         small.shutdown()
     assert got == want
+
+
+def test_overlapped_steps_match_synchronous_ones() -> None:
+    """Launching decode step N+1 before step N's tokens reach the host changes nothing a client sees
+    (tokens, finish reasons, usage), with early stops, seeded sampling and preemption in the mix."""
+    workload = [*REQUESTS,
+                GenerateParams("stop", prompt(2, 8), max_new_tokens=10, stop_token_ids=frozenset(range(40, VOCAB))),
+                GenerateParams("seeded", prompt(7, 6), max_new_tokens=9,
+                               sampling=SamplingOptions(temperature=0.8, seed=3))]
+    outcomes = {}
+    for overlap in (False, True):
+        engine = tiny_engine("int4-bdr", num_pages=16, prefill_budget=8, overlap=overlap)
+        try:
+            sinks = {r.request_id: Collector() for r in workload}
+            for r in workload:
+                engine.submit(r, sinks[r.request_id])
+            outcomes[overlap] = {rid: (c.wait(), c.last.finish, c.last.completion_tokens) for rid, c in sinks.items()}
+            assert engine.scheduler.pool.free_pages == 15
+            assert engine.scheduler.preemptions > 0
+        finally:
+            engine.shutdown()
+    assert outcomes[True] == outcomes[False]
+    assert all(n == len(tokens) for tokens, _, n in outcomes[True].values())
 
 
 def test_abort_frees_every_page() -> None:

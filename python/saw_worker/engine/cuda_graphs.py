@@ -71,8 +71,9 @@ class DecodeGraphs:
         return batch_size <= self.max_batch and pages <= self.max_pages
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
-        """Replay the graph for len(ids) decode rows; returns their hidden states."""
+            tables: list[list[int]], device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the graph for len(ids) decode rows; returns their hidden states. device_ids, when
+        given, replace ids (tokens sampled by the previous step, still on the device)."""
         n = len(ids)
         bs = next(s for s in self.sizes if s >= n)
         for buf, values, pad in ((self._ids, ids, 0), (self._positions, positions, 0), (self._slots, slots, -1),
@@ -87,5 +88,7 @@ class DecodeGraphs:
             dev[:bs].copy_(host[:bs], non_blocking=True)
         width = max(len(p) for p in tables)
         self._table[2][:bs, :width].copy_(self._table[0][:bs, :width], non_blocking=True)
+        if device_ids is not None:
+            self._ids[2][:n].copy_(device_ids)
         self._graphs[bs].replay()
         return self._hidden[bs][:n]

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from saw_worker.engine.interface import EngineInfo, LoadStats
-from saw_worker.engine.model_runner import ChunkResult, ModelRunner
+from saw_worker.engine.model_runner import ChunkResult, LaunchedStep, ModelRunner
 from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sequence, Sink
 from saw_worker.engine.scheduler import Chunk, Scheduler
 from saw_worker.engine.stats import StepStats, StepTotals
@@ -18,9 +18,14 @@ log = logging.getLogger("saw_worker.engine")
 
 
 class LocalEngine:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, info: EngineInfo) -> None:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, info: EngineInfo, overlap: bool = True) -> None:
         self.runner = runner
         self.scheduler = scheduler
+        # Overlap: launch decode step N+1 before waiting for step N's tokens, so the host's work
+        # (scheduling, batch building, delivering tokens) runs while the GPU computes. A request
+        # that finishes at step N then runs one wasted row in N+1.
+        self.overlap = overlap
+        self._launched: LaunchedStep | None = None
         self._info = info
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -83,6 +88,7 @@ class LocalEngine:
         """One scheduling round: a forward pass when there is work, else a short wait for some."""
         self._take_inbox()
         if not self.scheduler.has_work():
+            self._resolve_launched()
             self._publish_load()
             self._wake.wait(0.5)
             self._wake.clear()
@@ -90,19 +96,32 @@ class LocalEngine:
         started = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:  # waiting requests cannot fit yet and nothing runs: cannot happen, but never spin
+            self._resolve_launched()
             self._wake.wait(0.01)
             return
         try:
             forward_started = time.perf_counter()
-            results = self.runner.run(batch)
+            if self.overlap and self.runner.can_launch(batch):
+                launched = self.runner.launch(batch, self._launched)
+                self._resolve_launched()
+                for chunk in batch.chunks:
+                    if not chunk.seq.finished:
+                        self.scheduler.advance(chunk)
+                self._launched = launched
+            else:
+                self._resolve_launched()
+                for chunk, result in zip(batch.chunks, self.runner.run(batch), strict=True):
+                    self._commit(chunk, result)
             forward_s = time.perf_counter() - forward_started
         except Exception as exc:  # a bug must fail these requests, not the worker
             log.exception("forward pass failed")
-            for chunk in batch.chunks:
-                self._end(chunk.seq, Event(finish=Finish.ABORT, error=f"engine error: {exc}"), remove=True)
+            failed = [c.seq for c in batch.chunks] + ([c.seq for c in self._launched.batch.chunks]
+                                                       if self._launched is not None else [])
+            self._launched = None
+            for seq in failed:
+                if not seq.finished:
+                    self._end(seq, Event(finish=Finish.ABORT, error=f"engine error: {exc}"), remove=True)
             return
-        for chunk, result in zip(batch.chunks, results, strict=True):
-            self._commit(chunk, result)
         rows = len(batch.chunks) if batch.is_decode else sum(c.end - c.start for c in batch.chunks)
         self._stats.record(batch.is_decode, rows, time.perf_counter() - started, forward_s)
         self._publish_load()
@@ -118,6 +137,15 @@ class LocalEngine:
             if seq is not None:
                 self._end(seq, Event(finish=Finish.ABORT), remove=False)
 
+    def _resolve_launched(self) -> None:
+        """Wait for the launched decode step, if any, and deliver its tokens."""
+        step, self._launched = self._launched, None
+        if step is None:
+            return
+        for chunk, token in zip(step.batch.chunks, self.runner.collect(step), strict=True):
+            if not chunk.seq.finished:  # aborted meanwhile, or its previous token ended it
+                self._deliver(chunk.seq, Event(token_ids=[token], finish=self.scheduler.resolve(chunk, token)))
+
     def _commit(self, chunk: Chunk, result: ChunkResult) -> None:
         seq = chunk.seq
         if seq.prompt_logprobs is not None and result.prompt_logprobs:
@@ -130,7 +158,10 @@ class LocalEngine:
             ev.logprobs = [result.logprob]
         if seq.prompt_logprobs and seq.num_output == 1:
             ev.prompt_logprobs = seq.prompt_logprobs
-        if finish is None:
+        self._deliver(seq, ev)
+
+    def _deliver(self, seq: Sequence, ev: Event) -> None:
+        if ev.finish is None:
             seq.sink(ev)
         else:
             self._end(seq, ev, remove=False)
@@ -138,6 +169,7 @@ class LocalEngine:
     def _end(self, seq: Sequence, ev: Event, remove: bool) -> None:
         if remove:
             self.scheduler.remove(seq.id)
+        seq.finished = True
         ev.prompt_tokens = seq.num_prompt
         ev.completion_tokens = seq.num_output
         with self._lock:

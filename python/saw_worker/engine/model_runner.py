@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saw_worker.engine.cuda_graphs import DecodeGraphs
-from saw_worker.engine.request import GenerateParams, Sequence, TokenLogprob
+from saw_worker.engine.request import PENDING, GenerateParams, Sequence, TokenLogprob
 from saw_worker.engine.sampler import sample, token_logprobs
 from saw_worker.engine.scheduler import Batch, Chunk
 from saw_worker.kv.backend import PagedAttention, StepLayout
@@ -19,6 +19,17 @@ class ChunkResult:
     token: int | None = None  # sampled next token, when the chunk reached the sequence's end
     logprob: TokenLogprob | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class LaunchedStep:
+    """A decode step whose forward and sampling are queued on the device but not waited for."""
+
+    batch: Batch
+    tokens: torch.Tensor  # device [rows]: sampled tokens, the next step's inputs
+    host_tokens: torch.Tensor  # the same, copied to (pinned) host memory when `done`
+    done: torch.cuda.Event | None  # None on CPU, where the step already ran
+    rows: dict[int, int]  # id(seq) -> its row in tokens
 
 
 @dataclass
@@ -67,7 +78,7 @@ class ModelRunner:
         t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
         return t.to(self.device, non_blocking=True)
 
-    def _eager(self, h: HostBatch, is_decode: bool) -> torch.Tensor:
+    def _eager(self, h: HostBatch, is_decode: bool, ids: torch.Tensor | None = None) -> torch.Tensor:
         width = max(len(t) for t in h.tables)
         table = [x for t in h.tables for x in t + [0] * (width - len(t))]
         self.attention.layout = StepLayout(
@@ -79,16 +90,57 @@ class ModelRunner:
             is_decode=is_decode,
             max_new_len=max(b - a for a, b in zip(h.cu, h.cu[1:], strict=False)),
         )
-        return self.model(self._tensor(h.ids, torch.int64), self._tensor(h.positions, torch.int64))
+        ids = self._tensor(h.ids, torch.int64) if ids is None else ids
+        return self.model(ids, self._tensor(h.positions, torch.int64))
+
+    def _forward(self, batch: Batch, h: HostBatch, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of the batch's rows; ids (device) replace h.ids when given."""
+        graphs = self.graphs
+        if batch.is_decode and graphs is not None and graphs.fits(len(h.ids), max(len(t) for t in h.tables)):
+            return graphs.run(h.ids, h.positions, h.slots, h.seq_lens, h.tables, ids)
+        return self._eager(h, batch.is_decode, ids)
+
+    @torch.inference_mode()
+    def launch(self, batch: Batch, previous: LaunchedStep | None) -> LaunchedStep:
+        """Queue a decode step without waiting for it. A row whose last token is still PENDING (the
+        previous step's sample, not yet on the host) takes it from previous.tokens on the device."""
+        h = host_batch(batch, self.pool.page_size)
+        ids = None
+        if previous is not None:
+            source = [previous.rows[id(c.seq)] if c.seq.token_ids[c.start] == PENDING else -1 for c in batch.chunks]
+            src = self._tensor(source, torch.int64)
+            known = self._tensor([max(t, 0) for t in h.ids], torch.int64)
+            ids = torch.where(src >= 0, previous.tokens[src.clamp(min=0)], known)
+        hidden = self._forward(batch, h, ids)
+        seqs = [c.seq for c in batch.chunks]
+        tokens = sample(self.model.compute_logits(hidden), seqs)
+        done = None
+        if self._pin:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host = tokens
+        return LaunchedStep(batch, tokens, host, done, {id(s): i for i, s in enumerate(seqs)})
+
+    @staticmethod
+    def collect(step: LaunchedStep) -> list[int]:
+        """Wait for a launched step; its sampled tokens, one per row."""
+        if step.done is not None:
+            step.done.synchronize()
+        return step.host_tokens.tolist()
+
+    @staticmethod
+    def can_launch(batch: Batch) -> bool:
+        """Decode steps whose requests want nothing but tokens can run ahead of the host."""
+        return batch.is_decode and not any(
+            c.seq.params.return_logprobs or c.seq.params.top_logprobs for c in batch.chunks)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[ChunkResult]:
         h = host_batch(batch, self.pool.page_size)
-        graphs = self.graphs
-        if batch.is_decode and graphs is not None and graphs.fits(len(h.ids), max(len(t) for t in h.tables)):
-            hidden = graphs.run(h.ids, h.positions, h.slots, h.seq_lens, h.tables)
-        else:
-            hidden = self._eager(h, batch.is_decode)
+        hidden = self._forward(batch, h)
 
         results = [ChunkResult() for _ in batch.chunks]
         offsets = h.cu

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+PENDING = -1  # a token id placeholder: sampled by a launched step, not yet on the host
+
 
 class RequestError(ValueError):
     """A request the engine refuses; the message goes back to the client as is."""
@@ -105,6 +107,7 @@ class Sequence:
         self.num_prompt = len(params.input_ids)
         self.pages: list[int] = []
         self.cached = 0
+        self.finished = False  # the last event was sent
         self.prompt_logprobs: list[TokenLogprob] | None = [] if params.prompt_logprobs else None
         self.generator: torch.Generator | None = None
         if params.sampling.seed is not None:
@@ -116,7 +119,8 @@ class Sequence:
 
     @property
     def num_output(self) -> int:
-        return len(self.token_ids) - self.num_prompt
+        """Output tokens known on the host (a launched step's token counts once it arrives)."""
+        return len(self.token_ids) - self.num_prompt - (self.token_ids[-1] == PENDING)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

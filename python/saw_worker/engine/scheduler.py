@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from saw_worker.engine.request import Finish, Sequence
+from saw_worker.engine.request import PENDING, Finish, Sequence
 from saw_worker.kv.pool import KVPool
 
 
@@ -134,9 +134,25 @@ class Scheduler:
             self.waiting.remove(seq)
             self.running.append(seq)
         seq.token_ids.append(token)
+        return self._check_finish(seq, token)
+
+    def advance(self, chunk: Chunk) -> None:
+        """A decode step for chunk was launched: its token is PENDING until resolve(), but the next
+        step can already be scheduled (and take the token from the device)."""
+        chunk.seq.cached = chunk.end
+        chunk.seq.token_ids.append(PENDING)
+
+    def resolve(self, chunk: Chunk, token: int) -> Finish | None:
+        """The launched step's token for chunk arrived: put it in place of PENDING."""
+        seq = chunk.seq
+        seq.token_ids[chunk.end] = token
+        return self._check_finish(seq, token)
+
+    def _check_finish(self, seq: Sequence, token: int) -> Finish | None:
         finish = self._finish_reason(seq, token)
         if finish is not None:
-            self.running.remove(seq)
+            # A preempted request may sit in waiting while its last launched step resolves.
+            (self.running if seq in self.running else self.waiting).remove(seq)
             self._free(seq)
         return finish
 
