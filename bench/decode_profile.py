@@ -417,7 +417,8 @@ def main() -> None:
     copy: dict[str, Any] | None = None
     for kv in args.kv:
         opts = WorkerOptions(model=model, load_format=args.load_format, kv=kv, mem_fraction=args.mem_fraction,
-                             max_running_requests=max(args.batch), cuda_graphs=False,
+                             max_running_requests=max(args.batch), cuda_graphs=False, k_center=False,
+                             hadamard_order=128,
                              kv_cache_memory=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None)
         t0 = time.perf_counter()
         engine = build_engine(opts)
