@@ -40,7 +40,11 @@ class ProcessEngine:
                                  daemon=True)
         self._proc.start()
         child_conn.close()
-        kind, payload = self._conn.recv() if self._conn.poll(None) else ("failed", "no reply")
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:  # killed (e.g. out of memory) before it could say why
+            self._proc.join(timeout=10)
+            kind, payload = "failed", f"the engine process exited during start-up (code {self._proc.exitcode})"
         if kind != "ready":
             self._proc.join(timeout=10)
             raise RuntimeError(payload)
