@@ -152,3 +152,11 @@ def test_engine_process_crash_fails_streams_and_exits_the_worker() -> None:
             list(stream)
         assert "engine process exited" in err.value.details()
         assert proc.wait(timeout=30) != 0
+
+
+def test_a_model_that_cannot_load_ends_the_worker_with_a_clear_error(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    done = subprocess.run([sys.executable, "-m", "saw_worker", "--model", str(tmp_path / "missing"),
+                           "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "saw_worker: error:" in done.stderr and "missing" in done.stderr
