@@ -24,7 +24,9 @@ def test_records_every_chunk_and_usage(bpe):
     assert (r.prompt_tokens, r.completion_tokens) == (opts.prompt_tokens(body["messages"][0]["content"]), 8)
     assert len(r.chunk_s) == 8 and r.chunk_s == sorted(r.chunk_s)
     assert r.first_content_s == r.chunk_s[0] >= 0.05  # the empty role chunk does not count as first content
-    assert r.chunk_s[-1] - r.chunk_s[0] >= 7 * 0.01
+    # Causal bound: the last chunk cannot arrive before the server sent it (gaps between arrivals
+    # may shrink when a loaded client reads several chunks at once, so they are not checked).
+    assert r.chunk_s[-1] >= 0.05 + 7 * 0.01
     assert r.chunk_s[-1] <= r.usage_s <= r.end_s
     assert r.send_ts > 1e9
     assert body["stream"] and body["stream_options"] == {"include_usage": True}
