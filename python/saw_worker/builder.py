@@ -34,6 +34,7 @@ class WorkerOptions:
     rotate_v: bool = False
     k_center: bool | None = None  # None: default_kv_options
     k_mean_file: str | None = None
+    bf16_layers: frozenset[int] = frozenset()
     device: str = "auto"
     mem_fraction: float = 0.85
     kv_cache_memory: int | None = None
@@ -85,12 +86,13 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
     fmt = KVFormat.make(opts.kv, cfg.head_dim, opts.hadamard_order or order, opts.rotate_v,
                         k_center if opts.k_center is None else opts.k_center)
     budget = kv_budget(opts, device)
-    pool = KVPool.from_budget(fmt, cfg.num_layers, cfg.num_kv_heads, budget, opts.page_size, device)
+    pool = KVPool.from_budget(fmt, cfg.num_layers, cfg.num_kv_heads, budget, opts.page_size, device,
+                              opts.bf16_layers)
     attention = PagedAttention(pool, cfg.head_dim ** -0.5, use_kernels=device.type == "cuda")
     loaded.model.attention = attention
     runner = ModelRunner(loaded.model, attention, pool, device)
     log.info("KV pool: %s, %d tokens in %.1f MiB (%d B/token)", fmt.name, pool.capacity_tokens, budget / 2**20,
-             bytes_per_token(fmt, cfg.num_layers, cfg.num_kv_heads))
+             bytes_per_token(fmt, cfg.num_layers, cfg.num_kv_heads, opts.bf16_layers))
 
     if fmt.k_center:
         if opts.k_mean_file:

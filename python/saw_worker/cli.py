@@ -27,6 +27,13 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
 
 
+def _layer_list(text: str) -> frozenset[int]:
+    try:
+        return frozenset(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers like 0,1; got {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m saw_worker",
@@ -52,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
                    help="subtract the per-(layer, KV head) mean of K before quantizing (default: on for int4 and "
                         "int4-bdr); the mean is measured on a built-in calibration text at load, or read from "
                         "--k-mean-file")
+    p.add_argument("--bf16-layers", type=_layer_list, default=frozenset(), metavar="I,J,...",
+                   help="layers whose K/V stay bf16 whatever --kv is (e.g. 0,1: Qwen2's first layers quantize "
+                        "worst, docs/accuracy.md)")
     p.add_argument("--k-mean-file", default=None, help="torch file holding the K mean [layers, kv_heads, head_dim]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--mem-fraction", type=float, default=0.85,
@@ -90,7 +100,8 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> WorkerOp
     rotate_v = args.rotate_v if args.rotate_v is not None else env.get("ROTATE_V", "0") == "1"
     return WorkerOptions(
         model=args.model, load_format=args.load_format, kv=kv, hadamard_order=order, rotate_v=rotate_v,
-        k_center=args.k_center, k_mean_file=args.k_mean_file, device=args.device, mem_fraction=args.mem_fraction,
+        k_center=args.k_center, k_mean_file=args.k_mean_file, bf16_layers=args.bf16_layers, device=args.device,
+        mem_fraction=args.mem_fraction,
         kv_cache_memory=args.kv_cache_memory, page_size=args.page_size,
         max_running_requests=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,
         reserve_decode_tokens=args.reserve_decode_tokens,

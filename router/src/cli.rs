@@ -45,6 +45,9 @@ pub struct Args {
     /// int4-bdr). `--k-center false` turns it off.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub k_center: Option<bool>,
+    /// Layers whose K/V stay bf16 whatever --kv is, e.g. 0,1 (passed to workers).
+    #[arg(long, value_name = "I,J,...")]
+    pub bf16_layers: Option<String>,
     /// How workers read weights: auto, safetensors, gguf, dummy.
     #[arg(long)]
     pub load_format: Option<String>,
@@ -165,6 +168,7 @@ impl Args {
         push_switch(&mut flags, "rotate-v", rotate_v);
         push_switch(&mut flags, "k-center", self.k_center);
         let passthrough = [
+            ("--bf16-layers", self.bf16_layers.clone()),
             ("--load-format", self.load_format.clone()),
             ("--mem-fraction", self.mem_fraction.map(|f| f.to_string())),
             ("--kv-cache-memory", self.kv_cache_memory.clone()),

@@ -29,13 +29,14 @@ TINY = ModelConfig(
 
 def tiny_engine(kv: str = "int4-bdr", num_pages: int = 64, page_size: int = 4, max_running: int = 64,
                 prefill_budget: int = 64, eos: int = EOS, device: str = "cpu", cuda_graphs: bool = False,
-                reserve_decode_tokens: int = 0, overlap: bool = True, **fmt_kw: object) -> LocalEngine:
+                reserve_decode_tokens: int = 0, overlap: bool = True, bf16_layers: frozenset[int] = frozenset(),
+                **fmt_kw: object) -> LocalEngine:
     """On CUDA the model runs in bf16 through the Triton kernels; on CPU in fp32 through the reference."""
     torch.manual_seed(0)
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"
     fmt = KVFormat.make(kv, TINY.head_dim, **fmt_kw)  # type: ignore[arg-type]
-    pool = KVPool(fmt, TINY.num_layers, TINY.num_kv_heads, num_pages, page_size, dev)
+    pool = KVPool(fmt, TINY.num_layers, TINY.num_kv_heads, num_pages, page_size, dev, bf16_layers)
     attention = PagedAttention(pool, TINY.head_dim ** -0.5, use_kernels=on_gpu)
     model = DecoderLM(TINY, attention, device=dev, dtype=torch.bfloat16 if on_gpu else torch.float32)
     model.init_random_(seed=1, std=0.3)  # large enough that greedy choices are not near-ties

@@ -81,6 +81,21 @@ def test_overlapped_steps_match_synchronous_ones() -> None:
     assert all(n == len(tokens) for tokens, _, n in outcomes[True].values())
 
 
+def test_bf16_layers_keep_those_layers_exact() -> None:
+    """Every layer at bf16 reproduces the bf16 format; one bf16 layer changes some tokens of int4."""
+    engines = {"bf16": tiny_engine("bf16"), "all": tiny_engine("int4", bf16_layers=frozenset({0, 1})),
+               "first": tiny_engine("int4", bf16_layers=frozenset({0})), "int4": tiny_engine("int4")}
+    try:
+        out = {name: run(e, REQUESTS) for name, e in engines.items()}
+        assert engines["first"].scheduler.pool.formats[0].name == "bf16"
+        assert engines["first"].scheduler.pool.formats[1].name == "int4"
+    finally:
+        for e in engines.values():
+            e.shutdown()
+    assert out["all"] == out["bf16"]
+    assert out["first"] != out["int4"]
+
+
 def test_abort_frees_every_page() -> None:
     engine = tiny_engine("int4", max_running=64)
     try:

@@ -83,6 +83,15 @@ def test_format_validation_messages() -> None:
         KVFormat.make("bf16", 128).bytes_per_token_head(), rel=0.01)
 
 
+def test_bf16_layers_cost_bf16_bytes_and_are_checked() -> None:
+    from saw_worker.kv.pool import bytes_per_token
+
+    int4 = KVFormat.make("int4", 64)
+    assert bytes_per_token(int4, 24, 2, frozenset({0, 1})) == (22 * 72 + 2 * 256) * 2
+    with pytest.raises(ValueError, match="outside the model's 24 layers"):
+        bytes_per_token(int4, 24, 2, frozenset({24}))
+
+
 def test_worker_defaults_follow_the_accuracy_measurements() -> None:
     """Unless told otherwise: K centering for INT4 formats; order 128 at head_dim 128, 32 at 64."""
     from saw_worker.cli import options_from_args, parser

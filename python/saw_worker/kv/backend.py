@@ -46,7 +46,8 @@ class PagedAttention:
         self._layers: list[LayerCache] = [self.pool.layer(i) for i in range(self.pool.num_layers)]
 
     def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        lay, cache, fmt = self.layout, self._layers[layer_id], self.pool.fmt
+        lay, cache = self.layout, self._layers[layer_id]
+        fmt = cache.fmt
         assert lay is not None, "StepLayout not set"
         if self.observer is not None:
             self.observer(layer_id, k)
