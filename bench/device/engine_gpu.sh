@@ -4,6 +4,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH}
 out=${OUT:-bench/out}
+mkdir -p "$out"
 python3 -c "import torch, grpc, google.protobuf as pb; print(torch.__version__, torch.cuda.get_device_name(), 'grpc', grpc.__version__, 'protobuf', pb.__version__)"
 timeout 200 python3 -m pytest -q -x -m gpu tests/worker 2>&1 | tail -15 | tee "$out/engine-gpu-tests.log"
 timeout 330 python3 bench/offline_throughput.py --model configs/qwen3-8b --load-format dummy \

@@ -5,6 +5,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH}
 out=${OUT:-bench/out}
+mkdir -p "$out"
 timeout 150 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/worker 2>&1 | tail -6 | tee "$out/gpu-tests.log"
 for mode in --no-overlap --overlap; do
   timeout 200 python3 bench/offline_throughput.py --model configs/qwen3-8b --load-format dummy --kv int4-bdr bf16 \
