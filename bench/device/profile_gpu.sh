@@ -6,15 +6,8 @@
 set -uo pipefail
 serve_kv=${1:-int4-bdr}
 conc=${2:-"64 256"}
-out=${OUT:-bench/out}
-mkdir -p "$out"
-if [ -d .whl ]; then  # the lent device (no network): wheels carried from the build machine
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
-    target/wheels/saw-*.whl || exit 1
-  export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site
-fi  # elsewhere: pip install '.[bench]' first
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+# shellcheck source=bench/device/stack_env.sh
+source "$(dirname "$0")/stack_env.sh"
 timeout 200 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/worker tests/kernels 2>&1 | tail -8 \
   | tee "$out/gpu-tests.log"
 timeout 200 python3 bench/offline_throughput.py --model configs/qwen3-8b --load-format dummy --kv bf16 int4-bdr \

@@ -8,15 +8,8 @@ scenario=${1:-"D(256,1024)"}
 conc=${2:-"64"}
 kvs=${3:-"bf16 int4 int4-bdr"}
 extra=${4:-""}
-out=${OUT:-bench/out}
-mkdir -p "$out"
-if [ -d .whl ]; then  # the lent device (no network): wheels carried from the build machine
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
-    target/wheels/saw-*.whl || exit 1
-  export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site
-fi  # elsewhere: pip install '.[bench]' first
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+# shellcheck source=bench/device/stack_env.sh
+source "$(dirname "$0")/stack_env.sh"
 if [ -n "${GPU_TESTS:-}" ]; then  # e.g. GPU_TESTS="tests/worker tests/kernels"; a failure stops the run
   # shellcheck disable=SC2086
   timeout 200 python3 -m pytest -q -x -m gpu -n 8 -p no:cacheprovider $GPU_TESTS > "$out/gpu-tests.log" 2>&1
