@@ -135,16 +135,17 @@ def _child_main(options: object, conn: Connection, log_level: int) -> None:
         return
     outbox: list[tuple[str, Event]] = []
     lock = threading.Lock()
-    last_load: list[LoadStats] = [engine.load()]
+    last_load = engine.load()
 
     def flush() -> None:
         """Runs on the engine thread after every step and idle wake-up (and on a refused submit)."""
+        nonlocal last_load
         with lock:
             events = outbox[:]
             outbox.clear()
             load = engine.load()
-            if events or load != last_load[0]:
-                last_load[0] = load
+            if events or load != last_load:
+                last_load = load
                 conn.send(_StepOutput(events, load))
 
     engine.on_step_end = flush
