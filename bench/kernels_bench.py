@@ -221,10 +221,9 @@ def main() -> None:
     bcfg: dict = {}
     if "decode" in only or "latency" in only:
         if sweeping:
-            # first run (docs/kernels.md): block_n 128 beat 64 by 1.6x; deq 2 beat 0 and 1
+            # 2026-11-23 scratch sweep (docs/kernels.md): block_n 128, 4 warps, 3 stages led on 4 of 5 shapes
             dcfg = sweep("decode-int4", lambda c: run_decode(64, 4096, "int4-bdr-b128", copy, cfg=c),
-                         [{}, dict(block_n=256, num_stages=3), dict(block_n=256, num_warps=8, num_stages=3),
-                          dict(num_warps=8), dict(q_split=False), dict(deq=3)])
+                         [{}, dict(num_stages=2), dict(num_stages=4)])
     if "decode" in only:
         for b, ctx in dec_shapes:
             run_decode(b, ctx, "bf16", copy, cfg=bcfg)

@@ -1,11 +1,12 @@
-"""Paged decode attention (flash-decoding) over bf16 or INT4(-BDR) pages.
+"""Paged decode attention (flash-decoding): the bf16 kernel, the split reduce, and the entry point.
 
 One program per (request, KV head, split) serves the KV head's whole query group, so each cached
-byte is read once per step. INT4 keys are never expanded to values: with codes c, scale s and lo,
-  q . k_hat = s (q . c) + lo sum(q)   and   sum_n p_n v_hat_n = (p s_v) @ c_v + sum_n p_n lo_n,
-so the tensor cores multiply exact small integers (bf16 codes) and the affine part costs one
-FMA per score. q is rotated in-kernel for int4-bdr (R q . R k = q . k); with rotate_v the output is
-rotated back once per head (in the reduce, or at the end when there is one split).
+byte is read once per step. INT4 formats run `decode_int4.decode_int4_kernel`; both write the
+same split partials. The cache-tile helpers here (`load_kv_block`, `attend_block`) are shared with
+the extend kernel: there INT4 codes enter the tensor cores as exact small integers, with
+  q . k_hat = s (q . c) + lo sum(q)   and   sum_n p_n v_hat_n = (p s_v) @ c_v + sum_n p_n lo_n.
+q is rotated in-kernel for int4-bdr (R q . R k = q . k); with rotate_v the output is rotated back
+once per head (in the reduce, or at the end when there is one split).
 """
 
 from __future__ import annotations
@@ -15,40 +16,8 @@ import triton
 import triton.language as tl
 
 from saw_kernels._common import _INTERP, INTERPRET, LOG2E, load_hmat, mma, num_sms, rotate_halves, rotation_args
+from saw_kernels.decode_int4 import decode_int4_kernel, query_rows
 from saw_worker.kv.formats import KVFormat
-
-
-@triton.jit
-def _nibbles_asm(packed):
-    """uint8 codes -> (128 + low nibble, 128 + high nibble) as bf16: bf16 bits 0x4300 | c are 128 + c.
-
-    prmt spreads two bytes into two 16-bit lanes, and/or (one lop3) mask and set the exponent: about one
-    instruction per code, against an int->float conversion (quarter rate) and a repack otherwise.
-    """
-    lo = tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t0, t1;
-        prmt.b32 t0, $2, 0, 0x4140;
-        prmt.b32 t1, $2, 0, 0x4342;
-        and.b32 t0, t0, 0x000F000F;
-        and.b32 t1, t1, 0x000F000F;
-        or.b32 $0, t0, 0x43004300;
-        or.b32 $1, t1, 0x43004300;
-        }""",
-        constraints="=r,=r,r", args=[packed], dtype=tl.bfloat16, is_pure=True, pack=4)
-    hi = tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t0, t1, x;
-        shr.b32 x, $2, 4;
-        prmt.b32 t0, x, 0, 0x4140;
-        prmt.b32 t1, x, 0, 0x4342;
-        and.b32 t0, t0, 0x000F000F;
-        and.b32 t1, t1, 0x000F000F;
-        or.b32 $0, t0, 0x43004300;
-        or.b32 $1, t1, 0x43004300;
-        }""",
-        constraints="=r,=r,r", args=[packed], dtype=tl.bfloat16, is_pure=True, pack=4)
-    return lo, hi
 
 
 @triton.jit
@@ -94,10 +63,9 @@ def load_kv_block(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm, QUANT: t
                   DEQ: tl.constexpr):
     """Rows at slots [N] of one head: (lo half, hi half) as bf16 [N, D/2] and per-row (scale, shift) fp32 [N].
 
-    INT4 rows come back as codes x = c + OFF with the row value s * x + (lo - OFF s):
-    DEQ 0: OFF = -8 via fp32 (signed codes keep both terms small: the extend kernel's bf16 P needs it);
-    DEQ 1: OFF = 128 by bit tricks; DEQ 2: the same in inline PTX (GPU only; 1 under the interpreter);
-    DEQ 3: OFF = -8 in inline PTX (GPU only; 0 under the interpreter).
+    INT4 rows come back as signed codes x = c - 8 with the row value s * x + (lo + 8 s) (small
+    terms keep the extend kernel's bf16 P accurate): DEQ 0 via fp32, DEQ 3 in inline PTX (GPU
+    only; 0 under the interpreter).
     p_ptr is the (scale, lo) fp16 pair viewed as one int32 per row.
     """
     off = slot * s_cs + h * s_ch
@@ -105,21 +73,12 @@ def load_kv_block(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm, QUANT: t
         packed = tl.load(c_ptr + off[:, None] + c[None, :], mask=nm[:, None], other=0)
         if DEQ == 3 and not _INTERP:
             x_lo, x_hi = _signed_nibbles_asm(packed)
-            code_off = -8.0
-        elif DEQ == 0 or DEQ == 3:  # via fp32: the interpreter botches int -> bf16
+        else:  # via fp32: the interpreter botches int -> bf16
             x_lo = ((packed & 15).to(tl.float32) - 8.0).to(tl.bfloat16)
             x_hi = ((packed >> 4).to(tl.float32) - 8.0).to(tl.bfloat16)
-            code_off = -8.0
-        elif DEQ == 1 or _INTERP:
-            x_lo = ((packed & 15).to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
-            x_hi = ((packed >> 4).to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
-            code_off = 128.0
-        else:
-            x_lo, x_hi = _nibbles_asm(packed)
-            code_off = 128.0
         w = tl.load(p_ptr + slot * s_ps + h * s_ph, mask=nm, other=0)
         sc = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        lo = (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) - code_off * sc
+        lo = (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) + 8.0 * sc
     else:
         x_lo = tl.load(c_ptr + off[:, None] + c[None, :], mask=nm[:, None], other=0.0)
         x_hi = tl.load(c_ptr + off[:, None] + D2 + c[None, :], mask=nm[:, None], other=0.0)
@@ -129,19 +88,14 @@ def load_kv_block(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm, QUANT: t
 
 
 @triton.jit
-def attend_block(q_lo, q_hi, q2_lo, q2_hi, q_sum, bias, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m, valid,
-                 m_i, l_i, acc_lo, acc_hi, QUANT: tl.constexpr, Q2: tl.constexpr, PSPLIT: tl.constexpr):
+def attend_block(q_lo, q_hi, q_sum, bias, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m, valid,
+                 m_i, l_i, acc_lo, acc_hi, QUANT: tl.constexpr, PSPLIT: tl.constexpr):
     """One online-softmax step (log2 domain) over a block of cached rows.
 
-    q is given as bf16 halves (plus a second bf16 piece when Q2: rotated q is fp32);
-    bias (per query) is added to raw scores; scores are then scaled by qk_scale = sm_scale * log2(e).
+    q is given as bf16 halves; bias (per query) is added to raw scores; scores are then scaled by
+    qk_scale = sm_scale * log2(e).
     """
-    kt_lo = tl.trans(k_lo)
-    kt_hi = tl.trans(k_hi)
-    s = mma(q_lo, kt_lo) + mma(q_hi, kt_hi)
-    if Q2:
-        s = mma(q2_lo, kt_lo, s)
-        s = mma(q2_hi, kt_hi, s)
+    s = mma(q_lo, tl.trans(k_lo)) + mma(q_hi, tl.trans(k_hi))
     if QUANT:
         s = s * k_s[None, :] + q_sum[:, None] * k_m[None, :]
     s = (s + bias) * qk_scale
@@ -170,13 +124,11 @@ def attend_block(q_lo, q_hi, q2_lo, q2_hi, q_sum, bias, qk_scale, k_lo, k_hi, k_
 
 
 @triton.jit
-def _decode_kernel(
-    q_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, len_ptr, h_ptr, out_ptr, po_ptr, pl_ptr,
-    s_qb, s_qh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, s_ptb, s_ob, s_oh,
-    qk_scale, inv_sqrt_b,
+def _decode_bf16_kernel(
+    q_ptr, kc_ptr, vc_ptr, pt_ptr, len_ptr, out_ptr, po_ptr, pl_ptr,
+    s_qb, s_qh, s_kcs, s_kch, s_vcs, s_vch, s_ptb, s_ob, s_oh, qk_scale,
     HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-    QUANT: tl.constexpr, ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PSPLIT: tl.constexpr, DEQ: tl.constexpr, Q2: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     D2: tl.constexpr = D // 2
     b = tl.program_id(0)
@@ -187,18 +139,8 @@ def _decode_kernel(
     qh = kh * G + g
     c = tl.arange(0, D2)
     q_off = b.to(tl.int64) * s_qb + qh * s_qh
-    q_lo = tl.load(q_ptr + q_off[:, None] + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-    q_hi = tl.load(q_ptr + q_off[:, None] + D2 + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-    if ROT_Q or ROT_V:
-        hm = load_hmat(h_ptr, D2)
-    if ROT_Q:
-        q_lo, q_hi = rotate_halves(q_lo, q_hi, hm, inv_sqrt_b, FULL, 1)
-    # q . k with q in two bf16 pieces when rotated (fp32 R q); plain bf16 q is exact in one
-    qb_lo = q_lo.to(tl.bfloat16)
-    qb_hi = q_hi.to(tl.bfloat16)
-    q2_lo = (q_lo - qb_lo.to(tl.float32)).to(tl.bfloat16)
-    q2_hi = (q_hi - qb_hi.to(tl.float32)).to(tl.bfloat16)
-    q_sum = tl.sum(q_lo, 1) + tl.sum(q_hi, 1)
+    q_lo = tl.load(q_ptr + q_off[:, None] + c[None, :], mask=gm[:, None], other=0.0)
+    q_hi = tl.load(q_ptr + q_off[:, None] + D2 + c[None, :], mask=gm[:, None], other=0.0)
 
     seq_len = tl.load(len_ptr + b)
     chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
@@ -214,27 +156,24 @@ def _decode_kernel(
         nm = pos < end
         page = tl.load(pt_row + pos // PAGE, mask=nm, other=0).to(tl.int64)
         slot = page * PAGE + pos % PAGE
-        k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm, QUANT, D2, DEQ)
-        v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2, DEQ)
+        k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kc_ptr, slot, kh, s_kcs, s_kch, 0, 0, c, nm, False, D2, 0)
+        v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vc_ptr, slot, kh, s_vcs, s_vch, 0, 0, c, nm, False, D2, 0)
         m_i, l_i, acc_lo, acc_hi = attend_block(
-            qb_lo, qb_hi, q2_lo, q2_hi, q_sum, 0.0, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m,
-            nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT, Q2, PSPLIT)
+            q_lo, q_hi, 0.0, 0.0, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s, v_m,
+            nm[None, :], m_i, l_i, acc_lo, acc_hi, False, 2)
 
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o_lo = acc_lo / l_safe[:, None]
+    o_hi = acc_hi / l_safe[:, None]
     if SPLITS == 1:
-        inv_l = 1.0 / l_i
-        o_lo = acc_lo * inv_l[:, None]
-        o_hi = acc_hi * inv_l[:, None]
-        if ROT_V:
-            o_lo, o_hi = rotate_halves(o_lo, o_hi, hm, inv_sqrt_b, FULL, 2)
         o_off = b.to(tl.int64) * s_ob + qh * s_oh
         tl.store(out_ptr + o_off[:, None] + c[None, :], o_lo.to(tl.bfloat16), mask=gm[:, None])
         tl.store(out_ptr + o_off[:, None] + D2 + c[None, :], o_hi.to(tl.bfloat16), mask=gm[:, None])
     else:
         # partials: o [B, Hq, SPLITS, D] fp32 (normalized), lse [B, Hq, SPLITS] (log2 domain)
         row = (b.to(tl.int64) * HQ + qh) * SPLITS + sp
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        tl.store(po_ptr + row[:, None] * D + c[None, :], acc_lo / l_safe[:, None], mask=gm[:, None])
-        tl.store(po_ptr + row[:, None] * D + D2 + c[None, :], acc_hi / l_safe[:, None], mask=gm[:, None])
+        tl.store(po_ptr + row[:, None] * D + c[None, :], o_lo, mask=gm[:, None])
+        tl.store(po_ptr + row[:, None] * D + D2 + c[None, :], o_hi, mask=gm[:, None])
         tl.store(pl_ptr + row, m_i + tl.log2(l_safe) + tl.where(l_i > 0, 0.0, float("-inf")), mask=gm)
 
 
@@ -302,10 +241,16 @@ def format_args(fmt: KVFormat, head_dim: int, k_cache: torch.Tensor, k_params: t
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
-                      block_n: int = 64) -> int:
-    """Splits per (request, KV head) so the grid covers ~2 waves of SMs, from shapes only (graph-safe)."""
+                      block_n: int = 64, quantized: bool = False) -> int:
+    """Splits per (request, KV head), from shapes only (graph-safe).
+
+    bf16 (bandwidth-bound) wants ~2 waves of SMs. The INT4 kernel is latency-bound with 3 programs
+    per SM: it wants ~8 programs per SM (H100, 2026-11-23: at 64 x 4k, 1 / 2 / 4 splits took
+    207 / 181 / 186 us; at 128 x 2k, 1 split beat 2, 180 vs 192 us).
+    """
     programs = batch * num_kv_heads
-    want = triton.cdiv(2 * num_sms(device), programs)
+    sms = num_sms(device)
+    want = max(1, 8 * sms // programs) if quantized else triton.cdiv(2 * sms, programs)
     most = max(1, max_context // (4 * block_n))  # keep >= 4 blocks of work per split
     return max(1, min(want, most, 64))
 
@@ -314,16 +259,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_params: torch.Tensor | None, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      fmt: KVFormat, sm_scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
                      max_context: int | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None, deq: int = 2,
-                     q_split: bool = False) -> torch.Tensor:
+                     block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
 
     No host reads of seq_lens: the grid depends on (B, num_splits) only, so a CUDA graph captured
     for a batch size replays for any lengths. max_context (default: page_table width * page_size)
     is the shape hint num_splits is chosen from. workspace = (o_part fp32 [B, Hq, S, D], lse fp32
     [B, Hq, S]) may be preallocated; else it is allocated here (from the graph pool when capturing).
-    q_split: multiply the rotated (fp32) q as two bf16 pieces (~2x less score rounding, ~9 % slower on
-    H100 at 64 x 4k); off by default so that int4-bdr costs what int4 does.
     Run it once outside a capture first (Triton compiles, Hadamard matrix is uploaded).
     """
     bsz, hq, d = q.shape
@@ -334,14 +276,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device=q.device)
     quant = fmt.quantized
-    if block_n is None:  # measured on H100 (docs/kernels.md): INT4 wants long blocks to amortize the loop
+    if block_n is None:  # measured on H100 (docs/kernels.md)
         block_n = 16 if INTERPRET else (128 if quant else 64)
     if num_stages is None:
-        num_stages = 4 if quant else 2
+        num_stages = 3 if quant else 2
     if num_splits is None:
         ctx = max_context if max_context is not None else page_table.shape[1] * page_size
-        num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n)
-    kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
+        num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n, quant)
     if num_splits > 1:
         if workspace is None:
             workspace = (torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device),
@@ -349,16 +290,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         po, pl = workspace
     else:
         po = pl = out
-    gp = max(16, triton.next_power_of_2(group))
-    _decode_kernel[(bsz, hkv, num_splits)](
-        q, k_cache, v_cache, kp, vp, page_table, seq_lens, hmat, out, po, pl,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        s_ps, s_ph, page_table.stride(0), out.stride(0), out.stride(1),
-        sm_scale * LOG2E, inv,
-        HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, QUANT=quant, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
-        SPLITS=num_splits, BLOCK_N=block_n, PSPLIT=2, DEQ=deq, Q2=fmt.rotated and q_split, num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    gp = query_rows(group) if quant else max(16, triton.next_power_of_2(group))
+    grid = (bsz, hkv, num_splits)
+    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
+    kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
+    if quant:
+        decode_int4_kernel[grid](
+            q, k_cache, v_cache, kp, vp, page_table, seq_lens, hmat, out, po, pl, *strides, s_ps, s_ph,
+            page_table.stride(0), out.stride(0), out.stride(1), sm_scale * LOG2E, inv,
+            HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
+            SPLITS=num_splits, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    else:
+        _decode_bf16_kernel[grid](
+            q, k_cache, v_cache, page_table, seq_lens, out, po, pl, *strides, page_table.stride(0), out.stride(0),
+            out.stride(1), sm_scale * LOG2E, HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, SPLITS=num_splits,
+            BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _reduce_kernel[(bsz, hkv)](
             po, pl, hmat, out, out.stride(0), out.stride(1), inv,

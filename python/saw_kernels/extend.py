@@ -81,8 +81,8 @@ def _extend_kernel(
             v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2,
                                                  DEQ)
             m_i, l_i, acc_lo, acc_hi = attend_block(
-                rb_lo, rb_hi, rb_lo, rb_hi, r_sum, bias[:, None], qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s,
-                v_m, nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT, False, 1)
+                rb_lo, rb_hi, r_sum, bias[:, None], qk_scale, k_lo, k_hi, k_s, k_m, v_lo, v_hi, v_s,
+                v_m, nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT, 1)
         if ROT_V:
             acc_lo, acc_hi = rotate_halves(acc_lo, acc_hi, hm, inv_sqrt_b, FULL, 2)
 
@@ -99,8 +99,8 @@ def _extend_kernel(
         v_hi = tl.load(v_ptr + v_off[:, None] + D2 + c[None, :], mask=jm[:, None], other=0.0)
         valid = (j[None, :] <= i[:, None]) & jm[None, :]
         m_i, l_i, acc_lo, acc_hi = attend_block(
-            q_lo, q_hi, q_lo, q_hi, 0.0, 0.0, qk_scale, k_lo, k_hi, 0.0, 0.0, v_lo, v_hi, 0.0, 0.0,
-            valid, m_i, l_i, acc_lo, acc_hi, False, False, 1)
+            q_lo, q_hi, 0.0, 0.0, qk_scale, k_lo, k_hi, 0.0, 0.0, v_lo, v_hi, 0.0, 0.0,
+            valid, m_i, l_i, acc_lo, acc_hi, False, 1)
 
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
     o_off = (row0 + i).to(tl.int64) * s_ot + qh * s_oh

@@ -44,7 +44,7 @@ class WorkerOptions:
     reserve_decode_tokens: int = 1024
     context_length: int | None = None
     cuda_graphs: bool = True
-    overlap: bool = False  # see LocalEngine; not yet run on a GPU
+    overlap: bool = True  # see LocalEngine
 
 
 def resolve_device(name: str) -> torch.device:

@@ -77,9 +77,9 @@ def parser() -> argparse.ArgumentParser:
                         "of it and of every running request (default: %(default)s; 0 = admit greedily)")
     p.add_argument("--context-length", type=int, default=None, help="cap the model's context length")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly on CUDA (for debugging)")
-    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
-                   help="launch each decode step before the previous one's tokens reach the host (default: off "
-                        "until it has been measured on a GPU; tested on CPU)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="launch each decode step before the previous one's tokens reach the host "
+                        "(default: on; --no-overlap runs synchronous steps)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default: %(default)s)")
     p.add_argument("--unix-socket", default=None, help="listen on this unix socket instead of host:port")

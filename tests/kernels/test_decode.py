@@ -9,8 +9,8 @@ from kref import DEV, decode_ref, default_scale, empty_cache, make_pages, rand_k
 from saw_kernels import decode_attention, write_kv
 from saw_worker.kv.formats import KVFormat
 
-TOL = 8e-3  # bf16 output rounding (~2e-3) plus bf16 q / P pieces; the CPU interpreter truncates to bf16
-TOL_Q1 = 1.2e-2  # rotated q rounded once to bf16 (the default, q_split=False); ~half that on the GPU
+TOL = 6e-3  # bf16 output rounding (~2e-3) plus fp16 q / P (INT4) or bf16 P pieces; the CPU interpreter
+# truncates to bf16 where the GPU rounds: measured there ~3.5e-3, on the H100 ~1.8e-3
 
 # (format, query group, page size, lengths, splits): every Hadamard order, GQA 1/2/4/7/8,
 # 1-token requests, page crossings, empty splits, page sizes 1..128.
@@ -36,7 +36,7 @@ def case_id(case: tuple) -> str:
 
 
 def run_decode(fmt: KVFormat, group: int, page_size: int, lens: list[int], splits: int | None, hkv: int = 2,
-               seed: int = 0, **kw: int) -> float:
+               seed: int = 0, q_scale: float = 0.5, **kw: int) -> float:
     gen = torch.Generator().manual_seed(seed)
     d = fmt.head_dim
     paged = make_pages(lens, page_size, gen)
@@ -45,7 +45,7 @@ def run_decode(fmt: KVFormat, group: int, page_size: int, lens: list[int], split
     k, v = rand_kv(slots.numel(), hkv, d, gen=gen), rand_kv(slots.numel(), hkv, d, gen=gen)
     k_mean = k.float().mean(0) if fmt.k_center else None
     write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean)
-    q = (torch.randn(len(lens), hkv * group, d, generator=gen) * 0.5).to(DEV, torch.bfloat16)
+    q = (torch.randn(len(lens), hkv * group, d, generator=gen) * q_scale).to(DEV, torch.bfloat16)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out = torch.full_like(q, float("nan"))
     got = decode_attention(q, cache.k, cache.v, cache.kp, cache.vp, paged.page_table, seq_lens, page_size, fmt,
@@ -56,26 +56,23 @@ def run_decode(fmt: KVFormat, group: int, page_size: int, lens: list[int], split
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_decode_matches_reference(case: tuple) -> None:
-    assert run_decode(*case, q_split=True) < TOL
-    if case[0].rotated:
-        assert run_decode(*case) < TOL_Q1
+    assert run_decode(*case) < TOL
 
 
-@pytest.mark.parametrize("deq", [0, 1, 2])
-def test_decode_dequant_paths(deq: int) -> None:
-    """The three ways of turning codes into bf16 (2 is inline PTX on the GPU, 1 under the interpreter)."""
-    assert run_decode(KVFormat("int4-bdr", 128, 32, True, True), 4, 16, [1, 40, 77], 2, deq=deq) < TOL_Q1
+def test_decode_huge_and_tiny_queries() -> None:
+    """q is scaled per row by a power of two before it becomes fp16: rows of 1e4 and 1e-4 are exact too."""
+    fmt = KVFormat("int4-bdr", 128, 128, k_center=True)
+    for scale in (1e-4, 1e4):
+        assert run_decode(fmt, 4, 16, [1, 40, 77], 2, q_scale=scale) < TOL
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,order,rv", [("bf16", 128, False), ("int4", 128, False), ("int4-bdr", 128, False),
                                            ("int4-bdr", 16, True)])
-@pytest.mark.parametrize("deq", [0, 1, 2])
-def test_decode_full_shape(name: str, order: int, rv: bool, deq: int) -> None:
-    if name == "bf16" and deq:
-        pytest.skip("bf16 has no codes")
+@pytest.mark.parametrize("lens", [[1, 4096, 2000, 777], [16384, 129, 64, 3]])
+def test_decode_full_shape(name: str, order: int, rv: bool, lens: list[int]) -> None:
     fmt = KVFormat(name, 128, order, rv, name != "bf16")
-    assert run_decode(fmt, 4, 16, [1, 4096, 2000, 777], None, hkv=8, seed=1, deq=deq) < TOL_Q1
+    assert run_decode(fmt, 4, 16, lens, None, hkv=8, seed=1) < TOL
 
 
 @pytest.mark.gpu
@@ -105,4 +102,4 @@ def test_decode_cuda_graph_replays_new_lengths() -> None:
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        assert rel_err(out, decode_ref(q, cache, paged, new, fmt, 0.09)) < TOL_Q1
+        assert rel_err(out, decode_ref(q, cache, paged, new, fmt, 0.09)) < TOL
