@@ -94,3 +94,41 @@ def rotate_halves(x_lo, x_hi, m, inv_sqrt_b, FULL: tl.constexpr, NSPLIT: tl.cons
 def load_hmat(h_ptr, D2: tl.constexpr):
     c = tl.arange(0, D2)
     return tl.load(h_ptr + c[:, None] * D2 + c[None, :])
+
+
+@triton.jit
+def split_bounds(len_ptr, b, sp, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[start, end) of request b's cached tokens that split sp covers (whole BLOCK_N tiles per split)."""
+    seq_len = tl.load(len_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+    start = sp * chunk
+    return start, tl.minimum(start + chunk, seq_len)
+
+
+@triton.jit
+def page_slots(pt_row, pos, nm, PAGE: tl.constexpr):
+    """Cache slots of token positions pos (masked by nm) through one request's page-table row."""
+    page = tl.load(pt_row + pos // PAGE, mask=nm, other=0).to(tl.int64)
+    return page * PAGE + pos % PAGE
+
+
+@triton.jit
+def store_halves(ptr, row_off, c, x_lo, x_hi, rm, D2: tl.constexpr):
+    """Rows given as halves (first and last D/2) to ptr + row_off, rows masked by rm."""
+    tl.store(ptr + row_off[:, None] + c[None, :], x_lo, mask=rm[:, None])
+    tl.store(ptr + row_off[:, None] + D2 + c[None, :], x_hi, mask=rm[:, None])
+
+
+@triton.jit
+def store_split_result(o_lo, o_hi, m_i, l_i, b, sp, qh, gm, c, out_ptr, po_ptr, pl_ptr, s_ob, s_oh,
+                       HQ: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+    """A decode program's normalized o: bf16 output when there is one split, else the split's partial
+    o [B, Hq, SPLITS, D] fp32 and lse [B, Hq, SPLITS] (log2 domain) that the reduce kernel combines."""
+    if SPLITS == 1:
+        store_halves(out_ptr, b.to(tl.int64) * s_ob + qh * s_oh, c, o_lo.to(tl.bfloat16), o_hi.to(tl.bfloat16),
+                     gm, D // 2)
+    else:
+        row = (b.to(tl.int64) * HQ + qh) * SPLITS + sp
+        store_halves(po_ptr, row * D, c, o_lo, o_hi, gm, D // 2)
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        tl.store(pl_ptr + row, m_i + tl.log2(l_safe) + tl.where(l_i > 0, 0.0, float("-inf")), mask=gm)

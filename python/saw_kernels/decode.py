@@ -15,7 +15,20 @@ import torch
 import triton
 import triton.language as tl
 
-from saw_kernels._common import _INTERP, INTERPRET, LOG2E, load_hmat, mma, num_sms, rotate_halves, rotation_args
+from saw_kernels._common import (
+    _INTERP,
+    INTERPRET,
+    LOG2E,
+    load_hmat,
+    mma,
+    num_sms,
+    page_slots,
+    rotate_halves,
+    rotation_args,
+    split_bounds,
+    store_halves,
+    store_split_result,
+)
 from saw_kernels.decode_int4 import decode_int4_kernel, query_rows
 from saw_worker.kv.formats import KVFormat
 
@@ -142,10 +155,7 @@ def _decode_bf16_kernel(
     q_lo = tl.load(q_ptr + q_off[:, None] + c[None, :], mask=gm[:, None], other=0.0)
     q_hi = tl.load(q_ptr + q_off[:, None] + D2 + c[None, :], mask=gm[:, None], other=0.0)
 
-    seq_len = tl.load(len_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
-    start = sp * chunk
-    end = tl.minimum(start + chunk, seq_len)
+    start, end = split_bounds(len_ptr, b, sp, SPLITS, BLOCK_N)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc_lo = tl.zeros([GP, D2], tl.float32)
@@ -154,8 +164,7 @@ def _decode_bf16_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         nm = pos < end
-        page = tl.load(pt_row + pos // PAGE, mask=nm, other=0).to(tl.int64)
-        slot = page * PAGE + pos % PAGE
+        slot = page_slots(pt_row, pos, nm, PAGE)
         k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kc_ptr, slot, kh, s_kcs, s_kch, 0, 0, c, nm, False, D2, 0)
         v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vc_ptr, slot, kh, s_vcs, s_vch, 0, 0, c, nm, False, D2, 0)
         m_i, l_i, acc_lo, acc_hi = attend_block(
@@ -163,18 +172,8 @@ def _decode_bf16_kernel(
             nm[None, :], m_i, l_i, acc_lo, acc_hi, False, 2)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o_lo = acc_lo / l_safe[:, None]
-    o_hi = acc_hi / l_safe[:, None]
-    if SPLITS == 1:
-        o_off = b.to(tl.int64) * s_ob + qh * s_oh
-        tl.store(out_ptr + o_off[:, None] + c[None, :], o_lo.to(tl.bfloat16), mask=gm[:, None])
-        tl.store(out_ptr + o_off[:, None] + D2 + c[None, :], o_hi.to(tl.bfloat16), mask=gm[:, None])
-    else:
-        # partials: o [B, Hq, SPLITS, D] fp32 (normalized), lse [B, Hq, SPLITS] (log2 domain)
-        row = (b.to(tl.int64) * HQ + qh) * SPLITS + sp
-        tl.store(po_ptr + row[:, None] * D + c[None, :], o_lo, mask=gm[:, None])
-        tl.store(po_ptr + row[:, None] * D + D2 + c[None, :], o_hi, mask=gm[:, None])
-        tl.store(pl_ptr + row, m_i + tl.log2(l_safe) + tl.where(l_i > 0, 0.0, float("-inf")), mask=gm)
+    store_split_result(acc_lo / l_safe[:, None], acc_hi / l_safe[:, None], m_i, l_i, b, sp, qh, gm, c, out_ptr,
+                       po_ptr, pl_ptr, s_ob, s_oh, HQ, D, SPLITS)
 
 
 @triton.jit
@@ -209,9 +208,7 @@ def _reduce_kernel(po_ptr, pl_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqrt_b,
     o_hi = o_hi * inv[:, None]
     if ROT_V:
         o_lo, o_hi = rotate_halves(o_lo, o_hi, load_hmat(h_ptr, D2), inv_sqrt_b, FULL, 2)
-    o_off = b.to(tl.int64) * s_ob + qh * s_oh
-    tl.store(out_ptr + o_off[:, None] + c[None, :], o_lo.to(tl.bfloat16), mask=gm[:, None])
-    tl.store(out_ptr + o_off[:, None] + D2 + c[None, :], o_hi.to(tl.bfloat16), mask=gm[:, None])
+    store_halves(out_ptr, b.to(tl.int64) * s_ob + qh * s_oh, c, o_lo.to(tl.bfloat16), o_hi.to(tl.bfloat16), gm, D2)
 
 
 def params_as_words(k_params: torch.Tensor | None, v_params: torch.Tensor | None

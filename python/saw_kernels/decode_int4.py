@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from saw_kernels._common import _INTERP, load_hmat, mma, rotate_halves
+from saw_kernels._common import _INTERP, load_hmat, mma, page_slots, rotate_halves, split_bounds, store_split_result
 
 
 @triton.jit
@@ -95,10 +95,7 @@ def decode_int4_kernel(
     qt_lo = tl.trans(qf_lo)
     qt_hi = tl.trans(qf_hi)
 
-    seq_len = tl.load(len_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
-    start = sp * chunk
-    end = tl.minimum(start + chunk, seq_len)
+    start, end = split_bounds(len_ptr, b, sp, SPLITS, BLOCK_N)
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_rows = tl.zeros([BLOCK_N, GP], tl.float32)  # sum p, sum fp16(p s_v), sum p lo_v, per tile row
     ps_rows = tl.zeros([BLOCK_N, GP], tl.float32)
@@ -109,8 +106,7 @@ def decode_int4_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         nm = pos < end
-        page = tl.load(pt_row + pos // PAGE, mask=nm, other=0).to(tl.int64)
-        slot = page * PAGE + pos % PAGE
+        slot = page_slots(pt_row, pos, nm, PAGE)
         k_lo, k_hi, k_s, k_m = _load_rows(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm)
         qc = mma(k_hi, qt_hi, mma(k_lo, qt_lo))  # [N, GP]: r (q . c) + 1024 sum(fp16 q)
         s = (k_s[:, None] * ((qc - q_off1024[None, :]) * inv_r[None, :]) + k_m[:, None] * q_sum[None, :]) * qk_scale
@@ -133,17 +129,9 @@ def decode_int4_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o_lo = tl.trans((acc_lo - OFF * ps[None, :] + plo[None, :]) / l_safe[None, :])
     o_hi = tl.trans(((acc_hi - OFF * ps[None, :]) * 0.0625 + plo[None, :]) / l_safe[None, :])
-    if SPLITS == 1:
-        if ROT_V:
-            o_lo, o_hi = rotate_halves(o_lo, o_hi, hm, inv_sqrt_b, FULL, 2)
-        o_off = b.to(tl.int64) * s_ob + qh * s_oh
-        tl.store(out_ptr + o_off[:, None] + c[None, :], o_lo.to(tl.bfloat16), mask=gm[:, None])
-        tl.store(out_ptr + o_off[:, None] + D2 + c[None, :], o_hi.to(tl.bfloat16), mask=gm[:, None])
-    else:  # partials as the reduce kernel reads them: o normalized, lse in the log2 domain
-        row = (b.to(tl.int64) * HQ + qh) * SPLITS + sp
-        tl.store(po_ptr + row[:, None] * D + c[None, :], o_lo, mask=gm[:, None])
-        tl.store(po_ptr + row[:, None] * D + D2 + c[None, :], o_hi, mask=gm[:, None])
-        tl.store(pl_ptr + row, m_i + tl.log2(l_safe) + tl.where(l_i > 0, 0.0, float("-inf")), mask=gm)
+    if SPLITS == 1 and ROT_V:  # with several splits the reduce rotates the combined output back
+        o_lo, o_hi = rotate_halves(o_lo, o_hi, hm, inv_sqrt_b, FULL, 2)
+    store_split_result(o_lo, o_hi, m_i, l_i, b, sp, qh, gm, c, out_ptr, po_ptr, pl_ptr, s_ob, s_oh, HQ, D, SPLITS)
 
 
 def query_rows(group: int) -> int:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from saw_kernels._common import INTERPRET, LOG2E, load_hmat, rotate_halves
+from saw_kernels._common import INTERPRET, LOG2E, load_hmat, page_slots, rotate_halves, store_halves
 from saw_kernels.decode import attend_block, format_args, load_kv_block
 from saw_worker.kv.formats import KVFormat
 
@@ -74,8 +74,7 @@ def _extend_kernel(
         for n0 in range(0, prefix, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             nm = pos < prefix
-            page = tl.load(pt_row + pos // PAGE, mask=nm, other=0).to(tl.int64)
-            slot = page * PAGE + pos % PAGE
+            slot = page_slots(pt_row, pos, nm, PAGE)
             k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm, QUANT, D2,
                                                  DEQ)
             v_lo, v_hi, v_s, v_m = load_kv_block(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm, QUANT, D2,
@@ -103,9 +102,8 @@ def _extend_kernel(
             valid, m_i, l_i, acc_lo, acc_hi, False, 1)
 
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
-    o_off = (row0 + i).to(tl.int64) * s_ot + qh * s_oh
-    tl.store(out_ptr + o_off[:, None] + c[None, :], (acc_lo * inv_l[:, None]).to(tl.bfloat16), mask=im[:, None])
-    tl.store(out_ptr + o_off[:, None] + D2 + c[None, :], (acc_hi * inv_l[:, None]).to(tl.bfloat16), mask=im[:, None])
+    store_halves(out_ptr, (row0 + i).to(tl.int64) * s_ot + qh * s_oh, c, (acc_lo * inv_l[:, None]).to(tl.bfloat16),
+                 (acc_hi * inv_l[:, None]).to(tl.bfloat16), im, D2)
 
 
 def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
