@@ -132,3 +132,17 @@ def store_split_result(o_lo, o_hi, m_i, l_i, b, sp, qh, gm, c, out_ptr, po_ptr, 
         store_halves(po_ptr, row * D, c, o_lo, o_hi, gm, D // 2)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         tl.store(pl_ptr + row, m_i + tl.log2(l_safe) + tl.where(l_i > 0, 0.0, float("-inf")), mask=gm)
+
+
+@triton.jit
+def load_query_group(q_ptr, b, kh, s_qb, s_qh, G: tl.constexpr, GP: tl.constexpr, D2: tl.constexpr):
+    """Request b's queries of KV head kh's group, padded to GP rows: (head ids, row mask, the column
+    range of a half, bf16 halves [GP, D/2])."""
+    g = tl.arange(0, GP)
+    gm = g < G
+    qh = kh * G + g
+    c = tl.arange(0, D2)
+    q_off = b.to(tl.int64) * s_qb + qh * s_qh
+    q_lo = tl.load(q_ptr + q_off[:, None] + c[None, :], mask=gm[:, None], other=0.0)
+    q_hi = tl.load(q_ptr + q_off[:, None] + D2 + c[None, :], mask=gm[:, None], other=0.0)
+    return qh, gm, c, q_lo, q_hi

@@ -20,6 +20,7 @@ from saw_kernels._common import (
     INTERPRET,
     LOG2E,
     load_hmat,
+    load_query_group,
     mma,
     num_sms,
     page_slots,
@@ -147,13 +148,7 @@ def _decode_bf16_kernel(
     b = tl.program_id(0)
     kh = tl.program_id(1)
     sp = tl.program_id(2)
-    g = tl.arange(0, GP)
-    gm = g < G
-    qh = kh * G + g
-    c = tl.arange(0, D2)
-    q_off = b.to(tl.int64) * s_qb + qh * s_qh
-    q_lo = tl.load(q_ptr + q_off[:, None] + c[None, :], mask=gm[:, None], other=0.0)
-    q_hi = tl.load(q_ptr + q_off[:, None] + D2 + c[None, :], mask=gm[:, None], other=0.0)
+    qh, gm, c, q_lo, q_hi = load_query_group(q_ptr, b, kh, s_qb, s_qh, G, GP, D2)
 
     start, end = split_bounds(len_ptr, b, sp, SPLITS, BLOCK_N)
     m_i = tl.full([GP], float("-inf"), tl.float32)

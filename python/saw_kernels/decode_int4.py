@@ -21,7 +21,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from saw_kernels._common import _INTERP, load_hmat, mma, page_slots, rotate_halves, split_bounds, store_split_result
+from saw_kernels._common import (
+    _INTERP,
+    load_hmat,
+    load_query_group,
+    mma,
+    page_slots,
+    rotate_halves,
+    split_bounds,
+    store_split_result,
+)
 
 
 @triton.jit
@@ -74,13 +83,9 @@ def decode_int4_kernel(
     b = tl.program_id(0)
     kh = tl.program_id(1)
     sp = tl.program_id(2)
-    g = tl.arange(0, GP)
-    gm = g < G
-    qh = kh * G + g
-    c = tl.arange(0, D2)
-    q_off = b.to(tl.int64) * s_qb + qh * s_qh
-    q_lo = tl.load(q_ptr + q_off[:, None] + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-    q_hi = tl.load(q_ptr + q_off[:, None] + D2 + c[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+    qh, gm, c, q_lo, q_hi = load_query_group(q_ptr, b, kh, s_qb, s_qh, G, GP, D2)
+    q_lo = q_lo.to(tl.float32)
+    q_hi = q_hi.to(tl.float32)
     if ROT_Q or ROT_V:
         hm = load_hmat(h_ptr, D2)
     if ROT_Q:
