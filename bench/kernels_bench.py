@@ -25,7 +25,7 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 from saw_kernels import decode_attention, extend_attention, write_kv  # noqa: E402
-from saw_worker.kv.formats import KVFormat  # noqa: E402
+from saw_worker.kv.formats import KVFormat, rotate  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HQ, HKV, D, PS = 32, 8, 128, 16  # Qwen3-8B attention, engine page size
@@ -79,7 +79,8 @@ def paged_table(batch: int, ctx: int) -> torch.Tensor:
     return perm.view(batch, pages)
 
 
-def run_write(t: int, kv: str, copy: float, cfg: dict | None = None) -> dict:
+def run_write(t: int, kv: str, copy: float, cfg: dict | None = None, with_q: bool = False) -> dict:
+    """with_q: a decode step's write, which also rotates the step's queries (int4-bdr)."""
     fmt = make_fmt(kv)
     k = torch.randn(t, HKV, D, device=DEV, dtype=torch.bfloat16)
     v = torch.randn(t, HKV, D, device=DEV, dtype=torch.bfloat16)
@@ -87,21 +88,29 @@ def run_write(t: int, kv: str, copy: float, cfg: dict | None = None) -> dict:
     slots = (paged_table(1, t).long().view(-1, 1) * PS + torch.arange(PS, device=DEV)).view(-1)
     kc, vc, kp, vp = alloc_cache(fmt, (t // PS + 1) * PS)
     mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
+    q = torch.randn(t, HQ, D, device=DEV, dtype=torch.bfloat16) if with_q else None
     cfg = cfg or {}
-    us = bench(lambda: write_kv(k, v, slots, kc, vc, kp, vp, fmt, mean, **cfg))
+    us = bench(lambda: write_kv(k, v, slots, kc, vc, kp, vp, fmt, mean, q=q, **cfg))
     nbytes = 2 * k.numel() * 2 + slots.numel() * 8 + t * HKV * fmt.bytes_per_token_head()
-    return row("write", kv, f"T={t},Hkv={HKV},D={D}", us, nbytes, copy, cfg)
+    if with_q and fmt.rotated:
+        nbytes += q.numel() * (2 + 4)
+    return row("write+q" if with_q else "write", kv, f"T={t},Hkv={HKV},D={D}", us, nbytes, copy, cfg)
 
 
 def run_decode(batch: int, ctx: int, kv: str, copy: float, kernel: str = "decode", cfg: dict | None = None) -> dict:
+    """Rotated formats get q as the engine passes it: rotated by the write launch (fp32); cfg
+    q_rotated=False times the kernel rotating bf16 q itself."""
     fmt = make_fmt(kv)
     table = paged_table(batch, ctx)
     kc, vc, kp, vp = alloc_cache(fmt, (batch * ctx // PS + 1) * PS)
     q = torch.randn(batch, HQ, D, device=DEV, dtype=torch.bfloat16)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
-    cfg = cfg or {}
-    us = bench(lambda: decode_attention(q, kc, vc, kp, vp, table, lens, PS, fmt, D ** -0.5, out=out, **cfg))
+    cfg = dict(cfg or {})
+    q_rotated = cfg.pop("q_rotated", fmt.rotated)
+    q_in = rotate(q.double(), fmt.hadamard_order).float() if q_rotated else q
+    us = bench(lambda: decode_attention(q_in, kc, vc, kp, vp, table, lens, PS, fmt, D ** -0.5, out=out,
+                                        q_rotated=q_rotated, **cfg))
     nbytes = batch * ctx * HKV * fmt.bytes_per_token_head() + 2 * q.numel() * 2 + table.numel() * 4
     return row(kernel, kv, f"B={batch},ctx={ctx},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy, cfg)
 
@@ -217,6 +226,9 @@ def main() -> None:
         for t in write_shapes:
             for kv in kvs_write:
                 run_write(t, kv, copy, wcfg)
+        for kv in ("int4", "int4-bdr-b128"):  # a decode step's write (batch 64), with its queries
+            run_write(64, kv, copy, wcfg)
+            run_write(64, kv, copy, wcfg, with_q=True)
     dcfg: dict = {}
     bcfg: dict = {}
     if "decode" in only or "latency" in only:
@@ -229,6 +241,7 @@ def main() -> None:
             run_decode(b, ctx, "bf16", copy, cfg=bcfg)
             for kv in kvs_decode:
                 run_decode(b, ctx, kv, copy, cfg=dcfg)
+            run_decode(b, ctx, "int4-bdr-b128", copy, "decode-qrot", cfg={**dcfg, "q_rotated": False})
     if "latency" in only:
         for kv in ("bf16", "int4-bdr-b128"):
             for b in lat_b:
@@ -238,7 +251,8 @@ def main() -> None:
         ecfg: dict = {}
         if sweeping:
             ecfg = sweep("extend", lambda c: run_extend(*ext, "int4-bdr-b128", copy, c)[0],
-                         [{}, dict(deq=0), dict(block_n=128), dict(block_m=64, num_warps=4, num_stages=3)])
+                         [{}, dict(deq=3), dict(block_n=128), dict(num_stages=3),
+                          dict(block_m=64, num_warps=4, num_stages=3)])
         for kv in ("bf16", "int4", "int4-bdr-b128", "int4-bdr-b128-rv-kc"):
             run_extend(*ext, kv, copy, ecfg)
         if DEV.type == "cuda":

@@ -5,8 +5,9 @@ byte is read once per step. INT4 formats run `decode_int4.decode_int4_kernel`; b
 same split partials. The cache-tile helpers here (`load_kv_block`, `attend_block`) are shared with
 the extend kernel: there INT4 codes enter the tensor cores as exact small integers, with
   q . k_hat = s (q . c) + lo sum(q)   and   sum_n p_n v_hat_n = (p s_v) @ c_v + sum_n p_n lo_n.
-q is rotated in-kernel for int4-bdr (R q . R k = q . k); with rotate_v the output is rotated back
-once per head (in the reduce, or at the end when there is one split).
+For int4-bdr, R q . R k = q . k: the engine passes q already rotated (write_kv rotates it in the same
+launch, once per step); given plain q, each program rotates it. With rotate_v the output is rotated
+back once per head (in the reduce, or at the end when there is one split).
 """
 
 from __future__ import annotations
@@ -73,26 +74,65 @@ def _signed_nibbles_asm(packed):
 
 
 @triton.jit
+def _dequant_bf16_asm(packed, scale, shift):
+    """uint8 codes -> bf16 values s (c - 8) + shift of (low nibbles, high nibbles), scale and shift
+    given per element as bf16: the signed codes by bits as in _signed_nibbles_asm, then one bf16x2
+    fma per two values (rounded once)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t0, t1, t2, t3, x, one, off;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 off, 0xC308C308;
+        shr.b32 x, $4, 4;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;
+        prmt.b32 t2, x, 0, 0x4140;
+        prmt.b32 t3, x, 0, 0x4342;
+        lop3.b32 t0, t0, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 t1, t1, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 t2, t2, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 t3, t3, 0x000F000F, 0x43004300, 0xEA;
+        fma.rn.bf16x2 t0, t0, one, off;
+        fma.rn.bf16x2 t1, t1, one, off;
+        fma.rn.bf16x2 t2, t2, one, off;
+        fma.rn.bf16x2 t3, t3, one, off;
+        fma.rn.bf16x2 $0, t0, $5, $7;
+        fma.rn.bf16x2 $1, t1, $6, $8;
+        fma.rn.bf16x2 $2, t2, $5, $7;
+        fma.rn.bf16x2 $3, t3, $6, $8;
+        }""",
+        constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, scale, shift], dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True, pack=4)
+
+
+@triton.jit
 def load_kv_block(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm, QUANT: tl.constexpr, D2: tl.constexpr,
                   DEQ: tl.constexpr):
     """Rows at slots [N] of one head: (lo half, hi half) as bf16 [N, D/2] and per-row (scale, shift) fp32 [N].
 
     INT4 rows come back as signed codes x = c - 8 with the row value s * x + (lo + 8 s) (small
     terms keep the extend kernel's bf16 P accurate): DEQ 0 via fp32, DEQ 3 in inline PTX (GPU
-    only; 0 under the interpreter).
+    only; 0 under the interpreter). DEQ 4 returns the values themselves as bf16 (the row terms are
+    then unused: attend with QUANT off).
     p_ptr is the (scale, lo) fp16 pair viewed as one int32 per row.
     """
     off = slot * s_cs + h * s_ch
     if QUANT:
         packed = tl.load(c_ptr + off[:, None] + c[None, :], mask=nm[:, None], other=0)
-        if DEQ == 3 and not _INTERP:
-            x_lo, x_hi = _signed_nibbles_asm(packed)
-        else:  # via fp32: the interpreter botches int -> bf16
-            x_lo = ((packed & 15).to(tl.float32) - 8.0).to(tl.bfloat16)
-            x_hi = ((packed >> 4).to(tl.float32) - 8.0).to(tl.bfloat16)
         w = tl.load(p_ptr + slot * s_ps + h * s_ph, mask=nm, other=0)
         sc = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         lo = (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) + 8.0 * sc
+        if DEQ == 4 and not _INTERP:
+            x_lo, x_hi = _dequant_bf16_asm(packed, tl.broadcast_to(sc.to(tl.bfloat16)[:, None], packed.shape),
+                                           tl.broadcast_to(lo.to(tl.bfloat16)[:, None], packed.shape))
+        elif DEQ == 3 and not _INTERP:
+            x_lo, x_hi = _signed_nibbles_asm(packed)
+        elif DEQ == 4:  # via fp32: the interpreter botches int -> bf16
+            x_lo = (((packed & 15).to(tl.float32) - 8.0) * sc[:, None] + lo[:, None]).to(tl.bfloat16)
+            x_hi = (((packed >> 4).to(tl.float32) - 8.0) * sc[:, None] + lo[:, None]).to(tl.bfloat16)
+        else:
+            x_lo = ((packed & 15).to(tl.float32) - 8.0).to(tl.bfloat16)
+            x_hi = ((packed >> 4).to(tl.float32) - 8.0).to(tl.bfloat16)
     else:
         x_lo = tl.load(c_ptr + off[:, None] + c[None, :], mask=nm[:, None], other=0.0)
         x_hi = tl.load(c_ptr + off[:, None] + D2 + c[None, :], mask=nm[:, None], other=0.0)
@@ -251,9 +291,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_params: torch.Tensor | None, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      fmt: KVFormat, sm_scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
                      max_context: int | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                     block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
+                     q_rotated: bool = False) -> torch.Tensor:
     """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
 
+    q_rotated: q (bf16 or fp32) is already R q for a rotated format (write_kv(q=...)), so the
+    kernel does not rotate it again.
     No host reads of seq_lens: the grid depends on (B, num_splits) only, so a CUDA graph captured
     for a batch size replays for any lengths. max_context (default: page_table width * page_size)
     is the shape hint num_splits is chosen from. workspace = (o_part fp32 [B, Hq, S, D], lse fp32
@@ -290,8 +333,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         decode_int4_kernel[grid](
             q, k_cache, v_cache, kp, vp, page_table, seq_lens, hmat, out, po, pl, *strides, s_ps, s_ph,
             page_table.stride(0), out.stride(0), out.stride(1), sm_scale * LOG2E, inv,
-            HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
-            SPLITS=num_splits, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+            HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, ROT_Q=fmt.rotated and not q_rotated, ROT_V=fmt.rotate_v,
+            FULL=full, SPLITS=num_splits, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     else:
         _decode_bf16_kernel[grid](
             q, k_cache, v_cache, page_table, seq_lens, out, po, pl, *strides, page_table.stride(0), out.stride(0),

@@ -7,7 +7,7 @@ import torch
 from kref import DEV, decode_ref, default_scale, empty_cache, make_pages, rand_kv, rel_err
 
 from saw_kernels import decode_attention, write_kv
-from saw_worker.kv.formats import KVFormat
+from saw_worker.kv.formats import KVFormat, rotate
 
 TOL = 6e-3  # bf16 output rounding (~2e-3) plus fp16 q / P (INT4) or bf16 P pieces; the CPU interpreter
 # truncates to bf16 where the GPU rounds: measured there ~3.5e-3, on the H100 ~1.8e-3
@@ -36,7 +36,7 @@ def case_id(case: tuple) -> str:
 
 
 def run_decode(fmt: KVFormat, group: int, page_size: int, lens: list[int], splits: int | None, hkv: int = 2,
-               seed: int = 0, q_scale: float = 0.5, **kw: int) -> float:
+               seed: int = 0, q_scale: float = 0.5, q_rotated: bool = False, **kw: int) -> float:
     gen = torch.Generator().manual_seed(seed)
     d = fmt.head_dim
     paged = make_pages(lens, page_size, gen)
@@ -48,8 +48,9 @@ def run_decode(fmt: KVFormat, group: int, page_size: int, lens: list[int], split
     q = (torch.randn(len(lens), hkv * group, d, generator=gen) * q_scale).to(DEV, torch.bfloat16)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out = torch.full_like(q, float("nan"))
-    got = decode_attention(q, cache.k, cache.v, cache.kp, cache.vp, paged.page_table, seq_lens, page_size, fmt,
-                           default_scale(d), out=out, num_splits=splits, **kw)
+    q_in = rotate(q.double(), fmt.hadamard_order).float() if q_rotated else q  # as write_kv(q=...) returns it
+    got = decode_attention(q_in, cache.k, cache.v, cache.kp, cache.vp, paged.page_table, seq_lens, page_size, fmt,
+                           default_scale(d), out=out, num_splits=splits, q_rotated=q_rotated, **kw)
     assert got.data_ptr() == out.data_ptr()
     return rel_err(out, decode_ref(q, cache, paged, lens, fmt, default_scale(d)))
 
@@ -57,6 +58,12 @@ def run_decode(fmt: KVFormat, group: int, page_size: int, lens: list[int], split
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_decode_matches_reference(case: tuple) -> None:
     assert run_decode(*case) < TOL
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].rotated], ids=case_id)
+def test_decode_takes_rotated_queries(case: tuple) -> None:
+    """The engine's path for int4-bdr: q comes in rotated (fp32, from the write launch)."""
+    assert run_decode(*case, q_rotated=True) < TOL
 
 
 def test_decode_huge_and_tiny_queries() -> None:

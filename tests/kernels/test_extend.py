@@ -61,10 +61,16 @@ def test_extend_matches_reference(case: tuple) -> None:
     assert run_extend(*case) < TOL
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].quantized], ids=case_id)
+def test_extend_dequantized_values(case: tuple) -> None:
+    """deq=4: the prefix tiles become bf16 values s c + lo, attended as a bf16 cache."""
+    assert run_extend(*case, deq=4) < TOL
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,order,rv", [("bf16", 128, False), ("int4", 128, False), ("int4-bdr", 128, True),
                                            ("int4-bdr", 32, False)])
-@pytest.mark.parametrize("deq", [0, 3])
+@pytest.mark.parametrize("deq", [0, 3, 4])
 def test_extend_full_shape(name: str, order: int, rv: bool, deq: int) -> None:
     fmt = KVFormat(name, 128, order, rv, name != "bf16")
     assert run_extend(fmt, 4, 16, [1000, 513, 0], [300, 77, 129], hkv=8, seed=1, deq=deq) < TOL

@@ -62,7 +62,12 @@ def test_write_matches_reference(fmt: KVFormat, t: int) -> None:
     slots = slots.to(DEV)
     k_mean = (torch.randn(hkv, d, generator=gen) * 3).to(DEV) if fmt.k_center else None
     cache = empty_cache(fmt, num_slots, hkv)
-    write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean)
+    q = rand_kv(t, 2 * hkv, d, gen=gen)
+    q_att = write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean, q)
+    if fmt.rotated:  # every row, padding included: R q in fp32 for the decode kernel
+        torch.testing.assert_close(q_att.double(), rotate(q.double(), fmt.hadamard_order), rtol=1e-5, atol=1e-5)
+    else:
+        assert q_att is q
 
     keep = slots >= 0
     s = slots[keep]
