@@ -16,6 +16,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -275,8 +276,15 @@ def _write_prompts(args: argparse.Namespace, scenario: Scenario) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: the router and its workers are stopped,
+    instead of being left holding the GPU for the next run."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     passthrough: list[str] = []
     if "--" in argv:
         i = argv.index("--")

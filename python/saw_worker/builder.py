@@ -36,7 +36,7 @@ class WorkerOptions:
     k_mean_file: str | None = None
     bf16_layers: frozenset[int] = frozenset()
     device: str = "auto"
-    mem_fraction: float = 0.85
+    mem_fraction: float = 0.90  # weights + KV pool; 8 GB of an H100 left for activations and graphs
     kv_cache_memory: int | None = None
     page_size: int = 16
     max_running_requests: int = 256

@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
                         "worst, docs/accuracy.md)")
     p.add_argument("--k-mean-file", default=None, help="torch file holding the K mean [layers, kv_heads, head_dim]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--mem-fraction", type=float, default=0.85,
+    p.add_argument("--mem-fraction", type=float, default=0.90,
                    help="fraction of GPU memory for weights + KV cache; the pool takes what is left free")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="fixed KV pool size, e.g. 512MiB or 4GiB (default on CPU: 1GiB)")

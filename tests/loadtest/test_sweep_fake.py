@@ -67,3 +67,36 @@ def test_failures_are_counted_and_shown(tmp_path, bpe):
     assert sum(p["requests_ok"] + p["requests_failed"] for p in summary["points"]) == len(records) == 15
     checks = (tmp_path / "table.md").read_text().split("## Errors and checks")[1]
     assert "http: " in checks and "injected failure" in checks
+
+
+def test_sigterm_stops_the_router(tmp_path):
+    """`timeout` sends SIGTERM to saw-bench: the router it started (here a stand-in that never gets
+    ready) must go with it, or it keeps the GPU busy for the next run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    pid_file = tmp_path / "router.pid"
+    router = f"{sys.executable} -c \"import os,time; open('{pid_file}','w').write(str(os.getpid())); time.sleep(600)\""
+    src = str(Path(__file__).resolve().parents[2] / "python")  # this tree, not an installed saw
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    bench = subprocess.Popen([sys.executable, "-m", "saw_loadtest", "--router-cmd", router, "--kv", "bf16",
+                              "--scenario", "D(48,8)", "-c", "2", "--out", str(tmp_path / "out")], env=env)  # fmt: skip
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    router_pid = int(pid_file.read_text())
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(60) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    try:
+        os.kill(router_pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    if alive:
+        os.kill(router_pid, signal.SIGKILL)
+    assert not alive, "the router outlived saw-bench"
