@@ -36,48 +36,10 @@ from saw_worker.kv.formats import KVFormat
 
 
 @triton.jit
-def _signed_nibbles_asm(packed):
-    """uint8 codes -> (low nibble - 8, high nibble - 8) as bf16: 128 + c by bits, then one bf16x2 fma
-    (x * 1 - 136, exact) per two codes. Small signed codes keep bf16 P @ V accurate (extend)."""
-    lo = tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t0, t1, one, off;
-        mov.b32 one, 0x3F803F80;
-        mov.b32 off, 0xC308C308;
-        prmt.b32 t0, $2, 0, 0x4140;
-        prmt.b32 t1, $2, 0, 0x4342;
-        and.b32 t0, t0, 0x000F000F;
-        and.b32 t1, t1, 0x000F000F;
-        or.b32 t0, t0, 0x43004300;
-        or.b32 t1, t1, 0x43004300;
-        fma.rn.bf16x2 $0, t0, one, off;
-        fma.rn.bf16x2 $1, t1, one, off;
-        }""",
-        constraints="=r,=r,r", args=[packed], dtype=tl.bfloat16, is_pure=True, pack=4)
-    hi = tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t0, t1, x, one, off;
-        mov.b32 one, 0x3F803F80;
-        mov.b32 off, 0xC308C308;
-        shr.b32 x, $2, 4;
-        prmt.b32 t0, x, 0, 0x4140;
-        prmt.b32 t1, x, 0, 0x4342;
-        and.b32 t0, t0, 0x000F000F;
-        and.b32 t1, t1, 0x000F000F;
-        or.b32 t0, t0, 0x43004300;
-        or.b32 t1, t1, 0x43004300;
-        fma.rn.bf16x2 $0, t0, one, off;
-        fma.rn.bf16x2 $1, t1, one, off;
-        }""",
-        constraints="=r,=r,r", args=[packed], dtype=tl.bfloat16, is_pure=True, pack=4)
-    return lo, hi
-
-
-@triton.jit
 def _dequant_bf16_asm(packed, scale, shift):
-    """uint8 codes -> bf16 values s (c - 8) + shift of (low nibbles, high nibbles), scale and shift
-    given per element as bf16: the signed codes by bits as in _signed_nibbles_asm, then one bf16x2
-    fma per two values (rounded once)."""
+    """uint8 codes -> bf16 s (c - 8) + shift of (low nibbles, high nibbles), scale and shift given per
+    element as bf16. 128 + c by bits, c - 8 by one exact bf16x2 fma (x * 1 - 136), then one bf16x2 fma
+    per two values (rounded once)."""
     return tl.inline_asm_elementwise(
         asm="""{
         .reg .b32 t0, t1, t2, t3, x, one, off;
@@ -125,8 +87,9 @@ def load_kv_block(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm, QUANT: t
         if DEQ == 4 and not _INTERP:
             x_lo, x_hi = _dequant_bf16_asm(packed, tl.broadcast_to(sc.to(tl.bfloat16)[:, None], packed.shape),
                                            tl.broadcast_to(lo.to(tl.bfloat16)[:, None], packed.shape))
-        elif DEQ == 3 and not _INTERP:
-            x_lo, x_hi = _signed_nibbles_asm(packed)
+        elif DEQ == 3 and not _INTERP:  # codes only: scale 1, shift 0
+            x_lo, x_hi = _dequant_bf16_asm(packed, tl.full(packed.shape, 1.0, tl.bfloat16),
+                                           tl.full(packed.shape, 0.0, tl.bfloat16))
         elif DEQ == 4:  # via fp32: the interpreter botches int -> bf16
             x_lo = (((packed & 15).to(tl.float32) - 8.0) * sc[:, None] + lo[:, None]).to(tl.bfloat16)
             x_hi = (((packed >> 4).to(tl.float32) - 8.0) * sc[:, None] + lo[:, None]).to(tl.bfloat16)
