@@ -394,7 +394,7 @@ def main() -> None:
     p.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
                    help="shrink the config to 2 small layers (default: on without CUDA)")
     p.add_argument("--kv-cache-memory", default=None, help="fixed pool size (e.g. 40GiB); default: --mem-fraction")
-    p.add_argument("--mem-fraction", type=float, default=0.85)
+    p.add_argument("--mem-fraction", type=float, default=WorkerOptions.mem_fraction)
     p.add_argument("--out", default="bench/out/decode-profile.json")
     args = p.parse_args()
 

@@ -74,10 +74,10 @@ def main() -> None:
     p.add_argument("--hadamard-order", type=int, default=128)
     p.add_argument("--k-center", action=argparse.BooleanOptionalAction, default=False,
                    help="K centering for the INT4 formats (off by default here, as in the paper's runs)")
-    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=WorkerOptions.overlap,
                    help="launch decode step N+1 before step N's tokens reach the host (worker flag --overlap)")
     p.add_argument("--kv-cache-memory", default=None, help="fixed pool size (e.g. 20GiB); default: --mem-fraction")
-    p.add_argument("--mem-fraction", type=float, default=0.85)
+    p.add_argument("--mem-fraction", type=float, default=WorkerOptions.mem_fraction)
     p.add_argument("--out", default="bench/out")
     args = p.parse_args()
 

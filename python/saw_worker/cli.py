@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
                         "worst, docs/accuracy.md)")
     p.add_argument("--k-mean-file", default=None, help="torch file holding the K mean [layers, kv_heads, head_dim]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--mem-fraction", type=float, default=0.90,
+    p.add_argument("--mem-fraction", type=float, default=WorkerOptions.mem_fraction,
                    help="fraction of GPU memory for weights + KV cache; the pool takes what is left free")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="fixed KV pool size, e.g. 512MiB or 4GiB (default on CPU: 1GiB)")
@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
                         "of it and of every running request (default: %(default)s; 0 = admit greedily)")
     p.add_argument("--context-length", type=int, default=None, help="cap the model's context length")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly on CUDA (for debugging)")
-    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=WorkerOptions.overlap,
                    help="launch each decode step before the previous one's tokens reach the host "
                         "(default: on; --no-overlap runs synchronous steps)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")

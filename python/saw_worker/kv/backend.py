@@ -56,12 +56,14 @@ class PagedAttention:
             write_kv_ref(k, v, lay.slots, cache, fmt)
             return paged_attention_ref(q, lay.cu_seqlens, lay.seq_lens, lay.page_table, self.pool.page_size,
                                        cache, fmt, self.sm_scale)
-        if lay.is_decode:  # int4-bdr: the write launch also rotates q, once per step instead of per split
-            q = kern.write_kv(k, v, lay.slots, cache.k, cache.v, cache.k_params, cache.v_params, fmt, cache.k_mean, q)
-            return kern.decode_attention(q, cache.k, cache.v, cache.k_params, cache.v_params, lay.page_table,
+        # Decode steps hand q to the write launch: for int4-bdr it comes back rotated, once per step
+        # instead of once per decode split.
+        q_dec = kern.write_kv(k, v, lay.slots, cache.k, cache.v, cache.k_params, cache.v_params, fmt, cache.k_mean,
+                              q if lay.is_decode else None)
+        if lay.is_decode:
+            return kern.decode_attention(q_dec, cache.k, cache.v, cache.k_params, cache.v_params, lay.page_table,
                                          lay.seq_lens, self.pool.page_size, fmt, self.sm_scale,
                                          q_rotated=fmt.rotated)
-        kern.write_kv(k, v, lay.slots, cache.k, cache.v, cache.k_params, cache.v_params, fmt, cache.k_mean)
         return kern.extend_attention(q, k, v, lay.cu_seqlens, lay.prefix_lens, cache.k, cache.v, cache.k_params,
                                      cache.v_params, lay.page_table, self.pool.page_size, fmt, self.sm_scale,
                                      max_new_len=lay.max_new_len, k_mean=cache.k_mean)
