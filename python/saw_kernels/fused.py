@@ -1,7 +1,8 @@
-"""Small fused kernels of a decoder layer: q/k RMSNorm + RoPE straight from the qkv GEMM, and SiLU-and-mul.
+"""Small fused kernels of a decoder layer: q/k RMSNorm + RoPE straight from the qkv GEMM, SiLU-and-mul, and
+residual add + RMSNorm.
 
-Each replaces a chain of elementwise torch kernels (norm, copy, flip, mul, addcmul; silu, mul) by one
-launch. Both compute in fp32, round once to the input dtype, and take their grid from shapes only
+Each replaces a chain of elementwise torch kernels (norm, copy, flip, mul, addcmul; silu, mul; add, norm) by
+one launch. They compute in fp32, round once to the input dtype, and take their grid from shapes only
 (CUDA-graph capturable).
 """
 
@@ -124,3 +125,42 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), n, BLOCK=block,
                                                  num_warps=4 if block >= 512 else 2)
     return out
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_ptr, s_x, s_r, n, eps, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    ok = c < n
+    x = tl.load(x_ptr + t * s_x + c, mask=ok, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + t * s_r + c, mask=ok, other=0.0).to(tl.float32)
+    # the stream is rounded to its dtype before the norm reads it, as the unfused add would leave it
+    s = (x + r).to(res_ptr.dtype.element_ty)
+    tl.store(res_ptr + t * n + c, s, mask=ok)
+    sf = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(sf * sf, 0) / n + eps)
+    w = tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * n + c, (sf * rstd * w).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual [T, H] -> (rms_norm(s) * weight, s) with s = x + residual rounded to x's dtype.
+
+    The norm matches F.rms_norm (fp32 statistics and weight multiply, one rounding); s is what
+    `x + residual` gives. One launch instead of two, one pass over the row instead of three."""
+    if x.dim() != 2 or residual.shape != x.shape or weight.shape != (x.shape[1],):
+        raise ValueError(f"x {tuple(x.shape)}, residual {tuple(residual.shape)}, weight {tuple(weight.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if residual.stride(1) != 1:
+        residual = residual.contiguous()
+    t, n = x.shape
+    out = torch.empty(t, n, device=x.device, dtype=x.dtype)
+    stream = torch.empty_like(out)
+    if t == 0:
+        return out, stream
+    block = triton.next_power_of_2(n)
+    _add_rms_norm_kernel[(t,)](x, residual, weight.contiguous(), out, stream, x.stride(0), residual.stride(0), n,
+                               float(eps), BLOCK=block, num_warps=min(8, max(1, block // 512)))
+    return out, stream

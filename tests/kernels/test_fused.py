@@ -1,4 +1,5 @@
-"""Fused q/k norm + RoPE and SiLU-and-mul against the torch path (F.rms_norm, apply_rope, F.silu) in float64."""
+"""Fused q/k norm + RoPE, SiLU-and-mul and add + RMSNorm against the torch path (F.rms_norm, apply_rope, F.silu)
+in float64."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from kref import DEV
 
-from saw_kernels import qk_norm_rope, silu_mul
+from saw_kernels import add_rms_norm, qk_norm_rope, silu_mul
 from saw_worker.config import ModelConfig
 from saw_worker.models import DecoderLM, FullCausalAttention, decoder
 from saw_worker.models.rope import apply_rope, cos_sin_cache
@@ -139,24 +140,29 @@ def test_decoder_fused_path_matches_torch_path(arch: str, monkeypatch: pytest.Mo
 
 @pytest.mark.gpu
 def test_qwen3_8b_shapes_cuda_graph() -> None:
-    """Full Qwen3-8B head counts at decode batch 64, launched inside a captured CUDA graph."""
+    """Full Qwen3-8B shapes at decode batch 64, launched inside a captured CUDA graph."""
     gen = torch.Generator().manual_seed(0)
     hq, hkv, d, t, inter = 32, 8, 128, 64, 12288
     qkv = rand_rows(t, (hq + 2 * hkv) * d, gen, torch.bfloat16)
     gate_up = rand_rows(t, 2 * inter, gen, torch.bfloat16)
+    x, residual = rand_rows(t, 4096, gen, torch.bfloat16), rand_rows(t, 4096, gen, torch.bfloat16)
+    norm_w = (1 + 0.3 * torch.randn(4096, generator=gen)).to(DEV, torch.bfloat16)
     qw = (1 + 0.3 * torch.randn(d, generator=gen)).to(DEV, torch.bfloat16)
     kw = (1 + 0.3 * torch.randn(d, generator=gen)).to(DEV, torch.bfloat16)
     cache = cos_sin_cache(d, 1e6, None, 40960, DEV)
     pos = torch.randint(0, 40960, (t,), generator=gen).to(DEV)
     qk_norm_rope(qkv, hq, hkv, d, qw, kw, EPS, cache, pos)  # compile outside the capture
     silu_mul(gate_up)
+    add_rms_norm(x, residual, norm_w, EPS)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         q, k = qk_norm_rope(qkv, hq, hkv, d, qw, kw, EPS, cache, pos)
         out = silu_mul(gate_up)
+        normed, stream = add_rms_norm(x, residual, norm_w, EPS)
     qkv.copy_(rand_rows(t, (hq + 2 * hkv) * d, gen, torch.bfloat16))  # replay reads the new inputs
     pos.copy_(torch.randint(0, 40960, (t,), generator=gen).to(DEV))
+    residual.copy_(rand_rows(t, 4096, gen, torch.bfloat16))
     graph.replay()
     torch.cuda.synchronize()
     rq, rk = ref_qk(qkv, hq, hkv, d, qw, kw, cache, pos)
@@ -164,3 +170,37 @@ def test_qwen3_8b_shapes_cuda_graph() -> None:
     assert_close_rows(k, rk, torch.bfloat16)
     g, u = gate_up.double().chunk(2, dim=-1)
     assert_close_rows(out, F.silu(g) * u, torch.bfloat16)
+    assert torch.equal(stream, x + residual)
+    assert_close_rows(normed, F.rms_norm(stream.double(), (4096,), norm_w.double(), EPS), torch.bfloat16)
+
+
+@pytest.mark.parametrize("t", [1, 7, 33])
+@pytest.mark.parametrize("hidden", [64, 576, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_add_rms_norm_matches_reference(t: int, hidden: int, dtype: torch.dtype) -> None:
+    """The stream equals the unfused add bit for bit; the norm is F.rms_norm of that stream, in float64."""
+    gen = torch.Generator().manual_seed(t * 7 + hidden)
+    x = rand_rows(t, hidden, gen, dtype)
+    residual = rand_rows(t, hidden, gen, dtype) * 30  # the stream is much larger than a block's output
+    weight = (1 + 0.3 * torch.randn(hidden, generator=gen)).to(DEV, dtype)
+    weight[1] = 9.0
+    out, stream = add_rms_norm(x, residual, weight, EPS)
+    if DEV.type == "cuda" or dtype == torch.float32:
+        assert torch.equal(stream, x + residual)
+    else:  # the CPU interpreter truncates fp32 -> bf16 instead of rounding
+        assert_close_rows(stream, x.double() + residual.double(), dtype)
+    assert_close_rows(out, F.rms_norm(stream.double(), (hidden,), weight.double(), EPS), dtype)
+
+
+def test_add_rms_norm_strided_and_bad_shapes() -> None:
+    gen = torch.Generator().manual_seed(3)
+    wide = rand_rows(5, 80, gen, torch.float32)
+    x, residual = wide[:, :64], rand_rows(5, 64, gen, torch.float32)
+    weight = torch.ones(64, device=DEV)
+    out, stream = add_rms_norm(x, residual, weight, EPS)
+    assert torch.equal(stream, x + residual)
+    assert_close_rows(out, F.rms_norm(stream.double(), (64,), weight.double(), EPS), torch.float32)
+    with pytest.raises(ValueError, match="residual"):
+        add_rms_norm(x, residual[:, :32], weight, EPS)
+    empty = torch.empty(0, 64, device=DEV)
+    assert add_rms_norm(empty, empty, weight, EPS)[0].shape == (0, 64)

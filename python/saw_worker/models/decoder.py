@@ -51,6 +51,17 @@ class RMSNorm(nn.Module):
         # this after: a single bf16 rounding apart.
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
+    def add_norm(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(norm(s), s) for the residual stream s = x + residual (s = x when residual is None)."""
+        if residual is None:
+            return self(x), x
+        if use_fused_kernels(x):  # one launch for the add and the norm
+            from saw_kernels.fused import add_rms_norm
+
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        s = x + residual
+        return self(s), s
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, device: torch.device | None, dtype: torch.dtype | None):
@@ -70,10 +81,13 @@ class DecoderLayer(nn.Module):
         self.gate_up_weight = _param(2 * i, h, **kw)
         self.down_weight = _param(h, i, **kw)
 
-    def forward(self, x: Tensor, rope: Rope, attention: Attention) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None, rope: Rope, attention: Attention) -> tuple[Tensor, Tensor]:
+        """x: the previous block's output (the embeddings, with residual None, in layer 0); residual: the stream
+        before it. Returns this layer's MLP output and the stream before it: every add is fused into the next norm."""
         t = x.shape[0]
         fused = use_fused_kernels(x)
-        qkv = F.linear(self.input_layernorm(x), self.qkv_weight, self.qkv_bias)
+        normed, residual = self.input_layernorm.add_norm(x, residual)
+        qkv = F.linear(normed, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         v = v.view(t, self.nkv, self.d)
         if fused:  # one launch: reads q, k from qkv; writes contiguous normed, rotated q, k (fp32 in between)
@@ -91,8 +105,9 @@ class DecoderLayer(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
         o = attention(self.layer_id, q, k, v)
-        x = x + F.linear(o.reshape(t, self.nq * self.d), self.o_weight)
-        gate_up = F.linear(self.post_attention_layernorm(x), self.gate_up_weight)
+        attn_out = F.linear(o.reshape(t, self.nq * self.d), self.o_weight)
+        normed, residual = self.post_attention_layernorm.add_norm(attn_out, residual)
+        gate_up = F.linear(normed, self.gate_up_weight)
         if fused:
             from saw_kernels.fused import silu_mul
 
@@ -100,7 +115,7 @@ class DecoderLayer(nn.Module):
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        return x + F.linear(h, self.down_weight)
+        return F.linear(h, self.down_weight), residual
 
 
 class DecoderLM(nn.Module):
@@ -137,9 +152,10 @@ class DecoderLM(nn.Module):
             cs = self.cos_sin[positions].to(x.dtype).unsqueeze(1)  # [T, 1, 2D]
             cos, sin = cs.chunk(2, dim=-1)  # (cos, cos), (-sin, sin)
             rope = Rope(self.cos_sin, positions, cos, sin)
+        residual = None
         for layer in self.layers:
-            x = layer(x, rope, self.attention)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, self.attention)
+        return self.norm.add_norm(x, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, H] -> logits [N, vocab] float32."""
