@@ -142,15 +142,16 @@ def run_extend(batch: int, prefix: int, new: int, kv: str, copy: float, cfg: dic
 
 
 def run_sdpa(batch: int, prefix: int, new: int, copy: float) -> dict:
-    """torch SDPA on contiguous bf16: q [B, Hq, new], k/v [B, Hq, prefix+new], bottom-right causal."""
+    """torch SDPA on contiguous bf16: q [B, Hq, new], k/v [B, Hq, prefix+new], bottom-right causal
+    (with no prefix that is plain is_causal, the path a first chunk takes)."""
     from torch.nn.attention.bias import causal_lower_right
 
     q = torch.randn(batch, HQ, new, D, device=DEV, dtype=torch.bfloat16)
     k = torch.randn(batch, HQ, prefix + new, D, device=DEV, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    mask = causal_lower_right(new, prefix + new)
+    causal = dict(is_causal=True) if prefix == 0 else dict(attn_mask=causal_lower_right(new, prefix + new))
     f = torch.nn.functional.scaled_dot_product_attention
-    us = bench(lambda: f(q, k, v, attn_mask=mask), graph=False)
+    us = bench(lambda: f(q, k, v, **causal), graph=False)
     flops = 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
     return row("extend-sdpa", "bf16-contiguous", f"B={batch},prefix={prefix},new={new},Hq={HQ},D={D}", us,
                2 * (q.numel() + 2 * k.numel()) * 2, copy, tflops=flops / us / 1e6)
@@ -233,9 +234,13 @@ def main() -> None:
     bcfg: dict = {}
     if "decode" in only or "latency" in only:
         if sweeping:
-            # 2026-11-23 scratch sweep (docs/kernels.md): block_n 128, 4 warps, 3 stages led on 4 of 5 shapes
+            # 2026-11-23 scratch sweep (docs/kernels.md): block_n 128, 4 warps, 3 stages led on 4 of 5 shapes.
+            # Latency variants (docs/kernels.md, "What limits decode now"): 5 stages double-buffer the cp.async
+            # loads, prefetch carries tile n + 1 in registers, maxnreg 128 / 168 fit 4 / 3 programs per SM.
             dcfg = sweep("decode-int4", lambda c: run_decode(64, 4096, "int4-bdr-b128", copy, cfg=c),
-                         [{}, dict(num_stages=2), dict(num_stages=4)])
+                         [{}, dict(num_stages=2), dict(num_stages=4), dict(maxnreg=128), dict(num_stages=5),
+                          dict(num_stages=5, maxnreg=128), dict(prefetch=True), dict(prefetch=True, maxnreg=168),
+                          dict(prefetch=True, maxnreg=128)])
     if "decode" in only:
         for b, ctx in dec_shapes:
             run_decode(b, ctx, "bf16", copy, cfg=bcfg)
@@ -251,15 +256,19 @@ def main() -> None:
         ecfg: dict = {}
         if sweeping:
             ecfg = sweep("extend", lambda c: run_extend(*ext, "int4-bdr-b128", copy, c)[0],
-                         [{}, dict(deq=3), dict(block_n=128), dict(num_stages=3),
-                          dict(block_m=64, num_warps=4, num_stages=3)])
-        for kv in ("bf16", "int4", "int4-bdr-b128", "int4-bdr-b128-rv-kc"):
-            run_extend(*ext, kv, copy, ecfg)
-        if DEV.type == "cuda":
-            try:
-                run_sdpa(*ext, copy)
-            except Exception as e:  # noqa: BLE001 - report, keep the other numbers
-                print(f"sdpa failed: {e!r}")
+                         [{}, dict(deq=3), dict(num_stages=3), dict(block_m=64, num_warps=4, num_stages=3)])
+        # a 16k prompt prefilled in two chunks of 8192 (no prefix, then 8192 cached): 2/3 of its
+        # attention is the causal new-token phase
+        chunks = [(1, 0, 32), (1, 32, 32)] if smoke else [(2, 0, 8192), (2, 8192, 8192)]
+        for shape, kvs in [(ext, ("bf16", "int4", "int4-bdr-b128", "int4-bdr-b128-rv-kc")),
+                           *[(c, ("bf16", "int4-bdr-b128")) for c in chunks]]:
+            for kv in kvs:
+                run_extend(*shape, kv, copy, ecfg)
+            if DEV.type == "cuda":
+                try:
+                    run_sdpa(*shape, copy)
+                except Exception as e:  # noqa: BLE001 - report, keep the other numbers
+                    print(f"sdpa {shape} failed: {e!r}")
     print(f"bench wall time {time.time() - t0:.0f} s", flush=True)
 
 

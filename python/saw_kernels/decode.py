@@ -110,17 +110,17 @@ def attend_block(q_lo, q_hi, q_sum, bias, qk_scale, k_lo, k_hi, k_s, k_m, v_lo, 
     """One online-softmax step (log2 domain) over a block of cached rows.
 
     q is given as bf16 halves; bias (per query) is added to raw scores; scores are then scaled by
-    qk_scale = sm_scale * log2(e).
+    qk_scale = sm_scale * log2(e) > 0. The max is taken over raw scores and scaled once per row, so the
+    scale and the max's subtraction are one FMA per score.
     """
     s = mma(q_lo, tl.trans(k_lo)) + mma(q_hi, tl.trans(k_hi))
     if QUANT:
         s = s * k_s[None, :] + q_sum[:, None] * k_m[None, :]
-    s = (s + bias) * qk_scale
-    s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    s = tl.where(valid, s + bias, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s * qk_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc_lo = acc_lo * alpha[:, None]
     acc_hi = acc_hi * alpha[:, None]
@@ -255,11 +255,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      fmt: KVFormat, sm_scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
                      max_context: int | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                      block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                     q_rotated: bool = False) -> torch.Tensor:
+                     q_rotated: bool = False, prefetch: bool = False, maxnreg: int | None = None) -> torch.Tensor:
     """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
 
     q_rotated: q (bf16 or fp32) is already R q for a rotated format (write_kv(q=...)), so the
     kernel does not rotate it again.
+    prefetch (INT4 only): load tile n + 1's raw bytes into registers before computing tile n.
+    maxnreg: registers per thread cap of the decode kernel (ptxas .maxnreg; GPU only, the
+    interpreter ignores it), e.g. 128 for 4 programs of 4 warps per SM.
     No host reads of seq_lens: the grid depends on (B, num_splits) only, so a CUDA graph captured
     for a batch size replays for any lengths. max_context (default: page_table width * page_size)
     is the shape hint num_splits is chosen from. workspace = (o_part fp32 [B, Hq, S, D], lse fp32
@@ -297,12 +300,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             q, k_cache, v_cache, kp, vp, page_table, seq_lens, hmat, out, po, pl, *strides, s_ps, s_ph,
             page_table.stride(0), out.stride(0), out.stride(1), sm_scale * LOG2E, inv,
             HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, ROT_Q=fmt.rotated and not q_rotated, ROT_V=fmt.rotate_v,
-            FULL=full, SPLITS=num_splits, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+            FULL=full, SPLITS=num_splits, BLOCK_N=block_n, PREFETCH=prefetch, num_warps=num_warps,
+            num_stages=num_stages, maxnreg=maxnreg)
     else:
         _decode_bf16_kernel[grid](
             q, k_cache, v_cache, page_table, seq_lens, out, po, pl, *strides, page_table.stride(0), out.stride(0),
             out.stride(1), sm_scale * LOG2E, HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, SPLITS=num_splits,
-            BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+            BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
     if num_splits > 1:
         _reduce_kernel[(bsz, hkv)](
             po, pl, hmat, out, out.stride(0), out.stride(1), inv,

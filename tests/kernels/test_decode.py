@@ -29,6 +29,11 @@ CASES = [
 ]
 
 
+# Kernel options against the same references: prefetch runs the INT4 kernel's prefetch loop (ignored for
+# bf16); maxnreg is a ptxas register cap, which the interpreter drops (on a GPU it is compiled in).
+VARIANTS = {"default": {}, "prefetch-maxnreg128": {"prefetch": True, "maxnreg": 128}}
+
+
 def case_id(case: tuple) -> str:
     f, g, ps, lens, splits = case
     return f"{f.name}-d{f.head_dim}-b{f.hadamard_order}{'-rv' if f.rotate_v else ''}{'-kc' if f.k_center else ''}" \
@@ -36,7 +41,7 @@ def case_id(case: tuple) -> str:
 
 
 def run_decode(fmt: KVFormat, group: int, page_size: int, lens: list[int], splits: int | None, hkv: int = 2,
-               seed: int = 0, q_scale: float = 0.5, q_rotated: bool = False, **kw: int) -> float:
+               seed: int = 0, q_scale: float = 0.5, q_rotated: bool = False, **kw: int | bool) -> float:
     gen = torch.Generator().manual_seed(seed)
     d = fmt.head_dim
     paged = make_pages(lens, page_size, gen)
@@ -55,15 +60,17 @@ def run_decode(fmt: KVFormat, group: int, page_size: int, lens: list[int], split
     return rel_err(out, decode_ref(q, cache, paged, lens, fmt, default_scale(d)))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_decode_matches_reference(case: tuple) -> None:
-    assert run_decode(*case) < TOL
+def test_decode_matches_reference(case: tuple, variant: str) -> None:
+    assert run_decode(*case, **VARIANTS[variant]) < TOL
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", [c for c in CASES if c[0].rotated], ids=case_id)
-def test_decode_takes_rotated_queries(case: tuple) -> None:
+def test_decode_takes_rotated_queries(case: tuple, variant: str) -> None:
     """The engine's path for int4-bdr: q comes in rotated (fp32, from the write launch)."""
-    assert run_decode(*case, q_rotated=True) < TOL
+    assert run_decode(*case, q_rotated=True, **VARIANTS[variant]) < TOL
 
 
 def test_decode_huge_and_tiny_queries() -> None:
@@ -73,13 +80,25 @@ def test_decode_huge_and_tiny_queries() -> None:
         assert run_decode(fmt, 4, 16, [1, 40, 77], 2, q_scale=scale) < TOL
 
 
+# (format, Hadamard order, rotate_v, decode_attention options): the defaults, then the compiled variants
+# bench/kernels_bench.py sweeps
+FULL_SHAPE = [("bf16", 128, False, {}), ("int4", 128, False, {}), ("int4-bdr", 128, False, {}),
+              ("int4-bdr", 16, True, {}), ("int4-bdr", 128, False, {"prefetch": True}),
+              ("int4-bdr", 128, False, {"prefetch": True, "maxnreg": 168}), ("int4-bdr", 128, False, {"maxnreg": 128}),
+              ("int4-bdr", 128, False, {"num_stages": 5})]
+
+
+def full_shape_id(p: tuple) -> str:
+    name, order, rv, cfg = p
+    return f"{name}-b{order}{'-rv' if rv else ''}" + "".join(f"-{k}{v}" for k, v in cfg.items())
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,order,rv", [("bf16", 128, False), ("int4", 128, False), ("int4-bdr", 128, False),
-                                           ("int4-bdr", 16, True)])
+@pytest.mark.parametrize("name,order,rv,cfg", FULL_SHAPE, ids=[full_shape_id(p) for p in FULL_SHAPE])
 @pytest.mark.parametrize("lens", [[1, 4096, 2000, 777], [16384, 129, 64, 3]])
-def test_decode_full_shape(name: str, order: int, rv: bool, lens: list[int]) -> None:
+def test_decode_full_shape(name: str, order: int, rv: bool, cfg: dict, lens: list[int]) -> None:
     fmt = KVFormat(name, 128, order, rv, name != "bf16")
-    assert run_decode(fmt, 4, 16, lens, None, hkv=8, seed=1) < TOL
+    assert run_decode(fmt, 4, 16, lens, None, hkv=8, seed=1, **cfg) < TOL
 
 
 @pytest.mark.gpu

@@ -24,6 +24,20 @@ CASES = [
     (KVFormat("int4-bdr", 64, 64, rotate_v=True, k_center=True), 1, 128, [130], [4]),
 ]
 
+# Phase 2 runs the key tiles before a program's first query unmasked and masks the rest; under the
+# interpreter a program has 16 // GP queries and a tile 16 keys, unless the case sets blocks.
+# (format, query group, page size, prefix lengths, new lengths, launch options)
+CAUSAL_CASES = [
+    (KVFormat("bf16", 64), 1, 16, [0], [32], {}),  # new a multiple of the tile, every first query on a boundary
+    (KVFormat("bf16", 64), 4, 16, [0, 20], [48, 16], {}),  # 4 queries a program: boundaries at 16 and 32 only
+    (KVFormat("bf16", 64), 2, 16, [0, 7], [5, 3], {}),  # new shorter than one tile
+    (KVFormat("bf16", 128), 7, 16, [0, 9], [33, 2], {}),  # GP 8: 2 queries a program
+    (KVFormat("bf16", 64), 8, 16, [0], [19], {}),
+    (KVFormat("bf16", 64), 1, 16, [3, 0], [100, 64], dict(block_m=64)),  # 64 queries a program: 4 masked tiles
+    (KVFormat("bf16", 64), 2, 16, [0], [70], dict(block_n=32)),  # first queries inside a 32-key tile
+    (KVFormat("int4-bdr", 128, 128, k_center=True), 4, 16, [16, 0, 5], [40, 3, 17], {}),  # ragged: idle programs
+]
+
 
 def case_id(case: tuple) -> str:
     f, g, ps, pre, new = case
@@ -59,6 +73,13 @@ def run_extend(fmt: KVFormat, group: int, page_size: int, prefix: list[int], new
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_extend_matches_reference(case: tuple) -> None:
     assert run_extend(*case) < TOL
+
+
+@pytest.mark.parametrize("case", CAUSAL_CASES,
+                         ids=lambda c: case_id(c[:5]) + "".join(f"-{k}{v}" for k, v in c[5].items()))
+def test_extend_causal_tiles(case: tuple) -> None:
+    *args, kw = case
+    assert run_extend(*args, **kw) < TOL
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0].quantized], ids=case_id)
