@@ -236,11 +236,10 @@ def main() -> None:
         if sweeping:
             # 2026-11-23 scratch sweep (docs/kernels.md): block_n 128, 4 warps, 3 stages led on 4 of 5 shapes.
             # Latency variants (docs/kernels.md, "What limits decode now"): 5 stages double-buffer the cp.async
-            # loads, prefetch carries tile n + 1 in registers, maxnreg 128 / 168 fit 4 / 3 programs per SM.
+            # loads, maxnreg 128 fits 4 programs per SM.
             dcfg = sweep("decode-int4", lambda c: run_decode(64, 4096, "int4-bdr-b128", copy, cfg=c),
                          [{}, dict(num_stages=2), dict(num_stages=4), dict(maxnreg=128), dict(num_stages=5),
-                          dict(num_stages=5, maxnreg=128), dict(prefetch=True), dict(prefetch=True, maxnreg=168),
-                          dict(prefetch=True, maxnreg=128)])
+                          dict(num_stages=5, maxnreg=128)])
     if "decode" in only:
         for b, ctx in dec_shapes:
             run_decode(b, ctx, "bf16", copy, cfg=bcfg)

@@ -255,12 +255,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      fmt: KVFormat, sm_scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
                      max_context: int | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                      block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                     q_rotated: bool = False, prefetch: bool = False, maxnreg: int | None = None) -> torch.Tensor:
+                     q_rotated: bool = False, maxnreg: int | None = None) -> torch.Tensor:
     """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
 
     q_rotated: q (bf16 or fp32) is already R q for a rotated format (write_kv(q=...)), so the
     kernel does not rotate it again.
-    prefetch (INT4 only): load tile n + 1's raw bytes into registers before computing tile n.
     maxnreg: registers per thread cap of the decode kernel (ptxas .maxnreg; GPU only, the
     interpreter ignores it), e.g. 128 for 4 programs of 4 warps per SM.
     No host reads of seq_lens: the grid depends on (B, num_splits) only, so a CUDA graph captured
@@ -300,8 +299,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             q, k_cache, v_cache, kp, vp, page_table, seq_lens, hmat, out, po, pl, *strides, s_ps, s_ph,
             page_table.stride(0), out.stride(0), out.stride(1), sm_scale * LOG2E, inv,
             HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, ROT_Q=fmt.rotated and not q_rotated, ROT_V=fmt.rotate_v,
-            FULL=full, SPLITS=num_splits, BLOCK_N=block_n, PREFETCH=prefetch, num_warps=num_warps,
-            num_stages=num_stages, maxnreg=maxnreg)
+            FULL=full, SPLITS=num_splits, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+            maxnreg=maxnreg)
     else:
         _decode_bf16_kernel[grid](
             q, k_cache, v_cache, page_table, seq_lens, out, po, pl, *strides, page_table.stride(0), out.stride(0),

@@ -26,6 +26,7 @@ from saw_kernels._common import (
     load_hmat,
     load_query_group,
     mma,
+    page_slots,
     rotate_halves,
     split_bounds,
     store_split_result,
@@ -59,80 +60,14 @@ def _codes_f16(packed):
 
 
 @triton.jit
-def _pairs_f16(a, b):
-    """int32 [N, W] words a, b holding two fp16 each -> fp16 [N, 4 W]: per column a.lo, a.hi, b.lo, b.hi."""
-    x = tl.reshape(tl.join(a, b), [a.shape[0], 2 * a.shape[1]])
-    y = tl.reshape(tl.join(x & 0xFFFF, (x >> 16) & 0xFFFF), [a.shape[0], 4 * a.shape[1]])
-    return y.to(tl.uint16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def _words_f16(words):
-    """int32 [N, D2 / 4] (4 code bytes each) -> what _codes_f16 makes of the same bytes.
-
-    For the prefetched tile, which crosses the loop boundary: carried as uint8 it is kept one byte
-    per register and repacked by ~300 PRMT per tile (255 registers on sm_90); words stay packed.
-    """
-    if _INTERP:
-        lo01 = (words & 0xF) | ((words << 8) & 0xF0000) | 0x64006400
-        lo23 = ((words >> 16) & 0xF) | ((words >> 8) & 0xF0000) | 0x64006400
-        hi01 = (words & 0xF0) | ((words << 8) & 0xF00000) | 0x64006400
-        hi23 = ((words >> 16) & 0xF0) | ((words >> 8) & 0xF00000) | 0x64006400
-    else:
-        lo01, lo23, hi01, hi23 = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t0, t1;
-            prmt.b32 t0, $4, 0, 0x4140;
-            prmt.b32 t1, $4, 0, 0x4342;
-            lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $2, t0, 0x00F000F0, 0x64006400, 0xEA;
-            lop3.b32 $3, t1, 0x00F000F0, 0x64006400, 0xEA;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[words], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-            is_pure=False, pack=1)
-    return _pairs_f16(lo01, lo23), _pairs_f16(hi01, hi23)
-
-
-@triton.jit
-def _tile_pages(pt_row, n0, end, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Page of each token of the tile at n0 (int32 [N]); tokens at or past end read nothing."""
-    pos = n0 + tl.arange(0, BLOCK_N)
-    return tl.load(pt_row + pos // PAGE, mask=pos < end, other=0)
-
-
-@triton.jit
-def _load_tile(cache, pages, n0, end, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
-    """Raw K and V rows of the tile at n0, given its pages: packed codes (uint8 [N, D2], or int32 [N, D2 / 4]
-    with WORDS) and (scale, lo) words int32 [N] each. Rows at or past end are masked off, so a prefetch
-    past the last tile reads nothing.
-    cache = (kc_ptr, vc_ptr, kp_ptr, vp_ptr, kh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, c)."""
-    kc_ptr, vc_ptr, kp_ptr, vp_ptr, kh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, c = cache
-    pos = n0 + tl.arange(0, BLOCK_N)
-    nm = pos < end
-    slot = pages.to(tl.int64) * PAGE + pos % PAGE
-    k_off = slot * s_kcs + kh * s_kch
-    v_off = slot * s_vcs + kh * s_vch
-    if WORDS:  # byte offsets of rows are multiples of 16 (D % 32 == 0)
-        c4 = tl.arange(0, c.shape[0] // 4)
-        k_b = tl.load(kc_ptr.to(tl.pointer_type(tl.int32)) + (k_off // 4)[:, None] + c4[None, :], mask=nm[:, None],
-                      other=0)
-        v_b = tl.load(vc_ptr.to(tl.pointer_type(tl.int32)) + (v_off // 4)[:, None] + c4[None, :], mask=nm[:, None],
-                      other=0)
-    else:
-        k_b = tl.load(kc_ptr + k_off[:, None] + c[None, :], mask=nm[:, None], other=0)
-        v_b = tl.load(vc_ptr + v_off[:, None] + c[None, :], mask=nm[:, None], other=0)
-    k_w = tl.load(kp_ptr + slot * s_ps + kh * s_ph, mask=nm, other=0)
-    v_w = tl.load(vp_ptr + slot * s_ps + kh * s_ph, mask=nm, other=0)
-    return k_b, k_w, v_b, v_w
-
-
-@triton.jit
-def _row_params(w):
-    """(scale, lo) words int32 [N] -> fp32 scale [N], fp32 lo [N]."""
+def _load_rows(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm):
+    """Rows at slots [N] of head h: fp16 codes (low half, high half) [N, D2] and fp32 (scale, lo) [N]."""
+    packed = tl.load(c_ptr + (slot * s_cs + h * s_ch)[:, None] + c[None, :], mask=nm[:, None], other=0)
+    x_lo, x_hi = _codes_f16(packed)
+    w = tl.load(p_ptr + slot * s_ps + h * s_ph, mask=nm, other=0)
     scale = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     lo = (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    return scale, lo
+    return x_lo, x_hi, scale, lo
 
 
 @triton.jit
@@ -142,7 +77,6 @@ def decode_int4_kernel(
     qk_scale, inv_sqrt_b,
     HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     D2: tl.constexpr = D // 2
     OFF: tl.constexpr = 1024.0
@@ -174,22 +108,11 @@ def decode_int4_kernel(
     acc_lo = tl.zeros([D2, GP], tl.float32)  # o^T, first and second half of D
     acc_hi = tl.zeros([D2, GP], tl.float32)
     pt_row = pt_ptr + b.to(tl.int64) * s_ptb
-    cache = (kc_ptr, vc_ptr, kp_ptr, vp_ptr, kh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, c)
-    if PREFETCH:  # raw bytes of tile n + 1 are in flight while tile n computes; its pages come one tile earlier
-        kn_b, kn_w, vn_b, vn_w = _load_tile(cache, _tile_pages(pt_row, start, end, PAGE, BLOCK_N), start, end, PAGE,
-                                            BLOCK_N, True)
-        pages_n = _tile_pages(pt_row, start + BLOCK_N, end, PAGE, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
-        nm = n0 + tl.arange(0, BLOCK_N) < end
-        if PREFETCH:
-            k_b, k_w, v_b, v_w = kn_b, kn_w, vn_b, vn_w
-            kn_b, kn_w, vn_b, vn_w = _load_tile(cache, pages_n, n0 + BLOCK_N, end, PAGE, BLOCK_N, True)
-            pages_n = _tile_pages(pt_row, n0 + 2 * BLOCK_N, end, PAGE, BLOCK_N)
-        else:
-            k_b, k_w, v_b, v_w = _load_tile(cache, _tile_pages(pt_row, n0, end, PAGE, BLOCK_N), n0, end, PAGE, BLOCK_N,
-                                            False)
-        k_lo, k_hi = _words_f16(k_b) if PREFETCH else _codes_f16(k_b)
-        k_s, k_m = _row_params(k_w)
+        pos = n0 + tl.arange(0, BLOCK_N)
+        nm = pos < end
+        slot = page_slots(pt_row, pos, nm, PAGE)
+        k_lo, k_hi, k_s, k_m = _load_rows(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm)
         qc = mma(k_hi, qt_hi, mma(k_lo, qt_lo))  # [N, GP]: r (q . c) + 1024 sum(fp16 q)
         s = (k_s[:, None] * ((qc - q_off1024[None, :]) * inv_r[None, :]) + k_m[:, None] * q_sum[None, :]) * qk_scale
         s = tl.where(nm[:, None], s, float("-inf"))
@@ -197,8 +120,7 @@ def decode_int4_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[None, :])
-        v_lo, v_hi = _words_f16(v_b) if PREFETCH else _codes_f16(v_b)
-        v_s, v_m = _row_params(v_w)
+        v_lo, v_hi, v_s, v_m = _load_rows(vc_ptr, vp_ptr, slot, kh, s_vcs, s_vch, s_ps, s_ph, c, nm)
         pw = (p * v_s[:, None]).to(tl.float16)
         acc_lo = mma(tl.trans(v_lo), pw, acc_lo * alpha[None, :])
         acc_hi = mma(tl.trans(v_hi), pw, acc_hi * alpha[None, :])

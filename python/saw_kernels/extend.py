@@ -62,7 +62,7 @@ def _extend_kernel(
     qk_scale, inv_sqrt_b,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
     ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, DEQ: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # A program serves BQ = BLOCK_M / GP queries times the GP (>= G, padded) heads of one KV head's
     # group, so each cached tile is loaded and dequantized once for the whole group.
@@ -75,7 +75,6 @@ def _extend_kernel(
     row0 = tl.load(cu_ptr + b)
     new_len = tl.load(cu_ptr + b + 1) - row0
     active = mb * BQ < new_len  # the grid is sized for the longest request
-    prefix = tl.where(active, tl.load(pre_ptr + b), 0)
     r = tl.arange(0, BLOCK_M)
     i = mb * BQ + r // GP  # query index within the request
     g = r % GP
@@ -90,8 +89,10 @@ def _extend_kernel(
     acc_lo = tl.zeros([BLOCK_M, D2], tl.float32)
     acc_hi = tl.zeros([BLOCK_M, D2], tl.float32)
 
-    # phase 1: cached prefix [0, prefix) from the pages
-    if prefix > 0:
+    # phase 1: cached prefix [0, prefix) from the pages. Without PREFIX (no request of the batch has one,
+    # e.g. a prompt's first chunk) it is not compiled in: the new-token loop then gets the registers.
+    prefix = tl.where(active & PREFIX, tl.load(pre_ptr + b), 0)
+    if PREFIX and prefix > 0:
         r_lo = q_lo.to(tl.float32)
         r_hi = q_hi.to(tl.float32)
         bias = _neg_zeros(BLOCK_M)  # no add per score unless CENTER
@@ -145,14 +146,15 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      k_params: torch.Tensor | None, v_params: torch.Tensor | None, page_table: torch.Tensor,
                      page_size: int, fmt: KVFormat, sm_scale: float, max_new_len: int | None = None,
                      k_mean: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int = 2, deq: int = 4) -> torch.Tensor:
+                     max_prefix_len: int | None = None, block_m: int | None = None, block_n: int | None = None,
+                     num_warps: int | None = None, num_stages: int = 2, deq: int = 4) -> torch.Tensor:
     """o [Tn, Hq, D] bf16: new query i of request b attends to its prefix_lens[b] cached tokens and to
     new tokens 0..i of its own rows cu_seqlens[b]:cu_seqlens[b+1] (positions prefix_lens[b] + i).
 
     k_mean must be the K mean the cache was written with when fmt.k_center is on (the prefix logits
     are shifted by -q.mu, the new ones are not; None = no centering, as in write_kv). max_new_len
-    avoids a host read of cu_seqlens.
+    avoids a host read of cu_seqlens; max_prefix_len = 0 (no request has cached tokens) runs a kernel
+    without the prefix phase.
     """
     tn, hq, d = q.shape
     hkv = k.shape[1]
@@ -186,6 +188,7 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         page_table.stride(0), out.stride(0), out.stride(1),
         sm_scale * LOG2E, inv,
         G=group, GP=gp, D=d, PAGE=page_size, QUANT=quant, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
-        CENTER=center, DEQ=deq, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
+        CENTER=center, DEQ=deq, PREFIX=max_prefix_len != 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

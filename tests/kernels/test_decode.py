@@ -29,9 +29,9 @@ CASES = [
 ]
 
 
-# Kernel options against the same references: prefetch runs the INT4 kernel's prefetch loop (ignored for
-# bf16); maxnreg is a ptxas register cap, which the interpreter drops (on a GPU it is compiled in).
-VARIANTS = {"default": {}, "prefetch-maxnreg128": {"prefetch": True, "maxnreg": 128}}
+# Kernel options against the same references: maxnreg is a ptxas register cap, which the interpreter drops
+# (on a GPU it is compiled in).
+VARIANTS = {"default": {}, "maxnreg128": {"maxnreg": 128}}
 
 
 def case_id(case: tuple) -> str:
@@ -83,8 +83,7 @@ def test_decode_huge_and_tiny_queries() -> None:
 # (format, Hadamard order, rotate_v, decode_attention options): the defaults, then the compiled variants
 # bench/kernels_bench.py sweeps
 FULL_SHAPE = [("bf16", 128, False, {}), ("int4", 128, False, {}), ("int4-bdr", 128, False, {}),
-              ("int4-bdr", 16, True, {}), ("int4-bdr", 128, False, {"prefetch": True}),
-              ("int4-bdr", 128, False, {"prefetch": True, "maxnreg": 168}), ("int4-bdr", 128, False, {"maxnreg": 128}),
+              ("int4-bdr", 16, True, {}), ("int4-bdr", 128, False, {"maxnreg": 128}),
               ("int4-bdr", 128, False, {"num_stages": 5})]
 
 

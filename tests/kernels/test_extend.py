@@ -36,6 +36,10 @@ CAUSAL_CASES = [
     (KVFormat("bf16", 64), 1, 16, [3, 0], [100, 64], dict(block_m=64)),  # 64 queries a program: 4 masked tiles
     (KVFormat("bf16", 64), 2, 16, [0], [70], dict(block_n=32)),  # first queries inside a 32-key tile
     (KVFormat("int4-bdr", 128, 128, k_center=True), 4, 16, [16, 0, 5], [40, 3, 17], {}),  # ragged: idle programs
+    # no prefix in the batch (a prompt's first chunk): the kernel without the prefix phase, for a rotated format,
+    # and the one with it (max_prefix_len unknown)
+    (KVFormat("int4-bdr", 128, 64, rotate_v=True, k_center=True), 4, 16, [0, 0], [40, 3], {}),
+    (KVFormat("int4-bdr", 128, 64, rotate_v=True, k_center=True), 4, 16, [0, 0], [40, 3], dict(max_prefix_len=None)),
 ]
 
 
@@ -46,7 +50,9 @@ def case_id(case: tuple) -> str:
 
 
 def run_extend(fmt: KVFormat, group: int, page_size: int, prefix: list[int], new: list[int], hkv: int = 2,
-               seed: int = 0, **kw: int) -> float:
+               seed: int = 0, **kw: int | None) -> float:
+    """Relative error of extend_attention against the float64 reference; max_prefix_len is passed as the
+    engine does unless kw sets it."""
     gen = torch.Generator().manual_seed(seed)
     d = fmt.head_dim
     total = [p + n for p, n in zip(prefix, new, strict=True)]
@@ -66,7 +72,8 @@ def run_extend(fmt: KVFormat, group: int, page_size: int, prefix: list[int], new
     out = torch.full_like(q, float("nan"))
     extend_attention(q, k, v, torch.tensor(cu, dtype=torch.int32, device=DEV),
                      torch.tensor(prefix, dtype=torch.int32, device=DEV), cache.k, cache.v, cache.kp, cache.vp,
-                     paged.page_table, page_size, fmt, default_scale(d), k_mean=k_mean, out=out, **kw)
+                     paged.page_table, page_size, fmt, default_scale(d), k_mean=k_mean, out=out,
+                     **{"max_prefix_len": max(prefix), **kw})
     return rel_err(out, extend_ref(q, k, v, cu, prefix, cache, paged, fmt, default_scale(d), k_mean))
 
 

@@ -89,6 +89,7 @@ class ModelRunner:
             page_table=self._tensor(table, torch.int32).view(len(h.tables), width),
             is_decode=is_decode,
             max_new_len=max(b - a for a, b in zip(h.cu, h.cu[1:], strict=False)),
+            max_prefix_len=max(h.prefix_lens),
         )
         ids = self._tensor(h.ids, torch.int64) if ids is None else ids
         return self.model(ids, self._tensor(h.positions, torch.int64))

@@ -26,6 +26,7 @@ class StepLayout:
     page_table: torch.Tensor  # int32 [B, max_pages]
     is_decode: bool  # every request adds exactly one token
     max_new_len: int
+    max_prefix_len: int | None = None  # host copy of prefix_lens.max(), when known
 
 
 class PagedAttention:
@@ -66,4 +67,5 @@ class PagedAttention:
                                          q_rotated=fmt.rotated)
         return kern.extend_attention(q, k, v, lay.cu_seqlens, lay.prefix_lens, cache.k, cache.v, cache.k_params,
                                      cache.v_params, lay.page_table, self.pool.page_size, fmt, self.sm_scale,
-                                     max_new_len=lay.max_new_len, k_mean=cache.k_mean)
+                                     max_new_len=lay.max_new_len, k_mean=cache.k_mean,
+                                     max_prefix_len=lay.max_prefix_len)
