@@ -234,17 +234,18 @@ def main() -> None:
     bcfg: dict = {}
     if "decode" in only or "latency" in only:
         if sweeping:
-            # 2026-11-23 scratch sweep (docs/kernels.md): block_n 128, 4 warps, 3 stages led on 4 of 5 shapes.
-            # Latency variants (docs/kernels.md, "What limits decode now"): 5 stages double-buffer the cp.async
-            # loads, maxnreg 128 fits 4 programs per SM.
-            dcfg = sweep("decode-int4", lambda c: run_decode(64, 4096, "int4-bdr-b128", copy, cfg=c),
-                         [{}, dict(num_stages=2), dict(num_stages=4), dict(maxnreg=128), dict(num_stages=5),
-                          dict(num_stages=5, maxnreg=128)])
+            # the tile kernel (decode_int4.py) against the warp kernel (decode_int4_warp.py) and its split counts
+            for b, ctx in dec_shapes:
+                sweep("decode-int4", lambda c, b=b, ctx=ctx: run_decode(b, ctx, "int4-bdr-b128", copy, cfg=c),
+                      [{}, dict(impl="tile"), dict(impl="tile", maxnreg=128)]
+                      + [dict(impl="warp", num_splits=s) for s in (2, 4, 8, 16, 32)])
     if "decode" in only:
         for b, ctx in dec_shapes:
             run_decode(b, ctx, "bf16", copy, cfg=bcfg)
             for kv in kvs_decode:
                 run_decode(b, ctx, kv, copy, cfg=dcfg)
+            for kv in ("int4", "int4-bdr-b128"):
+                run_decode(b, ctx, kv, copy, "decode-tile", cfg={**dcfg, "impl": "tile"})
             run_decode(b, ctx, "int4-bdr-b128", copy, "decode-qrot", cfg={**dcfg, "q_rotated": False})
     if "latency" in only:
         for kv in ("bf16", "int4-bdr-b128"):

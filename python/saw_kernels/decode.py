@@ -32,6 +32,7 @@ from saw_kernels._common import (
     store_split_result,
 )
 from saw_kernels.decode_int4 import decode_int4_kernel, query_rows
+from saw_kernels.decode_int4_warp import launch_warp_decode, warp_kernel_fits
 from saw_worker.kv.formats import KVFormat
 
 
@@ -236,7 +237,7 @@ def format_args(fmt: KVFormat, head_dim: int, k_cache: torch.Tensor, k_params: t
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
-                      block_n: int = 64, quantized: bool = False) -> int:
+                      block_n: int = 64, quantized: bool = False, warp: bool = False) -> int:
     """Splits per (request, KV head), from shapes only (graph-safe).
 
     bf16 (bandwidth-bound) wants ~2 waves of SMs. The INT4 kernel is latency-bound with 3 programs
@@ -245,6 +246,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     """
     programs = batch * num_kv_heads
     sms = num_sms(device)
+    if warp:  # one-warp programs: ~32 per SM, each over >= 8 steps of 16 tokens
+        return max(1, min(triton.cdiv(32 * sms, programs), max_context // 128, 64))
     want = max(1, 8 * sms // programs) if quantized else triton.cdiv(2 * sms, programs)
     most = max(1, max_context // (4 * block_n))  # keep >= 4 blocks of work per split
     return max(1, min(want, most, 64))
@@ -255,13 +258,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      fmt: KVFormat, sm_scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
                      max_context: int | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
                      block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                     q_rotated: bool = False, maxnreg: int | None = None) -> torch.Tensor:
+                     q_rotated: bool = False, maxnreg: int | None = None, impl: str | None = None) -> torch.Tensor:
     """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
 
     q_rotated: q (bf16 or fp32) is already R q for a rotated format (write_kv(q=...)), so the
     kernel does not rotate it again.
     maxnreg: registers per thread cap of the decode kernel (ptxas .maxnreg; GPU only, the
     interpreter ignores it), e.g. 128 for 4 programs of 4 warps per SM.
+    impl: INT4 kernel, "warp" (decode_int4_warp.py: one warp per split, operands in registers; CUDA,
+    pages of whole 16-token steps, q plain or already rotated) or "tile" (decode_int4.py, also under
+    the interpreter). Default: "warp" where it fits. block_n, num_warps, num_stages and maxnreg
+    apply to "tile" and bf16.
     No host reads of seq_lens: the grid depends on (B, num_splits) only, so a CUDA graph captured
     for a batch size replays for any lengths. max_context (default: page_table width * page_size)
     is the shape hint num_splits is chosen from. workspace = (o_part fp32 [B, Hq, S, D], lse fp32
@@ -276,14 +283,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device=q.device)
     quant = fmt.quantized
+    if impl is None:
+        impl = "warp" if quant and not INTERPRET and q.is_cuda and warp_kernel_fits(page_size, d, group) \
+            and (q_rotated or not fmt.rotated) else "tile"
+    warp = quant and impl == "warp"
     if block_n is None:  # measured on H100 (docs/kernels.md)
         block_n = 16 if INTERPRET else (128 if quant else 64)
     if num_stages is None:
         num_stages = 3 if quant else 2
     if num_splits is None:
         ctx = max_context if max_context is not None else page_table.shape[1] * page_size
-        num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n, quant)
-    if num_splits > 1:
+        num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n, quant, warp)
+    if num_splits > 1 or warp:
         if workspace is None:
             workspace = (torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device),
                          torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device))
@@ -294,7 +305,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     grid = (bsz, hkv, num_splits)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
     kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
-    if quant:
+    if warp:
+        launch_warp_decode(q, k_cache, v_cache, kp, vp, s_ps, s_ph, page_table, seq_lens, page_size, sm_scale * LOG2E,
+                           po, pl, num_splits, gp)
+    elif quant:
         decode_int4_kernel[grid](
             q, k_cache, v_cache, kp, vp, page_table, seq_lens, hmat, out, po, pl, *strides, s_ps, s_ph,
             page_table.stride(0), out.stride(0), out.stride(1), sm_scale * LOG2E, inv,
@@ -306,7 +320,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             q, k_cache, v_cache, page_table, seq_lens, out, po, pl, *strides, page_table.stride(0), out.stride(0),
             out.stride(1), sm_scale * LOG2E, HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, SPLITS=num_splits,
             BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
-    if num_splits > 1:
+    if num_splits > 1 or warp:
         _reduce_kernel[(bsz, hkv)](
             po, pl, hmat, out, out.stride(0), out.stride(1), inv,
             HQ=hq, G=group, GP=gp, D=d, SPLITS=num_splits, SP2=triton.next_power_of_2(num_splits),

@@ -29,9 +29,10 @@ CASES = [
 ]
 
 
-# Kernel options against the same references: maxnreg is a ptxas register cap, which the interpreter drops
-# (on a GPU it is compiled in).
-VARIANTS = {"default": {}, "maxnreg128": {"maxnreg": 128}}
+# Kernel options against the same references. On a GPU the default INT4 kernel is the warp kernel where
+# it fits (pages of 16+ tokens, q plain or already rotated); maxnreg (a ptxas register cap, which the
+# interpreter drops) belongs to the tile kernel.
+VARIANTS = {"default": {}, "tile-maxnreg128": {"maxnreg": 128, "impl": "tile"}}
 
 
 def case_id(case: tuple) -> str:
@@ -80,11 +81,11 @@ def test_decode_huge_and_tiny_queries() -> None:
         assert run_decode(fmt, 4, 16, [1, 40, 77], 2, q_scale=scale) < TOL
 
 
-# (format, Hadamard order, rotate_v, decode_attention options): the defaults, then the compiled variants
-# bench/kernels_bench.py sweeps
-FULL_SHAPE = [("bf16", 128, False, {}), ("int4", 128, False, {}), ("int4-bdr", 128, False, {}),
-              ("int4-bdr", 16, True, {}), ("int4-bdr", 128, False, {"maxnreg": 128}),
-              ("int4-bdr", 128, False, {"num_stages": 5})]
+# (format, Hadamard order, rotate_v, decode_attention options): the defaults (int4-bdr with q rotated, as
+# the engine calls it), then the tile kernel and the compiled variants bench/kernels_bench.py sweeps
+FULL_SHAPE = [("bf16", 128, False, {}), ("int4", 128, False, {}), ("int4-bdr", 128, False, {"q_rotated": True}),
+              ("int4-bdr", 16, True, {"q_rotated": True}), ("int4-bdr", 128, False, {"maxnreg": 128}),
+              ("int4", 128, False, {"impl": "tile"}), ("int4-bdr", 128, False, {"num_stages": 5})]
 
 
 def full_shape_id(p: tuple) -> str:
@@ -100,8 +101,35 @@ def test_decode_full_shape(name: str, order: int, rv: bool, cfg: dict, lens: lis
     assert run_decode(fmt, 4, 16, lens, None, hkv=8, seed=1, **cfg) < TOL
 
 
+# The warp kernel (CUDA only) at its edges: lengths around its 16-token steps, 1 token, empty splits,
+# page sizes 16..128, GQA 1..16, head_dim 64 and 128, every option of the format.
+WARP_CASES = [
+    (KVFormat("int4", 128), 4, 16, [1, 15, 16, 17, 300], None),
+    (KVFormat("int4-bdr", 128, 128, k_center=True), 8, 32, [4096, 33, 1], 3),
+    (KVFormat("int4-bdr", 64, 16, rotate_v=True), 7, 16, [47, 16, 200], 2),
+    (KVFormat("int4-bdr", 128, 64, rotate_v=True, k_center=True), 1, 128, [130, 5, 1000], 8),
+    (KVFormat("int4", 64, k_center=True), 2, 16, [31, 64], 1),
+    (KVFormat("int4-bdr", 128, 16), 16, 16, [100, 17], None),
+    (KVFormat("int4-bdr", 128, 32), 3, 64, [1, 2, 3], 40),
+]
+
+
 @pytest.mark.gpu
-def test_decode_cuda_graph_replays_new_lengths() -> None:
+@pytest.mark.parametrize("case", WARP_CASES, ids=case_id)
+def test_warp_decode_matches_reference(case: tuple) -> None:
+    assert run_decode(*case, q_rotated=case[0].rotated, impl="warp") < TOL
+
+
+@pytest.mark.gpu
+def test_warp_decode_huge_and_tiny_queries() -> None:
+    fmt = KVFormat("int4-bdr", 128, 128, k_center=True)
+    for scale in (1e-4, 1e4):
+        assert run_decode(fmt, 4, 16, [1, 40, 77], 2, q_scale=scale, q_rotated=True, impl="warp") < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["tile", "warp"])
+def test_decode_cuda_graph_replays_new_lengths(impl: str) -> None:
     fmt, d, hkv, group, ps = KVFormat("int4-bdr", 128, 128, True), 128, 8, 4, 16
     lens = [300, 1000]
     gen = torch.Generator().manual_seed(3)
@@ -111,11 +139,13 @@ def test_decode_cuda_graph_replays_new_lengths() -> None:
     write_kv(rand_kv(2048, hkv, d, gen=gen), rand_kv(2048, hkv, d, gen=gen), slots, cache.k, cache.v, cache.kp,
              cache.vp, fmt)
     q = torch.randn(2, hkv * group, d, device=DEV).bfloat16()
+    q_rot = rotate(q.double(), fmt.hadamard_order).float()  # as the engine's write launch returns it
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
 
     def step() -> None:
-        decode_attention(q, cache.k, cache.v, cache.kp, cache.vp, paged.page_table, seq_lens, ps, fmt, 0.09, out=out)
+        decode_attention(q_rot, cache.k, cache.v, cache.kp, cache.vp, paged.page_table, seq_lens, ps, fmt, 0.09,
+                         out=out, q_rotated=True, impl=impl)
 
     step()  # compile outside the capture
     torch.cuda.synchronize()
