@@ -237,8 +237,8 @@ def main() -> None:
             # the tile kernel (decode_int4.py) against the warp kernel (decode_int4_warp.py) and its split counts
             for b, ctx in dec_shapes:
                 sweep("decode-int4", lambda c, b=b, ctx=ctx: run_decode(b, ctx, "int4-bdr-b128", copy, cfg=c),
-                      [{}, dict(impl="tile"), dict(impl="tile", maxnreg=128)]
-                      + [dict(impl="warp", num_splits=s) for s in (2, 4, 8, 16, 32)])
+                      [{}, dict(impl="tile")]
+                      + [dict(impl="warp", num_splits=s) for s in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)])
     if "decode" in only:
         for b, ctx in dec_shapes:
             run_decode(b, ctx, "bf16", copy, cfg=bcfg)

@@ -32,7 +32,7 @@ from saw_kernels._common import (
     store_split_result,
 )
 from saw_kernels.decode_int4 import decode_int4_kernel, query_rows
-from saw_kernels.decode_int4_warp import launch_warp_decode, warp_kernel_fits
+from saw_kernels.decode_int4_warp import launch_warp_decode, warp_kernel_fits, warp_num_splits
 from saw_worker.kv.formats import KVFormat
 
 
@@ -237,8 +237,8 @@ def format_args(fmt: KVFormat, head_dim: int, k_cache: torch.Tensor, k_params: t
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
-                      block_n: int = 64, quantized: bool = False, warp: bool = False) -> int:
-    """Splits per (request, KV head), from shapes only (graph-safe).
+                      block_n: int = 64, quantized: bool = False) -> int:
+    """Splits per (request, KV head) of the bf16 and tile kernels, from shapes only (graph-safe).
 
     bf16 (bandwidth-bound) wants ~2 waves of SMs. The INT4 kernel is latency-bound with 3 programs
     per SM: it wants ~8 programs per SM (H100, 2026-11-23: at 64 x 4k, 1 / 2 / 4 splits took
@@ -246,8 +246,6 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     """
     programs = batch * num_kv_heads
     sms = num_sms(device)
-    if warp:  # one-warp programs: ~32 per SM, each over >= 8 steps of 16 tokens
-        return max(1, min(triton.cdiv(32 * sms, programs), max_context // 128, 64))
     want = max(1, 8 * sms // programs) if quantized else triton.cdiv(2 * sms, programs)
     most = max(1, max_context // (4 * block_n))  # keep >= 4 blocks of work per split
     return max(1, min(want, most, 64))
@@ -267,8 +265,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     interpreter ignores it), e.g. 128 for 4 programs of 4 warps per SM.
     impl: INT4 kernel, "warp" (decode_int4_warp.py: one warp per split, operands in registers; CUDA,
     pages of whole 16-token steps, q plain or already rotated) or "tile" (decode_int4.py, also under
-    the interpreter). Default: "warp" where it fits. block_n, num_warps, num_stages and maxnreg
-    apply to "tile" and bf16.
+    the interpreter). Default: "warp" where it fits. block_n, num_warps and num_stages apply to
+    "tile" and bf16.
     No host reads of seq_lens: the grid depends on (B, num_splits) only, so a CUDA graph captured
     for a batch size replays for any lengths. max_context (default: page_table width * page_size)
     is the shape hint num_splits is chosen from. workspace = (o_part fp32 [B, Hq, S, D], lse fp32
@@ -293,7 +291,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_stages = 3 if quant else 2
     if num_splits is None:
         ctx = max_context if max_context is not None else page_table.shape[1] * page_size
-        num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n, quant, warp)
+        num_splits = warp_num_splits(bsz * hkv, ctx, q.device, d, query_rows(group)) if warp else \
+            choose_num_splits(bsz, hkv, ctx, q.device, block_n, quant)
     if num_splits > 1 or warp:
         if workspace is None:
             workspace = (torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device),
@@ -307,7 +306,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
     if warp:
         launch_warp_decode(q, k_cache, v_cache, kp, vp, s_ps, s_ph, page_table, seq_lens, page_size, sm_scale * LOG2E,
-                           po, pl, num_splits, gp)
+                           po, pl, num_splits, gp, maxnreg)
     elif quant:
         decode_int4_kernel[grid](
             q, k_cache, v_cache, kp, vp, page_table, seq_lens, hmat, out, po, pl, *strides, s_ps, s_ph,

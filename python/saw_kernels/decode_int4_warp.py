@@ -16,15 +16,19 @@ only permute index bits, so the reshapes and permutes that express them move no 
 
 Codes become exact fp16 as in decode_int4.py (1024 + c, 1024 + 16 c), with q scaled per query
 into [2^13, 2^14). Each program writes the split partial (o, lse) that `_reduce_kernel` combines.
-Loads of step i + 1 are issued before step i is computed. Needs mma.sync (sm_80+); GPU only.
+Loads of step i + 1 are in flight while step i is computed. Needs mma.sync (sm_80+); GPU only.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from saw_kernels._common import num_sms
 
 _K_ASM = gl.constexpr("""{
         .reg .b32 t0, t1;
@@ -97,16 +101,17 @@ def _page(pt_row, n0, end, PAGE: gl.constexpr):
 
 
 @gluon.jit
-def _load_step(kc_ptr, vc_ptr, kp_ptr, vp_ptr, page, n0, end, tk, tv, tp, k_off, v_off, p_off, s_kcs, s_vcs, s_ps,
+def _load_step(kc_ptr, vc_ptr, kp_ptr, vp_ptr, page, n0, end, tp, k_off, v_off, p_off, s_kcs, s_vcs, s_ps,
                PAGE: gl.constexpr):
-    """One step's K and V codes (int32 words, k_off / v_off's layouts) and (scale, lo) words (p_off's).
-    tk, tv, tp are the step's token indices in each layout; *_off the offsets of those rows from the
-    step's first row, which is slot page * PAGE + n0 % PAGE."""
+    """One step's K and V codes (int32 words, k_off / v_off's layouts) and (scale, lo) words (p_off's),
+    *_off being the offsets of the step's rows from its first row, slot page * PAGE + n0 % PAGE.
+    Codes are read unmasked: rows past the end are in the request's last page (or in page 0 past
+    its last step), their scores are masked, and a code makes a finite value. Their (scale, lo)
+    could be anything (NaN): masked (tp: the step's tokens in p_off's layout)."""
     first = page * PAGE + n0 % PAGE
-    rem = end - n0
-    k = gl.load(kc_ptr + first * s_kcs + k_off, mask=(tk < rem)[:, None], other=0)
-    v = gl.load(vc_ptr + first * s_vcs + v_off, mask=(tv < rem)[:, None], other=0)
-    mp = tp < rem
+    mp = tp < end - n0
+    k = gl.load(kc_ptr + first * s_kcs + k_off)
+    v = gl.load(vc_ptr + first * s_vcs + v_off)
     return k, v, gl.load(kp_ptr + first * s_ps + p_off, mask=mp, other=0), gl.load(vp_ptr + first * s_ps + p_off,
                                                                                    mask=mp, other=0)
 
@@ -132,6 +137,9 @@ def decode_int4_warp_kernel(
     BV: gl.constexpr = D2 // 8  # V bytes per thread per token
     W: gl.constexpr = D2 // 4  # int32 words per row
     OFF: gl.constexpr = 1024.0
+    # The running max may lag the true one by up to LAZY (log2 units): p <= 2^LAZY, so fp16(p s_v)
+    # stays finite for V scales below 65504 / 16 (rows spanning ~60k).
+    LAZY: gl.constexpr = 4.0
     dot_a: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     dot_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     lay_kw: gl.constexpr = gl.SliceLayout(2, lay_k3)
@@ -183,19 +191,21 @@ def decode_int4_warp_kernel(
     # each layout's tokens of a step, and their rows' offsets from the step's first row (loop-invariant)
     tk = gl.arange(0, STEP, layout=gl.SliceLayout(1, lay_kw))
     tv = gl.arange(0, STEP, layout=gl.SliceLayout(1, lay_vw))
-    tp = gl.arange(0, STEP, layout=gl.SliceLayout(1, mma))
+    tp = gl.arange(0, STEP, layout=gl.SliceLayout(1, mma))  # also the rows of S^T
     k_off = (tk * s_kcs + kh * s_kch)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_kw))[None, :]
     v_off = (tv * s_vcs + kh * s_vch)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_vw))[None, :]
     p_off = tp * s_ps + kh * s_ph
 
-    page_nx = _page(pt_row, start + STEP, end, PAGE)
+    # software pipeline: step i computes while step i + 1 loads and step i + 2's page loads (a second
+    # step in flight was slower: 193 registers, 10 warps per SM instead of 12)
     k_nx, v_nx, kw_nx, vw_nx = _load_step(kc_ptr, vc_ptr, kp_ptr, vp_ptr, _page(pt_row, start, end, PAGE), start, end,
-                                          tk, tv, tp, k_off, v_off, p_off, s_kcs, s_vcs, s_ps, PAGE)
+                                          tp, k_off, v_off, p_off, s_kcs, s_vcs, s_ps, PAGE)
+    page_nx = _page(pt_row, start + STEP, end, PAGE)
     for n0 in range(start, end, STEP):
         k_codes, v_codes, kw, vw = k_nx, v_nx, kw_nx, vw_nx
-        page_nx2 = _page(pt_row, n0 + 2 * STEP, end, PAGE)  # two steps ahead: its load is done by then
-        k_nx, v_nx, kw_nx, vw_nx = _load_step(kc_ptr, vc_ptr, kp_ptr, vp_ptr, page_nx, n0 + STEP, end, tk, tv, tp,
-                                              k_off, v_off, p_off, s_kcs, s_vcs, s_ps, PAGE)
+        page_nx2 = _page(pt_row, n0 + 2 * STEP, end, PAGE)
+        k_nx, v_nx, kw_nx, vw_nx = _load_step(kc_ptr, vc_ptr, kp_ptr, vp_ptr, page_nx, n0 + STEP, end, tp, k_off,
+                                              v_off, p_off, s_kcs, s_vcs, s_ps, PAGE)
         page_nx = page_nx2
         k_lo, k_hi = _codes_f16(k_codes, lay_k3, False)
         qc = mma_v2(_k_operand(k_lo, STEP, KCH, dot_a), qt_lo, gl.zeros([STEP, GP], gl.float32, layout=mma))
@@ -205,19 +215,24 @@ def decode_int4_warp_kernel(
         s = (k_s[:, None] * ((qc - q_off[None, :]) * inv_r[None, :]) + k_m[:, None] * q_sum[None, :]) * qk_scale
         s = gl.where((tp < end - n0)[:, None], s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 0))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - m_safe[None, :])
+        if gl.max(m_new - m_i, 0) > LAZY:  # rescale only when a max grew by more than LAZY (log2)
+            alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
+            acc_lo = acc_lo * alpha[None, :]
+            acc_hi = acc_hi * alpha[None, :]
+            l_rows = l_rows * alpha[None, :]
+            ps_rows = ps_rows * alpha[None, :]
+            plo_rows = plo_rows * alpha[None, :]
+            m_i = m_new
+        p = gl.exp2(s - gl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
         pw = (p * _half(vw, False)[:, None]).to(gl.float16)
         pt = gl.convert_layout(pw, dot_b)
         v_words = gl.convert_layout(v_codes, gl.SliceLayout(2, lay_v3), assert_trivial=True)  # register order
         v_lo, v_hi = _codes_f16(v_words, lay_v3, True)
-        acc_lo = mma_v2(_v_operand(v_lo, STEP, KCH, dot_a), pt, acc_lo * alpha[None, :])
-        acc_hi = mma_v2(_v_operand(v_hi, STEP, KCH, dot_a), pt, acc_hi * alpha[None, :])
-        l_rows = l_rows * alpha[None, :] + p
-        ps_rows = ps_rows * alpha[None, :] + pw.to(gl.float32)
-        plo_rows = plo_rows * alpha[None, :] + p * _half(vw, True)[:, None]
-        m_i = m_new
+        acc_lo = mma_v2(_v_operand(v_lo, STEP, KCH, dot_a), pt, acc_lo)
+        acc_hi = mma_v2(_v_operand(v_hi, STEP, KCH, dot_a), pt, acc_hi)
+        l_rows += p
+        ps_rows += pw.to(gl.float32)
+        plo_rows += p * _half(vw, True)[:, None]
 
     l_i = gl.sum(l_rows, 0)
     ps = gl.sum(ps_rows, 0)
@@ -265,6 +280,10 @@ def warp_layouts(step: int, head_dim: int) -> dict[str, gl.constexpr]:
 
 
 STEP = 16  # tokens per step: one mma M tile; pages must hold whole steps
+# Warps of the compiled kernel an SM holds, from its registers (recorded at each launch): 168
+# registers on sm_90 with triton 3.6, so 12 warps.
+_RESIDENT: dict[tuple[int | None, int, int], int] = {}
+SPLIT_COST = 6  # steps; fits the split sweeps in warp_num_splits' docstring
 
 
 def warp_kernel_fits(page_size: int, head_dim: int, group: int) -> bool:
@@ -272,17 +291,37 @@ def warp_kernel_fits(page_size: int, head_dim: int, group: int) -> bool:
     return page_size % STEP == 0 and head_dim in (64, 128) and group <= 16
 
 
+def warp_num_splits(programs: int, max_context: int, device: torch.device, head_dim: int, group_rows: int) -> int:
+    """Splits per (request, KV head), from shapes only (graph-safe).
+
+    Each program is one warp and keeps its SM slot until its split is done, so the time is modelled
+    as waves x (steps per split + a fixed cost of SPLIT_COST steps per program: prologue, partial
+    write, its share of the reduce). H100, 2026-11-24, int4-bdr (bench/results/kernels-h100-2026-11-24-s6),
+    12 x 132 warp slots: at 64 x 4k, 2 / 3 / 4 / 6 splits took 140 / 124 / 155 / 132 us; at
+    16 x 16k, 8 / 12 / 16 took 141 / 125 / 157 us; at 128 x 2k, 1 / 3 took 141 / 134 us.
+    """
+    slots = num_sms(device) * _RESIDENT.get((device.index, head_dim, group_rows), 12)
+    steps = math.ceil(max_context / STEP)
+
+    def cost(splits: int) -> int:
+        return math.ceil(programs * splits / slots) * (math.ceil(steps / splits) + SPLIT_COST)
+
+    return min(range(1, min(64, steps) + 1), key=cost)  # the first (fewest splits) of equal costs
+
+
 def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kp: torch.Tensor,
                        vp: torch.Tensor, s_ps: int, s_ph: int, page_table: torch.Tensor, seq_lens: torch.Tensor,
                        page_size: int, qk_scale: float, po: torch.Tensor, pl: torch.Tensor, num_splits: int,
-                       group_rows: int) -> None:
+                       group_rows: int, maxnreg: int | None = None) -> None:
     """Split partials po [B, Hq, S, D] fp32 and pl [B, Hq, S] of q [B, Hq, D] (plain, or already rotated)
     over uint8 pages [slots, Hkv, D/2] (read as int32 words) and (scale, lo) words kp / vp."""
     bsz, hq, d = q.shape
     hkv = k_cache.shape[1]
     kw, vw = k_cache.view(torch.int32), v_cache.view(torch.int32)
-    decode_int4_warp_kernel[(bsz, hkv, num_splits)](
+    compiled = decode_int4_warp_kernel[(bsz, hkv, num_splits)](
         q, kw, vw, kp, vp, page_table, seq_lens, po, pl, q.stride(0), q.stride(1), kw.stride(0), kw.stride(1),
         vw.stride(0), vw.stride(1), s_ps, s_ph, page_table.stride(0), qk_scale,
         HQ=hq, G=hq // hkv, GP=group_rows, D=d, PAGE=page_size, SPLITS=num_splits, STEP=STEP,
-        **warp_layouts(STEP, d), num_warps=1)
+        **warp_layouts(STEP, d), num_warps=1, maxnreg=maxnreg)
+    regs_per_warp = math.ceil(compiled.n_regs * 32 / 256) * 256  # allocated in units of 256
+    _RESIDENT[(q.device.index, d, group_rows)] = min(32, 65536 // regs_per_warp)  # 32 programs per SM at most

@@ -158,3 +158,18 @@ def test_decode_cuda_graph_replays_new_lengths(impl: str) -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, decode_ref(q, cache, paged, new, fmt, 0.09)) < TOL
+
+
+def test_warp_splits_fill_the_resident_warps() -> None:
+    """The warp kernel's split counts at the H100's shapes (132 SMs, 12 warps each): one full wave
+    where the requests allow it, two fuller waves over one two-thirds empty."""
+    from saw_kernels import decode_int4_warp as w
+
+    sms = w.num_sms
+    try:
+        w.num_sms = lambda device: 132
+        got = [w.warp_num_splits(b * 8, ctx, torch.device("cpu"), 128, 8)
+               for b, ctx in [(64, 4096), (16, 16384), (128, 2048), (1, 1024), (8, 32768), (256, 64)]]
+    finally:
+        w.num_sms = sms
+    assert got == [3, 12, 3, 64, 24, 1]
