@@ -26,7 +26,7 @@ import math
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from saw_kernels._common import num_sms
 
@@ -101,19 +101,25 @@ def _page(pt_row, n0, end, PAGE: gl.constexpr):
 
 
 @gluon.jit
-def _load_step(kc_ptr, vc_ptr, kp_ptr, vp_ptr, page, n0, end, tp, k_off, v_off, p_off, s_kcs, s_vcs, s_ps,
-               PAGE: gl.constexpr):
-    """One step's K and V codes (int32 words, k_off / v_off's layouts) and (scale, lo) words (p_off's),
-    *_off being the offsets of the step's rows from its first row, slot page * PAGE + n0 % PAGE.
-    Codes are read unmasked: rows past the end are in the request's last page (or in page 0 past
-    its last step), their scores are masked, and a code makes a finite value. Their (scale, lo)
-    could be anything (NaN): masked (tp: the step's tokens in p_off's layout)."""
+def _copy_step(k_buf, v_buf, kc_ptr, vc_ptr, page, n0, k_off, v_off, s_kcs, s_vcs, PAGE: gl.constexpr):
+    """Start copying one step's K and V codes (int32 words) into shared buffers (cp.async, one group).
+    *_off are the offsets of the step's rows from its first row, slot page * PAGE + n0 % PAGE. Codes are
+    copied unmasked: rows past the end are in the request's last page (or in page 0 past its last
+    step), their scores are masked, and any code makes a finite value."""
+    first = page * PAGE + n0 % PAGE
+    async_copy.async_copy_global_to_shared(k_buf, kc_ptr + first * s_kcs + k_off)
+    async_copy.async_copy_global_to_shared(v_buf, vc_ptr + first * s_vcs + v_off)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _load_params(kp_ptr, vp_ptr, page, n0, end, tp, p_off, s_ps, PAGE: gl.constexpr):
+    """One step's (scale, lo) words of K and V (p_off's layout), masked past the end: there they could
+    be anything, NaN included (tp: the step's tokens)."""
     first = page * PAGE + n0 % PAGE
     mp = tp < end - n0
-    k = gl.load(kc_ptr + first * s_kcs + k_off)
-    v = gl.load(vc_ptr + first * s_vcs + v_off)
-    return k, v, gl.load(kp_ptr + first * s_ps + p_off, mask=mp, other=0), gl.load(vp_ptr + first * s_ps + p_off,
-                                                                                   mask=mp, other=0)
+    return (gl.load(kp_ptr + first * s_ps + p_off, mask=mp, other=0),
+            gl.load(vp_ptr + first * s_ps + p_off, mask=mp, other=0))
 
 
 @gluon.jit
@@ -131,6 +137,7 @@ def decode_int4_warp_kernel(
     HQ: gl.constexpr, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr, PAGE: gl.constexpr,
     SPLITS: gl.constexpr, STEP: gl.constexpr,
     mma: gl.constexpr, lay_k3: gl.constexpr, lay_v3: gl.constexpr, lay_vw: gl.constexpr, lay_q: gl.constexpr,
+    sh_k: gl.constexpr, sh_v: gl.constexpr, NBUF: gl.constexpr,
 ):
     D2: gl.constexpr = D // 2
     KCH: gl.constexpr = D2 // 16  # k16 chunks (and m16 tiles) per nibble half
@@ -148,7 +155,32 @@ def decode_int4_warp_kernel(
     kh = gl.program_id(1)
     sp = gl.program_id(2)
 
-    # q: per-query scale r into [2^13, 2^14), sum(q) and the 1024-offset term, in byte order
+    seq_len = gl.load(len_ptr + b)
+    chunk = gl.cdiv(gl.cdiv(seq_len, SPLITS), STEP) * STEP
+    start = sp * chunk
+    end = gl.minimum(start + chunk, seq_len)
+    pt_row = pt_ptr + b.to(gl.int64) * s_ptb
+
+    # each layout's tokens of a step, and their rows' offsets from the step's first row (loop-invariant)
+    tk = gl.arange(0, STEP, layout=gl.SliceLayout(1, lay_kw))
+    tv = gl.arange(0, STEP, layout=gl.SliceLayout(1, lay_vw))
+    tp = gl.arange(0, STEP, layout=gl.SliceLayout(1, mma))  # also the rows of S^T
+    k_off = (tk * s_kcs + kh * s_kch)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_kw))[None, :]
+    v_off = (tv * s_vcs + kh * s_vch)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_vw))[None, :]
+    p_off = tp * s_ps + kh * s_ph
+
+    # Software pipeline: codes of steps i + 1 ... i + NBUF - 1 are in flight (cp.async into shared
+    # buffers, which cost no registers) while step i computes; the (scale, lo) words of step i + 1
+    # load into registers. Each thread reads back only the words it copied: no barrier.
+    k_smem = gl.allocate_shared_memory(gl.int32, [NBUF, STEP, W], sh_k)
+    v_smem = gl.allocate_shared_memory(gl.int32, [NBUF, STEP, W], sh_v)
+    for j in gl.static_range(NBUF - 1):
+        _copy_step(k_smem.index(j), v_smem.index(j), kc_ptr, vc_ptr, _page(pt_row, start + j * STEP, end, PAGE),
+                   start + j * STEP, k_off, v_off, s_kcs, s_vcs, PAGE)
+    page_c = _page(pt_row, start + (NBUF - 1) * STEP, end, PAGE)  # of the next step to copy
+    kw_nx, vw_nx = _load_params(kp_ptr, vp_ptr, _page(pt_row, start, end, PAGE), start, end, tp, p_off, s_ps, PAGE)
+    page_p = _page(pt_row, start + STEP, end, PAGE)  # of the next step's (scale, lo)
+    # q, while the first steps load: per-query scale r into [2^13, 2^14), sum(q), the 1024-offset term
     g = gl.arange(0, GP, layout=gl.SliceLayout(1, lay_q))
     gm = g < G
     c = gl.arange(0, D2, layout=gl.SliceLayout(0, lay_q))
@@ -171,15 +203,11 @@ def decode_int4_warp_kernel(
              ).to(gl.float16)
     qt_hi = (gl.load(qb_ptr[None, :] + D2 + phys[:, None], mask=qb_m, other=0.0).to(gl.float32)
              * (rb * 0.0625)[None, :]).to(gl.float16)
-    q_sum = gl.convert_layout(q_sum, gl.SliceLayout(0, mma))
-    q_off = gl.convert_layout(q_off, gl.SliceLayout(0, mma))
+    # per query: score = s_k (qc / r - q_off / r) + lo_k sum(q), times qk_scale (folded into s_k and sum(q));
+    # r is a power of two, so the 1024 terms cancel in one exact-operand FMA
     inv_r = gl.convert_layout(1.0 / r, gl.SliceLayout(0, mma))
-
-    seq_len = gl.load(len_ptr + b)
-    chunk = gl.cdiv(gl.cdiv(seq_len, SPLITS), STEP) * STEP
-    start = sp * chunk
-    end = gl.minimum(start + chunk, seq_len)
-    pt_row = pt_ptr + b.to(gl.int64) * s_ptb
+    q_off = gl.convert_layout(-q_off / r, gl.SliceLayout(0, mma))
+    q_sum = gl.convert_layout(q_sum * qk_scale, gl.SliceLayout(0, mma))
 
     m_i = gl.full([GP], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma))
     l_rows = gl.zeros([STEP, GP], gl.float32, layout=mma)  # sum p, sum fp16(p s_v), sum p lo_v per row
@@ -188,31 +216,25 @@ def decode_int4_warp_kernel(
     acc_lo = gl.zeros([D2, GP], gl.float32, layout=mma)  # o^T halves, rows in V's logical order
     acc_hi = gl.zeros([D2, GP], gl.float32, layout=mma)
 
-    # each layout's tokens of a step, and their rows' offsets from the step's first row (loop-invariant)
-    tk = gl.arange(0, STEP, layout=gl.SliceLayout(1, lay_kw))
-    tv = gl.arange(0, STEP, layout=gl.SliceLayout(1, lay_vw))
-    tp = gl.arange(0, STEP, layout=gl.SliceLayout(1, mma))  # also the rows of S^T
-    k_off = (tk * s_kcs + kh * s_kch)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_kw))[None, :]
-    v_off = (tv * s_vcs + kh * s_vch)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_vw))[None, :]
-    p_off = tp * s_ps + kh * s_ph
-
-    # software pipeline: step i computes while step i + 1 loads and step i + 2's page loads (a second
-    # step in flight was slower: 193 registers, 10 warps per SM instead of 12)
-    k_nx, v_nx, kw_nx, vw_nx = _load_step(kc_ptr, vc_ptr, kp_ptr, vp_ptr, _page(pt_row, start, end, PAGE), start, end,
-                                          tp, k_off, v_off, p_off, s_kcs, s_vcs, s_ps, PAGE)
-    page_nx = _page(pt_row, start + STEP, end, PAGE)
     for n0 in range(start, end, STEP):
-        k_codes, v_codes, kw, vw = k_nx, v_nx, kw_nx, vw_nx
-        page_nx2 = _page(pt_row, n0 + 2 * STEP, end, PAGE)
-        k_nx, v_nx, kw_nx, vw_nx = _load_step(kc_ptr, vc_ptr, kp_ptr, vp_ptr, page_nx, n0 + STEP, end, tp, k_off,
-                                              v_off, p_off, s_kcs, s_vcs, s_ps, PAGE)
-        page_nx = page_nx2
+        i = (n0 - start) // STEP
+        page_c2 = _page(pt_row, n0 + NBUF * STEP, end, PAGE)
+        _copy_step(k_smem.index((i + NBUF - 1) % NBUF), v_smem.index((i + NBUF - 1) % NBUF), kc_ptr, vc_ptr, page_c,
+                   n0 + (NBUF - 1) * STEP, k_off, v_off, s_kcs, s_vcs, PAGE)
+        page_c = page_c2
+        kw, vw = kw_nx, vw_nx
+        page_p2 = _page(pt_row, n0 + 2 * STEP, end, PAGE)
+        kw_nx, vw_nx = _load_params(kp_ptr, vp_ptr, page_p, n0 + STEP, end, tp, p_off, s_ps, PAGE)
+        page_p = page_p2
+        async_copy.wait_group(NBUF - 1)  # step i's group has landed
+        k_codes = k_smem.index(i % NBUF).load(lay_kw)
+        v_codes = v_smem.index(i % NBUF).load(lay_vw)
         k_lo, k_hi = _codes_f16(k_codes, lay_k3, False)
         qc = mma_v2(_k_operand(k_lo, STEP, KCH, dot_a), qt_lo, gl.zeros([STEP, GP], gl.float32, layout=mma))
         qc = mma_v2(_k_operand(k_hi, STEP, KCH, dot_a), qt_hi, qc)  # r (q . c) + 1024 sum(fp16 q)
-        k_s = _half(kw, False)
+        k_s = _half(kw, False) * qk_scale
         k_m = _half(kw, True)
-        s = (k_s[:, None] * ((qc - q_off[None, :]) * inv_r[None, :]) + k_m[:, None] * q_sum[None, :]) * qk_scale
+        s = k_s[:, None] * (qc * inv_r[None, :] + q_off[None, :]) + k_m[:, None] * q_sum[None, :]
         s = gl.where((tp < end - n0)[:, None], s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 0))
         if gl.max(m_new - m_i, 0) > LAZY:  # rescale only when a max grew by more than LAZY (log2)
@@ -252,8 +274,9 @@ def decode_int4_warp_kernel(
     gl.store(pl_ptr + row, m_i + gl.log2(l_safe) + gl.where(l_i > 0, 0.0, float("-inf")), mask=nm)
 
 
-def warp_layouts(step: int, head_dim: int) -> dict[str, gl.constexpr]:
-    """The kernel's register layouts (one warp) for STEP tokens per step and head_dim.
+def warp_layouts(step: int, head_dim: int, nbuf: int) -> dict[str, gl.constexpr]:
+    """The kernel's register and shared layouts (one warp) for STEP tokens per step, head_dim, and
+    nbuf shared buffers per operand (a power of two).
 
     Codes are [tokens, words, 4 bytes]. K: lane 4 g + t holds rows g, g + 8, ... and words
     KCH t ... KCH t + KCH - 1. V: lane 4 g + t holds tokens 2 t, 2 t + 1, 2 t + 8, 2 t + 9, ... and
@@ -276,14 +299,23 @@ def warp_layouts(step: int, head_dim: int) -> dict[str, gl.constexpr]:
             reg_bases=[[0, w] for w in word_bits] + [[1, 0]] + [[t, 0] for t in token_bits],
             lane_bases=v_lanes, warp_bases=[], block_bases=[], shape=[step, d2 // 4]),
         lay_q=gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0]),
+        # shared buffers [NBUF, step, words]: K row-major; V in its registers' order (a lane's words, then
+        # the lanes, then its tokens), so that every lane's 8-byte accesses fall in distinct banks
+        sh_k=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+        sh_v=gl.SharedLinearLayout(
+            offset_bases=[[0, w] for w in word_bits] + [[2, 0], [4, 0]] + [[0, wv << i] for i in range(3)]
+            + [[1, 0]] + [[t, 0] for t in token_bits]),
+        NBUF=nbuf,
     )
 
 
 STEP = 16  # tokens per step: one mma M tile; pages must hold whole steps
-# Warps of the compiled kernel an SM holds, from its registers (recorded at each launch): 168
-# registers on sm_90 with triton 3.6, so 12 warps.
+# Warps of the compiled kernel an SM holds, from its registers (recorded at each launch): 152
+# registers on sm_90 with triton 3.6, so 3 per scheduler, 12 per SM (13 splits of 16 x 16k, one
+# wave if 13 fitted, took 168 us against 123 us for 12).
 _RESIDENT: dict[tuple[int | None, int, int], int] = {}
 SPLIT_COST = 6  # steps; fits the split sweeps in warp_num_splits' docstring
+NBUF = 2  # shared buffers per operand: steps i + 1 ... i + NBUF - 1 in flight while step i computes
 
 
 def warp_kernel_fits(page_size: int, head_dim: int, group: int) -> bool:
@@ -296,9 +328,10 @@ def warp_num_splits(programs: int, max_context: int, device: torch.device, head_
 
     Each program is one warp and keeps its SM slot until its split is done, so the time is modelled
     as waves x (steps per split + a fixed cost of SPLIT_COST steps per program: prologue, partial
-    write, its share of the reduce). H100, 2026-11-24, int4-bdr (bench/results/kernels-h100-2026-11-24-s6),
-    12 x 132 warp slots: at 64 x 4k, 2 / 3 / 4 / 6 splits took 140 / 124 / 155 / 132 us; at
-    16 x 16k, 8 / 12 / 16 took 141 / 125 / 157 us; at 128 x 2k, 1 / 3 took 141 / 134 us.
+    write, its share of the reduce). H100, 2026-11-24, int4-bdr, 12 x 132 warp slots
+    (bench/results/kernels-h100-2026-11-24-s6/run6-split-sweep): at 64 x 4k, 2 / 3 / 4 / 6 splits took
+    136 / 121 / 155 / 129 us; at 16 x 16k, 8 / 12 / 13 / 16 took 138 / 123 / 168 / 155 us; at 128 x 2k,
+    1 / 2 / 3 / 4 / 5 took 136 / 154 / 130 / 143 / 155 us.
     """
     slots = num_sms(device) * _RESIDENT.get((device.index, head_dim, group_rows), 12)
     steps = math.ceil(max_context / STEP)
@@ -322,6 +355,7 @@ def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         q, kw, vw, kp, vp, page_table, seq_lens, po, pl, q.stride(0), q.stride(1), kw.stride(0), kw.stride(1),
         vw.stride(0), vw.stride(1), s_ps, s_ph, page_table.stride(0), qk_scale,
         HQ=hq, G=hq // hkv, GP=group_rows, D=d, PAGE=page_size, SPLITS=num_splits, STEP=STEP,
-        **warp_layouts(STEP, d), num_warps=1, maxnreg=maxnreg)
-    regs_per_warp = math.ceil(compiled.n_regs * 32 / 256) * 256  # allocated in units of 256
-    _RESIDENT[(q.device.index, d, group_rows)] = min(32, 65536 // regs_per_warp)  # 32 programs per SM at most
+        **warp_layouts(STEP, d, NBUF), num_warps=1, maxnreg=maxnreg)
+    # each of an SM's 4 schedulers has 16k registers, given out in units of 256 per warp
+    regs_per_warp = math.ceil(compiled.n_regs * 32 / 256) * 256
+    _RESIDENT[(q.device.index, d, group_rows)] = min(32, 4 * (16384 // regs_per_warp))
