@@ -315,6 +315,9 @@ STEP = 16  # tokens per step: one mma M tile; pages must hold whole steps
 # wave if 13 fitted, took 168 us against 123 us for 12).
 _RESIDENT: dict[tuple[int | None, int, int], int] = {}
 SPLIT_COST = 6  # steps; fits the split sweeps in warp_num_splits' docstring
+# Shorter splits cost more than the model says: 64 splits of one step at batch 1 x 1k took 22 us,
+# the reduce summing 64 partials per query (9.9 us for the tile kernel).
+MIN_SPLIT_STEPS = 8
 NBUF = 2  # shared buffers per operand: steps i + 1 ... i + NBUF - 1 in flight while step i computes
 
 
@@ -339,7 +342,8 @@ def warp_num_splits(programs: int, max_context: int, device: torch.device, head_
     def cost(splits: int) -> int:
         return math.ceil(programs * splits / slots) * (math.ceil(steps / splits) + SPLIT_COST)
 
-    return min(range(1, min(64, steps) + 1), key=cost)  # the first (fewest splits) of equal costs
+    most = max(1, min(64, steps // MIN_SPLIT_STEPS))
+    return min(range(1, most + 1), key=cost)  # the first (fewest splits) of equal costs
 
 
 def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kp: torch.Tensor,
