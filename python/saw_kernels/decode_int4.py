@@ -32,6 +32,18 @@ from saw_kernels._common import (
     store_split_result,
 )
 
+# Four code bytes ($4) -> fp16 pairs (1024 + low nibbles of bytes 0, 1), (of 2, 3), then the same
+# with the high nibbles left in place (1024 + 16 c): one prmt per two bytes, one lop3 per two codes.
+CODES_F16_ASM = tl.constexpr("""{
+        .reg .b32 t0, t1;
+        prmt.b32 t0, $4, 0, 0x4140;
+        prmt.b32 t1, $4, 0, 0x4342;
+        lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $2, t0, 0x00F000F0, 0x64006400, 0xEA;
+        lop3.b32 $3, t1, 0x00F000F0, 0x64006400, 0xEA;
+        }""")
+
 
 @triton.jit
 def _codes_f16(packed):
@@ -46,15 +58,7 @@ def _codes_f16(packed):
         hi = ((packed & 0xF0).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
     else:
         lo, hi = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t0, t1;
-            prmt.b32 t0, $4, 0, 0x4140;
-            prmt.b32 t1, $4, 0, 0x4342;
-            lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
-            lop3.b32 $2, t0, 0x00F000F0, 0x64006400, 0xEA;
-            lop3.b32 $3, t1, 0x00F000F0, 0x64006400, 0xEA;
-            }""",
+            asm=CODES_F16_ASM,
             constraints="=r,=r,=r,=r,r", args=[packed], dtype=(tl.float16, tl.float16), is_pure=False, pack=4)
     return lo, hi
 

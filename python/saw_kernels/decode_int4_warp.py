@@ -29,16 +29,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from saw_kernels._common import num_sms
+from saw_kernels.decode_int4 import CODES_F16_ASM
 
-_K_ASM = gl.constexpr("""{
-        .reg .b32 t0, t1;
-        prmt.b32 t0, $4, 0, 0x4140;
-        prmt.b32 t1, $4, 0, 0x4342;
-        lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 $2, t0, 0x00F000F0, 0x64006400, 0xEA;
-        lop3.b32 $3, t1, 0x00F000F0, 0x64006400, 0xEA;
-        }""")
 # Two tokens' words A ($8) and B ($9): register i of each output pairs byte i of A (low half) with byte i
 # of B (high half); prmt puts them in bytes 0 and 2, the masks keep one nibble of each.
 _V_ASM = gl.constexpr("""{
@@ -71,7 +63,7 @@ def _codes_f16(words, lay3: gl.constexpr, PAIRS: gl.constexpr):
         lo, hi = gl.inline_asm_elementwise(_V_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r", [x],
                                            dtype=(gl.float16, gl.float16), is_pure=True, pack=8)
     else:
-        lo, hi = gl.inline_asm_elementwise(_K_ASM, "=r,=r,=r,=r,r,r,r,r", [x],
+        lo, hi = gl.inline_asm_elementwise(CODES_F16_ASM, "=r,=r,=r,=r,r,r,r,r", [x],
                                            dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
     return gl.reshape(lo, [n, 4 * w]), gl.reshape(hi, [n, 4 * w])
 
