@@ -1,22 +1,23 @@
-"""Paged INT4 decode attention, one warp per (request, KV head, split), every operand in registers.
+"""Paged INT4 decode attention, one warp per (request, KV head, split), mma operands in registers.
 
 The Triton kernel (`decode_int4.py`) stages each tile through shared memory: codes by cp.async,
 then as fp16 for wgmma, about 9 bytes of shared-memory traffic per byte read from HBM, which
-caps it near 60 % of copy bandwidth on an H100. Here (Gluon, mma.sync m16n8k16) the codes go
-from global memory straight into the mma fragment registers:
+caps it near 60 % of copy bandwidth on an H100. Here (Gluon, mma.sync m16n8k16) the codes pass
+through a two-step shared buffer (cp.async; each thread reads back only the words it copied) into
+the mma fragment registers, and no fp16 tile is ever stored:
 
   S^T [tokens, GP] = K [tokens, D/2] q^T       (lo and hi nibbles as two products)
   o^T [D/2, GP]   += V^T [D/2, tokens] P^T     (again per nibble)
 
-A K row's 64 bytes are read 16 per thread (one 128-bit load) and a V row's 8 per thread. The
-dims inside an mma fragment are not consecutive, so the kernel names the dims in a permuted
-order: logical column L of K is byte phys(L) of the row (q is gathered in the same order), and
-logical row l of o^T is byte vphys(l) of V (the output is stored back in byte order). Both maps
-only permute index bits, so the reshapes and permutes that express them move no data.
+A K row's 64 bytes are read 16 per thread and a V row's 8 per thread. The dims inside an mma
+fragment are not consecutive, so the kernel names the dims in a permuted order: logical column L
+of K is byte phys(L) of the row (q is gathered in the same order), and logical row l of o^T is
+byte vphys(l) of V (the output is stored back in byte order). Both maps only permute index bits,
+so the reshapes and permutes that express them move no data.
 
 Codes become exact fp16 as in decode_int4.py (1024 + c, 1024 + 16 c), with q scaled per query
 into [2^13, 2^14). Each program writes the split partial (o, lse) that `_reduce_kernel` combines.
-Loads of step i + 1 are in flight while step i is computed. Needs mma.sync (sm_80+); GPU only.
+Needs mma.sync and cp.async (sm_80+); GPU only (Gluon does not run under the interpreter).
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def decode_int4_warp_kernel(
 
     # Software pipeline: codes of steps i + 1 ... i + NBUF - 1 are in flight (cp.async into shared
     # buffers, which cost no registers) while step i computes; the (scale, lo) words of step i + 1
-    # load into registers. Each thread reads back only the words it copied: no barrier.
+    # load into registers. Each thread reads back only the words it copied, so no barrier is needed
+    # (the compiler still places one per step; for one warp it is cheap).
     k_smem = gl.allocate_shared_memory(gl.int32, [NBUF, STEP, W], sh_k)
     v_smem = gl.allocate_shared_memory(gl.int32, [NBUF, STEP, W], sh_v)
     for j in gl.static_range(NBUF - 1):
