@@ -281,9 +281,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device=q.device)
     quant = fmt.quantized
-    if impl is None:
-        impl = "warp" if quant and not INTERPRET and q.is_cuda and warp_kernel_fits(page_size, d, group) \
-            and (q_rotated or not fmt.rotated) else "tile"
+    warp_fits = not INTERPRET and q.is_cuda and warp_kernel_fits(page_size, d, group) and (q_rotated or not fmt.rotated)
+    impl = impl or ("warp" if quant and warp_fits else "tile")
+    if impl not in ("warp", "tile") or impl == "warp" and not warp_fits:
+        raise ValueError(f"impl={impl!r}: 'tile', or 'warp' on CUDA for pages of whole 16-token steps, head_dim 64 "
+                         "or 128, GQA <= 16 and, for a rotated format, q already rotated")
     warp = quant and impl == "warp"
     if block_n is None:  # measured on H100 (docs/kernels.md)
         block_n = 16 if INTERPRET else (128 if quant else 64)

@@ -160,6 +160,15 @@ def test_decode_cuda_graph_replays_new_lengths(impl: str) -> None:
         assert rel_err(out, decode_ref(q, cache, paged, new, fmt, 0.09)) < TOL
 
 
+def test_decode_rejects_a_kernel_that_does_not_fit() -> None:
+    """impl='warp' where the warp kernel cannot serve (on CPU, pages of 8, plain q of int4-bdr) is an error,
+    not a wrong answer; so is an unknown impl."""
+    fmt = KVFormat("int4-bdr", 128, 128)
+    for impl, page_size in (("warp", 8), ("warp", 16), ("wrap", 16)):
+        with pytest.raises(ValueError, match="impl="):
+            run_decode(fmt, 4, page_size, [40], None, impl=impl)
+
+
 def test_warp_splits_fill_the_resident_warps() -> None:
     """The warp kernel's split counts at the H100's shapes (132 SMs, 12 warps each): one full wave
     where the requests allow it, two fuller waves over one two-thirds empty, >= 8 steps per split."""
