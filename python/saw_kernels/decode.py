@@ -4,7 +4,8 @@ One program per (request, KV head, split) serves the KV head's whole query group
 byte is read once per step. INT4 formats run `decode_int4_warp` on CUDA (one warp per split,
 operands in registers) or `decode_int4.decode_int4_kernel` (plain Triton, also under the
 interpreter); all of them write the same split partials. The cache-tile helpers here
-(`load_kv_block`, `attend_block`) are shared with the extend kernel: there INT4 codes enter the tensor cores as exact small integers, with
+(`load_kv_block`, `attend_block`) are shared with the extend kernel: there INT4 codes enter the
+tensor cores as exact small integers, with
   q . k_hat = s (q . c) + lo sum(q)   and   sum_n p_n v_hat_n = (p s_v) @ c_v + sum_n p_n lo_n.
 For int4-bdr, R q . R k = q . k: the engine passes q already rotated (write_kv rotates it in the same
 launch, once per step); given plain q, each program rotates it. With rotate_v the output is rotated
