@@ -293,9 +293,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_n = 16 if INTERPRET else (128 if quant else 64)
     if num_stages is None:
         num_stages = 3 if quant else 2
+    gp = query_rows(group) if quant else max(16, triton.next_power_of_2(group))
     if num_splits is None:
         ctx = max_context if max_context is not None else page_table.shape[1] * page_size
-        num_splits = warp_num_splits(bsz * hkv, ctx, q.device, d, query_rows(group)) if warp else \
+        num_splits = warp_num_splits(bsz * hkv, ctx, q.device, d, gp, maxnreg) if warp else \
             choose_num_splits(bsz, hkv, ctx, q.device, block_n, quant)
     if num_splits > 1 or warp:
         if workspace is None:
@@ -304,7 +305,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         po, pl = workspace
     else:
         po = pl = out
-    gp = query_rows(group) if quant else max(16, triton.next_power_of_2(group))
     grid = (bsz, hkv, num_splits)
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
     kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)

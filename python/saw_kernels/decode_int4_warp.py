@@ -22,6 +22,7 @@ Needs mma.sync and cp.async (sm_80+); GPU only (Gluon does not run under the int
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -268,6 +269,7 @@ def decode_int4_warp_kernel(
     gl.store(pl_ptr + row, m_i + gl.log2(l_safe) + gl.where(l_i > 0, 0.0, float("-inf")), mask=nm)
 
 
+@functools.cache  # built once per shape, not at every (eager) launch
 def warp_layouts(step: int, head_dim: int, nbuf: int) -> dict[str, gl.constexpr]:
     """The kernel's register and shared layouts (one warp) for STEP tokens per step, head_dim, and
     nbuf shared buffers per operand (a power of two).
@@ -304,10 +306,10 @@ def warp_layouts(step: int, head_dim: int, nbuf: int) -> dict[str, gl.constexpr]
 
 
 STEP = 16  # tokens per step: one mma M tile; pages must hold whole steps
-# Warps of the compiled kernel an SM holds, from its registers (recorded at each launch): 152
-# registers on sm_90 with triton 3.6, so 3 per scheduler, 12 per SM (13 splits of 16 x 16k, one
-# wave if 13 fitted, took 168 us against 123 us for 12).
-_RESIDENT: dict[tuple[int | None, int, int], int] = {}
+# Warps of the compiled kernel an SM holds, from its registers (recorded at each launch, per device,
+# head_dim, query rows and register cap): 152 registers on sm_90 with triton 3.6, so 3 per scheduler,
+# 12 per SM (13 splits of 16 x 16k, one wave if 13 fitted, took 168 us against 123 us for 12).
+_RESIDENT: dict[tuple[int | None, int, int, int | None], int] = {}
 SPLIT_COST = 6  # steps; fits the split sweeps in warp_num_splits' docstring
 # Shorter splits cost more than the model says: 64 splits of one step at batch 1 x 1k took 22 us,
 # the reduce summing 64 partials per query (9.9 us for the tile kernel).
@@ -320,7 +322,8 @@ def warp_kernel_fits(page_size: int, head_dim: int, group: int) -> bool:
     return page_size % STEP == 0 and head_dim in (64, 128) and group <= 16
 
 
-def warp_num_splits(programs: int, max_context: int, device: torch.device, head_dim: int, group_rows: int) -> int:
+def warp_num_splits(programs: int, max_context: int, device: torch.device, head_dim: int, group_rows: int,
+                    maxnreg: int | None = None) -> int:
     """Splits per (request, KV head), from shapes only (graph-safe).
 
     Each program is one warp and keeps its SM slot until its split is done, so the time is modelled
@@ -330,7 +333,7 @@ def warp_num_splits(programs: int, max_context: int, device: torch.device, head_
     136 / 121 / 155 / 129 us; at 16 x 16k, 8 / 12 / 13 / 16 took 138 / 123 / 168 / 155 us; at 128 x 2k,
     1 / 2 / 3 / 4 / 5 took 136 / 154 / 130 / 143 / 155 us.
     """
-    slots = num_sms(device) * _RESIDENT.get((device.index, head_dim, group_rows), 12)
+    slots = num_sms(device) * _RESIDENT.get((device.index, head_dim, group_rows, maxnreg), 12)
     steps = math.ceil(max_context / STEP)
 
     def cost(splits: int) -> int:
@@ -356,4 +359,4 @@ def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         **warp_layouts(STEP, d, NBUF), num_warps=1, maxnreg=maxnreg)
     # each of an SM's 4 schedulers has 16k registers, given out in units of 256 per warp
     regs_per_warp = math.ceil(compiled.n_regs * 32 / 256) * 256
-    _RESIDENT[(q.device.index, d, group_rows)] = min(32, 4 * (16384 // regs_per_warp))
+    _RESIDENT[(q.device.index, d, group_rows, maxnreg)] = min(32, 4 * (16384 // regs_per_warp))
