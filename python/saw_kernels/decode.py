@@ -34,7 +34,13 @@ from saw_kernels._common import (
     store_split_result,
 )
 from saw_kernels.decode_int4 import decode_int4_kernel, query_rows
-from saw_kernels.decode_int4_warp import launch_warp_decode, warp_kernel_fits, warp_num_splits
+from saw_kernels.decode_int4_warp import (
+    MAX_PIECES,
+    launch_warp_decode,
+    warp_kernel_fits,
+    warp_programs,
+    warp_workspace,
+)
 from saw_worker.kv.formats import KVFormat
 
 
@@ -178,9 +184,11 @@ def _decode_bf16_kernel(
 
 
 @triton.jit
-def _reduce_kernel(po_ptr, pl_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqrt_b,
+def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqrt_b,
                    HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                   SP2: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr):
+                   SP2: tl.constexpr, PIECES: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr):
+    """out of (request, KV head) from its partials: SPLITS rows per query at (b Hq + query) SPLITS, or
+    with PIECES the warp kernel's pieces, rows (first + i) G + group member, (first, count) in meta."""
     D2: tl.constexpr = D // 2
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -189,21 +197,31 @@ def _reduce_kernel(po_ptr, pl_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqrt_b,
     qh = kh * G + g
     c = tl.arange(0, D2)
     s = tl.arange(0, SP2)
-    base = (b.to(tl.int64) * HQ + qh) * SPLITS
-    lse = tl.load(pl_ptr + base[:, None] + s[None, :], mask=gm[:, None] & (s[None, :] < SPLITS), other=float("-inf"))
+    if PIECES:
+        pair = b * (HQ // G) + kh
+        base = tl.load(meta_ptr + 2 * pair).to(tl.int64) * G + g
+        count = tl.load(meta_ptr + 2 * pair + 1)
+        stride = G
+    else:
+        base = (b.to(tl.int64) * HQ + qh) * SPLITS
+        count = SPLITS
+        stride = 1
+    lse = tl.load(pl_ptr + base[:, None] + s[None, :] * stride, mask=gm[:, None] & (s[None, :] < count),
+                  other=float("-inf"))
     m = tl.max(lse, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
     w_all = tl.exp2(lse - m[:, None])
     denom = tl.sum(w_all, 1)
     o_lo = tl.zeros([GP, D2], tl.float32)
     o_hi = tl.zeros([GP, D2], tl.float32)
-    for i in range(SPLITS):
-        li = tl.load(pl_ptr + base + i, mask=gm, other=float("-inf"))
-        w = tl.exp2(li - m)
-        use = (gm & (li > float("-inf")))[:, None]  # empty splits wrote no partial: never read it
-        row = base + i
-        o_lo += w[:, None] * tl.load(po_ptr + row[:, None] * D + c[None, :], mask=use, other=0.0)
-        o_hi += w[:, None] * tl.load(po_ptr + row[:, None] * D + D2 + c[None, :], mask=use, other=0.0)
+    for i0 in range(0, count, 4):  # 4 partials' loads in flight at once (the count is not always constant)
+        for u in tl.static_range(4):
+            row = base + (i0 + u) * stride
+            li = tl.load(pl_ptr + row, mask=gm & (g * 0 + i0 + u < count), other=float("-inf"))
+            w = tl.exp2(li - m)
+            use = (li > float("-inf"))[:, None]  # empty splits wrote no partial: never read it
+            o_lo += w[:, None] * tl.load(po_ptr + row[:, None] * D + c[None, :], mask=use, other=0.0)
+            o_hi += w[:, None] * tl.load(po_ptr + row[:, None] * D + D2 + c[None, :], mask=use, other=0.0)
     inv = 1.0 / tl.where(denom > 0, denom, 1.0)
     o_lo = o_lo * inv[:, None]
     o_hi = o_hi * inv[:, None]
@@ -256,24 +274,25 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_params: torch.Tensor | None,
                      v_params: torch.Tensor | None, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      fmt: KVFormat, sm_scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
-                     max_context: int | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                     q_rotated: bool = False, maxnreg: int | None = None, impl: str | None = None) -> torch.Tensor:
+                     max_context: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                     num_stages: int | None = None, q_rotated: bool = False, maxnreg: int | None = None,
+                     impl: str | None = None) -> torch.Tensor:
     """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
 
     q_rotated: q (bf16 or fp32) is already R q for a rotated format (write_kv(q=...)), so the
     kernel does not rotate it again.
     maxnreg: registers per thread cap of the decode kernel (ptxas .maxnreg; GPU only, the
     interpreter ignores it), e.g. 128 for 4 programs of 4 warps per SM.
-    impl: INT4 kernel, "warp" (decode_int4_warp.py: one warp per split, operands in registers; CUDA,
-    pages of whole 16-token steps, q plain or already rotated) or "tile" (decode_int4.py, also under
-    the interpreter). Default: "warp" where it fits. block_n, num_warps and num_stages apply to
+    impl: INT4 kernel, "warp" (decode_int4_warp.py: equal runs of 16-token steps, one warp each, operands
+    in registers; CUDA, pages of whole steps, q plain or already rotated) or "tile" (decode_int4.py, also
+    under the interpreter). Default: "warp" where it fits. block_n, num_warps and num_stages apply to
     "tile" and bf16.
-    No host reads of seq_lens: the grid depends on (B, num_splits) only, so a CUDA graph captured
-    for a batch size replays for any lengths. max_context (default: page_table width * page_size)
-    is the shape hint num_splits is chosen from. workspace = (o_part fp32 [B, Hq, S, D], lse fp32
-    [B, Hq, S]) may be preallocated; else it is allocated here (from the graph pool when capturing).
-    Run it once outside a capture first (Triton compiles, Hadamard matrix is uploaded).
+    num_splits: splits per (request, KV head) of the bf16 and tile kernels (default from the shapes and
+    max_context, which defaults to page_table width * page_size); for the warp kernel, programs per
+    (request, KV head) (default: one per warp slot of the GPU, whatever the batch).
+    No host reads of seq_lens: the grid depends on shapes only, so a CUDA graph captured for a batch
+    size replays for any lengths; the split workspaces are allocated here (from the graph pool when
+    capturing). Run it once outside a capture first (Triton compiles, Hadamard matrix is uploaded).
     """
     bsz, hq, d = q.shape
     hkv = k_cache.shape[1]
@@ -283,50 +302,52 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device=q.device)
     quant = fmt.quantized
-    warp_fits = not INTERPRET and q.is_cuda and warp_kernel_fits(page_size, d, group) and (q_rotated or not fmt.rotated)
+    warp_fits = (not INTERPRET and q.is_cuda and warp_kernel_fits(page_size, d, group, bsz)
+                 and (q_rotated or not fmt.rotated))
     impl = impl or ("warp" if quant and warp_fits else "tile")
     if impl not in ("warp", "tile") or impl == "warp" and not warp_fits:
         raise ValueError(f"impl={impl!r}: 'tile', or 'warp' on CUDA for pages of whole 16-token steps, head_dim 64 "
-                         "or 128, GQA <= 16 and, for a rotated format, q already rotated")
+                         "or 128, GQA <= 16, batch <= 1024 and, for a rotated format, q already rotated")
     warp = quant and impl == "warp"
     if block_n is None:  # measured on H100 (docs/kernels.md)
         block_n = 16 if INTERPRET else (128 if quant else 64)
     if num_stages is None:
         num_stages = 3 if quant else 2
     gp = query_rows(group) if quant else max(16, triton.next_power_of_2(group))
-    if num_splits is None:
-        ctx = max_context if max_context is not None else page_table.shape[1] * page_size
-        num_splits = warp_num_splits(bsz * hkv, ctx, q.device, d, gp, maxnreg) if warp else \
-            choose_num_splits(bsz, hkv, ctx, q.device, block_n, quant)
-    if num_splits > 1 or warp:
-        if workspace is None:
-            workspace = (torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device),
-                         torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device))
-        po, pl = workspace
-    else:
-        po = pl = out
-    grid = (bsz, hkv, num_splits)
-    strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
     kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
+    meta = pl = po = out
+    ctx = max_context if max_context is not None else page_table.shape[1] * page_size
     if warp:
+        programs = bsz * hkv * num_splits if num_splits else warp_programs(q.device, bsz, hkv, ctx, d, gp, maxnreg)
+        po, pl, meta = warp_workspace(bsz, hq, group, d, programs, q.device)
         launch_warp_decode(q, k_cache, v_cache, kp, vp, s_ps, s_ph, page_table, seq_lens, page_size, sm_scale * LOG2E,
-                           po, pl, num_splits, gp, maxnreg)
-    elif quant:
-        decode_int4_kernel[grid](
-            q, k_cache, v_cache, kp, vp, page_table, seq_lens, hmat, out, po, pl, *strides, s_ps, s_ph,
-            page_table.stride(0), out.stride(0), out.stride(1), sm_scale * LOG2E, inv,
-            HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, ROT_Q=fmt.rotated and not q_rotated, ROT_V=fmt.rotate_v,
-            FULL=full, SPLITS=num_splits, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
-            maxnreg=maxnreg)
+                           (po, pl, meta), programs, gp, maxnreg)
+        num_splits = MAX_PIECES
     else:
-        _decode_bf16_kernel[grid](
-            q, k_cache, v_cache, page_table, seq_lens, out, po, pl, *strides, page_table.stride(0), out.stride(0),
-            out.stride(1), sm_scale * LOG2E, HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, SPLITS=num_splits,
-            BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
-    if num_splits > 1 or warp:
+        if num_splits is None:
+            num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n, quant)
+        if num_splits > 1:
+            po = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device)
+            pl = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
+        grid = (bsz, hkv, num_splits)
+        strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+                   v_cache.stride(1))
+        if quant:
+            decode_int4_kernel[grid](
+                q, k_cache, v_cache, kp, vp, page_table, seq_lens, hmat, out, po, pl, *strides, s_ps, s_ph,
+                page_table.stride(0), out.stride(0), out.stride(1), sm_scale * LOG2E, inv,
+                HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, ROT_Q=fmt.rotated and not q_rotated,
+                ROT_V=fmt.rotate_v, FULL=full, SPLITS=num_splits, BLOCK_N=block_n, num_warps=num_warps,
+                num_stages=num_stages, maxnreg=maxnreg)
+        else:
+            _decode_bf16_kernel[grid](
+                q, k_cache, v_cache, page_table, seq_lens, out, po, pl, *strides, page_table.stride(0),
+                out.stride(0), out.stride(1), sm_scale * LOG2E, HQ=hq, G=group, GP=gp, D=d, PAGE=page_size,
+                SPLITS=num_splits, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+    if num_splits > 1:
         _reduce_kernel[(bsz, hkv)](
-            po, pl, hmat, out, out.stride(0), out.stride(1), inv,
-            HQ=hq, G=group, GP=gp, D=d, SPLITS=num_splits, SP2=triton.next_power_of_2(num_splits),
+            po, pl, meta, hmat, out, out.stride(0), out.stride(1), inv,
+            HQ=hq, G=group, GP=gp, D=d, SPLITS=num_splits, SP2=triton.next_power_of_2(num_splits), PIECES=warp,
             ROT_V=fmt.rotate_v, FULL=full, num_warps=4,
         )
     return out

@@ -1,4 +1,4 @@
-"""Paged INT4 decode attention, one warp per (request, KV head, split), mma operands in registers.
+"""Paged INT4 decode attention: equal runs of 16-token steps, one warp each, mma operands in registers.
 
 The Triton kernel (`decode_int4.py`) stages each tile through shared memory: codes by cp.async,
 then as fp16 for wgmma, about 9 bytes of shared-memory traffic per byte read from HBM, which
@@ -16,7 +16,13 @@ byte vphys(l) of V (the output is stored back in byte order). Both maps only per
 so the reshapes and permutes that express them move no data.
 
 Codes become exact fp16 as in decode_int4.py (1024 + c, 1024 + 16 c), with q scaled per query
-into [2^13, 2^14). Each program writes the split partial (o, lse) that `_reduce_kernel` combines.
+into [2^13, 2^14).
+
+The grid is persistent (stream-K): one program per warp slot of the GPU, each walking an equal run of
+a KV head's steps across request boundaries, so a batch of ragged lengths keeps every warp busy to the
+end (splitting each request alike left the long ones running alone: 21-29 % slower on ragged batches).
+A run writes one partial (o, lse) per request it touches, and `_reduce_kernel` combines each request's
+pieces. The cut is computed on the GPU from the lengths, so a CUDA graph replays for any lengths.
 Needs mma.sync and cp.async (sm_80+); GPU only (Gluon does not run under the interpreter).
 """
 
@@ -89,31 +95,55 @@ def _v_operand(x, STEP: gl.constexpr, MT: gl.constexpr, dot_a: gl.constexpr):
 
 
 @gluon.jit
-def _page(pt_row, n0, end, PAGE: gl.constexpr):
-    """Cache page of the step at n0 (0 past the end; no step straddles pages: PAGE % STEP == 0)."""
-    return gl.load(pt_row + n0 // PAGE, mask=n0 < end, other=0).to(gl.int64)
+def _add(a, b):
+    return a + b
 
 
 @gluon.jit
-def _copy_step(k_buf, v_buf, kc_ptr, vc_ptr, page, n0, k_off, v_off, s_kcs, s_vcs, PAGE: gl.constexpr):
+def _run_of(o, size, extra):
+    """The run holding step o of a head's work, runs 0 .. extra - 1 taking size + 1 steps and the rest size."""
+    big = extra * (size + 1)
+    return gl.where(o < big, o // (size + 1), extra + (o - big) // size)
+
+
+@gluon.jit
+def _next_step(b, n0, n, len_ptr, B, STEP: gl.constexpr):
+    """The cursor (request, first token, request length) of a head's step after (b, n0)."""
+    n0 = n0 + STEP
+    if n0 >= gl.maximum(n, 1):
+        n0 = 0
+        b = b + 1
+        n = gl.load(len_ptr + b, mask=b < B, other=0)
+    return b, n0, n
+
+
+@gluon.jit
+def _page(pt_ptr, b, n0, n, live, s_ptb, PAGE: gl.constexpr):
+    """Cache page of the step at token n0 of request b (length n); page 0 for a step this program will not
+    compute (live false) or past the batch. No step straddles pages: PAGE % STEP == 0."""
+    return gl.load(pt_ptr + b.to(gl.int64) * s_ptb + n0 // PAGE, mask=live & (n0 < n), other=0).to(gl.int64)
+
+
+@gluon.jit
+def _copy_step(k_buf, v_buf, kc_ptr, vc_ptr, page, n0, k_off, v_off, S_KCS: gl.constexpr, S_VCS: gl.constexpr,
+               PAGE: gl.constexpr):
     """Start copying one step's K and V codes (int32 words) into shared buffers (cp.async, one group).
-    *_off are the offsets of the step's rows from its first row, slot page * PAGE + n0 % PAGE. Codes are
-    copied unmasked: rows past the end are in the request's last page (or in page 0 past its last
-    step), their scores are masked, and any code makes a finite value."""
-    first = page * PAGE + n0 % PAGE
-    async_copy.async_copy_global_to_shared(k_buf, kc_ptr + first * s_kcs + k_off)
-    async_copy.async_copy_global_to_shared(v_buf, vc_ptr + first * s_vcs + v_off)
+    *_off are the offsets of the step's rows from its first row. Codes are copied unmasked: rows past a
+    request's end are in its last page (or in page 0), their scores are masked, and any code makes a
+    finite value."""
+    first = page * PAGE + (n0 & (PAGE - 1))
+    async_copy.async_copy_global_to_shared(k_buf, kc_ptr + first * S_KCS + k_off)
+    async_copy.async_copy_global_to_shared(v_buf, vc_ptr + first * S_VCS + v_off)
     async_copy.commit_group()
 
 
 @gluon.jit
-def _load_params(kp_ptr, vp_ptr, page, n0, end, tp, p_off, s_ps, PAGE: gl.constexpr):
-    """One step's (scale, lo) words of K and V (p_off's layout), masked past the end: there they could
-    be anything, NaN included (tp: the step's tokens)."""
-    first = page * PAGE + n0 % PAGE
-    mp = tp < end - n0
-    return (gl.load(kp_ptr + first * s_ps + p_off, mask=mp, other=0),
-            gl.load(vp_ptr + first * s_ps + p_off, mask=mp, other=0))
+def _load_params(kp_ptr, vp_ptr, page, n0, n, tp, p_off, S_PS: gl.constexpr, PAGE: gl.constexpr):
+    """One step's (scale, lo) words of K and V (p_off's layout), masked past the request's end n: there
+    they could be anything, NaN included (tp: the step's tokens)."""
+    off = (page * PAGE + (n0 & (PAGE - 1))) * S_PS + p_off
+    mp = tp < n - n0
+    return gl.load(kp_ptr + off, mask=mp, other=0), gl.load(vp_ptr + off, mask=mp, other=0)
 
 
 @gluon.jit
@@ -125,14 +155,52 @@ def _half(w, HI: gl.constexpr):
 
 
 @gluon.jit
+def _query_operands(q_ptr, b, kh, s_qb, s_qh, qk_scale, G: gl.constexpr, GP: gl.constexpr, D2: gl.constexpr,
+                    mma: gl.constexpr, lay_q: gl.constexpr):
+    """The query group of (b, kh) as the mma B operands q^T [D2, GP] (lo and hi nibble halves, fp16, each
+    query scaled by a power of two r into [2^13, 2^14), rows in the K operand's logical order), and per
+    query 1 / r, -q_off / r (the 1024 offsets' term) and qk_scale sum(q)."""
+    KCH: gl.constexpr = D2 // 16
+    OFF: gl.constexpr = 1024.0
+    dot_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    g = gl.arange(0, GP, layout=gl.SliceLayout(1, lay_q))
+    gm = g < G
+    c = gl.arange(0, D2, layout=gl.SliceLayout(0, lay_q))
+    q_row = q_ptr + b.to(gl.int64) * s_qb + (kh * G + g) * s_qh
+    q_lo = gl.load(q_row[:, None] + c[None, :], mask=gm[:, None], other=0.0).to(gl.float32)
+    q_hi = gl.load(q_row[:, None] + D2 + c[None, :], mask=gm[:, None], other=0.0).to(gl.float32)
+    q_sum = gl.sum(q_lo, 1) + gl.sum(q_hi, 1)
+    amax = gl.maximum(gl.max(gl.abs(q_lo), 1), gl.max(gl.abs(q_hi), 1))
+    r = gl.exp2(13.0 - gl.floor(gl.log2(gl.maximum(amax, 1e-30))))
+    q_off = OFF * (gl.sum((q_lo * r[:, None]).to(gl.float16).to(gl.float32), 1)
+                   + gl.sum((q_hi * (r * 0.0625)[:, None]).to(gl.float16).to(gl.float32), 1))
+    lb = gl.arange(0, D2, layout=gl.SliceLayout(1, dot_b))
+    phys = 4 * KCH * ((lb % 8) // 2) + 4 * (lb // 16) + 2 * ((lb // 8) % 2) + lb % 2
+    nb = gl.arange(0, GP, layout=gl.SliceLayout(0, dot_b))
+    qb_ptr = q_ptr + b.to(gl.int64) * s_qb + (kh * G + nb) * s_qh
+    qb_m = (nb < G)[None, :]
+    rb = gl.convert_layout(r, gl.SliceLayout(0, dot_b))
+    qt_lo = (gl.load(qb_ptr[None, :] + phys[:, None], mask=qb_m, other=0.0).to(gl.float32) * rb[None, :]
+             ).to(gl.float16)
+    qt_hi = (gl.load(qb_ptr[None, :] + D2 + phys[:, None], mask=qb_m, other=0.0).to(gl.float32)
+             * (rb * 0.0625)[None, :]).to(gl.float16)
+    # score = s_k (qc / r - q_off / r) + lo_k sum(q), times qk_scale (folded into s_k and sum(q));
+    # r is a power of two, so the 1024 terms cancel in one exact-operand FMA
+    return (qt_lo, qt_hi, gl.convert_layout(1.0 / r, gl.SliceLayout(0, mma)),
+            gl.convert_layout(-q_off / r, gl.SliceLayout(0, mma)),
+            gl.convert_layout(q_sum * qk_scale, gl.SliceLayout(0, mma)))
+
+
+@gluon.jit
 def decode_int4_warp_kernel(
-    q_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, len_ptr, po_ptr, pl_ptr,
-    s_qb, s_qh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, s_ptb, qk_scale,
-    HQ: gl.constexpr, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr, PAGE: gl.constexpr,
-    SPLITS: gl.constexpr, STEP: gl.constexpr,
+    q_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, len_ptr, po_ptr, pl_ptr, meta_ptr, B, s_qb, s_qh, s_ptb, qk_scale,
+    S_KCS: gl.constexpr, S_KCH: gl.constexpr, S_VCS: gl.constexpr, S_VCH: gl.constexpr, S_PS: gl.constexpr,
+    S_PH: gl.constexpr, HQ: gl.constexpr, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr, PAGE: gl.constexpr,
+    STEP: gl.constexpr, MIN_STEPS: gl.constexpr, MAX_PIECES: gl.constexpr, BP: gl.constexpr,
     mma: gl.constexpr, lay_k3: gl.constexpr, lay_v3: gl.constexpr, lay_vw: gl.constexpr, lay_q: gl.constexpr,
-    sh_k: gl.constexpr, sh_v: gl.constexpr, NBUF: gl.constexpr,
+    lay_b: gl.constexpr, sh_k: gl.constexpr, sh_v: gl.constexpr,
 ):
+    HKV: gl.constexpr = HQ // G
     D2: gl.constexpr = D // 2
     KCH: gl.constexpr = D2 // 16  # k16 chunks (and m16 tiles) per nibble half
     BV: gl.constexpr = D2 // 8  # V bytes per thread per token
@@ -145,134 +213,138 @@ def decode_int4_warp_kernel(
     dot_b: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     lay_kw: gl.constexpr = gl.SliceLayout(2, lay_k3)
 
-    b = gl.program_id(0)
-    kh = gl.program_id(1)
-    sp = gl.program_id(2)
-
-    seq_len = gl.load(len_ptr + b)
-    chunk = gl.cdiv(gl.cdiv(seq_len, SPLITS), STEP) * STEP
-    start = sp * chunk
-    end = gl.minimum(start + chunk, seq_len)
-    pt_row = pt_ptr + b.to(gl.int64) * s_ptb
+    # The work of a KV head is its (request) pairs' steps in batch order, cut into equal runs, one per
+    # program; a run may start or end inside a pair and span several. Every head is cut the same way and
+    # program r HKV + kh runs run r of head kh, so the warps of a request's heads start together and read
+    # its pages at the same time, as the DRAM likes (heads apart in time cost 10 % and more). The cut
+    # gives each run >= MIN_STEPS steps and each pair <= MAX_PIECES pieces (the reduce reads them all).
+    i_b = gl.arange(0, BP, layout=lay_b)
+    lens = gl.load(len_ptr + i_b, mask=i_b < B, other=0)
+    steps = gl.where(i_b < B, gl.maximum(gl.cdiv(lens, STEP), 1), 0)  # every request has a step
+    ends = gl.associative_scan(steps, 0, _add)  # the step after each request
+    per_head = gl.sum(steps, 0)
+    chunk = gl.maximum(gl.cdiv(gl.max(steps, 0), MAX_PIECES - 1), MIN_STEPS)
+    runs = gl.maximum(gl.minimum(gl.num_programs(0) // HKV, per_head // chunk), 1)  # per head
+    size = per_head // runs
+    extra = per_head - size * runs  # runs 0 .. extra - 1 take one step more
+    kh = gl.program_id(0) % HKV
+    r = gl.minimum(gl.program_id(0) // HKV, runs - 1)
+    o = r * size + gl.minimum(r, extra)  # the run's first step, and its end
+    o_end = gl.where(gl.program_id(0) < runs * HKV, o + size + (r < extra).to(gl.int32), o)  # left over: idle
+    before = ends <= o
+    b = gl.sum(before.to(gl.int32), 0)
+    n0 = (o - gl.max(gl.where(before, ends, 0), 0)) * STEP
+    n = gl.sum(gl.where(i_b == b, lens, 0), 0)
 
     # each layout's tokens of a step, and their rows' offsets from the step's first row (loop-invariant)
     tk = gl.arange(0, STEP, layout=gl.SliceLayout(1, lay_kw))
     tv = gl.arange(0, STEP, layout=gl.SliceLayout(1, lay_vw))
     tp = gl.arange(0, STEP, layout=gl.SliceLayout(1, mma))  # also the rows of S^T
-    k_off = (tk * s_kcs + kh * s_kch)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_kw))[None, :]
-    v_off = (tv * s_vcs + kh * s_vch)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_vw))[None, :]
-    p_off = tp * s_ps + kh * s_ph
+    k_off = (tk * S_KCS + kh * S_KCH)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_kw))[None, :]
+    v_off = (tv * S_VCS + kh * S_VCH)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_vw))[None, :]
+    p_off = tp * S_PS + kh * S_PH
 
-    # Software pipeline: codes of steps i + 1 ... i + NBUF - 1 are in flight (cp.async into shared
-    # buffers, which cost no registers) while step i computes; the (scale, lo) words of step i + 1
-    # load into registers. Each thread reads back only the words it copied, so no barrier is needed
-    # (the compiler still places one per step; for one warp it is cheap).
-    k_smem = gl.allocate_shared_memory(gl.int32, [NBUF, STEP, W], sh_k)
-    v_smem = gl.allocate_shared_memory(gl.int32, [NBUF, STEP, W], sh_v)
-    for j in gl.static_range(NBUF - 1):
-        _copy_step(k_smem.index(j), v_smem.index(j), kc_ptr, vc_ptr, _page(pt_row, start + j * STEP, end, PAGE),
-                   start + j * STEP, k_off, v_off, s_kcs, s_vcs, PAGE)
-    page_c = _page(pt_row, start + (NBUF - 1) * STEP, end, PAGE)  # of the next step to copy
-    kw_nx, vw_nx = _load_params(kp_ptr, vp_ptr, _page(pt_row, start, end, PAGE), start, end, tp, p_off, s_ps, PAGE)
-    page_p = _page(pt_row, start + STEP, end, PAGE)  # of the next step's (scale, lo)
-    # q, while the first steps load: per-query scale r into [2^13, 2^14), sum(q), the 1024-offset term
-    g = gl.arange(0, GP, layout=gl.SliceLayout(1, lay_q))
-    gm = g < G
-    c = gl.arange(0, D2, layout=gl.SliceLayout(0, lay_q))
-    q_row = q_ptr + b.to(gl.int64) * s_qb + (kh * G + g) * s_qh
-    q_lo = gl.load(q_row[:, None] + c[None, :], mask=gm[:, None], other=0.0).to(gl.float32)
-    q_hi = gl.load(q_row[:, None] + D2 + c[None, :], mask=gm[:, None], other=0.0).to(gl.float32)
-    q_sum = gl.sum(q_lo, 1) + gl.sum(q_hi, 1)
-    amax = gl.maximum(gl.max(gl.abs(q_lo), 1), gl.max(gl.abs(q_hi), 1))
-    r = gl.exp2(13.0 - gl.floor(gl.log2(gl.maximum(amax, 1e-30))))
-    q_off = OFF * (gl.sum((q_lo * r[:, None]).to(gl.float16).to(gl.float32), 1)
-                   + gl.sum((q_hi * (r * 0.0625)[:, None]).to(gl.float16).to(gl.float32), 1))
-    # q^T as the B operand [D2, GP], rows in the K operand's logical order
-    lb = gl.arange(0, D2, layout=gl.SliceLayout(1, dot_b))
-    phys = 4 * KCH * ((lb % 8) // 2) + 4 * (lb // 16) + 2 * ((lb // 8) % 2) + lb % 2
-    nb = gl.arange(0, GP, layout=gl.SliceLayout(0, dot_b))
-    qb_ptr = q_ptr + b.to(gl.int64) * s_qb + (kh * G + nb) * s_qh
-    qb_m = (nb < G)[None, :]
-    rb = gl.convert_layout(r, gl.SliceLayout(0, dot_b))
-    qt_lo = (gl.load(qb_ptr[None, :] + phys[:, None], mask=qb_m, other=0.0).to(gl.float32) * rb[None, :]
-             ).to(gl.float16)
-    qt_hi = (gl.load(qb_ptr[None, :] + D2 + phys[:, None], mask=qb_m, other=0.0).to(gl.float32)
-             * (rb * 0.0625)[None, :]).to(gl.float16)
-    # per query: score = s_k (qc / r - q_off / r) + lo_k sum(q), times qk_scale (folded into s_k and sum(q));
-    # r is a power of two, so the 1024 terms cancel in one exact-operand FMA
-    inv_r = gl.convert_layout(1.0 / r, gl.SliceLayout(0, mma))
-    q_off = gl.convert_layout(-q_off / r, gl.SliceLayout(0, mma))
-    q_sum = gl.convert_layout(q_sum * qk_scale, gl.SliceLayout(0, mma))
+    # Software pipeline over the run's steps, whichever pairs they belong to: the codes of step i + 1 are
+    # in flight (cp.async into a shared buffer, which costs no registers) and its (scale, lo) words load
+    # into registers while step i computes; the page of step i + 2 is looked up. Cursors (request, first
+    # token, request length) walk ahead: c1 is step i + 1, c2 step i + 2. Each thread reads back only
+    # the words it copied, so no barrier is needed (the compiler still places one per step).
+    k_smem = gl.allocate_shared_memory(gl.int32, [2, STEP, W], sh_k)
+    v_smem = gl.allocate_shared_memory(gl.int32, [2, STEP, W], sh_v)
+    page1 = _page(pt_ptr, b, n0, n, o < o_end, s_ptb, PAGE)
+    _copy_step(k_smem.index(o % 2), v_smem.index(o % 2), kc_ptr, vc_ptr, page1, n0, k_off, v_off, S_KCS, S_VCS,
+               PAGE)
+    kw_nx, vw_nx = _load_params(kp_ptr, vp_ptr, page1, n0, n, tp, p_off, S_PS, PAGE)
+    b1, m1, n1 = _next_step(b, n0, n, len_ptr, B, STEP)
+    page1 = _page(pt_ptr, b1, m1, n1, o + 1 < o_end, s_ptb, PAGE)
+    b2, m2, n2 = _next_step(b1, m1, n1, len_ptr, B, STEP)
 
-    m_i = gl.full([GP], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma))
-    l_rows = gl.zeros([STEP, GP], gl.float32, layout=mma)  # sum p, sum fp16(p s_v), sum p lo_v per row
-    ps_rows = gl.zeros([STEP, GP], gl.float32, layout=mma)
-    plo_rows = gl.zeros([STEP, GP], gl.float32, layout=mma)
-    acc_lo = gl.zeros([D2, GP], gl.float32, layout=mma)  # o^T halves, rows in V's logical order
-    acc_hi = gl.zeros([D2, GP], gl.float32, layout=mma)
+    while o < o_end:
+        # one piece: the steps of pair (b, kh) from token n0 that this run holds
+        pair_steps = gl.maximum(gl.cdiv(n, STEP), 1)
+        seg = gl.minimum(pair_steps - n0 // STEP, o_end - o)
+        qt_lo, qt_hi, inv_r, q_off, q_sum = _query_operands(q_ptr, b, kh, s_qb, s_qh, qk_scale, G, GP, D2, mma,
+                                                            lay_q)
+        m_i = gl.full([GP], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma))
+        l_rows = gl.zeros([STEP, GP], gl.float32, layout=mma)  # sum p, sum fp16(p s_v), sum p lo_v per row
+        ps_rows = gl.zeros([STEP, GP], gl.float32, layout=mma)
+        plo_rows = gl.zeros([STEP, GP], gl.float32, layout=mma)
+        acc_lo = gl.zeros([D2, GP], gl.float32, layout=mma)  # o^T halves, rows in V's logical order
+        acc_hi = gl.zeros([D2, GP], gl.float32, layout=mma)
+        for j in range(seg):
+            i = o + j
+            m0 = n0 + j * STEP
+            page2 = _page(pt_ptr, b2, m2, n2, i + 2 < o_end, s_ptb, PAGE)
+            _copy_step(k_smem.index((i + 1) % 2), v_smem.index((i + 1) % 2), kc_ptr, vc_ptr, page1, m1, k_off, v_off,
+                       S_KCS, S_VCS, PAGE)
+            kw, vw = kw_nx, vw_nx
+            kw_nx, vw_nx = _load_params(kp_ptr, vp_ptr, page1, m1, n1, tp, p_off, S_PS, PAGE)
+            page1 = page2
+            b1, m1, n1 = b2, m2, n2
+            b2, m2, n2 = _next_step(b2, m2, n2, len_ptr, B, STEP)
+            async_copy.wait_group(1)  # step i's group has landed
+            k_codes = k_smem.index(i % 2).load(lay_kw)
+            v_codes = v_smem.index(i % 2).load(lay_vw)
+            k_lo, k_hi = _codes_f16(k_codes, lay_k3, False)
+            qc = mma_v2(_k_operand(k_lo, STEP, KCH, dot_a), qt_lo, gl.zeros([STEP, GP], gl.float32, layout=mma))
+            qc = mma_v2(_k_operand(k_hi, STEP, KCH, dot_a), qt_hi, qc)  # r (q . c) + 1024 sum(fp16 q)
+            k_s = _half(kw, False) * qk_scale
+            k_m = _half(kw, True)
+            s = k_s[:, None] * (qc * inv_r[None, :] + q_off[None, :]) + k_m[:, None] * q_sum[None, :]
+            s = gl.where((tp < n - m0)[:, None], s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 0))
+            if gl.max(m_new - m_i, 0) > LAZY:  # rescale only when a max grew by more than LAZY (log2)
+                alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
+                acc_lo = acc_lo * alpha[None, :]
+                acc_hi = acc_hi * alpha[None, :]
+                l_rows = l_rows * alpha[None, :]
+                ps_rows = ps_rows * alpha[None, :]
+                plo_rows = plo_rows * alpha[None, :]
+                m_i = m_new
+            pr = gl.exp2(s - gl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
+            pw = (pr * _half(vw, False)[:, None]).to(gl.float16)
+            pt = gl.convert_layout(pw, dot_b)
+            v_words = gl.convert_layout(v_codes, gl.SliceLayout(2, lay_v3), assert_trivial=True)  # register order
+            v_lo, v_hi = _codes_f16(v_words, lay_v3, True)
+            acc_lo = mma_v2(_v_operand(v_lo, STEP, KCH, dot_a), pt, acc_lo)
+            acc_hi = mma_v2(_v_operand(v_hi, STEP, KCH, dot_a), pt, acc_hi)
+            l_rows += pr
+            ps_rows += pw.to(gl.float32)
+            plo_rows += pr * _half(vw, True)[:, None]
 
-    for n0 in range(start, end, STEP):
-        i = (n0 - start) // STEP
-        page_c2 = _page(pt_row, n0 + NBUF * STEP, end, PAGE)
-        _copy_step(k_smem.index((i + NBUF - 1) % NBUF), v_smem.index((i + NBUF - 1) % NBUF), kc_ptr, vc_ptr, page_c,
-                   n0 + (NBUF - 1) * STEP, k_off, v_off, s_kcs, s_vcs, PAGE)
-        page_c = page_c2
-        kw, vw = kw_nx, vw_nx
-        page_p2 = _page(pt_row, n0 + 2 * STEP, end, PAGE)
-        kw_nx, vw_nx = _load_params(kp_ptr, vp_ptr, page_p, n0 + STEP, end, tp, p_off, s_ps, PAGE)
-        page_p = page_p2
-        async_copy.wait_group(NBUF - 1)  # step i's group has landed
-        k_codes = k_smem.index(i % NBUF).load(lay_kw)
-        v_codes = v_smem.index(i % NBUF).load(lay_vw)
-        k_lo, k_hi = _codes_f16(k_codes, lay_k3, False)
-        qc = mma_v2(_k_operand(k_lo, STEP, KCH, dot_a), qt_lo, gl.zeros([STEP, GP], gl.float32, layout=mma))
-        qc = mma_v2(_k_operand(k_hi, STEP, KCH, dot_a), qt_hi, qc)  # r (q . c) + 1024 sum(fp16 q)
-        k_s = _half(kw, False) * qk_scale
-        k_m = _half(kw, True)
-        s = k_s[:, None] * (qc * inv_r[None, :] + q_off[None, :]) + k_m[:, None] * q_sum[None, :]
-        s = gl.where((tp < end - n0)[:, None], s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 0))
-        if gl.max(m_new - m_i, 0) > LAZY:  # rescale only when a max grew by more than LAZY (log2)
-            alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
-            acc_lo = acc_lo * alpha[None, :]
-            acc_hi = acc_hi * alpha[None, :]
-            l_rows = l_rows * alpha[None, :]
-            ps_rows = ps_rows * alpha[None, :]
-            plo_rows = plo_rows * alpha[None, :]
-            m_i = m_new
-        p = gl.exp2(s - gl.where(m_i == float("-inf"), 0.0, m_i)[None, :])
-        pw = (p * _half(vw, False)[:, None]).to(gl.float16)
-        pt = gl.convert_layout(pw, dot_b)
-        v_words = gl.convert_layout(v_codes, gl.SliceLayout(2, lay_v3), assert_trivial=True)  # register order
-        v_lo, v_hi = _codes_f16(v_words, lay_v3, True)
-        acc_lo = mma_v2(_v_operand(v_lo, STEP, KCH, dot_a), pt, acc_lo)
-        acc_hi = mma_v2(_v_operand(v_hi, STEP, KCH, dot_a), pt, acc_hi)
-        l_rows += p
-        ps_rows += pw.to(gl.float32)
-        plo_rows += p * _half(vw, True)[:, None]
-
-    l_i = gl.sum(l_rows, 0)
-    ps = gl.sum(ps_rows, 0)
-    plo = gl.sum(plo_rows, 0)
-    l_safe = gl.where(l_i > 0, l_i, 1.0)
-    o_lo = (acc_lo - OFF * ps[None, :] + plo[None, :]) / l_safe[None, :]
-    o_hi = ((acc_hi - OFF * ps[None, :]) * 0.0625 + plo[None, :]) / l_safe[None, :]
-    # partial o [B, Hq, SPLITS, D] fp32 in byte order, and lse (log2 domain)
-    lr = gl.arange(0, D2, layout=gl.SliceLayout(1, mma))
-    vphys = BV * (lr % 8) + 2 * (lr // 16) + (lr // 8) % 2
-    n = gl.arange(0, GP, layout=gl.SliceLayout(0, mma))
-    nm = n < G
-    row = (b.to(gl.int64) * HQ + kh * G + n) * SPLITS + sp
-    o_ptr = po_ptr + row[None, :] * D + vphys[:, None]
-    gl.store(o_ptr, o_lo, mask=nm[None, :])
-    gl.store(o_ptr + D2, o_hi, mask=nm[None, :])
-    gl.store(pl_ptr + row, m_i + gl.log2(l_safe) + gl.where(l_i > 0, 0.0, float("-inf")), mask=nm)
+        # the piece's partial (o in byte order, lse in the log2 domain) at rows (kh (runs + B) + r + b) G +
+        # query: r + b grows along a head's work and stays below runs + B, so pieces never share rows
+        l_i = gl.sum(l_rows, 0)
+        ps = gl.sum(ps_rows, 0)
+        plo = gl.sum(plo_rows, 0)
+        l_safe = gl.where(l_i > 0, l_i, 1.0)
+        o_lo = (acc_lo - OFF * ps[None, :] + plo[None, :]) / l_safe[None, :]
+        o_hi = ((acc_hi - OFF * ps[None, :]) * 0.0625 + plo[None, :]) / l_safe[None, :]
+        lr = gl.arange(0, D2, layout=gl.SliceLayout(1, mma))
+        vphys = BV * (lr % 8) + 2 * (lr // 16) + (lr // 8) % 2
+        qn = gl.arange(0, GP, layout=gl.SliceLayout(0, mma))
+        qm = qn < G
+        block = kh * (runs + B) + b
+        row = (block + r).to(gl.int64) * G + qn
+        o_ptr = po_ptr + row[None, :] * D + vphys[:, None]
+        gl.store(o_ptr, o_lo, mask=qm[None, :])
+        gl.store(o_ptr + D2, o_hi, mask=qm[None, :])
+        gl.store(pl_ptr + row, m_i + gl.log2(l_safe) + gl.where(l_i > 0, 0.0, float("-inf")), mask=qm)
+        # the run holding a pair's last step records the pair's pieces for the reduce, at b HKV + kh:
+        # (first row block, count), from the run holding the pair's first step
+        first_r = _run_of(o - n0 // STEP, size, extra)
+        ends_pair = n0 // STEP + seg == pair_steps
+        meta = meta_ptr + 2 * (b * HKV + kh)
+        gl.store(meta, block + first_r, mask=ends_pair)
+        gl.store(meta + 1, r - first_r + 1, mask=ends_pair)
+        o += seg
+        b, n0, n = _next_step(b, n0 + (seg - 1) * STEP, n, len_ptr, B, STEP)
 
 
 @functools.cache  # built once per shape, not at every (eager) launch
-def warp_layouts(step: int, head_dim: int, nbuf: int) -> dict[str, gl.constexpr]:
-    """The kernel's register and shared layouts (one warp) for STEP tokens per step, head_dim, and
-    nbuf shared buffers per operand (a power of two).
+def warp_layouts(step: int, head_dim: int, batch_pad: int) -> dict[str, gl.constexpr]:
+    """The kernel's register and shared layouts (one warp) for STEP tokens per step, head_dim, and the
+    request lengths padded to batch_pad (a power of two >= 32).
 
     Codes are [tokens, words, 4 bytes]. K: lane 4 g + t holds rows g, g + 8, ... and words
     KCH t ... KCH t + KCH - 1. V: lane 4 g + t holds tokens 2 t, 2 t + 1, 2 t + 8, 2 t + 9, ... and
@@ -295,68 +367,72 @@ def warp_layouts(step: int, head_dim: int, nbuf: int) -> dict[str, gl.constexpr]
             reg_bases=[[0, w] for w in word_bits] + [[1, 0]] + [[t, 0] for t in token_bits],
             lane_bases=v_lanes, warp_bases=[], block_bases=[], shape=[step, d2 // 4]),
         lay_q=gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0]),
-        # shared buffers [NBUF, step, words]: K row-major; V in its registers' order (a lane's words, then
+        lay_b=gl.BlockedLayout([batch_pad // 32], [32], [1], [0]),  # request lengths
+        # shared buffers [2, step, words]: K row-major; V in its registers' order (a lane's words, then
         # the lanes, then its tokens), so that every lane's 8-byte accesses fall in distinct banks
         sh_k=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
         sh_v=gl.SharedLinearLayout(
             offset_bases=[[0, w] for w in word_bits] + [[2, 0], [4, 0]] + [[0, wv << i] for i in range(3)]
             + [[1, 0]] + [[t, 0] for t in token_bits]),
-        NBUF=nbuf,
     )
 
 
 STEP = 16  # tokens per step: one mma M tile; pages must hold whole steps
 # Warps of the compiled kernel an SM holds, from its registers (recorded at each launch, per device,
-# head_dim, query rows and register cap): 152 registers on sm_90 with triton 3.6, so 3 per scheduler,
-# 12 per SM (13 splits of 16 x 16k, one wave if 13 fitted, took 168 us against 123 us for 12).
+# head_dim, query rows and register cap): on sm_90 with triton 3.6, 3 per scheduler, 12 per SM.
 _RESIDENT: dict[tuple[int | None, int, int, int | None], int] = {}
-SPLIT_COST = 6  # steps; fits the split sweeps in warp_num_splits' docstring
-# Shorter splits cost more than the model says: 64 splits of one step at batch 1 x 1k took 22 us,
-# the reduce summing 64 partials per query (9.9 us for the tile kernel).
-MIN_SPLIT_STEPS = 8
-NBUF = 2  # shared buffers per operand: steps i + 1 ... i + NBUF - 1 in flight while step i computes
+# A run of fewer steps costs more than it saves: 64 splits of one step at batch 1 x 1k took 22 us, the
+# reduce summing 64 partials per query (9.9 us for the tile kernel); pieces bound the reduce's loop.
+MIN_STEPS = 8
+MAX_PIECES = 64
 
 
-def warp_kernel_fits(page_size: int, head_dim: int, group: int) -> bool:
+MAX_BATCH = 1024  # each program holds the batch's lengths in registers
+
+
+def warp_kernel_fits(page_size: int, head_dim: int, group: int, batch: int) -> bool:
     """Shapes this kernel serves (others run decode_int4.py)."""
-    return page_size % STEP == 0 and head_dim in (64, 128) and group <= 16
+    return page_size % STEP == 0 and head_dim in (64, 128) and group <= 16 and batch <= MAX_BATCH
 
 
-def warp_num_splits(programs: int, max_context: int, device: torch.device, head_dim: int, group_rows: int,
-                    maxnreg: int | None = None) -> int:
-    """Splits per (request, KV head), from shapes only (graph-safe).
-
-    Each program is one warp and keeps its SM slot until its split is done, so the time is modelled
-    as waves x (steps per split + a fixed cost of SPLIT_COST steps per program: prologue, partial
-    write, its share of the reduce). H100, 2026-11-24, int4-bdr, 12 x 132 warp slots
-    (bench/results/kernels-h100-2026-11-24-s6/run6-split-sweep): at 64 x 4k, 2 / 3 / 4 / 6 splits took
-    136 / 121 / 155 / 129 us; at 16 x 16k, 8 / 12 / 13 / 16 took 138 / 123 / 168 / 155 us; at 128 x 2k,
-    1 / 2 / 3 / 4 / 5 took 136 / 154 / 130 / 143 / 155 us.
-    """
+def warp_programs(device: torch.device, batch: int, num_kv_heads: int, max_context: int, head_dim: int,
+                  group_rows: int, maxnreg: int | None = None) -> int:
+    """Programs (warps) of a launch, whole groups of the KV heads: one per warp slot of the GPU, all
+    resident at once so that equal runs of steps end together, but no more than max_context lets the
+    kernel use (idle ones cost launch time: 2 us at batch 1 x 1k). The slots are known from the compiled
+    kernel's registers; before its first launch on a device, 12 per SM are assumed."""
     slots = num_sms(device) * _RESIDENT.get((device.index, head_dim, group_rows, maxnreg), 12)
     steps = math.ceil(max_context / STEP)
+    runs = batch * steps // max(MIN_STEPS, math.ceil(steps / (MAX_PIECES - 1)))  # as the kernel cuts
+    return max(1, min(slots // num_kv_heads, runs)) * num_kv_heads
 
-    def cost(splits: int) -> int:
-        return math.ceil(programs * splits / slots) * (math.ceil(steps / splits) + SPLIT_COST)
 
-    most = max(1, min(64, steps // MIN_SPLIT_STEPS))
-    return min(range(1, most + 1), key=cost)  # the first (fewest splits) of equal costs
+def warp_workspace(bsz: int, hq: int, group: int, head_dim: int, programs: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Piece partials o [(programs + pairs) G, D] fp32 and lse [(programs + pairs) G], and per (request, KV
+    head) pair (first row block, count) int32: a run adds one piece per pair it touches."""
+    rows = (programs + bsz * hq // group) * group
+    return (torch.empty(rows, head_dim, dtype=torch.float32, device=device),
+            torch.empty(rows, dtype=torch.float32, device=device),
+            torch.empty(bsz * hq // group, 2, dtype=torch.int32, device=device))
 
 
 def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kp: torch.Tensor,
                        vp: torch.Tensor, s_ps: int, s_ph: int, page_table: torch.Tensor, seq_lens: torch.Tensor,
-                       page_size: int, qk_scale: float, po: torch.Tensor, pl: torch.Tensor, num_splits: int,
-                       group_rows: int, maxnreg: int | None = None) -> None:
-    """Split partials po [B, Hq, S, D] fp32 and pl [B, Hq, S] of q [B, Hq, D] (plain, or already rotated)
-    over uint8 pages [slots, Hkv, D/2] (read as int32 words) and (scale, lo) words kp / vp."""
+                       page_size: int, qk_scale: float, workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                       programs: int, group_rows: int, maxnreg: int | None = None) -> None:
+    """Piece partials (warp_workspace) of q [B, Hq, D] (plain, or already rotated) over uint8 pages
+    [slots, Hkv, D/2] (read as int32 words) and (scale, lo) words kp / vp, from `programs` warps."""
     bsz, hq, d = q.shape
     hkv = k_cache.shape[1]
     kw, vw = k_cache.view(torch.int32), v_cache.view(torch.int32)
-    compiled = decode_int4_warp_kernel[(bsz, hkv, num_splits)](
-        q, kw, vw, kp, vp, page_table, seq_lens, po, pl, q.stride(0), q.stride(1), kw.stride(0), kw.stride(1),
-        vw.stride(0), vw.stride(1), s_ps, s_ph, page_table.stride(0), qk_scale,
-        HQ=hq, G=hq // hkv, GP=group_rows, D=d, PAGE=page_size, SPLITS=num_splits, STEP=STEP,
-        **warp_layouts(STEP, d, NBUF), num_warps=1, maxnreg=maxnreg)
+    po, pl, meta = workspace
+    batch_pad = max(32, 1 << (bsz - 1).bit_length())
+    compiled = decode_int4_warp_kernel[(programs,)](
+        q, kw, vw, kp, vp, page_table, seq_lens, po, pl, meta, bsz, q.stride(0), q.stride(1), page_table.stride(0),
+        qk_scale, S_KCS=kw.stride(0), S_KCH=kw.stride(1), S_VCS=vw.stride(0), S_VCH=vw.stride(1), S_PS=s_ps,
+        S_PH=s_ph, HQ=hq, G=hq // hkv, GP=group_rows, D=d, PAGE=page_size, STEP=STEP, MIN_STEPS=MIN_STEPS,
+        MAX_PIECES=MAX_PIECES, BP=batch_pad, **warp_layouts(STEP, d, batch_pad), num_warps=1, maxnreg=maxnreg)
     # each of an SM's 4 schedulers has 16k registers, given out in units of 256 per warp
     regs_per_warp = math.ceil(compiled.n_regs * 32 / 256) * 256
     _RESIDENT[(q.device.index, d, group_rows, maxnreg)] = min(32, 4 * (16384 // regs_per_warp))

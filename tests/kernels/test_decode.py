@@ -101,8 +101,9 @@ def test_decode_full_shape(name: str, order: int, rv: bool, cfg: dict, lens: lis
     assert run_decode(fmt, 4, 16, lens, None, hkv=8, seed=1, **cfg) < TOL
 
 
-# The warp kernel (CUDA only) at its edges: lengths around its 16-token steps, 1 token, empty splits,
-# page sizes 16..128, GQA 1..16, head_dim 64 and 128, every option of the format.
+# The warp kernel (CUDA only) at its edges: lengths around its 16-token steps, 1 token, runs that start and
+# end inside pairs and span several, more programs than runs (the last: 240 for 6 steps), page sizes
+# 16..128, GQA 1..16, head_dim 64 and 128, every option of the format. Its splits are programs per pair.
 WARP_CASES = [
     (KVFormat("int4", 128), 4, 16, [1, 15, 16, 17, 300], None),
     (KVFormat("int4-bdr", 128, 128, k_center=True), 8, 32, [4096, 33, 1], 3),
@@ -111,6 +112,8 @@ WARP_CASES = [
     (KVFormat("int4", 64, k_center=True), 2, 16, [31, 64], 1),
     (KVFormat("int4-bdr", 128, 16), 16, 16, [100, 17], None),
     (KVFormat("int4-bdr", 128, 32), 3, 64, [1, 2, 3], 40),
+    (KVFormat("int4", 128), 4, 16, [9000, 5], None),  # 563 steps in 63 pieces: MAX_PIECES binds
+    (KVFormat("int4-bdr", 64, 64), 2, 16, [1 + 37 * i % 90 for i in range(150)], None),  # 2 passes over lengths
 ]
 
 
@@ -167,18 +170,3 @@ def test_decode_rejects_a_kernel_that_does_not_fit() -> None:
     for impl, page_size in (("warp", 8), ("warp", 16), ("wrap", 16)):
         with pytest.raises(ValueError, match="impl="):
             run_decode(fmt, 4, page_size, [40], None, impl=impl)
-
-
-def test_warp_splits_fill_the_resident_warps() -> None:
-    """The warp kernel's split counts at the H100's shapes (132 SMs, 12 warps each): one full wave
-    where the requests allow it, two fuller waves over one two-thirds empty, >= 8 steps per split."""
-    from saw_kernels import decode_int4_warp as w
-
-    sms = w.num_sms
-    try:
-        w.num_sms = lambda device: 132
-        got = [w.warp_num_splits(b * 8, ctx, torch.device("cpu"), 128, 8)
-               for b, ctx in [(64, 4096), (16, 16384), (128, 2048), (1, 1024), (8, 32768), (256, 64)]]
-    finally:
-        w.num_sms = sms
-    assert got == [3, 12, 3, 8, 24, 1]
