@@ -1,9 +1,10 @@
 """Paged decode attention (flash-decoding): the bf16 kernel, the split reduce, and the entry point.
 
 One program per (request, KV head, split) serves the KV head's whole query group, so each cached
-byte is read once per step. INT4 formats run `decode_int4_warp` on CUDA (one warp per split,
-operands in registers) or `decode_int4.decode_int4_kernel` (plain Triton, also under the
-interpreter); all of them write the same split partials. The cache-tile helpers here
+byte is read once per step. INT4 formats run `decode_int4_warp` on CUDA (persistent one-warp
+programs walking equal runs of steps across requests, operands in registers; it writes a partial
+per piece of a request) or `decode_int4.decode_int4_kernel` (plain Triton, also under the
+interpreter; split partials, as the bf16 kernel). The cache-tile helpers here
 (`load_kv_block`, `attend_block`) are shared with the extend kernel: there INT4 codes enter the
 tensor cores as exact small integers, with
   q . k_hat = s (q . c) + lo sum(q)   and   sum_n p_n v_hat_n = (p s_v) @ c_v + sum_n p_n lo_n.
@@ -217,6 +218,7 @@ def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqr
     for i0 in range(0, count, 4):  # 4 partials' loads in flight at once (the count is not always constant)
         for u in tl.static_range(4):
             row = base + (i0 + u) * stride
+            # (g * 0 + ...: a tensor, where the interpreter sees two ints and a constexpr count)
             li = tl.load(pl_ptr + row, mask=gm & (g * 0 + i0 + u < count), other=float("-inf"))
             w = tl.exp2(li - m)
             use = (li > float("-inf"))[:, None]  # empty splits wrote no partial: never read it
@@ -322,10 +324,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         po, pl, meta = warp_workspace(bsz, hq, group, d, programs, q.device)
         launch_warp_decode(q, k_cache, v_cache, kp, vp, s_ps, s_ph, page_table, seq_lens, page_size, sm_scale * LOG2E,
                            (po, pl, meta), programs, gp, maxnreg)
-        num_splits = MAX_PIECES
+        partials = MAX_PIECES  # at most, per (request, KV head); the kernel records each one's count
     else:
         if num_splits is None:
             num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n, quant)
+        partials = num_splits
         if num_splits > 1:
             po = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device)
             pl = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
@@ -344,10 +347,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                 q, k_cache, v_cache, page_table, seq_lens, out, po, pl, *strides, page_table.stride(0),
                 out.stride(0), out.stride(1), sm_scale * LOG2E, HQ=hq, G=group, GP=gp, D=d, PAGE=page_size,
                 SPLITS=num_splits, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
-    if num_splits > 1:
+    if partials > 1:
         _reduce_kernel[(bsz, hkv)](
             po, pl, meta, hmat, out, out.stride(0), out.stride(1), inv,
-            HQ=hq, G=group, GP=gp, D=d, SPLITS=num_splits, SP2=triton.next_power_of_2(num_splits), PIECES=warp,
+            HQ=hq, G=group, GP=gp, D=d, SPLITS=partials, SP2=triton.next_power_of_2(partials), PIECES=warp,
             ROT_V=fmt.rotate_v, FULL=full, num_warps=4,
         )
     return out
