@@ -2,8 +2,8 @@
 
 One program per (request, KV head, split) serves the KV head's whole query group, so each cached
 byte is read once per step. INT4 formats run `decode_int4_warp` on CUDA (persistent one-warp
-programs walking equal runs of steps across requests, operands in registers; it writes a partial
-per piece of a request) or `decode_int4.decode_int4_kernel` (plain Triton, also under the
+programs walking equal runs of steps across requests, operands in registers; the last piece of
+each request combines them) or `decode_int4.decode_int4_kernel` (plain Triton, also under the
 interpreter; split partials, as the bf16 kernel). The cache-tile helpers here
 (`load_kv_block`, `attend_block`) are shared with the extend kernel: there INT4 codes enter the
 tensor cores as exact small integers, with
@@ -40,7 +40,6 @@ from saw_kernels.decode_int4_warp import (
     launch_warp_decode,
     warp_kernel_fits,
     warp_programs,
-    warp_workspace,
 )
 from saw_worker.kv.formats import KVFormat
 
@@ -321,10 +320,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ctx = max_context if max_context is not None else page_table.shape[1] * page_size
     if warp:
         programs = bsz * hkv * num_splits if num_splits else warp_programs(q.device, bsz, hkv, ctx, d, gp, maxnreg)
-        po, pl, meta = warp_workspace(bsz, hq, group, d, programs, q.device)
-        launch_warp_decode(q, k_cache, v_cache, kp, vp, s_ps, s_ph, page_table, seq_lens, page_size, sm_scale * LOG2E,
-                           (po, pl, meta), programs, gp, maxnreg)
-        partials = MAX_PIECES  # at most, per (request, KV head); the kernel records each one's count
+        # the kernel combines each pair's pieces itself, except where the output must be rotated back
+        po, pl, meta = launch_warp_decode(q, k_cache, v_cache, kp, vp, s_ps, s_ph, page_table, seq_lens, page_size,
+                                          sm_scale * LOG2E, out, not fmt.rotate_v, programs, gp, maxnreg)
+        partials = MAX_PIECES if fmt.rotate_v else 1  # at most, per pair; the kernel records each one's count
     else:
         if num_splits is None:
             num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n, quant)

@@ -21,8 +21,11 @@ into [2^13, 2^14).
 The grid is persistent (stream-K): one program per warp slot of the GPU, each walking an equal run of
 a KV head's steps across request boundaries, so a batch of ragged lengths keeps every warp busy to the
 end (splitting each request alike left the long ones running alone: 21-29 % slower on ragged batches).
-A run writes one partial (o, lse) per request it touches, and `_reduce_kernel` combines each request's
-pieces. The cut is computed on the GPU from the lengths, so a CUDA graph replays for any lengths.
+A run writes one partial (o, lse) per request it touches, and the piece of a (request, KV head) that lands
+last, by an arrival count, combines them into the output in the same launch (a separate reduce launch cost
+4-7 us more at 64 x 4k on the H100). With rotate_v the pieces go to `_reduce_kernel` instead, which also
+rotates the output back. The cut is computed on the GPU from the lengths, so a CUDA graph replays for any
+lengths.
 Needs mma.sync and cp.async (sm_80+); GPU only (Gluon does not run under the interpreter).
 """
 
@@ -192,13 +195,45 @@ def _query_operands(q_ptr, b, kh, s_qb, s_qh, qk_scale, G: gl.constexpr, GP: gl.
 
 
 @gluon.jit
+def _combine_pieces(po_ptr, pl_ptr, out_ptr, first_block, pieces, b, kh, s_ob, s_oh, G: gl.constexpr,
+                    GP: gl.constexpr, D: gl.constexpr, MAX_PIECES: gl.constexpr, lay_o: gl.constexpr,
+                    lay_s: gl.constexpr):
+    """out (bf16) of pair (b, kh) from its pieces' partials, rows (first_block + i) G + query. Loads go to L2
+    (.cg): other SMs wrote the partials during this launch, and L1 is not coherent."""
+    i = gl.arange(0, MAX_PIECES, layout=gl.SliceLayout(1, lay_s))
+    qs = gl.arange(0, GP, layout=gl.SliceLayout(0, lay_s))
+    lse = gl.load(pl_ptr + (first_block + i).to(gl.int64)[:, None] * G + qs[None, :],
+                  mask=(i < pieces)[:, None] & (qs < G)[None, :], other=float("-inf"), cache_modifier=".cg")
+    m = gl.max(lse, 0)
+    m = gl.where(m == float("-inf"), 0.0, m)
+    denom = gl.sum(gl.exp2(lse - m[None, :]), 0)
+    m = gl.convert_layout(m, gl.SliceLayout(0, lay_o))
+    d = gl.arange(0, D, layout=gl.SliceLayout(1, lay_o))
+    qn = gl.arange(0, GP, layout=gl.SliceLayout(0, lay_o))
+    qm = qn < G
+    row0 = first_block.to(gl.int64) * G + qn
+    acc = gl.zeros([D, GP], gl.float32, layout=lay_o)
+    for i0 in range(0, pieces, 2):  # two pieces' loads in flight (more would cost the main loop registers)
+        for u in gl.static_range(2):
+            row = row0 + (i0 + u) * G
+            use = qm & (i0 + u < pieces)
+            w = gl.exp2(gl.load(pl_ptr + row, mask=use, other=float("-inf"), cache_modifier=".cg") - m)
+            acc += w[None, :] * gl.load(po_ptr + row[None, :] * D + d[:, None], mask=use[None, :], other=0.0,
+                                        cache_modifier=".cg")
+    acc = acc / gl.convert_layout(gl.where(denom > 0, denom, 1.0), gl.SliceLayout(0, lay_o))[None, :]
+    out = out_ptr + b.to(gl.int64) * s_ob + (kh * G + qn)[None, :] * s_oh + d[:, None]
+    gl.store(out, acc.to(gl.bfloat16), mask=qm[None, :])
+
+
+@gluon.jit
 def decode_int4_warp_kernel(
-    q_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, len_ptr, po_ptr, pl_ptr, meta_ptr, B, s_qb, s_qh, s_ptb, qk_scale,
-    S_KCS: gl.constexpr, S_KCH: gl.constexpr, S_VCS: gl.constexpr, S_VCH: gl.constexpr, S_PS: gl.constexpr,
-    S_PH: gl.constexpr, HQ: gl.constexpr, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr, PAGE: gl.constexpr,
-    STEP: gl.constexpr, MIN_STEPS: gl.constexpr, MAX_PIECES: gl.constexpr, BP: gl.constexpr,
-    mma: gl.constexpr, lay_k3: gl.constexpr, lay_v3: gl.constexpr, lay_vw: gl.constexpr, lay_q: gl.constexpr,
-    lay_b: gl.constexpr, sh_k: gl.constexpr, sh_v: gl.constexpr,
+    q_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, len_ptr, po_ptr, pl_ptr, meta_ptr, cnt_ptr, out_ptr, B, s_qb, s_qh,
+    s_ptb, s_ob, s_oh, qk_scale, S_KCS: gl.constexpr, S_KCH: gl.constexpr, S_VCS: gl.constexpr, S_VCH: gl.constexpr,
+    S_PS: gl.constexpr, S_PH: gl.constexpr, HQ: gl.constexpr, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr,
+    PAGE: gl.constexpr, STEP: gl.constexpr, MIN_STEPS: gl.constexpr, MAX_PIECES: gl.constexpr, BP: gl.constexpr,
+    COMBINE: gl.constexpr, mma: gl.constexpr, lay_k3: gl.constexpr, lay_v3: gl.constexpr, lay_vw: gl.constexpr,
+    lay_q: gl.constexpr, lay_b: gl.constexpr, lay_o: gl.constexpr, lay_s: gl.constexpr, sh_k: gl.constexpr,
+    sh_v: gl.constexpr,
 ):
     HKV: gl.constexpr = HQ // G
     D2: gl.constexpr = D // 2
@@ -332,13 +367,27 @@ def decode_int4_warp_kernel(
         gl.store(o_ptr, o_lo, mask=qm[None, :])
         gl.store(o_ptr + D2, o_hi, mask=qm[None, :])
         gl.store(pl_ptr + row, m_i + gl.log2(l_safe) + gl.where(l_i > 0, 0.0, float("-inf")), mask=qm)
-        # the run holding a pair's last step records the pair's pieces for the reduce, at b HKV + kh:
-        # (first row block, count), from the run holding the pair's first step
-        first_r = _run_of(o - n0 // STEP, size, extra)
-        ends_pair = n0 // STEP + seg == pair_steps
-        meta = meta_ptr + 2 * (b * HKV + kh)
-        gl.store(meta, block + first_r, mask=ends_pair)
-        gl.store(meta + 1, r - first_r + 1, mask=ends_pair)
+        first = o - n0 // STEP  # the pair's first step
+        first_r = _run_of(first, size, extra)
+        pair = b * HKV + kh
+        if COMBINE:
+            # the piece that lands last combines the pair's pieces into out (and resets its count)
+            pieces = _run_of(first + pair_steps - 1, size, extra) - first_r + 1
+            gl.thread_barrier()  # every lane's stores precede the count
+            landed = 1
+            if pieces > 1:
+                landed = gl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel", scope="gpu") + 1
+            if landed == pieces:
+                _combine_pieces(po_ptr, pl_ptr, out_ptr, block + first_r, pieces, b, kh, s_ob, s_oh, G, GP, D,
+                                MAX_PIECES, lay_o, lay_s)
+                if pieces > 1:
+                    gl.store(cnt_ptr + pair, 0)
+        else:
+            # the run holding the pair's last step records its pieces for _reduce_kernel: (first row block,
+            # count), from the run holding the pair's first step
+            ends_pair = n0 // STEP + seg == pair_steps
+            gl.store(meta_ptr + 2 * pair, block + first_r, mask=ends_pair)
+            gl.store(meta_ptr + 2 * pair + 1, r - first_r + 1, mask=ends_pair)
         o += seg
         b, n0, n = _next_step(b, n0 + (seg - 1) * STEP, n, len_ptr, B, STEP)
 
@@ -370,6 +419,9 @@ def warp_layouts(step: int, head_dim: int, batch_pad: int) -> dict[str, gl.const
             lane_bases=v_lanes, warp_bases=[], block_bases=[], shape=[step, d2 // 4]),
         lay_q=gl.BlockedLayout([1, 4], [1, 32], [1, 1], [1, 0]),
         lay_b=gl.BlockedLayout([batch_pad // 32], [32], [1], [0]),  # request lengths
+        # combining a pair's pieces: o^T [D, GP], D / 32 consecutive dims per lane; lse [MAX_PIECES, GP]
+        lay_o=gl.BlockedLayout([head_dim // 32, 1], [32, 1], [1, 1], [0, 1]),
+        lay_s=gl.BlockedLayout([1, 1], [32, 1], [1, 1], [1, 0]),
         # shared buffers [2, step, words]: K row-major; V in its registers' order (a lane's words, then
         # the lanes, then its tokens), so that every lane's 8-byte accesses fall in distinct banks
         sh_k=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
@@ -419,22 +471,42 @@ def warp_workspace(bsz: int, hq: int, group: int, head_dim: int, programs: int, 
             torch.empty(bsz * hq // group, 2, dtype=torch.int32, device=device))
 
 
+MAX_KV_HEADS = 128
+# Pieces landed per (request, KV head) pair, per device: zero between launches (the last piece of a pair
+# resets its count), allocated once and never freed, as captured CUDA graphs hold its address. Launches
+# on one device must be ordered (one stream), as the engine's are.
+_COUNTERS: dict[int | None, torch.Tensor] = {}
+
+
+def pair_counters(device: torch.device) -> torch.Tensor:
+    counters = _COUNTERS.get(device.index)
+    if counters is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode_attention: run it once on this device before capturing a CUDA graph")
+        counters = _COUNTERS[device.index] = torch.zeros(MAX_BATCH * MAX_KV_HEADS, dtype=torch.int32, device=device)
+    return counters
+
+
 def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kp: torch.Tensor,
                        vp: torch.Tensor, s_ps: int, s_ph: int, page_table: torch.Tensor, seq_lens: torch.Tensor,
-                       page_size: int, qk_scale: float, workspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                       programs: int, group_rows: int, maxnreg: int | None = None) -> None:
-    """Piece partials (warp_workspace) of q [B, Hq, D] (plain, or already rotated) over uint8 pages
-    [slots, Hkv, D/2] (read as int32 words) and (scale, lo) words kp / vp, from `programs` warps."""
+                       page_size: int, qk_scale: float, out: torch.Tensor, combine: bool, programs: int,
+                       group_rows: int, maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of q [B, Hq, D] (plain, or already rotated) over uint8 pages [slots, Hkv, D/2] (read as int32
+    words) and (scale, lo) words kp / vp, from `programs` warps. With combine, each pair's last piece writes
+    out; otherwise the pieces are left in the returned workspace (warp_workspace) for _reduce_kernel."""
     bsz, hq, d = q.shape
     hkv = k_cache.shape[1]
+    assert hkv <= MAX_KV_HEADS
     kw, vw = k_cache.view(torch.int32), v_cache.view(torch.int32)
-    po, pl, meta = workspace
+    po, pl, meta = workspace = warp_workspace(bsz, hq, hq // hkv, d, programs, q.device)
     batch_pad = max(32, 1 << (bsz - 1).bit_length())
     compiled = decode_int4_warp_kernel[(programs,)](
-        q, kw, vw, kp, vp, page_table, seq_lens, po, pl, meta, bsz, q.stride(0), q.stride(1), page_table.stride(0),
-        qk_scale, S_KCS=kw.stride(0), S_KCH=kw.stride(1), S_VCS=vw.stride(0), S_VCH=vw.stride(1), S_PS=s_ps,
-        S_PH=s_ph, HQ=hq, G=hq // hkv, GP=group_rows, D=d, PAGE=page_size, STEP=STEP, MIN_STEPS=MIN_STEPS,
-        MAX_PIECES=MAX_PIECES, BP=batch_pad, **warp_layouts(STEP, d, batch_pad), num_warps=1, maxnreg=maxnreg)
+        q, kw, vw, kp, vp, page_table, seq_lens, po, pl, meta, pair_counters(q.device), out, bsz, q.stride(0),
+        q.stride(1), page_table.stride(0), out.stride(0), out.stride(1), qk_scale, S_KCS=kw.stride(0),
+        S_KCH=kw.stride(1), S_VCS=vw.stride(0), S_VCH=vw.stride(1), S_PS=s_ps, S_PH=s_ph, HQ=hq, G=hq // hkv,
+        GP=group_rows, D=d, PAGE=page_size, STEP=STEP, MIN_STEPS=MIN_STEPS, MAX_PIECES=MAX_PIECES, BP=batch_pad,
+        COMBINE=combine, **warp_layouts(STEP, d, batch_pad), num_warps=1, maxnreg=maxnreg)
     # each of an SM's 4 schedulers has 16k registers, given out in units of 256 per warp
     regs_per_warp = math.ceil(compiled.n_regs * 32 / 256) * 256
     _RESIDENT[(q.device.index, d, group_rows, maxnreg)] = min(32, 4 * (16384 // regs_per_warp))
+    return workspace

@@ -7,6 +7,7 @@ import torch
 from kref import DEV, decode_ref, default_scale, empty_cache, make_pages, rand_kv, rel_err
 
 from saw_kernels import decode_attention, write_kv
+from saw_kernels.decode_int4_warp import pair_counters
 from saw_worker.kv.formats import KVFormat, rotate
 
 TOL = 6e-3  # bf16 output rounding (~2e-3) plus fp16 q / P (INT4) or bf16 P pieces; the CPU interpreter
@@ -121,6 +122,8 @@ WARP_CASES = [
 @pytest.mark.parametrize("case", WARP_CASES, ids=case_id)
 def test_warp_decode_matches_reference(case: tuple) -> None:
     assert run_decode(*case, q_rotated=case[0].rotated, impl="warp") < TOL
+    torch.cuda.synchronize()
+    assert not pair_counters(DEV).any(), "the last piece of each pair resets its count"
 
 
 @pytest.mark.gpu
