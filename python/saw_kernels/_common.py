@@ -66,10 +66,10 @@ def mma(a, b, acc=None):
 
 
 @triton.jit
-def _dot_split(x, m, NSPLIT: tl.constexpr):
-    """x (fp32 [R, D2]) @ m (bf16 [D2, D2]) with x split into NSPLIT bf16 pieces."""
+def _dot_split(x, m, NSPLIT: tl.constexpr, acc=None):
+    """acc + x (fp32 [R, D2]) @ m (bf16 [D2, D2]) with x split into NSPLIT bf16 pieces."""
     p = x.to(tl.bfloat16)
-    acc = mma(p, m)
+    acc = mma(p, m, acc)
     if NSPLIT >= 2:
         r = x - p.to(tl.float32)
         p2 = r.to(tl.bfloat16)
@@ -81,10 +81,13 @@ def _dot_split(x, m, NSPLIT: tl.constexpr):
 
 
 @triton.jit
-def rotate_halves(x_lo, x_hi, m, inv_sqrt_b, FULL: tl.constexpr, NSPLIT: tl.constexpr):
-    """R x for rows given as halves (fp32 [R, D/2] each); returns the rotated halves in fp32."""
-    a = _dot_split(x_lo, m, NSPLIT)
-    b = _dot_split(x_hi, m, NSPLIT)
+def rotate_halves(x_lo, x_hi, m, inv_sqrt_b, FULL: tl.constexpr, NSPLIT: tl.constexpr, a0=None, b0=None):
+    """R x for rows given as halves (fp32 [R, D/2] each); returns the rotated halves in fp32.
+
+    a0, b0 (fp32 [R, D/2], mma layout): start values of the products x_lo M, x_hi M (R (x - mu) with
+    a0 = -mu_lo M, b0 = -mu_hi M, for every order)."""
+    a = _dot_split(x_lo, m, NSPLIT, a0)
+    b = _dot_split(x_hi, m, NSPLIT, b0)
     if FULL:
         return (a + b) * inv_sqrt_b, (a - b) * inv_sqrt_b
     return a * inv_sqrt_b, b * inv_sqrt_b

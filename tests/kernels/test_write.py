@@ -9,6 +9,8 @@ import torch
 from kref import DEV, empty_cache, rand_kv
 
 from saw_kernels import write_kv
+from saw_kernels._common import half_hadamard
+from saw_kernels.write import mean_pieces
 from saw_worker.kv.formats import HADAMARD_ORDERS, KVFormat, encode_k, encode_v, quantize_int4, rotate
 
 TIE = 2e-3  # |frac((x - lo) / scale) - 0.5| below this: rounding may go either way for rotated rows
@@ -108,3 +110,24 @@ def test_write_sees_an_updated_k_mean() -> None:
     write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean)
     _, ref_params = quantize_int4(encode_k(k, fmt, k_mean))
     torch.testing.assert_close(cache.kp[slots].float(), ref_params.float(), rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", [16, 128])
+def test_write_k_center_eight_heads(order: int) -> None:
+    """Rotated K centering through mean_pieces with Hkv = 8 (24 piece rows padded to 32) against the reference."""
+    fmt = KVFormat("int4-bdr", 128, order, k_center=True)
+    gen = torch.Generator().manual_seed(order)
+    hkv, t = 8, 6
+    k, v = rand_kv(t, hkv, 128, gen=gen), rand_kv(t, hkv, 128, gen=gen)
+    k_mean = (torch.randn(hkv, 128, generator=gen) * 3).to(DEV)
+    pieces = mean_pieces(k_mean, order)
+    m = half_hadamard(128, order, DEV).double()
+    want = -torch.cat([k_mean.double()[:, :64] @ m, k_mean.double()[:, 64:] @ m], 1)
+    assert pieces.shape == (32, 128) and not pieces[3 * hkv:].any()
+    torch.testing.assert_close(pieces[: 3 * hkv].double().view(3, hkv, 128).sum(0), want, rtol=1e-7, atol=1e-6)
+    slots = torch.arange(t, device=DEV)
+    cache = empty_cache(fmt, t, hkv)
+    write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean)
+    xk = rotate(k.double() - k_mean.double(), order)
+    check_rows(xk, encode_k(k, fmt, k_mean), cache.k, cache.kp, exact=False)
+    check_rows(v.double(), encode_v(v, fmt), cache.v, cache.vp, exact=True)
