@@ -45,6 +45,7 @@ class WorkerOptions:
     context_length: int | None = None
     cuda_graphs: bool = True
     overlap: bool = True  # see LocalEngine
+    prefix_cache: bool = True  # see kv/prefix_cache.py
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,7 +112,7 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
         log.info("captured decode CUDA graphs for batch sizes up to %d in %.1fs", opts.max_running_requests,
                  time.perf_counter() - started)
     scheduler = Scheduler(pool, opts.max_running_requests, prefill_budget, context,
-                          frozenset(loaded.tokenizer.eos_token_ids), opts.reserve_decode_tokens)
+                          frozenset(loaded.tokenizer.eos_token_ids), opts.reserve_decode_tokens, opts.prefix_cache)
     info = EngineInfo(
         model_id=loaded.model_id, tokenizer=loaded.tokenizer, context_length=context, vocab_size=cfg.vocab_size,
         kv_format=fmt.name, kv_capacity_tokens=pool.capacity_tokens, page_size=opts.page_size,

@@ -80,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=WorkerOptions.overlap,
                    help="launch each decode step before the previous one's tokens reach the host "
                         "(default: on; --no-overlap runs synchronous steps)")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=WorkerOptions.prefix_cache,
+                   help="share the K/V of full pages among requests that start with the same tokens "
+                        "(default: on)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default: %(default)s)")
     p.add_argument("--unix-socket", default=None, help="listen on this unix socket instead of host:port")
@@ -106,6 +109,7 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> WorkerOp
         max_running_requests=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,
         reserve_decode_tokens=args.reserve_decode_tokens,
         context_length=args.context_length, cuda_graphs=not args.disable_cuda_graph, overlap=args.overlap,
+        prefix_cache=args.prefix_cache,
     )
 
 

@@ -30,7 +30,7 @@ TINY = ModelConfig(
 def tiny_engine(kv: str = "int4-bdr", num_pages: int = 64, page_size: int = 4, max_running: int = 64,
                 prefill_budget: int = 64, eos: int = EOS, device: str = "cpu", cuda_graphs: bool = False,
                 reserve_decode_tokens: int = 0, overlap: bool = True, bf16_layers: frozenset[int] = frozenset(),
-                **fmt_kw: object) -> LocalEngine:
+                prefix_cache: bool = True, **fmt_kw: object) -> LocalEngine:
     """On CUDA the model runs in bf16 through the Triton kernels; on CPU in fp32 through the reference."""
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -44,7 +44,7 @@ def tiny_engine(kv: str = "int4-bdr", num_pages: int = 64, page_size: int = 4, m
     if cuda_graphs:
         runner.capture_graphs(max_running, TINY.max_position_embeddings)
     scheduler = Scheduler(pool, max_running, prefill_budget, TINY.max_position_embeddings, frozenset({eos}),
-                          reserve_decode_tokens)
+                          reserve_decode_tokens, prefix_cache)
     tok = TokenizerInfo(tokenizer_json="{}", chat_template="", bos_token="", eos_token="", bos_token_id=None,
                         eos_token_ids=(eos,))
     info = EngineInfo("tiny", tok, TINY.max_position_embeddings, VOCAB, fmt.name, pool.capacity_tokens, page_size,

@@ -34,7 +34,7 @@ def test_chunked_prefill_and_preemption_give_the_same_tokens() -> None:
     try:
         want = run(big, REQUESTS)
         got = run(small, REQUESTS)
-        assert small.scheduler.pool.free_pages == 11
+        assert small.scheduler.pages.free_pages == 11
         assert small.scheduler.preemptions > 0
     finally:
         big.shutdown()
@@ -51,7 +51,7 @@ def test_reserving_decode_room_queues_instead_of_preempting() -> None:
         want = run(big, REQUESTS)
         got = run(small, REQUESTS)
         assert small.scheduler.preemptions == 0
-        assert small.scheduler.pool.free_pages == 11
+        assert small.scheduler.pages.free_pages == 11
     finally:
         big.shutdown()
         small.shutdown()
@@ -73,7 +73,7 @@ def test_overlapped_steps_match_synchronous_ones() -> None:
             for r in workload:
                 engine.submit(r, sinks[r.request_id])
             outcomes[overlap] = {rid: (c.wait(), c.last.finish, c.last.completion_tokens) for rid, c in sinks.items()}
-            assert engine.scheduler.pool.free_pages == 15
+            assert engine.scheduler.pages.free_pages == 15
             assert engine.scheduler.preemptions > 0
         finally:
             engine.shutdown()
@@ -100,6 +100,7 @@ def test_abort_frees_every_page() -> None:
     engine = tiny_engine("int4", max_running=64)
     try:
         pool = engine.scheduler.pool
+        pages = engine.scheduler.pages
         sinks = [Collector() for _ in range(6)]
         for i, sink in enumerate(sinks):
             engine.submit(greedy(f"a{i}", prompt(i, 20), n=400), sink)
@@ -108,7 +109,7 @@ def test_abort_frees_every_page() -> None:
         for sink in sinks:
             sink.wait()
             assert sink.last.finish is Finish.ABORT
-        assert pool.free_pages == pool.num_pages - 1
+        assert pages.free_pages == pool.num_pages - 1 and pages.used_tokens == 0
         assert not engine.scheduler.has_work()
         assert not engine.abort("a0")  # already gone
     finally:

@@ -34,7 +34,7 @@ def test_preemption_on_gpu_finishes_everything() -> None:
     small = tiny_engine("int4-bdr", device="cuda", num_pages=24, prefill_budget=16, cuda_graphs=True)
     try:
         out = run(small, REQUESTS)
-        assert small.scheduler.pool.free_pages == 23
+        assert small.scheduler.pages.free_pages == 23
     finally:
         small.shutdown()
     assert all(len(t) == 24 for t in out.values())

@@ -172,6 +172,7 @@ class LocalEngine:
         seq.finished = True
         ev.prompt_tokens = seq.num_prompt
         ev.completion_tokens = seq.num_output
+        ev.cached_tokens = seq.cached_prompt
         with self._lock:
             self._live.discard(seq.id)
         seq.sink(ev)
@@ -182,9 +183,9 @@ class LocalEngine:
         self._load = LoadStats(
             running=len(s.running),
             waiting=len(s.waiting),
-            kv_tokens_used=s.pool.used_tokens,
+            kv_tokens_used=s.pages.used_tokens,
             kv_tokens_total=s.pool.capacity_tokens,
             outstanding_tokens=sum(q.remaining_tokens() for q in live),
         )
-        self._stats.maybe_log(len(s.running), len(s.waiting), s.pool.used_tokens / max(s.pool.capacity_tokens, 1),
+        self._stats.maybe_log(len(s.running), len(s.waiting), s.pages.used_tokens / max(s.pool.capacity_tokens, 1),
                               s.preemptions)

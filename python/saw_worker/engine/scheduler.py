@@ -5,7 +5,8 @@ request decodes one token. Admission needs free pages for the rest of the reques
 room for the next `reserve_decode_tokens` outputs of it and of every admitted request, so a burst
 of long prompts waits instead of being admitted and then preempted (a preempted 16k-token prompt
 is recomputed from scratch). When decode still runs out of pages the newest request is preempted
-and later recomputed from its tokens.
+and later recomputed from its tokens. Pages come from the prefix cache: a request admitted with no
+pages starts from the longest run of cached full pages that its tokens begin with.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from saw_worker.engine.request import PENDING, Finish, Sequence
 from saw_worker.kv.pool import KVPool
+from saw_worker.kv.prefix_cache import PrefixCache
 
 
 @dataclass
@@ -37,8 +39,9 @@ class Batch:
 
 class Scheduler:
     def __init__(self, pool: KVPool, max_running: int, prefill_budget: int, context_length: int,
-                 eos_token_ids: frozenset[int], reserve_decode_tokens: int = 0) -> None:
+                 eos_token_ids: frozenset[int], reserve_decode_tokens: int = 0, prefix_cache: bool = True) -> None:
         self.pool = pool
+        self.pages = PrefixCache(pool, prefix_cache)
         self.reserve_decode_tokens = reserve_decode_tokens
         self.preemptions = 0
         self.max_running = max_running
@@ -81,13 +84,20 @@ class Scheduler:
         for seq in self.waiting:
             if budget == 0 or slots_left == 0:
                 break
-            n = min(len(seq.token_ids) - seq.cached, budget)
-            need = self.pool.pages_for(seq.cached + n) - len(seq.pages)
-            footprint = max(self._pages_still_needed(seq), need)
+            # prompt logprobs need every position's logits, so such a request computes its whole prompt
+            matched = [] if seq.pages or seq.wants_prompt_logprobs else self.pages.match(seq.token_ids)
+            cached = seq.cached + len(matched) * self.pool.page_size
+            n = min(len(seq.token_ids) - cached, budget)
+            need = self.pool.pages_for(cached + n) - len(seq.pages) - len(matched)
+            footprint = max(self._pages_still_needed(seq) - len(matched), need)
+            free = self.pages.free_pages - self.pages.idle_among(matched)  # matched idle pages stop being free
             alone = not (self.running or chunks)  # a request too big for the reserve still runs by itself
-            if need > self.pool.free_pages or (self.pool.free_pages - footprint < reserved and not alone):
+            if need > free or (free - footprint < reserved and not alone):
                 break
-            seq.pages += self.pool.allocate(need) or []
+            if matched:
+                self.pages.hold(matched)
+                seq.pages, seq.cached, seq.cached_prompt = matched, cached, cached
+            seq.pages += self.pages.allocate(need) or []
             reserved += footprint - need
             chunks.append(Chunk(seq, seq.cached, seq.cached + n))
             budget -= n
@@ -104,7 +114,7 @@ class Scheduler:
         """Give every running request a slot for its next token, preempting the newest if needed."""
         for seq in sorted(self.running, key=lambda s: s.order):
             while seq in self.running and len(seq.token_ids) > len(seq.pages) * self.pool.page_size:
-                pages = self.pool.allocate(1)
+                pages = self.pages.allocate(1)
                 if pages:
                     seq.pages += pages
                 else:
@@ -120,7 +130,8 @@ class Scheduler:
             self.waiting.appendleft(victim)
 
     def _free(self, seq: Sequence) -> None:
-        self.pool.release(seq.pages)
+        self.pages.name_pages(seq.token_ids, seq.pages, seq.cached)
+        self.pages.release(seq.pages)
         seq.pages = []
         seq.cached = 0
 
@@ -128,6 +139,8 @@ class Scheduler:
         """Record a finished forward for one chunk; token is the sampled next token when chunk.samples."""
         seq = chunk.seq
         seq.cached = chunk.end
+        if chunk.start < seq.num_prompt:  # a prefill chunk: its full pages can serve requests alike at once
+            self.pages.name_pages(seq.token_ids, seq.pages, seq.cached)
         if token is None:
             return None
         if seq in self.waiting:

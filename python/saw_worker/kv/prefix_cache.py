@@ -1,0 +1,106 @@
+"""Prefix caching of full pages: requests that start with the same tokens share those pages' K/V.
+
+A full page is named by its tokens and the name of the page before it, so a name stands for the
+whole prefix up to the page's end and a lookup is a longest-prefix match. Pages in use count their
+holders; a named page nobody holds stays in the pool, least recently released first out, until an
+allocation needs room. Only full pages are shared, and a full page is never written again (its
+holders write at later positions), so a shared page needs no copy.
+
+Every page a request holds comes from here: `allocate` evicts idle named pages when the free list
+runs short, and `release` keeps named pages and returns the others to the pool.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from saw_worker.kv.pool import KVPool
+
+Name = tuple[object, tuple[int, ...]]  # (the previous page's name or None, this page's tokens)
+
+
+class PrefixCache:
+    def __init__(self, pool: KVPool, enabled: bool = True) -> None:
+        self.pool = pool
+        self.enabled = enabled
+        self._page_of: dict[Name, int] = {}
+        self._name_of: dict[int, Name] = {}
+        self._holders: dict[int, int] = {}  # named pages only
+        self._idle: OrderedDict[int, None] = OrderedDict()  # named pages nobody holds, oldest first
+
+    @property
+    def free_pages(self) -> int:
+        """Pages an allocation can get: free ones and idle named ones."""
+        return self.pool.free_pages + len(self._idle)
+
+    @property
+    def used_tokens(self) -> int:
+        """Tokens in pages that requests hold (idle named pages count as free)."""
+        return self.pool.capacity_tokens - self.free_pages * self.pool.page_size
+
+    def match(self, token_ids: list[int]) -> list[int]:
+        """Named pages holding the longest prefix of token_ids, leaving at least its last token to compute
+        (its logits give the next token). Nothing is taken: see `hold`."""
+        if not self.enabled:
+            return []
+        size = self.pool.page_size
+        pages: list[int] = []
+        name: object = None
+        for start in range(0, len(token_ids) - 1 - size + 1, size):
+            name = (name, tuple(token_ids[start:start + size]))
+            page = self._page_of.get(name)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def idle_among(self, pages: list[int]) -> int:
+        return sum(p in self._idle for p in pages)
+
+    def hold(self, pages: list[int]) -> None:
+        """Take matched pages for one more request."""
+        for p in pages:
+            self._holders[p] += 1
+            self._idle.pop(p, None)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n pages nobody holds, evicting idle named pages as needed; None (nothing taken) if there are not n."""
+        if n > self.free_pages:
+            return None
+        while self.pool.free_pages < n:
+            page, _ = self._idle.popitem(last=False)
+            del self._page_of[self._name_of.pop(page)], self._holders[page]
+            self.pool.release([page])
+        return self.pool.allocate(n)
+
+    def name_pages(self, token_ids: list[int], pages: list[int], computed: int) -> None:
+        """Name the full pages among the first `computed` tokens of a request holding `pages` (from its first
+        page on), so that later requests can match them. A page whose name another page has stays private."""
+        if not self.enabled:
+            return
+        size = self.pool.page_size
+        name: object = None
+        for i in range(computed // size):
+            tokens = tuple(token_ids[i * size:(i + 1) * size])
+            if min(tokens) < 0:  # a launched step's token, not yet known on the host
+                return
+            name = (name, tokens)
+            page = pages[i]
+            if page in self._name_of:
+                continue
+            if name not in self._page_of:
+                self._page_of[name] = page
+                self._name_of[page] = name
+                self._holders[page] = 1
+
+    def release(self, pages: list[int]) -> None:
+        """A request lets go of its pages: named ones wait for reuse, the others go back to the pool."""
+        private = []
+        for p in pages:
+            if p in self._holders:
+                self._holders[p] -= 1
+                if self._holders[p] == 0:
+                    self._idle[p] = None
+            else:
+                private.append(p)
+        self.pool.release(private)

@@ -1,0 +1,97 @@
+"""Prefix caching: named full pages, matching, holding, eviction; and the engine sharing a prompt prefix."""
+
+from __future__ import annotations
+
+import torch
+from engine_util import Collector, prompt, run, tiny_engine
+
+from saw_worker.engine.request import GenerateParams
+from saw_worker.kv.formats import KVFormat
+from saw_worker.kv.pool import KVPool
+from saw_worker.kv.prefix_cache import PrefixCache
+
+
+def cache(num_pages: int = 8) -> PrefixCache:
+    return PrefixCache(KVPool(KVFormat("int4", 64), 1, 1, num_pages, 4, torch.device("cpu")))
+
+
+def test_named_pages_match_a_prefix_and_wait_for_reuse() -> None:
+    c = cache()
+    tokens = list(range(10, 22))  # three full pages
+    pages = c.allocate(3)
+    assert pages is not None and c.match(tokens + [99]) == []
+    c.name_pages(tokens, pages, computed=11)  # the third page is not computed yet
+    assert c.match(tokens + [99]) == pages[:2]
+    c.name_pages(tokens, pages, computed=12)
+    assert c.match(tokens + [99]) == pages
+    assert c.match(tokens) == pages[:2]  # the last token is always computed
+    assert c.match([10, 11, 12, 0] + tokens[4:]) == []  # a page matches only after the same prefix
+    c.release(pages)
+    assert c.free_pages == 7 and c.used_tokens == 0 and c.pool.free_pages == 4  # idle named pages stay
+    matched = c.match(tokens + [1, 2])
+    assert c.idle_among(matched) == 3
+    c.hold(matched)
+    assert c.free_pages == 4 and c.used_tokens == 12
+    c.release(matched)
+
+
+def test_allocation_evicts_idle_pages_oldest_first() -> None:
+    c = cache()
+    a, b = list(range(100, 104)), list(range(200, 204))
+    pa, pb = c.allocate(1), c.allocate(1)
+    assert pa is not None and pb is not None
+    c.name_pages(a, pa, 4)
+    c.name_pages(b, pb, 4)
+    c.release(pa)
+    c.release(pb)
+    assert c.allocate(6) is not None  # 5 free pages and the oldest idle one
+    assert c.match(a + [0]) == [] and c.match(b + [0]) == pb
+    assert c.allocate(2) is None and c.match(b + [0]) == pb  # too few: nothing is taken
+
+
+def test_a_second_copy_of_a_named_page_stays_private() -> None:
+    c = cache()
+    tokens = [7, 7, 7, 7]
+    first, second = c.allocate(1), c.allocate(1)
+    assert first is not None and second is not None
+    c.name_pages(tokens, first, 4)
+    c.name_pages(tokens, second, 4)
+    c.release(second)
+    assert c.pool.free_pages == 6  # went straight back to the pool
+    assert c.match(tokens + [1]) == first
+
+
+def test_disabled_cache_never_matches() -> None:
+    c = PrefixCache(KVPool(KVFormat("bf16", 64), 1, 1, 8, 4, torch.device("cpu")), enabled=False)
+    pages = c.allocate(2)
+    assert pages is not None
+    c.name_pages(list(range(8)), pages, 8)
+    c.release(pages)
+    assert c.match(list(range(9))) == [] and c.pool.free_pages == 7
+
+
+def test_engine_serves_a_shared_prefix_from_the_cache() -> None:
+    """Requests that share a 26-token system prompt reuse its 6 full pages: the tokens are those of an engine
+    without the cache, usage reports the cached prompt tokens, and every page is reclaimable afterwards."""
+    system = prompt(50, 26)
+    requests = [GenerateParams(f"q{i}", system + prompt(60 + i, 3 + i), max_new_tokens=8, ignore_eos=True)
+                for i in range(3)]
+    outputs, cached = {}, {}
+    for on in (False, True):
+        engine = tiny_engine("bf16", prefix_cache=on)
+        try:
+            outputs[on], cached[on] = {}, {}
+            for r in requests:  # one after another, so that each finds the previous ones' pages
+                sink = Collector()
+                engine.submit(r, sink)
+                outputs[on][r.request_id] = sink.wait()
+                cached[on][r.request_id] = sink.last.cached_tokens
+            again = run(engine, [GenerateParams("again", requests[0].input_ids, max_new_tokens=8, ignore_eos=True)])
+            pages = engine.scheduler.pages
+            assert pages.free_pages == engine.scheduler.pool.num_pages - 1 and pages.used_tokens == 0
+        finally:
+            engine.shutdown()
+        assert again["again"] == outputs[on]["q0"]
+    assert outputs[True] == outputs[False]
+    assert cached[False] == {"q0": 0, "q1": 0, "q2": 0}
+    assert cached[True] == {"q0": 0, "q1": 24, "q2": 24}
