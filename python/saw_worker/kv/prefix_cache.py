@@ -1,7 +1,9 @@
 """Prefix caching of full pages: requests that start with the same tokens share those pages' K/V.
 
-A full page is named by its tokens and the name of the page before it, so a name stands for the
-whole prefix up to the page's end and a lookup is a longest-prefix match. Pages in use count their
+A full page is named by a hash of its tokens and the name of the page before it, so a name stands
+for the whole prefix up to the page's end and a lookup is a longest-prefix match. (A flat hash, not
+nested tuples, whose hashing would cost the whole chain at every page; each page keeps what it was
+named from, so a hash collision is a miss, never a wrong page.) Pages in use count their
 holders; a named page nobody holds stays in the pool, least recently released first out, until an
 allocation needs room. Only full pages are shared, and a full page is never written again (its
 holders write at later positions), so a shared page needs no copy.
@@ -16,15 +18,15 @@ from collections import OrderedDict
 
 from saw_worker.kv.pool import KVPool
 
-Name = tuple[object, tuple[int, ...]]  # (the previous page's name or None, this page's tokens)
+ROOT = 0  # the name before a request's first page
 
 
 class PrefixCache:
     def __init__(self, pool: KVPool, enabled: bool = True) -> None:
         self.pool = pool
         self.enabled = enabled
-        self._page_of: dict[Name, int] = {}
-        self._name_of: dict[int, Name] = {}
+        self._page_of: dict[int, int] = {}  # name -> page
+        self._named: dict[int, tuple[int, int, tuple[int, ...]]] = {}  # page -> (name, previous name, tokens)
         self._holders: dict[int, int] = {}  # named pages only
         self._idle: OrderedDict[int, None] = OrderedDict()  # named pages nobody holds, oldest first
 
@@ -45,13 +47,14 @@ class PrefixCache:
             return []
         size = self.pool.page_size
         pages: list[int] = []
-        name: object = None
-        for start in range(0, len(token_ids) - 1 - size + 1, size):
-            name = (name, tuple(token_ids[start:start + size]))
-            page = self._page_of.get(name)
-            if page is None:
+        name = ROOT
+        for start in range(0, len(token_ids) - size, size):
+            tokens = tuple(token_ids[start:start + size])
+            page = self._page_of.get(hash((name, tokens)), -1)
+            if page < 0 or self._named[page][1:] != (name, tokens):
                 break
             pages.append(page)
+            name = self._named[page][0]
         return pages
 
     def idle_among(self, pages: list[int]) -> int:
@@ -69,7 +72,7 @@ class PrefixCache:
             return None
         while self.pool.free_pages < n:
             page, _ = self._idle.popitem(last=False)
-            del self._page_of[self._name_of.pop(page)], self._holders[page]
+            del self._page_of[self._named.pop(page)[0]], self._holders[page]
             self.pool.release([page])
         return self.pool.allocate(n)
 
@@ -79,18 +82,16 @@ class PrefixCache:
         if not self.enabled:
             return
         size = self.pool.page_size
-        name: object = None
+        name = ROOT
         for i in range(computed // size):
             tokens = tuple(token_ids[i * size:(i + 1) * size])
             if min(tokens) < 0:  # a launched step's token, not yet known on the host
                 return
-            name = (name, tokens)
+            previous, name = name, hash((name, tokens))
             page = pages[i]
-            if page in self._name_of:
-                continue
-            if name not in self._page_of:
+            if page not in self._named and name not in self._page_of:
                 self._page_of[name] = page
-                self._name_of[page] = name
+                self._named[page] = (name, previous, tokens)
                 self._holders[page] = 1
 
     def release(self, pages: list[int]) -> None:
