@@ -95,3 +95,26 @@ def test_engine_serves_a_shared_prefix_from_the_cache() -> None:
     assert outputs[True] == outputs[False]
     assert cached[False] == {"q0": 0, "q1": 0, "q2": 0}
     assert cached[True] == {"q0": 0, "q1": 24, "q2": 24}
+
+
+def test_preemption_with_the_cache_keeps_the_tokens() -> None:
+    """In a pool too small for the batch, a preempted request's rerun may start from its own named pages:
+    the tokens match a roomy engine without the cache, usage never counts more cached tokens than the
+    prompt has, and every page is reclaimable at the end."""
+    requests = [GenerateParams(f"p{i}", prompt(i, n), max_new_tokens=12, ignore_eos=True)
+                for i, n in enumerate([1, 5, 17, 30, 9])]
+    roomy = tiny_engine("int4-bdr", num_pages=256, prefill_budget=256, prefix_cache=False)
+    small = tiny_engine("int4-bdr", num_pages=12, prefill_budget=8)
+    try:
+        want = run(roomy, requests)
+        sinks = {r.request_id: Collector() for r in requests}
+        for r in requests:
+            small.submit(r, sinks[r.request_id])
+        got = {rid: sink.wait() for rid, sink in sinks.items()}
+        assert small.scheduler.preemptions > 0
+        assert all(s.last.cached_tokens < s.last.prompt_tokens for s in sinks.values())
+        assert small.scheduler.pages.free_pages == 11
+    finally:
+        roomy.shutdown()
+        small.shutdown()
+    assert got == want

@@ -96,7 +96,9 @@ class Scheduler:
                 break
             if matched:
                 self.pages.hold(matched)
-                seq.pages, seq.cached, seq.cached_prompt = matched, cached, cached
+                seq.pages, seq.cached = matched, cached
+                if seq.num_output == 0:  # usage counts prompt tokens; a preempted request's rerun is not one
+                    seq.cached_prompt = cached
             seq.pages += self.pages.allocate(need) or []
             reserved += footprint - need
             chunks.append(Chunk(seq, seq.cached, seq.cached + n))
