@@ -80,7 +80,10 @@ def test_sigterm_stops_the_router(tmp_path):
     from pathlib import Path
 
     pid_file = tmp_path / "router.pid"
-    router = f"{sys.executable} -c \"import os,time; open('{pid_file}','w').write(str(os.getpid())); time.sleep(600)\""
+    # The stand-in stops on SIGINT as the real router does, even where SIGINT is inherited ignored (a
+    # shell's background job): otherwise saw-bench waits out its 60 s grace.
+    router = (f"{sys.executable} -c \"import os,signal,time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              f"open('{pid_file}','w').write(str(os.getpid())); time.sleep(600)\"")
     src = str(Path(__file__).resolve().parents[2] / "python")  # this tree, not an installed saw
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     bench = subprocess.Popen([sys.executable, "-m", "saw_loadtest", "--router-cmd", router, "--kv", "bf16",
