@@ -107,7 +107,7 @@ class Sequence:
         self.num_prompt = len(params.input_ids)
         self.pages: list[int] = []
         self.cached = 0
-        self.cached_prompt = 0  # prompt tokens found in the prefix cache at the last admission
+        self.cached_prompt = 0  # prompt tokens found in the prefix cache at the first admission
         self.finished = False  # the last event was sent
         self.prompt_logprobs: list[TokenLogprob] | None = [] if params.prompt_logprobs else None
         self.generator: torch.Generator | None = None

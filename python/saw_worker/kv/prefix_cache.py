@@ -84,12 +84,15 @@ class PrefixCache:
         size = self.pool.page_size
         name = ROOT
         for i in range(computed // size):
+            page = pages[i]
+            if page in self._named:  # matched, or named at an earlier chunk: its name is already known
+                name = self._named[page][0]
+                continue
             tokens = tuple(token_ids[i * size:(i + 1) * size])
             if min(tokens) < 0:  # a launched step's token, not yet known on the host
                 return
             previous, name = name, hash((name, tokens))
-            page = pages[i]
-            if page not in self._named and name not in self._page_of:
+            if name not in self._page_of:
                 self._page_of[name] = page
                 self._named[page] = (name, previous, tokens)
                 self._holders[page] = 1
