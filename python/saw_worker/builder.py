@@ -14,10 +14,10 @@ from saw_worker.engine.engine import LocalEngine
 from saw_worker.engine.interface import EngineInfo
 from saw_worker.engine.model_runner import ModelRunner
 from saw_worker.engine.scheduler import Scheduler
+from saw_worker.kv import calibration
 from saw_worker.kv.backend import PagedAttention
-from saw_worker.kv.calibration import CALIBRATION_TEXT, load_k_mean, measure_k_mean
-from saw_worker.kv.formats import KVFormat, default_kv_options
-from saw_worker.kv.pool import KVPool, bytes_per_token
+from saw_worker.kv.formats import DEFAULT_K_SCALE_ALPHA, KVFormat, default_kv_options
+from saw_worker.kv.pool import KVPool, bytes_per_token, window_bytes_per_request
 from saw_worker.loader import load_model
 
 log = logging.getLogger("saw_worker")
@@ -33,7 +33,10 @@ class WorkerOptions:
     hadamard_order: int | None = None  # None: default_kv_options
     rotate_v: bool = False
     k_center: bool | None = None  # None: default_kv_options
-    k_mean_file: str | None = None
+    k_scale: bool | None = None  # None: default_kv_options
+    k_scale_alpha: float = DEFAULT_K_SCALE_ALPHA
+    window: int | None = None  # None: default_kv_options
+    k_mean_file: str | None = None  # a saved calibration (calibration.load) instead of measuring one
     bf16_layers: frozenset[int] = frozenset()
     device: str = "auto"
     mem_fraction: float = 0.90  # weights + KV pool; 8 GB of an H100 left for activations and graphs
@@ -67,6 +70,18 @@ def kv_budget(opts: WorkerOptions, device: torch.device) -> int:
     return max(free - reserve, 0)
 
 
+def kv_format(opts: WorkerOptions, head_dim: int) -> KVFormat:
+    """The format --kv and its modifiers ask for, defaults filled in per model (default_kv_options)."""
+    d = default_kv_options(opts.kv, head_dim)
+
+    def pick(given: bool | int | None, default: bool | int) -> bool | int:
+        return default if given is None else given
+
+    return KVFormat.make(opts.kv, head_dim, opts.hadamard_order or d.hadamard_order, opts.rotate_v,
+                         bool(pick(opts.k_center, d.k_center)), bool(pick(opts.k_scale, d.k_scale)),
+                         int(pick(opts.window, d.window)))
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
@@ -83,26 +98,35 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
     # switched to the paged one.
     loaded = load_model(opts.model, opts.load_format, device, dtype, _no_attention)
     cfg = loaded.config
-    order, k_center = default_kv_options(opts.kv, cfg.head_dim)
-    fmt = KVFormat.make(opts.kv, cfg.head_dim, opts.hadamard_order or order, opts.rotate_v,
-                        k_center if opts.k_center is None else opts.k_center)
+    fmt = kv_format(opts, cfg.head_dim)
     budget = kv_budget(opts, device)
+    # one ring row per request that may hold pages: the running ones and one being prefilled
+    rows = opts.max_running_requests + 1
     pool = KVPool.from_budget(fmt, cfg.num_layers, cfg.num_kv_heads, budget, opts.page_size, device,
-                              opts.bf16_layers)
+                              opts.bf16_layers, rows)
     attention = PagedAttention(pool, cfg.head_dim ** -0.5, use_kernels=device.type == "cuda")
     loaded.model.attention = attention
     runner = ModelRunner(loaded.model, attention, pool, device)
-    log.info("KV pool: %s, %d tokens in %.1f MiB (%d B/token)", fmt.name, pool.capacity_tokens, budget / 2**20,
-             bytes_per_token(fmt, cfg.num_layers, cfg.num_kv_heads, opts.bf16_layers))
+    log.info("KV pool: %s, %d tokens in %.1f MiB (%d B/token, %d B of bf16 window per request)", fmt.describe(),
+             pool.capacity_tokens, budget / 2**20, bytes_per_token(fmt, cfg.num_layers, cfg.num_kv_heads,
+                                                                   opts.bf16_layers),
+             window_bytes_per_request(fmt, cfg.num_layers, cfg.num_kv_heads, opts.bf16_layers))
 
-    if fmt.k_center:
+    if fmt.k_center or fmt.k_scale:
+        started = time.perf_counter()
         if opts.k_mean_file:
-            pool.k_mean = load_k_mean(opts.k_mean_file, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim).to(device)
+            cal = calibration.load(opts.k_mean_file, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+            if fmt.k_scale and cal.k_scale is None:
+                raise ValueError(f"{opts.k_mean_file} holds no k_scale; give --no-k-scale or a file with one")
         else:
-            ids = tokenizers.Tokenizer.from_str(loaded.tokenizer.tokenizer_json).encode(CALIBRATION_TEXT).ids
-            pool.k_mean = measure_k_mean(runner, ids)
-            log.info("K centering: measured the K mean on %d calibration tokens", len(ids))
+            ids = tokenizers.Tokenizer.from_str(loaded.tokenizer.tokenizer_json).encode(
+                calibration.CALIBRATION_TEXT).ids
+            cal = calibration.measure(runner, ids, fmt.k_center, fmt.k_scale, opts.k_scale_alpha)
+        pool.k_mean = cal.k_mean.to(device) if fmt.k_center and cal.k_mean is not None else None
+        pool.k_scale = cal.k_scale.to(device) if fmt.k_scale and cal.k_scale is not None else None
         attention.refresh()
+        log.info("K calibration (%s) in %.2fs", opts.k_mean_file or "measured on the built-in text",
+                 time.perf_counter() - started)
 
     context = min(opts.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
     prefill_budget = opts.max_prefill_tokens or (8192 if device.type == "cuda" else 512)
@@ -115,7 +139,7 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
                           frozenset(loaded.tokenizer.eos_token_ids), opts.reserve_decode_tokens, opts.prefix_cache)
     info = EngineInfo(
         model_id=loaded.model_id, tokenizer=loaded.tokenizer, context_length=context, vocab_size=cfg.vocab_size,
-        kv_format=fmt.name, kv_capacity_tokens=pool.capacity_tokens, page_size=opts.page_size,
+        kv_format=fmt.describe(), kv_capacity_tokens=pool.capacity_tokens, page_size=opts.page_size,
         device=device_name(device),
     )
     return LocalEngine(runner, scheduler, info, opts.overlap)

@@ -13,7 +13,7 @@ import threading
 
 from saw_worker.builder import WorkerOptions
 from saw_worker.engine.process import ProcessEngine
-from saw_worker.kv.formats import HADAMARD_ORDERS, KV_FORMATS
+from saw_worker.kv.formats import DEFAULT_WINDOW, HADAMARD_ORDERS, KV_FORMATS
 from saw_worker.loader import ModelLoadError
 
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -59,10 +59,20 @@ def parser() -> argparse.ArgumentParser:
                    help="subtract the per-(layer, KV head) mean of K before quantizing (default: on for int4 and "
                         "int4-bdr); the mean is measured on a built-in calibration text at load, or read from "
                         "--k-mean-file")
+    p.add_argument("--k-scale", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide K per channel by a calibrated power-of-two scale and multiply q by it (exact for "
+                        "attention; default: on for int4 and int4-bdr)")
+    p.add_argument("--k-scale-alpha", type=float, default=WorkerOptions.k_scale_alpha,
+                   help="scale = max|K|^a / max|q|^(1-a) per channel (default: %(default)s)")
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help=f"attend the W tokens before each step's new ones at bf16 from a per-request window "
+                        f"(default: {DEFAULT_WINDOW} for int4 and int4-bdr; 0 = off)")
     p.add_argument("--bf16-layers", type=_layer_list, default=frozenset(), metavar="I,J,...",
                    help="layers whose K/V stay bf16 whatever --kv is (e.g. 0,1: Qwen2's first layers quantize "
                         "worst, docs/accuracy.md)")
-    p.add_argument("--k-mean-file", default=None, help="torch file holding the K mean [layers, kv_heads, head_dim]")
+    p.add_argument("--k-mean-file", default=None,
+                   help="saved K calibration instead of measuring one at load: a torch file holding "
+                        "{'k_mean': ..., 'k_scale': ...} or a bare K mean, each [layers, kv_heads, head_dim]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--mem-fraction", type=float, default=WorkerOptions.mem_fraction,
                    help="fraction of GPU memory for weights + KV cache; the pool takes what is left free")
@@ -103,7 +113,8 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> WorkerOp
     rotate_v = args.rotate_v if args.rotate_v is not None else env.get("ROTATE_V", "0") == "1"
     return WorkerOptions(
         model=args.model, load_format=args.load_format, kv=kv, hadamard_order=order, rotate_v=rotate_v,
-        k_center=args.k_center, k_mean_file=args.k_mean_file, bf16_layers=args.bf16_layers, device=args.device,
+        k_center=args.k_center, k_scale=args.k_scale, k_scale_alpha=args.k_scale_alpha, window=args.window,
+        k_mean_file=args.k_mean_file, bf16_layers=args.bf16_layers, device=args.device,
         mem_fraction=args.mem_fraction,
         kv_cache_memory=args.kv_cache_memory, page_size=args.page_size,
         max_running_requests=args.max_running_requests, max_prefill_tokens=args.max_prefill_tokens,

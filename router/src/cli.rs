@@ -45,6 +45,14 @@ pub struct Args {
     /// int4-bdr). `--k-center false` turns it off.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub k_center: Option<bool>,
+    /// Divide K per channel by a calibrated power-of-two scale folded into q (worker default: on for int4
+    /// and int4-bdr). `--k-scale false` turns it off.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub k_scale: Option<bool>,
+    /// Tokens before each step's new ones attended at bf16 from a per-request window (worker default: 32
+    /// for int4 and int4-bdr; 0 turns it off).
+    #[arg(long, value_name = "W")]
+    pub window: Option<u32>,
     /// Layers whose K/V stay bf16 whatever --kv is, e.g. 0,1 (passed to workers).
     #[arg(long, value_name = "I,J,...")]
     pub bf16_layers: Option<String>,
@@ -96,6 +104,10 @@ pub struct Args {
     /// How long to wait for workers to load before giving up.
     #[arg(long, default_value_t = 900)]
     pub startup_timeout_secs: u64,
+    /// Further flags for every local worker, given after `--` and passed on as they are
+    /// (`python -m saw_worker --help` lists them), e.g. `-- --max-prefill-tokens 4096 --no-prefix-cache`.
+    #[arg(last = true, value_name = "WORKER FLAGS")]
+    pub worker_args: Vec<String>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,7 +179,9 @@ impl Args {
             self.rotate_v.or_else(|| env("ROTATE_V").map(|v| v == "1" || v.eq_ignore_ascii_case("true")));
         push_switch(&mut flags, "rotate-v", rotate_v);
         push_switch(&mut flags, "k-center", self.k_center);
+        push_switch(&mut flags, "k-scale", self.k_scale);
         let passthrough = [
+            ("--window", self.window.map(|w| w.to_string())),
             ("--bf16-layers", self.bf16_layers.clone()),
             ("--load-format", self.load_format.clone()),
             ("--mem-fraction", self.mem_fraction.map(|f| f.to_string())),
@@ -179,6 +193,7 @@ impl Args {
                 flags.extend([flag.to_string(), value]);
             }
         }
+        flags.extend(self.worker_args.iter().cloned());
         flags
     }
 }
@@ -236,6 +251,16 @@ mod tests {
         assert!(flags(&[]).is_empty());
         assert_eq!(flags(&["--k-center"]), ["--k-center"]);
         assert_eq!(flags(&["--k-center", "false"]), ["--no-k-center"]);
+    }
+
+    #[test]
+    fn accuracy_levers_and_trailing_worker_flags_reach_the_worker() {
+        let flags = |args: &[&str]| parse(args).worker_flags(env(&[]))[4..].to_vec();
+        assert_eq!(flags(&["--k-scale", "false", "--window", "0"]), ["--no-k-scale", "--window", "0"]);
+        assert_eq!(
+            flags(&["--window", "16", "--", "--max-prefill-tokens", "1", "--no-prefix-cache"]),
+            ["--window", "16", "--max-prefill-tokens", "1", "--no-prefix-cache"]
+        );
     }
 
     #[test]

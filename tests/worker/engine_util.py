@@ -36,7 +36,7 @@ def tiny_engine(kv: str = "int4-bdr", num_pages: int = 64, page_size: int = 4, m
     dev = torch.device(device)
     on_gpu = dev.type == "cuda"
     fmt = KVFormat.make(kv, TINY.head_dim, **fmt_kw)  # type: ignore[arg-type]
-    pool = KVPool(fmt, TINY.num_layers, TINY.num_kv_heads, num_pages, page_size, dev, bf16_layers)
+    pool = KVPool(fmt, TINY.num_layers, TINY.num_kv_heads, num_pages, page_size, dev, bf16_layers, max_running + 1)
     attention = PagedAttention(pool, TINY.head_dim ** -0.5, use_kernels=on_gpu)
     model = DecoderLM(TINY, attention, device=dev, dtype=torch.bfloat16 if on_gpu else torch.float32)
     model.init_random_(seed=1, std=0.3)  # large enough that greedy choices are not near-ties
@@ -47,7 +47,7 @@ def tiny_engine(kv: str = "int4-bdr", num_pages: int = 64, page_size: int = 4, m
                           reserve_decode_tokens, prefix_cache)
     tok = TokenizerInfo(tokenizer_json="{}", chat_template="", bos_token="", eos_token="", bos_token_id=None,
                         eos_token_ids=(eos,))
-    info = EngineInfo("tiny", tok, TINY.max_position_embeddings, VOCAB, fmt.name, pool.capacity_tokens, page_size,
+    info = EngineInfo("tiny", tok, TINY.max_position_embeddings, VOCAB, fmt.describe(), pool.capacity_tokens, page_size,
                       "cpu")
     engine = LocalEngine(runner, scheduler, info, overlap)
     engine.start()

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from saw_worker.kv.formats import (
+    DEFAULT_WINDOW,
+    KVDefaults,
     KVFormat,
     decode_o,
     default_kv_options,
@@ -93,16 +95,25 @@ def test_bf16_layers_cost_bf16_bytes_and_are_checked() -> None:
 
 
 def test_worker_defaults_follow_the_accuracy_measurements() -> None:
-    """Unless told otherwise: K centering for INT4 formats; order 128 at head_dim 128, 32 at 64."""
+    """Unless told otherwise: K centering, K scale and a bf16 window for INT4 formats; order 128 at
+    head_dim 128, 32 at 64."""
+    from saw_worker.builder import kv_format
     from saw_worker.cli import options_from_args, parser
 
-    assert default_kv_options("int4-bdr", 128) == (128, True)
-    assert default_kv_options("int4", 64) == (32, True)
-    assert default_kv_options("bf16", 64)[1] is False
+    assert default_kv_options("int4-bdr", 128) == KVDefaults(128, True, True, DEFAULT_WINDOW)
+    assert default_kv_options("int4", 64) == KVDefaults(32, True, True, DEFAULT_WINDOW)
+    assert default_kv_options("bf16", 64) == KVDefaults(32, False, False, 0)
     opts = options_from_args(parser().parse_args([]), {})
-    assert (opts.kv, opts.hadamard_order, opts.k_center) == ("int4-bdr", None, None)  # resolved per model
-    opts = options_from_args(parser().parse_args(["--no-k-center"]), {"HADAMARD_ORDER": "64"})
-    assert (opts.hadamard_order, opts.k_center) == (64, False)
+    assert (opts.kv, opts.hadamard_order, opts.k_center, opts.k_scale, opts.window) == (
+        "int4-bdr", None, None, None, None)  # resolved per model
+    assert kv_format(opts, 64).describe() == f"int4-bdr:b32+center+scale+w{DEFAULT_WINDOW}"
+    assert kv_format(options_from_args(parser().parse_args(["--kv", "bf16"]), {}), 64).describe() == "bf16"
+    opts = options_from_args(parser().parse_args(["--no-k-center", "--no-k-scale", "--window", "0"]),
+                             {"HADAMARD_ORDER": "64"})
+    assert (opts.hadamard_order, opts.k_center, opts.k_scale, opts.window) == (64, False, False, 0)
+    assert kv_format(opts, 64).describe() == "int4-bdr:b64"
+    with pytest.raises(ValueError, match="--window"):
+        KVFormat.make("bf16", 64, window=8)
 
 
 def naive_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -114,17 +125,26 @@ def naive_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
     return torch.einsum("hl,lhd->hd", p, v)
 
 
-@pytest.mark.parametrize("name,rotate_v,k_center", [
-    ("bf16", False, False), ("int4", False, False), ("int4", False, True),
-    ("int4-bdr", False, False), ("int4-bdr", True, True),
+def pow2_scale(hkv: int, d: int, seed: int) -> torch.Tensor:
+    """A K scale as calibration makes one: powers of two, some above 1, some below."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp2(torch.randint(-3, 4, (1, hkv, d), generator=g).float())
+
+
+@pytest.mark.parametrize("name,rotate_v,k_center,k_scale", [
+    ("bf16", False, False, False), ("int4", False, False, False), ("int4", False, True, False),
+    ("int4", False, True, True), ("int4-bdr", False, False, False), ("int4-bdr", True, True, False),
+    ("int4-bdr", False, True, True), ("int4-bdr", True, False, True),
 ])
-def test_paged_attention_matches_float64(name: str, rotate_v: bool, k_center: bool) -> None:
+def test_paged_attention_matches_float64(name: str, rotate_v: bool, k_center: bool, k_scale: bool) -> None:
     torch.manual_seed(0)
     d, hq, hkv, page = 64, 6, 2, 4
-    fmt = KVFormat.make(name, d, 32, rotate_v, k_center)
+    fmt = KVFormat.make(name, d, 32, rotate_v, k_center, k_scale)
     pool = KVPool(fmt, 1, hkv, num_pages=16, page_size=page, device=torch.device("cpu"))
     if k_center:
         pool.k_mean = torch.randn(1, hkv, d) * 5
+    if k_scale:
+        pool.k_scale = pow2_scale(hkv, d, seed=3)
     cache = pool.layer(0)  # after k_mean: the layer view carries it
     lens = [1, 7, 13]  # 1 token, inside a page, across page boundaries
     tables, keys, values = [], [], []
@@ -143,10 +163,27 @@ def test_paged_attention_matches_float64(name: str, rotate_v: bool, k_center: bo
                               cache, fmt, 1 / math.sqrt(d))
     for b in range(len(lens)):
         # Expected: float64 attention over exactly what the format stores, in its own space.
-        stored_k, stored_v = stored(encode_k(keys[b], fmt, pool.k_mean), fmt), stored(encode_v(values[b], fmt), fmt)
-        want = naive_attention(encode_q(q[b], fmt), stored_k, stored_v, 1 / math.sqrt(d))
+        k_mean, k_scale = cache.k_mean, cache.k_scale
+        stored_k = stored(encode_k(keys[b], fmt, k_mean, k_scale), fmt)
+        stored_v = stored(encode_v(values[b], fmt), fmt)
+        want = naive_attention(encode_q(q[b], fmt, k_scale), stored_k, stored_v, 1 / math.sqrt(d))
         want = decode_o(want, fmt)
         assert (out[b].double() - want).abs().max() < 1e-4, (name, b)
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_k_scale_and_centering_leave_attention_unchanged_in_float64(rotated: bool) -> None:
+    """The folding is exact: attention of R(q lambda) over R(k / lambda - mu) equals that of q over k."""
+    fmt = KVFormat.make("int4-bdr" if rotated else "int4", 64, 32, k_center=True, k_scale=True)
+    g = torch.Generator().manual_seed(5)
+    hkv, hq = 2, 8
+    k = outlier_rows(40 * hkv, 64, seed=6).view(40, hkv, 64)
+    v = torch.randn(40, hkv, 64, generator=g, dtype=torch.float64)
+    q = torch.randn(hq, 64, generator=g, dtype=torch.float64)
+    lam = pow2_scale(hkv, 64, seed=7)[0].double()
+    mu = torch.randn(hkv, 64, generator=g, dtype=torch.float64)
+    folded = naive_attention(encode_q(q, fmt, lam).double(), encode_k(k, fmt, mu, lam).double(), v, 0.125)
+    assert (folded - naive_attention(q, k, v, 0.125)).abs().max() < 1e-5
 
 
 def stored(x: torch.Tensor, fmt: KVFormat) -> torch.Tensor:

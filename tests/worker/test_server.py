@@ -84,7 +84,7 @@ def wait_idle(client: Client) -> saw_pb2.LoadReply:
 
 def test_info_describes_model_and_cache(worker: Client) -> None:
     info = worker.info(saw_pb2.InfoRequest())
-    assert info.model_id == "smollm2-135m" and info.kv_format == "int4-bdr"
+    assert info.model_id == "smollm2-135m" and info.kv_format.startswith("int4-bdr:")
     assert '"model"' in info.tokenizer_json and "im_start" in info.chat_template
     assert info.kv_capacity_tokens > 1000 and info.page_size == 16 and info.context_length >= 2048
     assert list(info.eos_token_ids)

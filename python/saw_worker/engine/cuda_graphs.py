@@ -9,10 +9,16 @@ serves any mix of lengths up to the captured page-table width.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from saw_worker.kv.backend import PagedAttention, StepLayout
+from saw_worker.kv.reference import WindowLayout
+
+if TYPE_CHECKING:
+    from saw_worker.engine.model_runner import HostBatch
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -39,20 +45,35 @@ class DecodeGraphs:
         self._slots = buffers(n, dtype=torch.int64)
         self._seq_lens = buffers(n, dtype=torch.int32)
         self._table = buffers(n, max_pages, dtype=torch.int32)
+        self._window = attention.pool.window > 0
+        if self._window:
+            self._window_rows = buffers(n, dtype=torch.int32)
+            self._window_lens = buffers(n, dtype=torch.int32)
+            self._quant_lens = buffers(n, dtype=torch.int32)
+            self._window_slots = buffers(n, dtype=torch.int64)
         self._cu = torch.arange(n + 1, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._hidden: dict[int, torch.Tensor] = {}
 
+    def _window_buffers(self) -> list[tuple[torch.Tensor, np.ndarray, torch.Tensor]]:
+        return [self._window_rows, self._window_lens, self._quant_lens, self._window_slots] if self._window else []
+
     def _layout(self, bs: int) -> StepLayout:
         seq_lens = self._seq_lens[2][:bs]
+        window = WindowLayout(*(buf[2][:bs] for buf in self._window_buffers())) if self._window else None
         return StepLayout(slots=self._slots[2][:bs], cu_seqlens=self._cu[: bs + 1], seq_lens=seq_lens,
-                          prefix_lens=seq_lens - 1, page_table=self._table[2][:bs], is_decode=True, max_new_len=1)
+                          prefix_lens=seq_lens - 1, page_table=self._table[2][:bs], is_decode=True, max_new_len=1,
+                          window=window)
 
     @torch.inference_mode()
     def capture(self) -> None:
         ids, pos = self._ids[2], self._positions[2]
         self._seq_lens[2].fill_(1)
         self._slots[2].fill_(-1)
+        if self._window:
+            dump = self.attention.pool.dump_row
+            self._window_rows[2].fill_(dump)
+            self._window_slots[2].fill_(dump * self.attention.pool.window)
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             self.attention.layout = self._layout(bs)
@@ -70,23 +91,28 @@ class DecodeGraphs:
     def fits(self, batch_size: int, pages: int) -> bool:
         return batch_size <= self.max_batch and pages <= self.max_pages
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]], device_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Replay the graph for len(ids) decode rows; returns their hidden states. device_ids, when
-        given, replace ids (tokens sampled by the previous step, still on the device)."""
-        n = len(ids)
+    def run(self, h: HostBatch, device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the graph for the decode rows of h; returns their hidden states. device_ids, when
+        given, replace h.ids (tokens sampled by the previous step, still on the device)."""
+        n = len(h.ids)
         bs = next(s for s in self.sizes if s >= n)
-        for buf, values, pad in ((self._ids, ids, 0), (self._positions, positions, 0), (self._slots, slots, -1),
-                                 (self._seq_lens, seq_lens, 1)):
+        pool = self.attention.pool
+        inputs = [(self._ids, h.ids, 0), (self._positions, h.positions, 0), (self._slots, h.slots, -1),
+                  (self._seq_lens, h.seq_lens, 1)]
+        if self._window:  # padded rows: no ring tokens, one INT4 token of page 0, their token to the dump row
+            inputs += [(self._window_rows, h.window_rows, pool.dump_row), (self._window_lens, h.window_lens, 0),
+                       (self._quant_lens, h.quant_lens, 1), (self._window_slots, h.window_slots,
+                                                             pool.dump_row * pool.window)]
+        for buf, values, pad in inputs:
             buf[1][:n] = values
             buf[1][n:bs] = pad
         table = self._table[1]
-        for i, pages in enumerate(tables):
+        for i, pages in enumerate(h.tables):
             table[i, : len(pages)] = pages
         table[n:bs, 0] = 0
-        for host, _, dev in (self._ids, self._positions, self._slots, self._seq_lens):
+        for host, _, dev in (buf for buf, _, _ in inputs):
             dev[:bs].copy_(host[:bs], non_blocking=True)
-        width = max(len(p) for p in tables)
+        width = max(len(p) for p in h.tables)
         self._table[2][:bs, :width].copy_(self._table[0][:bs, :width], non_blocking=True)
         if device_ids is not None:
             self._ids[2][:n].copy_(device_ids)

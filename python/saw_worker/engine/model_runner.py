@@ -12,6 +12,7 @@ from saw_worker.engine.sampler import sample, token_logprobs
 from saw_worker.engine.scheduler import Batch, Chunk
 from saw_worker.kv.backend import PagedAttention, StepLayout
 from saw_worker.kv.pool import KVPool
+from saw_worker.kv.reference import WindowLayout
 
 
 @dataclass
@@ -43,19 +44,33 @@ class HostBatch:
     seq_lens: list[int]
     prefix_lens: list[int]
     tables: list[list[int]]
+    # the bf16 window (WindowLayout), empty without one
+    window_rows: list[int] = field(default_factory=list)
+    window_lens: list[int] = field(default_factory=list)
+    quant_lens: list[int] = field(default_factory=list)
+    window_slots: list[int] = field(default_factory=list)
 
 
-def host_batch(batch: Batch, page: int) -> HostBatch:
+def host_batch(batch: Batch, pool: KVPool) -> HostBatch:
+    page, w = pool.page_size, pool.window
     h = HostBatch([], [], [], [0], [], [], [])
     for c in batch.chunks:
-        pages = c.seq.pages
-        h.ids += c.seq.token_ids[c.start:c.end]
+        seq, pages = c.seq, c.seq.pages
+        h.ids += seq.token_ids[c.start:c.end]
         h.positions += range(c.start, c.end)
         h.slots += [pages[p // page] * page + p % page for p in range(c.start, c.end)]
         h.cu.append(h.cu[-1] + c.end - c.start)
         h.seq_lens.append(c.end)
         h.prefix_lens.append(c.start)
         h.tables.append(pages)
+        if w:
+            row = pool.dump_row if seq.window_row is None else seq.window_row
+            ring = min(w, c.start - seq.window_start) if seq.window_row is not None else 0
+            h.window_rows.append(row)
+            h.window_lens.append(ring)
+            h.quant_lens.append(c.start - ring)
+            # a token stays in the ring if it is among the newest W after the step
+            h.window_slots += [(row if p >= c.end - w else pool.dump_row) * w + p % w for p in range(c.start, c.end)]
     return h
 
 
@@ -81,6 +96,10 @@ class ModelRunner:
     def _eager(self, h: HostBatch, is_decode: bool, ids: torch.Tensor | None = None) -> torch.Tensor:
         width = max(len(t) for t in h.tables)
         table = [x for t in h.tables for x in t + [0] * (width - len(t))]
+        window = None
+        if h.window_rows:
+            window = WindowLayout(self._tensor(h.window_rows, torch.int32), self._tensor(h.window_lens, torch.int32),
+                                  self._tensor(h.quant_lens, torch.int32), self._tensor(h.window_slots, torch.int64))
         self.attention.layout = StepLayout(
             slots=self._tensor(h.slots, torch.int64),
             cu_seqlens=self._tensor(h.cu, torch.int32),
@@ -90,6 +109,7 @@ class ModelRunner:
             is_decode=is_decode,
             max_new_len=max(b - a for a, b in zip(h.cu, h.cu[1:], strict=False)),
             max_prefix_len=max(h.prefix_lens),
+            window=window,
         )
         ids = self._tensor(h.ids, torch.int64) if ids is None else ids
         return self.model(ids, self._tensor(h.positions, torch.int64))
@@ -98,14 +118,14 @@ class ModelRunner:
         """Hidden states of the batch's rows; ids (device) replace h.ids when given."""
         graphs = self.graphs
         if batch.is_decode and graphs is not None and graphs.fits(len(h.ids), max(len(t) for t in h.tables)):
-            return graphs.run(h.ids, h.positions, h.slots, h.seq_lens, h.tables, ids)
+            return graphs.run(h, ids)
         return self._eager(h, batch.is_decode, ids)
 
     @torch.inference_mode()
     def launch(self, batch: Batch, previous: LaunchedStep | None) -> LaunchedStep:
         """Queue a decode step without waiting for it. A row whose last token is still PENDING (the
         previous step's sample, not yet on the host) takes it from previous.tokens on the device."""
-        h = host_batch(batch, self.pool.page_size)
+        h = host_batch(batch, self.pool)
         ids = None
         if previous is not None:
             source = [previous.rows[id(c.seq)] if c.seq.token_ids[c.start] == PENDING else -1 for c in batch.chunks]
@@ -140,7 +160,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[ChunkResult]:
-        h = host_batch(batch, self.pool.page_size)
+        h = host_batch(batch, self.pool)
         hidden = self._forward(batch, h)
 
         results = [ChunkResult() for _ in batch.chunks]
@@ -175,7 +195,7 @@ class ModelRunner:
         seq.pages = pages
         try:
             batch = Batch([Chunk(seq, 0, len(token_ids))], is_decode=False)
-            return self.model.compute_logits(self._eager(host_batch(batch, self.pool.page_size), False))
+            return self.model.compute_logits(self._eager(host_batch(batch, self.pool), False))
         finally:
             self.pool.release(pages)
 

@@ -107,6 +107,8 @@ class Sequence:
         self.num_prompt = len(params.input_ids)
         self.pages: list[int] = []
         self.cached = 0
+        self.window_row: int | None = None  # ring row of the pool's bf16 window, held with the pages
+        self.window_start = 0  # first position this admission computed: the ring holds nothing before it
         self.cached_prompt = 0  # prompt tokens found in the prefix cache at the first admission
         self.finished = False  # the last event was sent
         self.prompt_logprobs: list[TokenLogprob] | None = [] if params.prompt_logprobs else None

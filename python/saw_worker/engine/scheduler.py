@@ -6,7 +6,8 @@ room for the next `reserve_decode_tokens` outputs of it and of every admitted re
 of long prompts waits instead of being admitted and then preempted (a preempted 16k-token prompt
 is recomputed from scratch). When decode still runs out of pages the newest request is preempted
 and later recomputed from its tokens. Pages come from the prefix cache: a request admitted with no
-pages starts from the longest run of cached full pages that its tokens begin with.
+pages starts from the longest run of cached full pages that its tokens begin with. With a bf16
+window, a request holding pages also holds a ring row of the pool (one per admitted request).
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ class Scheduler:
             alone = not (self.running or chunks)  # a request too big for the reserve still runs by itself
             if need > free or (free - footprint < reserved and not alone):
                 break
+            if not seq.pages and self.pool.window:
+                seq.window_row = self.pool.allocate_row()
+                if seq.window_row is None:  # rows are sized for max_running + 1 holders; never expected
+                    break
+                seq.window_start = cached
             if matched:
                 self.pages.hold(matched)
                 seq.pages, seq.cached = matched, cached
@@ -136,6 +142,9 @@ class Scheduler:
         self.pages.release(seq.pages)
         seq.pages = []
         seq.cached = 0
+        if seq.window_row is not None:
+            self.pool.release_row(seq.window_row)
+            seq.window_row = None
 
     def commit(self, chunk: Chunk, token: int | None) -> Finish | None:
         """Record a finished forward for one chunk; token is the sampled next token when chunk.samples."""

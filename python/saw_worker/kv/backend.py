@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from saw_worker.kv.pool import KVPool, LayerCache
-from saw_worker.kv.reference import paged_attention_ref, write_kv_ref
+from saw_worker.kv.reference import WindowLayout, paged_attention_ref, write_kv_ref, write_window_ref
 
 
 @dataclass
@@ -27,6 +27,7 @@ class StepLayout:
     is_decode: bool  # every request adds exactly one token
     max_new_len: int
     max_prefix_len: int | None = None  # host copy of prefix_lens.max(), when known
+    window: WindowLayout | None = None  # set when the pool keeps a bf16 window
 
 
 class PagedAttention:
@@ -34,7 +35,8 @@ class PagedAttention:
         self.pool = pool
         self.sm_scale = sm_scale
         self.layout: StepLayout | None = None
-        self.observer: Callable[[int, torch.Tensor], None] | None = None  # sees each layer's new K (calibration)
+        # sees each layer's new q and K (calibration)
+        self.observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
         self._kernels = None
         if use_kernels:
             import saw_kernels  # imported lazily: it needs a GPU build of Triton
@@ -43,7 +45,7 @@ class PagedAttention:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-take per-layer views (after calibration sets the K means)."""
+        """Re-take per-layer views (after calibration sets the K means and scales)."""
         self._layers: list[LayerCache] = [self.pool.layer(i) for i in range(self.pool.num_layers)]
 
     def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -51,21 +53,38 @@ class PagedAttention:
         fmt = cache.fmt
         assert lay is not None, "StepLayout not set"
         if self.observer is not None:
-            self.observer(layer_id, k)
+            self.observer(layer_id, q, k)
+        window = lay.window if cache.ring_k is not None else None
         kern = self._kernels
         if kern is None:
             write_kv_ref(k, v, lay.slots, cache, fmt)
-            return paged_attention_ref(q, lay.cu_seqlens, lay.seq_lens, lay.page_table, self.pool.page_size,
-                                       cache, fmt, self.sm_scale)
-        # Decode steps hand q to the write launch: for int4-bdr it comes back rotated, once per step
+            out = paged_attention_ref(q, lay.cu_seqlens, lay.seq_lens, lay.page_table, self.pool.page_size, cache,
+                                      fmt, self.sm_scale, (k, v), window)
+        else:
+            out = self._kernel_attention(kern, q, k, v, lay, cache, window)
+        if window is not None:  # after attention: the step read the ring as it was before its tokens
+            assert cache.ring_k is not None and cache.ring_v is not None
+            (write_window_ref if kern is None else kern.write_window)(k, v, window.slots, cache.ring_k, cache.ring_v)
+        return out
+
+    def _kernel_attention(self, kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # noqa: ANN001
+                          lay: StepLayout, cache: LayerCache, window: WindowLayout | None) -> torch.Tensor:
+        fmt = cache.fmt
+        ring = None
+        if window is not None:
+            ring = kern.Ring(cache.ring_k, cache.ring_v, window.rows, window.lens, lay.prefix_lens)
+        # Decode steps hand q to the write launch: it comes back encoded (scaled, rotated) once per step
         # instead of once per decode split.
         q_dec = kern.write_kv(k, v, lay.slots, cache.k, cache.v, cache.k_params, cache.v_params, fmt, cache.k_mean,
-                              q if lay.is_decode else None)
+                              q if lay.is_decode else None, k_scale=cache.k_scale)
         if lay.is_decode:
+            seq_lens = lay.seq_lens if window is None else window.quant_lens
             return kern.decode_attention(q_dec, cache.k, cache.v, cache.k_params, cache.v_params, lay.page_table,
-                                         lay.seq_lens, self.pool.page_size, fmt, self.sm_scale,
-                                         q_rotated=fmt.rotated)
-        return kern.extend_attention(q, k, v, lay.cu_seqlens, lay.prefix_lens, cache.k, cache.v, cache.k_params,
+                                         seq_lens, self.pool.page_size, fmt, self.sm_scale,
+                                         q_rotated=fmt.rotated, ring=ring, q_plain=q, k_new=k, v_new=v,
+                                         k_mean=cache.k_mean, k_scale=cache.k_scale)
+        prefix_lens = lay.prefix_lens if window is None else window.quant_lens
+        return kern.extend_attention(q, k, v, lay.cu_seqlens, prefix_lens, cache.k, cache.v, cache.k_params,
                                      cache.v_params, lay.page_table, self.pool.page_size, fmt, self.sm_scale,
-                                     max_new_len=lay.max_new_len, k_mean=cache.k_mean,
-                                     max_prefix_len=lay.max_prefix_len)
+                                     max_new_len=lay.max_new_len, k_mean=cache.k_mean, k_scale=cache.k_scale,
+                                     max_prefix_len=lay.max_prefix_len, ring=ring)

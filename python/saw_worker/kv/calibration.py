@@ -1,16 +1,26 @@
-"""K centering (--k-center): the per-(layer, KV head) mean of post-RoPE K over a calibration text.
+"""Calibration of the INT4 K encoding, from one pass of a built-in text through the model:
 
-Subtracting a fixed vector from every key shifts each query's logits by the same amount, so
-attention is unchanged; what changes is that INT4 no longer spends its range on the constant part.
+- K scale (--k-scale): lambda [layer, KV head, channel] = max|k_c - mu_c|^a / max|q_c|^(1-a) (q over
+  the head's query group), divided by its geometric mean over channels and rounded to a power of two.
+  Keys are stored as k / lambda and queries meet them as q lambda: q . k is unchanged (exactly, since
+  a power of two scales bf16 exactly), but a channel whose keys are large and whose queries are small
+  no longer sets every row's INT4 range. A model without such channels gets lambda = 1.
+- K centering (--k-center): the per-(layer, KV head) mean of the (scaled) post-RoPE K. Subtracting a
+  fixed vector from every key shifts each query's logits by the same amount, so attention is
+  unchanged; what changes is that INT4 no longer spends its range on the constant part.
+
+Deterministic (a fixed text, greedy arithmetic) and fast (one prefill of ~400 tokens).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from saw_worker.engine.model_runner import ModelRunner
+from saw_worker.kv.formats import DEFAULT_K_SCALE_ALPHA
 
 # Prose and code, since served traffic mixes both; a few hundred tokens settle the mean.
 CALIBRATION_TEXT = """\
@@ -35,24 +45,59 @@ and oxygen. 3.14159 * r ** 2 gives the area of a circle; 6.022e23 is Avogadro's 
 """
 
 
-def measure_k_mean(runner: ModelRunner, token_ids: list[int]) -> torch.Tensor:
-    """Run the text through the model and average each layer's post-RoPE K over its tokens."""
-    sums: dict[int, torch.Tensor] = {}
+@dataclass
+class KCalibration:
+    k_mean: torch.Tensor | None  # fp32 [L, Hkv, D]: mean of k / k_scale
+    k_scale: torch.Tensor | None  # fp32 [L, Hkv, D]: lambda, powers of two
 
-    def observe(layer_id: int, k: torch.Tensor) -> None:
-        sums[layer_id] = k.float().mean(0)
+
+def k_scale_from_stats(k_absmax: torch.Tensor, q_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """lambda [..., D] from per-channel max |k - mu| and max |q|, geometric mean 1, rounded to 2^n."""
+    tiny = 1e-6
+    log_lam = alpha * k_absmax.clamp(min=tiny).log2() - (1 - alpha) * q_absmax.clamp(min=tiny).log2()
+    log_lam = log_lam - log_lam.mean(-1, keepdim=True)
+    return torch.exp2(log_lam.round().clamp(-16, 16))
+
+
+def measure(runner: ModelRunner, token_ids: list[int], center: bool, scale: bool,
+            alpha: float = DEFAULT_K_SCALE_ALPHA) -> KCalibration:
+    """Run the text through the model once and derive the K mean and scale from each layer's q and K."""
+    keys: dict[int, torch.Tensor] = {}
+    q_max: dict[int, torch.Tensor] = {}
+
+    def observe(layer_id: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        keys[layer_id] = k.float()
+        hkv = k.shape[1]
+        q_max[layer_id] = q.float().abs().view(q.shape[0], hkv, -1, q.shape[-1]).amax((0, 2))
 
     runner.attention.observer = observe
     try:
         runner.score(token_ids)
     finally:
         runner.attention.observer = None
-    return torch.stack([sums[i] for i in range(runner.pool.num_layers)])
+    means, scales = [], []
+    for i in range(runner.pool.num_layers):
+        k = keys[i]
+        lam = k_scale_from_stats((k - k.mean(0)).abs().amax(0), q_max[i], alpha) if scale else torch.ones_like(k[0])
+        scales.append(lam)
+        means.append((k / lam).mean(0))
+    return KCalibration(torch.stack(means) if center else None, torch.stack(scales) if scale else None)
 
 
-def load_k_mean(path: str | Path, num_layers: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
-    k_mean = torch.load(path, map_location="cpu", weights_only=True)
-    if tuple(k_mean.shape) != (num_layers, num_kv_heads, head_dim):
-        raise ValueError(f"{path}: K mean has shape {tuple(k_mean.shape)}, "
-                         f"expected {(num_layers, num_kv_heads, head_dim)}")
-    return k_mean.float()
+def load(path: str | Path, num_layers: int, num_kv_heads: int, head_dim: int) -> KCalibration:
+    """A saved calibration: a dict {"k_mean": ..., "k_scale": ...} (either may be absent), or a bare K mean
+    tensor (what --k-mean-file held before the K scale existed)."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, torch.Tensor):
+        data = {"k_mean": data}
+    want = (num_layers, num_kv_heads, head_dim)
+    out: dict[str, torch.Tensor | None] = {}
+    for name in ("k_mean", "k_scale"):
+        t = data.get(name)
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected {want}")
+        out[name] = None if t is None else t.float()
+    scale = out["k_scale"]
+    if scale is not None and not bool((scale > 0).all() and (scale == torch.exp2(scale.log2().round())).all()):
+        raise ValueError(f"{path}: k_scale must hold positive powers of two")
+    return KCalibration(out["k_mean"], scale)

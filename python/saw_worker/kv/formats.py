@@ -12,6 +12,15 @@ Packing: byte j holds element j in the low nibble and element j + D/2 in the hig
 
 BDR: x -> R x with R = I_(D/b) kron H_b / sqrt(b), H_b the natural-order Sylvester Hadamard.
 R is symmetric and orthogonal, hence its own inverse.
+
+K scale (k_scale, as QServe's SmoothAttention): keys are divided per channel by a calibrated
+lambda [Hkv, D] before centering and rotation, queries multiplied by it, so q . k is unchanged while
+K's outlier channels stop setting every row's INT4 range. The K mean (k_center) is the mean of the
+scaled keys k / lambda. The stored K row is R (k / lambda - mean); the query that meets it R (q lambda).
+
+Window (window = W): each step attends to its new tokens and to the W tokens before them at bf16
+(kept in a per-request ring, kv/pool.py), to older tokens from the INT4 pages. Every token is still
+written to the pages, so nothing is quantized later.
 """
 
 from __future__ import annotations
@@ -26,13 +35,29 @@ EPS = 1e-5
 PARAM_DTYPE = torch.float16  # storage dtype of (scale, lo)
 KV_FORMATS = ("bf16", "int4", "int4-bdr")
 HADAMARD_ORDERS = (16, 32, 64, 128)
+MAX_WINDOW = 256
 
 
-def default_kv_options(kv: str, head_dim: int) -> tuple[int, bool]:
-    """(Hadamard order, K centering) when the user names neither, chosen from the accuracy
-    measurements (docs/accuracy.md §5): centering helps every INT4 model we measured and rescues
-    Qwen2's biased K; at head_dim 64 order 32 beat 64 on Qwen; at 128 the paper's b = 128."""
-    return (128 if head_dim >= 128 else 32), kv != "bf16"
+DEFAULT_WINDOW = 32
+DEFAULT_K_SCALE_ALPHA = 0.5
+
+
+@dataclass(frozen=True)
+class KVDefaults:
+    """What the INT4 options are when the user names none, chosen from the accuracy measurements
+    (docs/accuracy.md §5): centering and the K scale help every INT4 model we measured (the scale
+    rescues Qwen2's biased K); at head_dim 64 order 32 beat 64 on Qwen; at 128 the paper's b = 128;
+    the bf16 window is the cheapest lever that brings KL under FP8's."""
+
+    hadamard_order: int
+    k_center: bool
+    k_scale: bool
+    window: int
+
+
+def default_kv_options(kv: str, head_dim: int) -> KVDefaults:
+    quantized = kv != "bf16"
+    return KVDefaults(128 if head_dim >= 128 else 32, quantized, quantized, DEFAULT_WINDOW if quantized else 0)
 
 
 @dataclass(frozen=True)
@@ -44,6 +69,8 @@ class KVFormat:
     hadamard_order: int = 128  # used by int4-bdr only
     rotate_v: bool = False
     k_center: bool = False
+    k_scale: bool = False  # per-channel K scale folded into q (calibrated lambda)
+    window: int = 0  # W: tokens before each step's new ones attended at bf16 (0 = off)
 
     def __post_init__(self) -> None:
         if self.name not in KV_FORMATS:
@@ -54,6 +81,12 @@ class KVFormat:
             raise ValueError("--rotate-v needs --kv int4-bdr")
         if self.k_center and self.name == "bf16":
             raise ValueError("--k-center applies to the INT4 formats only")
+        if self.k_scale and self.name == "bf16":
+            raise ValueError("--k-scale applies to the INT4 formats only")
+        if self.window and self.name == "bf16":
+            raise ValueError("--window applies to the INT4 formats only")
+        if not 0 <= self.window <= MAX_WINDOW:
+            raise ValueError(f"--window must be in [0, {MAX_WINDOW}], got {self.window}")
         if self.rotated:
             if self.hadamard_order not in HADAMARD_ORDERS:
                 raise ValueError(f"--hadamard-order must be one of {HADAMARD_ORDERS}, got {self.hadamard_order}")
@@ -62,9 +95,20 @@ class KVFormat:
 
     @staticmethod
     def make(name: str, head_dim: int, hadamard_order: int = 128, rotate_v: bool = False,
-             k_center: bool = False) -> KVFormat:
+             k_center: bool = False, k_scale: bool = False, window: int = 0) -> KVFormat:
         """Build a format, capping the Hadamard order at head_dim as `--hadamard-order` promises."""
-        return KVFormat(name, head_dim, min(hadamard_order, head_dim), rotate_v, k_center)
+        return KVFormat(name, head_dim, min(hadamard_order, head_dim), rotate_v, k_center, k_scale, window)
+
+    def describe(self) -> str:
+        """The format with its options, as Info and /metrics report it (e.g. int4-bdr:b32+center+scale+w32)."""
+        if not self.quantized:
+            return self.name
+        opts = [f"b{self.hadamard_order}"] if self.rotated else []
+        opts += [name for name, on in (("rotv", self.rotate_v), ("center", self.k_center), ("scale", self.k_scale))
+                 if on]
+        if self.window:
+            opts.append(f"w{self.window}")
+        return f"{self.name}:{'+'.join(opts)}" if opts else self.name
 
     @property
     def quantized(self) -> bool:
@@ -79,6 +123,10 @@ class KVFormat:
         if not self.quantized:
             return 2 * self.head_dim * 2
         return 2 * (self.head_dim // 2 + 2 * PARAM_DTYPE.itemsize)
+
+    def window_bytes_per_head(self) -> int:
+        """Bytes one request's bf16 window costs per KV head (K and V), whatever its length."""
+        return 2 * self.window * self.head_dim * 2
 
 
 @cache
@@ -123,12 +171,27 @@ def dequantize_int4(packed: torch.Tensor, params: torch.Tensor, dtype: torch.dty
     return (q * s[..., None] + m[..., None]).to(dtype)
 
 
-def encode_k(k: torch.Tensor, fmt: KVFormat, k_mean: torch.Tensor | None = None) -> torch.Tensor:
-    """The vector that is quantized for K: center (if on), then rotate (if int4-bdr). fp32."""
+def encode_k(k: torch.Tensor, fmt: KVFormat, k_mean: torch.Tensor | None = None,
+             k_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The vector that is quantized for K [..., Hkv, D]: scale (k / lambda), center, rotate, each where
+    the format has it and its tensor is given. fp32."""
     x = k.float()
+    if fmt.k_scale and k_scale is not None:
+        x = x / k_scale.float()
     if fmt.k_center and k_mean is not None:
         x = x - k_mean.float()
     return rotate(x, fmt.hadamard_order) if fmt.rotated else x
+
+
+def decode_k(x: torch.Tensor, fmt: KVFormat, k_mean: torch.Tensor | None = None,
+             k_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of encode_k: stored (dequantized) K rows back in the model's space. fp32."""
+    x = rotate(x.float(), fmt.hadamard_order) if fmt.rotated else x.float()
+    if fmt.k_center and k_mean is not None:
+        x = x + k_mean.float()
+    if fmt.k_scale and k_scale is not None:
+        x = x * k_scale.float()
+    return x
 
 
 def encode_v(v: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
@@ -136,9 +199,17 @@ def encode_v(v: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
     return rotate(x, fmt.hadamard_order) if fmt.rotate_v else x
 
 
-def encode_q(q: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
-    """Queries meet keys in the rotated space: (Rq).(Rk) = q.k."""
-    return rotate(q.float(), fmt.hadamard_order) if fmt.rotated else q.float()
+def scale_q(q: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:
+    """q [..., Hq, D] times its KV head's lambda [Hkv, D] (query heads grouped as in GQA)."""
+    group = q.shape[-2] // k_scale.shape[0]
+    return q.float() * k_scale.float().repeat_interleave(group, 0)
+
+
+def encode_q(q: torch.Tensor, fmt: KVFormat, k_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Queries meet keys in the stored space: R (q lambda) . R (k / lambda - mean) = q . k - q . (lambda mean),
+    a shift per query that softmax ignores."""
+    x = scale_q(q, k_scale) if fmt.k_scale and k_scale is not None else q.float()
+    return rotate(x, fmt.hadamard_order) if fmt.rotated else x
 
 
 def decode_o(o: torch.Tensor, fmt: KVFormat) -> torch.Tensor:

@@ -7,6 +7,11 @@ own format, so nothing else changes.
 slot = page_id * page_size + offset. A request owns whole pages; its page table maps position p
 to slot page_table[p // page_size] * page_size + p % page_size. Page 0 is never handed out: padded
 batch rows (CUDA graphs) point at it, so their writes land somewhere harmless.
+
+With a window (formats.py), every quantized layer also has a bf16 ring [rows, W, Hkv, D] for K and V:
+a request holding pages holds one row, whose slot p % W keeps position p's raw K/V while p is among
+the request's newest W tokens. The last row is never handed out: tokens that leave the window at
+once (the early ones of a long prefill chunk) and padded rows write there.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ class LayerCache:
     v: torch.Tensor
     k_params: torch.Tensor | None  # fp16 [slots, Hkv, 2] = (scale, lo); None for bf16
     v_params: torch.Tensor | None
-    k_mean: torch.Tensor | None  # fp32 [Hkv, D], subtracted from K before quantization (--k-center)
+    k_mean: torch.Tensor | None  # fp32 [Hkv, D], subtracted from k / k_scale before quantization (--k-center)
+    k_scale: torch.Tensor | None  # fp32 [Hkv, D] lambda, powers of two (--k-scale): K / lambda, q * lambda
+    ring_k: torch.Tensor | None  # bf16 [rows, W, Hkv, D] raw K of each request's newest tokens (--window)
+    ring_v: torch.Tensor | None
     fmt: KVFormat  # this layer's format
 
 
@@ -34,7 +42,7 @@ def layer_formats(fmt: KVFormat, num_layers: int, bf16_layers: frozenset[int]) -
     bad = sorted(i for i in bf16_layers if not 0 <= i < num_layers)
     if bad:
         raise ValueError(f"--bf16-layers {bad} outside the model's {num_layers} layers")
-    plain = KVFormat("bf16", fmt.head_dim)
+    plain = KVFormat("bf16", fmt.head_dim)  # no window either: the whole layer is bf16
     return [plain if i in bf16_layers else fmt for i in range(num_layers)]
 
 
@@ -43,9 +51,16 @@ def bytes_per_token(fmt: KVFormat, num_layers: int, num_kv_heads: int, bf16_laye
     return sum(f.bytes_per_token_head() for f in layer_formats(fmt, num_layers, bf16_layers)) * num_kv_heads
 
 
+def window_bytes_per_request(fmt: KVFormat, num_layers: int, num_kv_heads: int,
+                             bf16_layers: frozenset[int] = frozenset()) -> int:
+    """Bytes of one ring row over all layers: what a running request costs on top of its pages."""
+    return sum(f.window_bytes_per_head() for f in layer_formats(fmt, num_layers, bf16_layers)) * num_kv_heads
+
+
 class KVPool:
     def __init__(self, fmt: KVFormat, num_layers: int, num_kv_heads: int, num_pages: int, page_size: int,
-                 device: torch.device, bf16_layers: frozenset[int] = frozenset()) -> None:
+                 device: torch.device, bf16_layers: frozenset[int] = frozenset(), window_rows: int = 0) -> None:
+        """window_rows: ring rows handed out (one per request holding pages; the scheduler admits no more)."""
         if num_pages < 2:
             raise ValueError("KV budget too small: it must hold at least two pages")
         self.fmt = fmt
@@ -72,21 +87,57 @@ class KVPool:
                 data = dict(size=(*shape, d), dtype=torch.bfloat16, device=device)
                 self._tensors[False] = (torch.zeros(**data), torch.zeros(**data), None, None)
         self.k_mean: torch.Tensor | None = None  # [L, Hkv, D], set by calibration
+        self.k_scale: torch.Tensor | None = None  # [L, Hkv, D], set by calibration
         self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
+        if fmt.window and window_rows < 1:
+            raise ValueError("a KV format with a window needs window_rows (one per request that may hold pages)")
+        self.window = fmt.window
+        self._ring: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.window_rows = window_rows if fmt.window else 0
+        if self.window_rows:
+            shape = (sum(f.quantized for f in self.formats), self.window_rows + 1, fmt.window, num_kv_heads, d)
+            self._ring = (torch.zeros(shape, dtype=torch.bfloat16, device=device),
+                          torch.zeros(shape, dtype=torch.bfloat16, device=device))
+        self._free_rows = list(range(self.window_rows - 1, -1, -1))
 
     @classmethod
     def from_budget(cls, fmt: KVFormat, num_layers: int, num_kv_heads: int, budget_bytes: int, page_size: int,
-                    device: torch.device, bf16_layers: frozenset[int] = frozenset()) -> KVPool:
+                    device: torch.device, bf16_layers: frozenset[int] = frozenset(), window_rows: int = 0) -> KVPool:
+        """A pool in budget_bytes: the rings (one row per request that may hold pages, plus the dump row)
+        come off the budget first, the pages take the rest."""
+        rows = window_rows if fmt.window else 0
+        rings = (rows + 1) * window_bytes_per_request(fmt, num_layers, num_kv_heads, bf16_layers) if rows else 0
         per_page = bytes_per_token(fmt, num_layers, num_kv_heads, bf16_layers) * page_size
-        return cls(fmt, num_layers, num_kv_heads, budget_bytes // per_page, page_size, device, bf16_layers)
+        return cls(fmt, num_layers, num_kv_heads, max(budget_bytes - rings, 0) // per_page, page_size, device,
+                   bf16_layers, rows)
 
     def layer(self, i: int) -> LayerCache:
         fmt = self.formats[i]
         row = self._index[i]
         k, v, kp, vp = self._tensors[fmt.quantized]
         k_mean = self.k_mean[i] if self.k_mean is not None and fmt.k_center else None
+        k_scale = self.k_scale[i] if self.k_scale is not None and fmt.k_scale else None
+        ring_k = ring_v = None
+        if self._ring is not None and fmt.window:
+            ring_k, ring_v = self._ring[0][row], self._ring[1][row]
         return LayerCache(k[row], v[row], None if kp is None else kp[row], None if vp is None else vp[row], k_mean,
-                          fmt)
+                          k_scale, ring_k, ring_v, fmt)
+
+    @property
+    def dump_row(self) -> int:
+        """The ring row nobody holds: writes that must not be kept go there."""
+        return self.window_rows
+
+    def allocate_row(self) -> int | None:
+        """A ring row for a request about to hold pages; None when all are held (or there is no window)."""
+        return self._free_rows.pop() if self._free_rows else None
+
+    def release_row(self, row: int) -> None:
+        self._free_rows.append(row)
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free_rows)
 
     @property
     def capacity_tokens(self) -> int:

@@ -1,0 +1,111 @@
+"""The bf16 window (--window): what each step attends to, ring rows in the scheduler, whole engine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from engine_util import prompt, run, tiny_engine
+
+from saw_worker.engine.model_runner import HostBatch, host_batch
+from saw_worker.engine.request import GenerateParams, Sequence
+from saw_worker.engine.scheduler import Batch, Chunk
+from saw_worker.kv.backend import PagedAttention, StepLayout
+from saw_worker.kv.formats import KVFormat, decode_k, decode_o, dequantize_int4, encode_k, quantize_int4
+from saw_worker.kv.pool import KVPool
+from saw_worker.kv.reference import WindowLayout
+
+
+def stored_raw(k: torch.Tensor, v: torch.Tensor, fmt: KVFormat, pool: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V [T, Hkv, D] as the INT4 pages give them back, in the model's space."""
+    k_hat = dequantize_int4(*quantize_int4(encode_k(k, fmt, pool.k_mean[0], pool.k_scale[0])))
+    v_hat = dequantize_int4(*quantize_int4(v.float()))
+    return decode_k(k_hat, fmt, pool.k_mean[0], pool.k_scale[0]), decode_o(v_hat, fmt)
+
+
+def expected(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """float64 causal attention of the last q.shape[0] positions over keys/values [L, Hkv, D]."""
+    n, hq, _ = q.shape
+    group = hq // keys.shape[1]
+    kk = keys.double().repeat_interleave(group, 1)
+    vv = values.double().repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,lhd->hql", q.double(), kk) * sm_scale
+    length = keys.shape[0]
+    pos = torch.arange(length - n, length)
+    scores = scores.masked_fill(torch.arange(length)[None, :] > pos[:, None], float("-inf"))
+    return torch.einsum("hql,lhd->qhd", torch.softmax(scores, -1), vv)
+
+
+@pytest.mark.parametrize("window,page,chunks", [
+    (4, 4, [1] * 15),  # decode steps only: the ring wraps every 4 tokens
+    (6, 4, [9, 1, 1, 5, 1, 1, 1]),  # chunked prefill longer than the window, then decode
+    (16, 4, [3, 3, 1, 1]),  # the window never fills
+])
+def test_each_step_attends_its_window_at_bf16_and_older_tokens_from_int4(window: int, page: int,
+                                                                       chunks: list[int]) -> None:
+    """Step by step through the attention the models call: positions [P - W, P + n) at bf16 (ring, then
+    the step's own tokens), older ones as the INT4 pages store them."""
+    torch.manual_seed(0)
+    d, hq, hkv = 64, 6, 2
+    fmt = KVFormat.make("int4-bdr", d, 32, k_center=True, k_scale=True, window=window)
+    pool = KVPool(fmt, 1, hkv, num_pages=16, page_size=page, device=torch.device("cpu"), window_rows=2)
+    pool.k_mean = torch.randn(1, hkv, d)
+    pool.k_scale = torch.exp2(torch.randint(-2, 3, (1, hkv, d)).float())
+    attention = PagedAttention(pool, 1 / math.sqrt(d), use_kernels=False)
+    total = sum(chunks)
+    seq = Sequence(GenerateParams("r", list(range(total)), max_new_tokens=1), sink=lambda ev: None, order=0)
+    seq.pages = pool.allocate(pool.pages_for(total)) or []
+    seq.window_row = pool.allocate_row()
+    keys = torch.randn(total, hkv, d) * 3
+    values = torch.randn(total, hkv, d)
+    k_hat, v_hat = stored_raw(keys, values, fmt, pool)
+    start = 0
+    for n in chunks:
+        end = start + n
+        h = host_batch(Batch([Chunk(seq, start, end)], is_decode=False), pool)
+        assert h.window_lens == [min(window, start)] and h.quant_lens == [start - min(window, start)]
+        attention.layout = layout_of(h, pool)
+        q = torch.randn(n, hq, d)
+        out = attention(0, q, keys[start:end], values[start:end])
+        bf16_from = max(start - window, 0)
+        k_src = torch.cat([k_hat[:bf16_from], keys[bf16_from:end].bfloat16().float()])
+        v_src = torch.cat([v_hat[:bf16_from], values[bf16_from:end].bfloat16().float()])
+        want = expected(q, k_src, v_src, 1 / math.sqrt(d))
+        assert (out.double() - want).abs().max() < 1e-4, (start, end)
+        start = end
+
+
+def layout_of(h: HostBatch, pool: KVPool) -> StepLayout:
+    def t(x: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        return torch.tensor(x, dtype=dtype)
+
+    width = max(len(p) for p in h.tables)
+    return StepLayout(
+        slots=t(h.slots, torch.int64), cu_seqlens=t(h.cu), seq_lens=t(h.seq_lens), prefix_lens=t(h.prefix_lens),
+        page_table=t([p + [0] * (width - len(p)) for p in h.tables]), is_decode=False,
+        max_new_len=max(b - a for a, b in zip(h.cu, h.cu[1:], strict=False)), max_prefix_len=max(h.prefix_lens),
+        window=WindowLayout(t(h.window_rows), t(h.window_lens), t(h.quant_lens), t(h.window_slots, torch.int64)))
+
+
+def test_a_window_as_long_as_the_context_gives_the_bf16_tokens() -> None:
+    """With W past every request's length nothing is read from INT4: int4-bdr must answer exactly as bf16,
+    through chunked prefill, batching and preemption (a small pool), and the ring rows all come back."""
+    requests = [GenerateParams(f"r{i}", prompt(i, 5 + 7 * i), max_new_tokens=12, ignore_eos=True) for i in range(5)]
+    want = run(tiny_engine("bf16", num_pages=20, prefill_budget=8), requests)
+    engine = tiny_engine("int4-bdr", num_pages=20, prefill_budget=8, hadamard_order=32, k_center=True,
+                         window=256)
+    got = run(engine, requests)
+    assert got == want
+    pool = engine.runner.pool
+    assert pool.free_rows == pool.window_rows
+    assert engine.scheduler.preemptions > 0  # the pool was small enough to exercise it
+
+
+def test_window_rows_limit_admission_and_return_on_finish() -> None:
+    engine = tiny_engine("int4", max_running=2, window=4)
+    requests = [GenerateParams(f"r{i}", prompt(i, 9), max_new_tokens=6, ignore_eos=True) for i in range(6)]
+    out = run(engine, requests)
+    assert all(len(t) == 6 for t in out.values())
+    pool = engine.runner.pool
+    assert pool.window_rows == 3 and pool.free_rows == 3
