@@ -107,10 +107,13 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
     attention = PagedAttention(pool, cfg.head_dim ** -0.5, use_kernels=device.type == "cuda")
     loaded.model.attention = attention
     runner = ModelRunner(loaded.model, attention, pool, device)
+    if fmt.window and pool.window_rows < rows:
+        log.warning("the KV budget holds bf16 windows for %d requests, fewer than --max-running-requests + 1: no "
+                    "more hold KV at once (--window 0 or more memory lifts this)", pool.window_rows)
+    token_bytes = bytes_per_token(fmt, cfg.num_layers, cfg.num_kv_heads, opts.bf16_layers)
+    window_bytes = window_bytes_per_request(fmt, cfg.num_layers, cfg.num_kv_heads, opts.bf16_layers)
     log.info("KV pool: %s, %d tokens in %.1f MiB (%d B/token, %d B of bf16 window per request)", fmt.describe(),
-             pool.capacity_tokens, budget / 2**20, bytes_per_token(fmt, cfg.num_layers, cfg.num_kv_heads,
-                                                                   opts.bf16_layers),
-             window_bytes_per_request(fmt, cfg.num_layers, cfg.num_kv_heads, opts.bf16_layers))
+             pool.capacity_tokens, budget / 2**20, token_bytes, window_bytes)
 
     if fmt.k_center or fmt.k_scale:
         started = time.perf_counter()
@@ -140,7 +143,7 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
     info = EngineInfo(
         model_id=loaded.model_id, tokenizer=loaded.tokenizer, context_length=context, vocab_size=cfg.vocab_size,
         kv_format=fmt.describe(), kv_capacity_tokens=pool.capacity_tokens, page_size=opts.page_size,
-        device=device_name(device),
+        device=device_name(device), kv_bytes_per_token=token_bytes, kv_window_bytes_per_request=window_bytes,
     )
     return LocalEngine(runner, scheduler, info, opts.overlap)
 

@@ -69,7 +69,8 @@ class WorkerService:
             model_id=i.model_id, tokenizer_json=tok.tokenizer_json, chat_template=tok.chat_template,
             bos_token=tok.bos_token, eos_token=tok.eos_token, eos_token_ids=list(tok.eos_token_ids),
             context_length=i.context_length, kv_format=i.kv_format, kv_capacity_tokens=i.kv_capacity_tokens,
-            page_size=i.page_size, vocab_size=i.vocab_size, device=i.device,
+            page_size=i.page_size, vocab_size=i.vocab_size, device=i.device, kv_bytes_per_token=i.kv_bytes_per_token,
+            kv_window_bytes_per_request=i.kv_window_bytes_per_request,
         )
         if tok.bos_token_id is not None:
             reply.bos_token_id = tok.bos_token_id

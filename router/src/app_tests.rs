@@ -186,7 +186,17 @@ async fn models_health_metrics() {
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["model"]["type"], "WordLevel");
     // No healthy worker: not ready.
     assert_eq!(call(&s, "GET", "/health", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    s.metrics.record_worker_info(0, &test_info());
     let (status, text) = call(&s, "GET", "/metrics", None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(text.contains("saw_requests_total{endpoint=\"/v1/models\",status=\"200\"} 1"), "{text}");
+    let format = "format=\"int4-bdr:b32+center+scale+w32\"";
+    assert!(
+        text.contains(&format!("saw_worker_kv_bytes{{{format},per=\"token\",worker=\"0\"}} 4320")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("saw_worker_kv_bytes{{{format},per=\"request\",worker=\"0\"}} 491520")),
+        "{text}"
+    );
 }

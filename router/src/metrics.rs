@@ -5,7 +5,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::proto::LoadReply;
+use crate::proto::{InfoReply, LoadReply};
 
 pub struct Metrics {
     registry: Registry,
@@ -24,6 +24,7 @@ pub struct Metrics {
     worker_healthy: IntGaugeVec,
     worker_inflight: IntGaugeVec,
     worker_requests: IntCounterVec,
+    worker_kv_bytes: IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] =
@@ -71,6 +72,15 @@ impl Metrics {
                 &["worker"],
             )
             .unwrap(),
+            worker_kv_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "saw_worker_kv_bytes",
+                    "KV-cache bytes of the worker's format: per token (all layers and KV heads) and per request \
+                     (the bf16 window's ring row)",
+                ),
+                &["worker", "format", "per"],
+            )
+            .unwrap(),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -89,11 +99,23 @@ impl Metrics {
             Box::new(m.worker_healthy.clone()),
             Box::new(m.worker_inflight.clone()),
             Box::new(m.worker_requests.clone()),
+            Box::new(m.worker_kv_bytes.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
         }
         m
+    }
+
+    /// The worker's KV format with its options, and what a token and a request cost in it.
+    pub fn record_worker_info(&self, worker: usize, info: &InfoReply) {
+        let w = worker.to_string();
+        for (per, bytes) in
+            [("token", info.kv_bytes_per_token), ("request", info.kv_window_bytes_per_request)]
+        {
+            let gauge = self.worker_kv_bytes.with_label_values(&[w.as_str(), info.kv_format.as_str(), per]);
+            gauge.set(bytes.min(i64::MAX as u64) as i64);
+        }
     }
 
     pub fn record_worker_load(&self, worker: usize, load: &LoadReply) {

@@ -148,15 +148,19 @@ async fn wait_ready(state: &AppState, args: &Args) -> Result<(), String> {
         for worker in state.workers.iter().filter(|w| !w.is_ready() && !w.is_failed()) {
             let Ok(info) = worker.info().await else { continue };
             eprintln!(
-                "saw-router: worker {} ready after {}s: {} on {}, kv {} ({} tokens), context {}",
+                "saw-router: worker {} ready after {}s: {} on {}, kv {} ({} tokens, {} B/token, {} B/request), \
+                 context {}",
                 worker.index,
                 started.elapsed().as_secs(),
                 info.model_id,
                 info.device,
                 info.kv_format,
                 info.kv_capacity_tokens,
+                info.kv_bytes_per_token,
+                info.kv_window_bytes_per_request,
                 info.context_length
             );
+            state.metrics.record_worker_info(worker.index, &info);
             if state.model.get().is_none() {
                 let tokenizer = ModelTokenizer::from_info(&info)?;
                 let local = args.worker_urls.is_empty();

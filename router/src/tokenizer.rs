@@ -210,12 +210,14 @@ pub(crate) mod tests {
             eos_token: "</s>".into(),
             eos_token_ids: vec![2],
             context_length: 64,
-            kv_format: "int4-bdr".into(),
+            kv_format: "int4-bdr:b32+center+scale+w32".into(),
             kv_capacity_tokens: 1000,
             page_size: 16,
             vocab_size: 23,
             device: "cpu".into(),
             bos_token_id: Some(1),
+            kv_bytes_per_token: 4320,
+            kv_window_bytes_per_request: 491520,
         }
     }
 

@@ -97,7 +97,7 @@ class Scheduler:
                 break
             if not seq.pages and self.pool.window:
                 seq.window_row = self.pool.allocate_row()
-                if seq.window_row is None:  # rows are sized for max_running + 1 holders; never expected
+                if seq.window_row is None:  # a small KV budget holds fewer ring rows than max_running
                     break
                 seq.window_start = cached
             if matched:

@@ -104,9 +104,14 @@ class KVPool:
     def from_budget(cls, fmt: KVFormat, num_layers: int, num_kv_heads: int, budget_bytes: int, page_size: int,
                     device: torch.device, bf16_layers: frozenset[int] = frozenset(), window_rows: int = 0) -> KVPool:
         """A pool in budget_bytes: the rings (one row per request that may hold pages, plus the dump row)
-        come off the budget first, the pages take the rest."""
-        rows = window_rows if fmt.window else 0
-        rings = (rows + 1) * window_bytes_per_request(fmt, num_layers, num_kv_heads, bf16_layers) if rows else 0
+        come off the budget first, the pages take the rest. Rings never take more than a quarter of the
+        budget: with fewer rows than window_rows, admission stops at the rows (see `free_rows`)."""
+        per_row = window_bytes_per_request(fmt, num_layers, num_kv_heads, bf16_layers)
+        rows = min(window_rows, budget_bytes // (4 * per_row) - 1) if fmt.window else 0
+        if fmt.window and rows < 1:
+            raise ValueError(f"KV budget too small for the bf16 window: one request's ring takes {per_row} bytes; "
+                             "give more memory, or a smaller --window")
+        rings = (rows + 1) * per_row if rows else 0
         per_page = bytes_per_token(fmt, num_layers, num_kv_heads, bf16_layers) * page_size
         return cls(fmt, num_layers, num_kv_heads, max(budget_bytes - rings, 0) // per_page, page_size, device,
                    bf16_layers, rows)

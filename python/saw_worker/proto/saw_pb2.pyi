@@ -22,7 +22,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("model_id", "tokenizer_json", "chat_template", "bos_token", "eos_token", "eos_token_ids", "context_length", "kv_format", "kv_capacity_tokens", "page_size", "vocab_size", "device", "bos_token_id")
+    __slots__ = ("model_id", "tokenizer_json", "chat_template", "bos_token", "eos_token", "eos_token_ids", "context_length", "kv_format", "kv_capacity_tokens", "page_size", "vocab_size", "device", "bos_token_id", "kv_bytes_per_token", "kv_window_bytes_per_request")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,8 @@ class InfoReply(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KV_WINDOW_BYTES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     tokenizer_json: str
     chat_template: str
@@ -49,7 +51,9 @@ class InfoReply(_message.Message):
     vocab_size: int
     device: str
     bos_token_id: int
-    def __init__(self, model_id: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., context_length: _Optional[int] = ..., kv_format: _Optional[str] = ..., kv_capacity_tokens: _Optional[int] = ..., page_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., bos_token_id: _Optional[int] = ...) -> None: ...
+    kv_bytes_per_token: int
+    kv_window_bytes_per_request: int
+    def __init__(self, model_id: _Optional[str] = ..., tokenizer_json: _Optional[str] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., context_length: _Optional[int] = ..., kv_format: _Optional[str] = ..., kv_capacity_tokens: _Optional[int] = ..., page_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., bos_token_id: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_window_bytes_per_request: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed")
