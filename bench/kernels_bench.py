@@ -24,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from saw_kernels import decode_attention, extend_attention, write_kv  # noqa: E402
-from saw_worker.kv.formats import KVFormat, rotate  # noqa: E402
+from saw_kernels import Ring, decode_attention, extend_attention, write_kv, write_window  # noqa: E402
+from saw_worker.kv.formats import KVFormat, encode_q  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HQ, HKV, D, PS = 32, 8, 128, 16  # Qwen3-8B attention, engine page size
+DEFAULT_KV = "int4-bdr-b128-kc-ks-w32"  # the engine's INT4 default at head_dim 128 (formats.default_kv_options)
 
 
 def bench(fn, graph: bool = True) -> float:
@@ -52,11 +53,30 @@ def copy_gbps(nbytes: int) -> float:
 
 
 def make_fmt(kv: str) -> KVFormat:
-    """kv spelled like 'int4-bdr-b16-rv-kc'."""
+    """kv spelled like 'int4-bdr-b16-rv-kc-ks-w32' (ks: K scale, w32: a bf16 window of 32)."""
     parts = kv.split("-")
     name = "int4-bdr" if kv.startswith("int4-bdr") else parts[0]
     order = next((int(p[1:]) for p in parts if p.startswith("b") and p[1:].isdigit()), 128)
-    return KVFormat(name, D, order, "rv" in parts, "kc" in parts)
+    window = next((int(p[1:]) for p in parts if p.startswith("w") and p[1:].isdigit()), 0)
+    return KVFormat(name, D, order, "rv" in parts, "kc" in parts, "ks" in parts, window)
+
+
+def k_options(fmt: KVFormat) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(k_mean, k_scale) where the format has them; lambda of powers of two, 8 on an outlier channel."""
+    mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
+    lam = None
+    if fmt.k_scale:
+        lam = torch.ones(HKV, D, device=DEV)
+        lam[:, 7] = 8.0
+    return mean, lam
+
+
+def make_ring(fmt: KVFormat, batch: int, ends: int) -> Ring:
+    """A full window for each request (its W tokens before position `ends`), rows in order."""
+    k = torch.randn(batch, fmt.window, HKV, D, device=DEV, dtype=torch.bfloat16)
+    full = torch.full((batch,), fmt.window, dtype=torch.int32, device=DEV)
+    return Ring(k, torch.randn_like(k), torch.arange(batch, dtype=torch.int32, device=DEV), full,
+                torch.full_like(full, ends))
 
 
 Cache = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -87,19 +107,30 @@ def run_write(t: int, kv: str, copy: float, cfg: dict | None = None, with_q: boo
     k[:, :, 7] += 10
     slots = (paged_table(1, t).long().view(-1, 1) * PS + torch.arange(PS, device=DEV)).view(-1)
     kc, vc, kp, vp = alloc_cache(fmt, (t // PS + 1) * PS)
-    mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
+    mean, lam = k_options(fmt)
     q = torch.randn(t, HQ, D, device=DEV, dtype=torch.bfloat16) if with_q else None
     cfg = cfg or {}
-    us = bench(lambda: write_kv(k, v, slots, kc, vc, kp, vp, fmt, mean, q=q, **cfg))
+    us = bench(lambda: write_kv(k, v, slots, kc, vc, kp, vp, fmt, mean, q=q, k_scale=lam, **cfg))
     nbytes = 2 * k.numel() * 2 + slots.numel() * 8 + t * HKV * fmt.bytes_per_token_head()
-    if with_q and fmt.rotated:
+    if with_q and (fmt.rotated or fmt.k_scale):
         nbytes += q.numel() * (2 + 4)
     return row("write+q" if with_q else "write", kv, f"T={t},Hkv={HKV},D={D}", us, nbytes, copy, cfg)
 
 
+def run_write_window(t: int, copy: float) -> dict:
+    """A decode step's ring write (write_window): K and V of t tokens, V a slice of a fused qkv row."""
+    fmt = make_fmt(DEFAULT_KV)
+    kv = torch.randn(t, 2, HKV, D, device=DEV, dtype=torch.bfloat16)
+    ring = make_ring(fmt, t, 0)
+    slots = torch.arange(t, device=DEV) * fmt.window + 5
+    us = bench(lambda: write_window(kv[:, 0], kv[:, 1], slots, ring.k, ring.v))
+    return row("write-window", DEFAULT_KV, f"T={t},Hkv={HKV},D={D}", us, 2 * 2 * kv.numel() + slots.numel() * 8, copy)
+
+
 def run_decode(batch: int, ctx: int, kv: str, copy: float, kernel: str = "decode", cfg: dict | None = None) -> dict:
-    """Rotated formats get q as the engine passes it: rotated by the write launch (fp32); cfg
-    q_rotated=False times the kernel rotating bf16 q itself."""
+    """q comes as the engine passes it: encoded by the write launch (fp32 R q, R (q lambda) or q lambda); cfg
+    q_rotated=False times the kernel rotating bf16 q itself. With a window, ctx tokens are INT4 and W more
+    bf16 (the ring, full), plus the new token."""
     fmt = make_fmt(kv)
     table = paged_table(batch, ctx)
     kc, vc, kp, vp = alloc_cache(fmt, (batch * ctx // PS + 1) * PS)
@@ -108,10 +139,16 @@ def run_decode(batch: int, ctx: int, kv: str, copy: float, kernel: str = "decode
     out = torch.empty_like(q)
     cfg = dict(cfg or {})
     q_rotated = cfg.pop("q_rotated", fmt.rotated)
-    q_in = rotate(q.double(), fmt.hadamard_order).float() if q_rotated else q
-    us = bench(lambda: decode_attention(q_in, kc, vc, kp, vp, table, lens, PS, fmt, D ** -0.5, out=out,
-                                        q_rotated=q_rotated, **cfg))
+    mean, lam = k_options(fmt)
+    q_in = encode_q(q, fmt, lam) if q_rotated or fmt.k_scale else q
+    win: dict = {}
     nbytes = batch * ctx * HKV * fmt.bytes_per_token_head() + 2 * q.numel() * 2 + table.numel() * 4
+    if fmt.window:
+        kv_new = torch.randn(batch, 2, HKV, D, device=DEV, dtype=torch.bfloat16)
+        win = dict(ring=make_ring(fmt, batch, ctx + fmt.window), q_plain=q, k_new=kv_new[:, 0], v_new=kv_new[:, 1])
+        nbytes += batch * HKV * (fmt.window_bytes_per_head() + 2 * D * 2)
+    us = bench(lambda: decode_attention(q_in, kc, vc, kp, vp, table, lens, PS, fmt, D ** -0.5, out=out,
+                                        q_rotated=q_rotated, k_mean=mean, k_scale=lam, **win, **cfg))
     return row(kernel, kv, f"B={batch},ctx={ctx},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy, cfg)
 
 
@@ -125,17 +162,20 @@ def run_extend(batch: int, prefix: int, new: int, kv: str, copy: float, cfg: dic
     v = torch.randn(tn, HKV, D, device=DEV, dtype=torch.bfloat16)
     cu = torch.arange(0, tn + 1, new, dtype=torch.int32, device=DEV)
     pre = torch.full((batch,), prefix, dtype=torch.int32, device=DEV)
-    mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
+    mean, lam = k_options(fmt)
+    # with a window: prefix INT4 tokens, then W bf16 ones (a first chunk has neither)
+    ring = make_ring(fmt, batch, prefix + fmt.window) if fmt.window and prefix else None
+    w = ring.window if ring else 0
 
     cfg = cfg or {}
 
     def fn() -> None:
         extend_attention(q, k, v, cu, pre, kc, vc, kp, vp, table, PS, fmt, D ** -0.5, max_new_len=new, k_mean=mean,
-                         max_prefix_len=prefix, **cfg)  # the host knows the prefixes, as the engine does
+                         max_prefix_len=prefix, k_scale=lam, ring=ring, **cfg)  # the host knows the prefixes
 
     us = bench(fn, graph=False)
-    flops = 4 * batch * HQ * D * (new * prefix + new * (new + 1) / 2)
-    nbytes = batch * prefix * HKV * fmt.bytes_per_token_head() + 2 * (q.numel() * 2 + k.numel() * 2)
+    flops = 4 * batch * HQ * D * (new * (prefix + w) + new * (new + 1) / 2)
+    nbytes = batch * (prefix * fmt.bytes_per_token_head() + w * 4 * D) * HKV + 2 * (q.numel() * 2 + k.numel() * 2)
     r = row("extend", kv, f"B={batch},prefix={prefix},new={new},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy, cfg,
             tflops=flops / us / 1e6)
     return [r]
@@ -171,7 +211,7 @@ def row(kernel: str, kv: str, shape: str, us: float, nbytes: float, copy: float,
         r["tflops"] = round(tflops, 1)
     if cfg:
         r["config"] = cfg
-    print(f"{kernel:14s} {kv:20s} {shape:44s} {us:10.1f} us {gbps:6.0f} GB/s {gbps / copy:6.1%}"
+    print(f"{kernel:14s} {kv:24s} {shape:44s} {us:10.1f} us {gbps:6.0f} GB/s {gbps / copy:6.1%}"
           + (f" {tflops:5.0f} TF/s" if tflops is not None else "") + (f" {cfg}" if cfg else ""), flush=True)
     ROWS.append(r)
     for f in OUT_FILES:  # rewrite after every row: a run cut short still leaves its numbers
@@ -214,8 +254,9 @@ def main() -> None:
     copy = copy_gbps(1 << 22 if smoke else 2 << 30)
     print(f"device-to-device copy: {copy:.0f} GB/s (read + write)", flush=True)
     kvs_write = ["bf16", "int4", "int4-bdr-b16", "int4-bdr-b32", "int4-bdr-b64", "int4-bdr-b128",
-                 "int4-bdr-b128-rv", "int4-bdr-b128-kc", "int4-kc"]
-    kvs_decode = ["int4", "int4-bdr-b128", "int4-bdr-b16", "int4-bdr-b128-rv"]
+                 "int4-bdr-b128-rv", "int4-bdr-b128-kc", "int4-kc", "int4-bdr-b128-kc-ks"]
+    kvs_decode = ["int4", "int4-bdr-b128", "int4-bdr-b16", "int4-bdr-b128-rv", "int4-bdr-b128-kc", DEFAULT_KV,
+                  "int4-kc-ks-w32"]
     if smoke:
         write_shapes, dec_shapes, lat_b, lat_ctx, ext = [64], [(2, 64)], [1], [64], (2, 48, 16)
     else:
@@ -227,9 +268,10 @@ def main() -> None:
         for t in write_shapes:
             for kv in kvs_write:
                 run_write(t, kv, copy, wcfg)
-        for kv in ("int4", "int4-bdr-b128"):  # a decode step's write (batch 64), with its queries
+        for kv in ("int4", "int4-bdr-b128", DEFAULT_KV):  # a decode step's write (batch 64), with its queries
             run_write(64, kv, copy, wcfg)
             run_write(64, kv, copy, wcfg, with_q=True)
+        run_write_window(64, copy)
     dcfg: dict = {}
     bcfg: dict = {}
     if "decode" in only or "latency" in only:
@@ -249,7 +291,7 @@ def main() -> None:
                 run_decode(b, ctx, kv, copy, "decode-tile", cfg={**dcfg, "impl": "tile"})
             run_decode(b, ctx, "int4-bdr-b128", copy, "decode-qrot", cfg={**dcfg, "q_rotated": False})
     if "latency" in only:
-        for kv in ("bf16", "int4-bdr-b128"):
+        for kv in ("bf16", "int4-bdr-b128", DEFAULT_KV):
             for b in lat_b:
                 for ctx in lat_ctx:
                     run_decode(b, ctx, kv, copy, "decode-latency", cfg=bcfg if kv == "bf16" else dcfg)
@@ -261,8 +303,8 @@ def main() -> None:
         # a 16k prompt prefilled in two chunks of 8192 (no prefix, then 8192 cached): 2/3 of its
         # attention is the causal new-token phase
         chunks = [(1, 0, 32), (1, 32, 32)] if smoke else [(2, 0, 8192), (2, 8192, 8192)]
-        for shape, kvs in [(ext, ("bf16", "int4", "int4-bdr-b128", "int4-bdr-b128-rv-kc")),
-                           *[(c, ("bf16", "int4-bdr-b128")) for c in chunks]]:
+        for shape, kvs in [(ext, ("bf16", "int4", "int4-bdr-b128", "int4-bdr-b128-rv-kc", DEFAULT_KV)),
+                           *[(c, ("bf16", "int4-bdr-b128", DEFAULT_KV)) for c in chunks]]:
             for kv in kvs:
                 run_extend(*shape, kv, copy, ecfg)
             if DEV.type == "cuda":

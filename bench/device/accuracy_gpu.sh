@@ -22,4 +22,4 @@ formats=(bf16 int4-bdr "int4-bdr --window 0 --k-scale false")  # bf16, the new d
 timeout 330 saw-eval humaneval --model "$model" --kv "${formats[@]}" --concurrency 32 --log-dir "$out/logs" \
   --out "$out/humaneval.json" 2>&1 | grep -v -E "it/s|s/it" | tail -12
 timeout 240 saw-eval ppl --model "$model" --kv "${formats[@]}" --windows 8 --window 1024 --log-dir "$out/logs" \
-  --router-arg=-- --router-arg=--max-prefill-tokens=1 --out "$out/ppl.json" 2>&1 | grep -v -E "it/s|s/it" | tail -8
+  --worker-arg=--max-prefill-tokens=1 --out "$out/ppl.json" 2>&1 | grep -v -E "it/s|s/it" | tail -8

@@ -33,6 +33,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key")
     g.add_argument("--label", default=None, help="name of the --base-url run in the results")
     g.add_argument("--router-arg", action="append", default=[], help="extra saw-router argument (repeatable)")
+    g.add_argument("--worker-arg", action="append", default=[],
+                   help="extra worker flag, passed after saw-router's -- (repeatable), e.g. "
+                        "--worker-arg=--max-prefill-tokens=1 for decode-time perplexity")
     g.add_argument("--log-dir", default="bench/out/eval-logs")
     g.add_argument("--out", help="results JSON (default: bench/results/accuracy-<task>-<model>.json)")
 
@@ -82,7 +85,7 @@ def _servers(args: argparse.Namespace) -> Iterator[Iterator[tuple[str, Client]]]
 
     def gen() -> Iterator[tuple[str, Client]]:
         for spec in specs:
-            with Router(spec, args.model, args.router_arg, Path(args.log_dir)) as r:
+            with Router(spec, args.model, args.router_arg, Path(args.log_dir), worker_flags=args.worker_arg) as r:
                 print(f"saw-eval: {spec}: saw-router ready at {r.url}", file=sys.stderr, flush=True)
                 yield spec, Client(r.url, args.served_model, args.api_key)
 

@@ -13,14 +13,17 @@ from saw_loadtest.server import RouterProcess
 
 
 class Router(RouterProcess):
-    """`saw-router --kv <spec> --model M --workers 1 <extra>`; spec is e.g. "int4-bdr --k-center"."""
+    """`saw-router --kv <spec> --model M --workers 1 <extra> [-- <worker flags>]`; spec is e.g.
+    "int4-bdr --k-center false"."""
 
-    def __init__(self, spec: str, model: str, extra: list[str], log_dir: Path, ready_timeout: float = 900) -> None:
+    def __init__(self, spec: str, model: str, extra: list[str], log_dir: Path, ready_timeout: float = 900,
+                 worker_flags: list[str] | None = None) -> None:
         if shutil.which("saw-router") is None:
             raise RuntimeError("saw-router is not on PATH (pip install . builds it), or pass --base-url")
         kv, *flags = shlex.split(spec)
         name = spec.replace(" ", "_").replace("-", "")
-        super().__init__("saw-router", kv, [*flags, "--model", model, "--workers", "1", *extra],
+        workers = ["--", *worker_flags] if worker_flags else []
+        super().__init__("saw-router", kv, [*flags, "--model", model, "--workers", "1", *extra, *workers],
                          log_dir / f"router-{name}.log")
         self.ready_timeout = ready_timeout
 

@@ -124,10 +124,11 @@ def store_halves(ptr, row_off, c, x_lo, x_hi, rm, D2: tl.constexpr):
 
 @triton.jit
 def store_split_result(o_lo, o_hi, m_i, l_i, b, sp, qh, gm, c, out_ptr, po_ptr, pl_ptr, s_ob, s_oh,
-                       HQ: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
-    """A decode program's normalized o: bf16 output when there is one split, else the split's partial
-    o [B, Hq, SPLITS, D] fp32 and lse [B, Hq, SPLITS] (log2 domain) that the reduce kernel combines."""
-    if SPLITS == 1:
+                       HQ: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, FINAL: tl.constexpr):
+    """A decode program's normalized o: the bf16 output if FINAL (one split, nothing else to merge), else
+    the split's partial o [B, Hq, SPLITS, D] fp32 and lse [B, Hq, SPLITS] (log2 domain) that the reduce
+    kernel combines."""
+    if FINAL:
         store_halves(out_ptr, b.to(tl.int64) * s_ob + qh * s_oh, c, o_lo.to(tl.bfloat16), o_hi.to(tl.bfloat16),
                      gm, D // 2)
     else:

@@ -10,7 +10,9 @@ tensor cores as exact small integers, with
   q . k_hat = s (q . c) + lo sum(q)   and   sum_n p_n v_hat_n = (p s_v) @ c_v + sum_n p_n lo_n.
 For int4-bdr, R q . R k = q . k: the engine passes q already rotated (write_kv rotates it in the same
 launch, once per step); given plain q, each program rotates it. With rotate_v the output is rotated
-back once per head (in the reduce, or at the end when there is one split).
+back once per head (in the reduce, or at the end when there is one split). With the bf16 window the
+reduce always runs: it attends the ring's valid slots and the new token and merges them with the INT4
+partials (window.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from saw_kernels.decode_int4_warp import (
     warp_kernel_fits,
     warp_programs,
 )
+from saw_kernels.window import Ring, ring_tile
 from saw_worker.kv.formats import KVFormat
 
 
@@ -180,15 +183,66 @@ def _decode_bf16_kernel(
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     store_split_result(acc_lo / l_safe[:, None], acc_hi / l_safe[:, None], m_i, l_i, b, sp, qh, gm, c, out_ptr,
-                       po_ptr, pl_ptr, s_ob, s_oh, HQ, D, SPLITS)
+                       po_ptr, pl_ptr, s_ob, s_oh, HQ, D, SPLITS, SPLITS == 1)
+
+
+@triton.jit
+def _attend_window(qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, mean_ptr, scale_ptr, b, kh,
+                   s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale,
+                   G: tl.constexpr, GP: tl.constexpr, D2: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
+                   SHIFT: tl.constexpr, SCALE: tl.constexpr):
+    """Online softmax (attend_block's m, l, acc) of request b's plain queries of KV head kh over raw bf16 rows
+    j = 0 .. W: the valid ring slots, then (j = W) the new token.
+
+    The INT4 partials' scores are q . k - (q lambda) . mu (keys stored centered, SHIFT; lambda where SCALE), so
+    the same shift is added to these raw scores before they meet in one softmax.
+    """
+    _, gm, c, q_lo, q_hi = load_query_group(qp_ptr, b, kh, s_qpb, s_qph, G, GP, D2)
+    bias = 0.0
+    if SHIFT:
+        mu_lo = tl.load(mean_ptr + kh * (2 * D2) + c)
+        mu_hi = tl.load(mean_ptr + kh * (2 * D2) + D2 + c)
+        if SCALE:
+            mu_lo = mu_lo * tl.load(scale_ptr + kh * (2 * D2) + c)
+            mu_hi = mu_hi * tl.load(scale_ptr + kh * (2 * D2) + D2 + c)
+        bias = -(tl.sum(q_lo.to(tl.float32) * mu_lo[None, :], 1) + tl.sum(q_hi.to(tl.float32) * mu_hi[None, :], 1))
+        bias = bias[:, None]
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc_lo = tl.zeros([GP, D2], tl.float32)
+    acc_hi = tl.zeros([GP, D2], tl.float32)
+    for j0 in tl.static_range(0, W + 1, BLOCK_W):
+        j = j0 + tl.arange(0, BLOCK_W)
+        k_lo, k_hi, v_lo, v_hi, valid = ring_tile(rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, b, kh, j, c, s_rr, s_rs,
+                                                  s_rh, W, D2)
+        if j0 + BLOCK_W > W:  # the tile holding row W: the new token (k_new, v_new may be strided views)
+            new = j == W
+            nm = new[:, None]
+            row = (j * 0).to(tl.int64)[:, None] + c[None, :]  # the token's row, broadcast over the tile
+            k_p = kn_ptr + b.to(tl.int64) * s_knb + kh * s_knh + row
+            v_p = vn_ptr + b.to(tl.int64) * s_vnb + kh * s_vnh + row
+            k_lo = tl.where(nm, tl.load(k_p, mask=nm, other=0.0), k_lo)
+            k_hi = tl.where(nm, tl.load(k_p + D2, mask=nm, other=0.0), k_hi)
+            v_lo = tl.where(nm, tl.load(v_p, mask=nm, other=0.0), v_lo)
+            v_hi = tl.where(nm, tl.load(v_p + D2, mask=nm, other=0.0), v_hi)
+            valid = valid | new
+        m_i, l_i, acc_lo, acc_hi = attend_block(q_lo, q_hi, 0.0, bias, qk_scale, k_lo, k_hi, 0.0, 0.0, v_lo, v_hi, 0.0,
+                                                0.0, valid[None, :], m_i, l_i, acc_lo, acc_hi, False, 2)
+    return m_i, l_i, acc_lo, acc_hi
 
 
 @triton.jit
 def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqrt_b,
+                   qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, mean_ptr, scale_ptr,
+                   s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale,
                    HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                   SP2: tl.constexpr, PIECES: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr):
+                   SP2: tl.constexpr, PIECES: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr,
+                   WINDOW: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, SHIFT: tl.constexpr,
+                   SCALE: tl.constexpr):
     """out of (request, KV head) from its partials: SPLITS rows per query at (b Hq + query) SPLITS, or
-    with PIECES the warp kernel's pieces, rows (first + i) G + group member, (first, count) in meta."""
+    with PIECES the warp kernel's pieces, rows (first + i) G + group member, (first, count) in meta.
+    With WINDOW the raw bf16 rows (_attend_window) are one more partial, added after the INT4 ones are
+    rotated back (ROT_V)."""
     D2: tl.constexpr = D // 2
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -209,6 +263,12 @@ def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqr
     lse = tl.load(pl_ptr + base[:, None] + s[None, :] * stride, mask=gm[:, None] & (s[None, :] < count),
                   other=float("-inf"))
     m = tl.max(lse, 1)
+    if WINDOW:
+        m_w, l_w, aw_lo, aw_hi = _attend_window(
+            qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, mean_ptr, scale_ptr, b, kh,
+            s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale, G, GP, D2, W, BLOCK_W, SHIFT, SCALE)
+        lse_w = m_w + tl.log2(l_w)  # l_w >= 1: the new token is always there
+        m = tl.maximum(m, lse_w)
     m = tl.where(m == float("-inf"), 0.0, m)
     w_all = tl.exp2(lse - m[:, None])
     denom = tl.sum(w_all, 1)
@@ -223,12 +283,15 @@ def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqr
             use = (li > float("-inf"))[:, None]  # empty splits wrote no partial: never read it
             o_lo += w[:, None] * tl.load(po_ptr + row[:, None] * D + c[None, :], mask=use, other=0.0)
             o_hi += w[:, None] * tl.load(po_ptr + row[:, None] * D + D2 + c[None, :], mask=use, other=0.0)
-    inv = 1.0 / tl.where(denom > 0, denom, 1.0)
-    o_lo = o_lo * inv[:, None]
-    o_hi = o_hi * inv[:, None]
-    if ROT_V:
+    if ROT_V:  # R is linear: the weighted sum is rotated back before any raw value joins it
         o_lo, o_hi = rotate_halves(o_lo, o_hi, load_hmat(h_ptr, D2), inv_sqrt_b, FULL, 2)
-    store_halves(out_ptr, b.to(tl.int64) * s_ob + qh * s_oh, c, o_lo.to(tl.bfloat16), o_hi.to(tl.bfloat16), gm, D2)
+    if WINDOW:  # its weight exp2(lse_w - m) times its o = acc / l_w
+        denom += tl.exp2(lse_w - m)
+        o_lo += tl.exp2(m_w - m)[:, None] * aw_lo
+        o_hi += tl.exp2(m_w - m)[:, None] * aw_hi
+    inv = 1.0 / tl.where(denom > 0, denom, 1.0)
+    store_halves(out_ptr, b.to(tl.int64) * s_ob + qh * s_oh, c, (o_lo * inv[:, None]).to(tl.bfloat16),
+                 (o_hi * inv[:, None]).to(tl.bfloat16), gm, D2)
 
 
 def params_as_words(k_params: torch.Tensor | None, v_params: torch.Tensor | None
@@ -272,16 +335,41 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     return max(1, min(want, most, 64))
 
 
+def _window_args(ring: Ring | None, q_plain: torch.Tensor | None, k_new: torch.Tensor | None,
+                 v_new: torch.Tensor | None, k_mean: torch.Tensor | None, k_scale: torch.Tensor | None, fmt: KVFormat,
+                 unused: torch.Tensor) -> tuple[list, dict]:
+    """_reduce_kernel's window arguments: pointers and strides, then its constexprs (unused stands in for
+    the tensors of a step without window, or of an option the format has off)."""
+    if ring is None:
+        return [unused] * 10 + [0] * 9, dict(WINDOW=False, W=1, BLOCK_W=16, SHIFT=False, SCALE=False)
+    ring.check(fmt.window)
+    if q_plain is None or k_new is None or v_new is None:
+        raise ValueError("decode_attention(ring=...) needs q_plain, k_new and v_new (raw bf16) for the bf16 keys")
+    assert q_plain.dtype == k_new.dtype == v_new.dtype == torch.bfloat16
+    assert q_plain.stride(-1) == 1 and k_new.stride(-1) == 1 and v_new.stride(-1) == 1
+    shift = fmt.k_center and k_mean is not None  # as in write_kv: no mean, nothing was subtracted
+    scale = shift and fmt.k_scale and k_scale is not None
+    mean = k_mean.float().contiguous() if shift else unused
+    lam = k_scale.float().contiguous() if scale else unused
+    return ([q_plain, k_new, v_new, ring.k, ring.v, ring.rows, ring.lens, ring.ends, mean, lam, q_plain.stride(0),
+             q_plain.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), *ring.strides()],
+            dict(WINDOW=True, W=ring.window, BLOCK_W=min(64, max(16, triton.next_power_of_2(ring.window + 1))),
+                 SHIFT=shift, SCALE=scale))
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_params: torch.Tensor | None,
                      v_params: torch.Tensor | None, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      fmt: KVFormat, sm_scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
                      max_context: int | None = None, block_n: int | None = None, num_warps: int = 4,
                      num_stages: int | None = None, q_rotated: bool = False, maxnreg: int | None = None,
-                     impl: str | None = None) -> torch.Tensor:
+                     impl: str | None = None, ring: Ring | None = None, q_plain: torch.Tensor | None = None,
+                     k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                     k_mean: torch.Tensor | None = None, k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
 
     q_rotated: q (bf16 or fp32) is already R q for a rotated format (write_kv(q=...)), so the
-    kernel does not rotate it again.
+    kernel does not rotate it again. With fmt.k_scale, q must come as write_kv(q=...) returns it,
+    R (q lambda) (q_rotated=True) or q lambda (int4).
     maxnreg: registers per thread cap of the decode kernel (ptxas .maxnreg; GPU only, the
     interpreter ignores it), e.g. 128 for 4 programs of 4 warps per SM.
     impl: INT4 kernel, "warp" (decode_int4_warp.py: equal runs of 16-token steps, one warp each, operands
@@ -291,6 +379,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_splits: splits per (request, KV head) of the bf16 and tile kernels (default from the shapes and
     max_context, which defaults to page_table width * page_size); for the warp kernel, programs per
     (request, KV head) (default: one per warp slot of the GPU, whatever the batch).
+    ring (fmt.window): seq_lens[b] is the INT4 length P - ring.lens[b]; the query also attends to the valid
+    ring slots and to the new token itself (k_new, v_new [B, Hkv, D]), raw bf16 rows met by q_plain (the raw
+    bf16 query [B, Hq, D]); k_mean and k_scale (those write_kv used) put their scores in the INT4 ones' space.
+    k_new, v_new and q_plain may be strided views.
     No host reads of seq_lens: the grid depends on shapes only, so a CUDA graph captured for a batch
     size replays for any lengths; the split workspaces are allocated here (from the graph pool when
     capturing). Run it once outside a capture first (Triton compiles, Hadamard matrix is uploaded).
@@ -300,8 +392,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = hq // hkv
     assert group * hkv == hq and d % 32 == 0 and page_size & (page_size - 1) == 0
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    if fmt.k_scale and fmt.rotated and not q_rotated:
+        raise ValueError("with k_scale, q must come scaled and rotated as write_kv(q=...) returns it (q_rotated=True)")
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device=q.device)
+    window = ring is not None
+    win_args, win_consts = _window_args(ring, q_plain, k_new, v_new, k_mean, k_scale, fmt, out)
     quant = fmt.quantized
     warp_fits = (not INTERPRET and q.is_cuda and warp_kernel_fits(page_size, d, group, bsz)
                  and (q_rotated or not fmt.rotated))
@@ -320,15 +416,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ctx = max_context if max_context is not None else page_table.shape[1] * page_size
     if warp:
         programs = bsz * hkv * num_splits if num_splits else warp_programs(q.device, bsz, hkv, ctx, d, gp, maxnreg)
-        # the kernel combines each pair's pieces itself, except where the output must be rotated back
+        # the kernel combines each pair's pieces itself, unless the output must be rotated back or a window joins
+        combine = not (fmt.rotate_v or window)
         po, pl, meta = launch_warp_decode(q, k_cache, v_cache, kp, vp, s_ps, s_ph, page_table, seq_lens, page_size,
-                                          sm_scale * LOG2E, out, not fmt.rotate_v, programs, gp, maxnreg)
-        partials = MAX_PIECES if fmt.rotate_v else 1  # at most, per pair; the kernel records each one's count
+                                          sm_scale * LOG2E, out, combine, programs, gp, maxnreg)
+        partials = 1 if combine else MAX_PIECES  # at most, per pair; the kernel records each one's count
     else:
         if num_splits is None:
             num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n, quant)
         partials = num_splits
-        if num_splits > 1:
+        final = num_splits == 1 and not window
+        if not final:
             po = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device)
             pl = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
         grid = (bsz, hkv, num_splits)
@@ -339,17 +437,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                 q, k_cache, v_cache, kp, vp, page_table, seq_lens, hmat, out, po, pl, *strides, s_ps, s_ph,
                 page_table.stride(0), out.stride(0), out.stride(1), sm_scale * LOG2E, inv,
                 HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, ROT_Q=fmt.rotated and not q_rotated,
-                ROT_V=fmt.rotate_v, FULL=full, SPLITS=num_splits, BLOCK_N=block_n, num_warps=num_warps,
-                num_stages=num_stages, maxnreg=maxnreg)
+                ROT_V=fmt.rotate_v, FULL=full, SPLITS=num_splits, FINAL=final, BLOCK_N=block_n,
+                num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
         else:
             _decode_bf16_kernel[grid](
                 q, k_cache, v_cache, page_table, seq_lens, out, po, pl, *strides, page_table.stride(0),
                 out.stride(0), out.stride(1), sm_scale * LOG2E, HQ=hq, G=group, GP=gp, D=d, PAGE=page_size,
                 SPLITS=num_splits, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
-    if partials > 1:
+    if partials > 1 or window:
         _reduce_kernel[(bsz, hkv)](
-            po, pl, meta, hmat, out, out.stride(0), out.stride(1), inv,
-            HQ=hq, G=group, GP=gp, D=d, SPLITS=partials, SP2=triton.next_power_of_2(partials), PIECES=warp,
-            ROT_V=fmt.rotate_v, FULL=full, num_warps=4,
+            po, pl, meta, hmat, out, out.stride(0), out.stride(1), inv, *win_args, sm_scale * LOG2E,
+            HQ=hq, G=group, GP=max(16, gp) if window else gp, D=d, SPLITS=partials,
+            SP2=triton.next_power_of_2(partials), PIECES=warp, ROT_V=fmt.rotate_v, FULL=full, **win_consts,
+            num_warps=4,
         )
     return out

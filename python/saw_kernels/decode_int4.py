@@ -80,7 +80,8 @@ def decode_int4_kernel(
     s_qb, s_qh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, s_ptb, s_ob, s_oh,
     qk_scale, inv_sqrt_b,
     HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-    ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, SPLITS: tl.constexpr, FINAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     D2: tl.constexpr = D // 2
     OFF: tl.constexpr = 1024.0
@@ -138,9 +139,10 @@ def decode_int4_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o_lo = tl.trans((acc_lo - OFF * ps[None, :] + plo[None, :]) / l_safe[None, :])
     o_hi = tl.trans(((acc_hi - OFF * ps[None, :]) * 0.0625 + plo[None, :]) / l_safe[None, :])
-    if SPLITS == 1 and ROT_V:  # with several splits the reduce rotates the combined output back
+    if FINAL and ROT_V:  # otherwise the reduce rotates the combined output back
         o_lo, o_hi = rotate_halves(o_lo, o_hi, hm, inv_sqrt_b, FULL, 2)
-    store_split_result(o_lo, o_hi, m_i, l_i, b, sp, qh, gm, c, out_ptr, po_ptr, pl_ptr, s_ob, s_oh, HQ, D, SPLITS)
+    store_split_result(o_lo, o_hi, m_i, l_i, b, sp, qh, gm, c, out_ptr, po_ptr, pl_ptr, s_ob, s_oh, HQ, D, SPLITS,
+                       FINAL)
 
 
 def query_rows(group: int) -> int:

@@ -23,9 +23,9 @@ a KV head's steps across request boundaries, so a batch of ragged lengths keeps 
 end (splitting each request alike left the long ones running alone: 21-29 % slower on ragged batches).
 A run writes one partial (o, lse) per request it touches, and the piece of a (request, KV head) that lands
 last, by an arrival count, combines them into the output in the same launch (a separate reduce launch cost
-4-7 us more at 64 x 4k on the H100). With rotate_v the pieces go to `_reduce_kernel` instead, which also
-rotates the output back. The cut is computed on the GPU from the lengths, so a CUDA graph replays for any
-lengths.
+4-7 us more at 64 x 4k on the H100). With rotate_v or a bf16 window the pieces go to `_reduce_kernel`
+instead, which also rotates the output back and attends the window. The cut is computed on the GPU from
+the lengths, so a CUDA graph replays for any lengths.
 Needs mma.sync and cp.async (sm_80+); GPU only (Gluon does not run under the interpreter).
 """
 

@@ -7,12 +7,16 @@ attended like a bf16 cache: with 128 query rows per program the per-element dequ
 keeping codes and correcting every score (deq=3; SASS of the prefix loop for sm_90: 980 -> 730
 instructions, the bf16 new-token loop is 620).
 
-The two phases live in different spaces, and the kernel brings them together:
-- int4-bdr keys are stored rotated: the prefix phase uses R q, the new-token phase plain q;
-- centered keys (k_center) shift every prefix logit by -q.mu but not the new ones, so q.mu is
-  added back to the prefix logits (this needs k_mean);
+With the bf16 window (ring) a phase between the two attends to the ring's valid slots: raw rows, like
+the new tokens, visible to every query of the request (all older than it).
+
+The phases live in different spaces, and the kernel brings them together:
+- INT4 keys are stored as R (k / lambda - mu): the prefix phase uses R (q lambda) (lambda with k_scale,
+  R for int4-bdr), the ring and new-token phases plain q;
+- centered keys (k_center) shift every prefix logit by -(q lambda) . mu but not the raw ones, so that
+  is added back to the prefix logits (this needs k_mean);
 - with rotate_v the prefix values are rotated: the accumulator is rotated back (R is linear and
-  its own inverse) between the phases, before any raw value is added to it.
+  its own inverse) after the prefix phase, before any raw value is added to it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import triton.language as tl
 
 from saw_kernels._common import INTERPRET, LOG2E, load_hmat, page_slots, rotate_halves, store_halves
 from saw_kernels.decode import attend_block, format_args, load_kv_block
+from saw_kernels.window import Ring, ring_tile
 from saw_worker.kv.formats import KVFormat
 
 
@@ -57,12 +62,14 @@ def _new_tile(q_lo, q_hi, k_ptr, v_ptr, row0, n0, new_len, i, kh, s_kt, s_kh, s_
 
 @triton.jit
 def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, cu_ptr, pre_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, h_ptr, mean_ptr, out_ptr,
-    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, s_ptb, s_ot, s_oh,
+    q_ptr, k_ptr, v_ptr, cu_ptr, pre_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, h_ptr, mean_ptr, scale_ptr, out_ptr,
+    rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr,
+    s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, s_ptb, s_ot, s_oh, s_rr, s_rs, s_rh,
     qk_scale, inv_sqrt_b,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
-    ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, DEQ: tl.constexpr,
-    PREFIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, SCALE: tl.constexpr,
+    DEQ: tl.constexpr, PREFIX: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # A program serves BQ = BLOCK_M / GP queries times the GP (>= G, padded) heads of one KV head's
     # group, so each cached tile is loaded and dequantized once for the whole group.
@@ -95,8 +102,11 @@ def _extend_kernel(
     if PREFIX and prefix > 0:
         r_lo = q_lo.to(tl.float32)
         r_hi = q_hi.to(tl.float32)
+        if SCALE:  # q lambda meets k / lambda (exact: lambda is a power of two)
+            r_lo = r_lo * tl.load(scale_ptr + kh * D + c)[None, :]
+            r_hi = r_hi * tl.load(scale_ptr + kh * D + D2 + c)[None, :]
         bias = _neg_zeros(BLOCK_M)  # no add per score unless CENTER
-        if CENTER:
+        if CENTER:  # (q lambda) . mu: the stored keys' shift, added back
             mu = mean_ptr + kh * D
             bias = tl.sum(r_lo * tl.load(mu + c)[None, :], 1) + tl.sum(r_hi * tl.load(mu + D2 + c)[None, :], 1)
         if ROT_Q or ROT_V:
@@ -120,6 +130,16 @@ def _extend_kernel(
                 v_m, nm[None, :], m_i, l_i, acc_lo, acc_hi, QUANT and DEQ != 4, 1)
         if ROT_V:
             acc_lo, acc_hi = rotate_halves(acc_lo, acc_hi, hm, inv_sqrt_b, FULL, 2)
+
+    # the bf16 window (W > 0): the ring's valid slots, raw like the new tokens, before every query of the request
+    if W > 0:
+        ring_end = tl.where(active & (tl.load(rlen_ptr + b) > 0), W, 0)
+        for j0 in range(0, ring_end, BLOCK_W):
+            k_lo, k_hi, v_lo, v_hi, valid = ring_tile(rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, b, kh,
+                                                      j0 + tl.arange(0, BLOCK_W), c, s_rr, s_rs, s_rh, W, D2)
+            m_i, l_i, acc_lo, acc_hi = attend_block(
+                q_lo, q_hi, 0.0, _neg_zeros(BLOCK_M)[:, None], qk_scale, k_lo, k_hi, 0.0, 0.0, v_lo, v_hi, 0.0, 0.0,
+                valid[None, :], m_i, l_i, acc_lo, acc_hi, False, 1)
 
     # phase 2: the new tokens themselves at bf16, causal (key j <= query i). A tile that ends at or
     # before the program's first query q0 (< new_len) lies below every row's diagonal and inside the
@@ -147,14 +167,17 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      page_size: int, fmt: KVFormat, sm_scale: float, max_new_len: int | None = None,
                      k_mean: torch.Tensor | None = None, out: torch.Tensor | None = None,
                      max_prefix_len: int | None = None, block_m: int | None = None, block_n: int | None = None,
-                     num_warps: int | None = None, num_stages: int = 2, deq: int = 4) -> torch.Tensor:
+                     num_warps: int | None = None, num_stages: int = 2, deq: int = 4,
+                     k_scale: torch.Tensor | None = None, ring: Ring | None = None) -> torch.Tensor:
     """o [Tn, Hq, D] bf16: new query i of request b attends to its prefix_lens[b] cached tokens and to
     new tokens 0..i of its own rows cu_seqlens[b]:cu_seqlens[b+1] (positions prefix_lens[b] + i).
 
-    k_mean must be the K mean the cache was written with when fmt.k_center is on (the prefix logits
-    are shifted by -q.mu, the new ones are not; None = no centering, as in write_kv). max_new_len
-    avoids a host read of cu_seqlens; max_prefix_len = 0 (no request has cached tokens) runs a kernel
-    without the prefix phase.
+    k_mean and k_scale must be the ones the cache was written with (write_kv) when fmt.k_center / fmt.k_scale
+    is on (None = not applied, as in write_kv): the prefix logits are shifted by -(q lambda) . mu, the new
+    ones are not. max_new_len avoids a host read of cu_seqlens; max_prefix_len = 0 (no request has cached
+    tokens in the pages) runs a kernel without the prefix phase.
+    ring (fmt.window): prefix_lens[b] is the INT4 length P - ring.lens[b] (P = ring.ends[b]); the queries also
+    attend to the ring's valid slots at bf16, between the prefix and the new tokens.
     """
     tn, hq, d = q.shape
     hkv = k.shape[1]
@@ -171,7 +194,9 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     quant = fmt.quantized
     kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
     center = quant and fmt.k_center and k_mean is not None  # as in write_kv: no mean, nothing was subtracted
+    scale = quant and fmt.k_scale and k_scale is not None
     mean = k_mean.float().contiguous() if center else k_cache
+    lam = k_scale.float().contiguous() if scale else k_cache
     if block_m is None:
         block_m = 16 if INTERPRET else 128
     if block_n is None:  # H100: 128 took 8 x (16k + 2k) from 18.0 to 14.6 ms (SDPA 13.5 ms)
@@ -180,15 +205,21 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     block_m = max(block_m, gp)
     if num_warps is None:
         num_warps = 4 if INTERPRET else 8
+    if ring is None:
+        win, win_strides, w = [k_cache] * 5, (0, 0, 0), 0
+    else:
+        ring.check(fmt.window)
+        win, win_strides, w = [ring.k, ring.v, ring.rows, ring.lens, ring.ends], ring.strides(), ring.window
     grid = (triton.cdiv(max(max_new_len, 1), block_m // gp), hkv, bsz)
     _extend_kernel[grid](
-        q, k, v, cu_seqlens, prefix_lens, k_cache, v_cache, kp, vp, page_table, hmat, mean, out,
+        q, k, v, cu_seqlens, prefix_lens, k_cache, v_cache, kp, vp, page_table, hmat, mean, lam, out, *win,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), s_ps, s_ph,
-        page_table.stride(0), out.stride(0), out.stride(1),
+        page_table.stride(0), out.stride(0), out.stride(1), *win_strides,
         sm_scale * LOG2E, inv,
         G=group, GP=gp, D=d, PAGE=page_size, QUANT=quant, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
-        CENTER=center, DEQ=deq, PREFIX=max_prefix_len != 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
-        num_stages=num_stages,
+        CENTER=center, SCALE=scale, DEQ=deq, PREFIX=max_prefix_len != 0, W=w,
+        BLOCK_W=min(block_n, max(16, triton.next_power_of_2(w))), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

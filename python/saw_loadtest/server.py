@@ -17,6 +17,9 @@ def free_port() -> int:
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:
+    """The router's value of flag (never a worker's: flags after `--` go to the workers)."""
+    if "--" in args:
+        args = args[: args.index("--")]
     for i, a in enumerate(args):
         if a == flag and i + 1 < len(args):
             return args[i + 1]

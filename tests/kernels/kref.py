@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saw_worker.kv.formats import KVFormat, decode_o, dequantize_int4, encode_q
+from saw_worker.kv.formats import KVFormat, decode_o, dequantize_int4, encode_q, rotate
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -19,6 +19,16 @@ def rand_kv(t: int, hkv: int, d: int, outliers: bool = True, gen: torch.Generato
         ch = torch.randperm(d, generator=gen)[:3]
         x[:, :, ch] = x[:, :, ch] * 6 + 10
     return x.to(DEV, torch.bfloat16)
+
+
+def rand_scale(hkv: int, d: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """lambda fp32 [Hkv, D] as calibration leaves it: powers of two, 1 on most channels, 4..8 on a few
+    (outliers) and 1/8..1/2 on a few others."""
+    e = torch.zeros(hkv, d)
+    ch = torch.randperm(d, generator=gen)[:8]
+    e[:, ch[:4]] = torch.randint(2, 4, (hkv, 4), generator=gen).float()
+    e[:, ch[4:]] = torch.randint(-3, 0, (hkv, 4), generator=gen).float()
+    return torch.exp2(e).to(DEV)
 
 
 @dataclass
@@ -46,6 +56,20 @@ def stored(cache: Cache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         return cache.k[slots].double(), cache.v[slots].double()
     return (dequantize_int4(cache.k[slots], cache.kp[slots]).double(),
             dequantize_int4(cache.v[slots], cache.vp[slots]).double())
+
+
+def raw_rows(cache: Cache, slots: torch.Tensor, fmt: KVFormat, k_mean: torch.Tensor | None,
+             k_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored K, V rows at slots as float64, taken back to the model's space: K = lambda (R x + mu), V = R x
+    (each step where the format has it and its tensor is given, as formats.encode_k applies them)."""
+    keys, values = stored(cache, slots)
+    if fmt.rotated:
+        keys = rotate(keys, fmt.hadamard_order)
+    if fmt.k_center and k_mean is not None:
+        keys = keys + k_mean.double()
+    if fmt.k_scale and k_scale is not None:
+        keys = keys * k_scale.double()
+    return keys, decode_o(values, fmt)
 
 
 @dataclass

@@ -1,0 +1,89 @@
+"""The bf16 window (formats.KVFormat.window = W): each request's last W tokens before a step, raw, in a ring.
+
+A request owns one ring row of per-layer bf16 tensors [rows, W, Hkv, D]; slot p % W of its row holds
+position p, as the model produced it (post-RoPE, not scaled, centered or rotated). Before a step whose
+new tokens start at position P = ends[b], the ring holds positions [P - lens[b], P): slot j is valid iff
+(P - 1 - j) mod W < lens[b]. The attention kernels read INT4 pages up to P - lens[b] (the INT4 length
+the engine passes), the valid slots at bf16, then the step's new tokens; `write_window` stores the
+step's tokens into the ring after its attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from saw_kernels._common import INTERPRET
+
+
+@dataclass(frozen=True)
+class Ring:
+    k: torch.Tensor  # bf16 [rows, W, Hkv, D]
+    v: torch.Tensor  # bf16 [rows, W, Hkv, D]
+    rows: torch.Tensor  # int32 [B]: each request's ring row
+    lens: torch.Tensor  # int32 [B]: valid ring tokens before this step's new ones
+    ends: torch.Tensor  # int32 [B]: P, the position of the step's first new token (= prefix_lens)
+
+    @property
+    def window(self) -> int:
+        return self.k.shape[1]
+
+    def check(self, window: int) -> None:
+        """The ring must hold the format's window (a kernel constant)."""
+        if self.window != window:
+            raise ValueError(f"the ring holds {self.window} tokens, the format's window is {window}")
+
+    def strides(self) -> tuple[int, int, int]:
+        """(row, slot, head) strides, shared by k and v."""
+        assert self.k.stride() == self.v.stride() and self.k.stride(-1) == 1
+        return self.k.stride(0), self.k.stride(1), self.k.stride(2)
+
+
+@triton.jit
+def ring_tile(rk_ptr, rv_ptr, rows_ptr, lens_ptr, ends_ptr, b, kh, j, c, s_rr, s_rs, s_rh, W: tl.constexpr,
+              D2: tl.constexpr):
+    """Ring slots j of request b, head kh: K and V as bf16 halves [N, D/2] and which slots are valid.
+    Invalid slots may hold anything (NaN included): they are never loaded, and read as 0."""
+    lens = tl.load(lens_ptr + b)
+    end = tl.load(ends_ptr + b)
+    # end - 1 - j >= -W for j < W, so adding W keeps the dividend, hence the modulo, non-negative
+    valid = (j < W) & ((end - 1 - j + W) % W < lens)
+    off = (tl.load(rows_ptr + b).to(tl.int64) * s_rr + j * s_rs + kh * s_rh)[:, None] + c[None, :]
+    m = valid[:, None]
+    return (tl.load(rk_ptr + off, mask=m, other=0.0), tl.load(rk_ptr + off + D2, mask=m, other=0.0),
+            tl.load(rv_ptr + off, mask=m, other=0.0), tl.load(rv_ptr + off + D2, mask=m, other=0.0), valid)
+
+
+@triton.jit
+def _write_window_kernel(k_ptr, v_ptr, slot_ptr, rk_ptr, rv_ptr, n_rows, s_kt, s_kh, s_vt, s_vh, s_rs, s_rh,
+                         HKV: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < n_rows
+    t = rows // HKV
+    h = rows % HKV
+    slot = tl.load(slot_ptr + t, mask=ok, other=0).to(tl.int64)
+    d = tl.arange(0, D)[None, :]
+    m = ok[:, None]
+    k = tl.load(k_ptr + (t.to(tl.int64) * s_kt + h * s_kh)[:, None] + d, mask=m)
+    v = tl.load(v_ptr + (t.to(tl.int64) * s_vt + h * s_vh)[:, None] + d, mask=m)
+    dst = (slot * s_rs + h * s_rh)[:, None] + d
+    tl.store(rk_ptr + dst, k, mask=m)
+    tl.store(rv_ptr + dst, v, mask=m)
+
+
+def write_window(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, ring_k: torch.Tensor,
+                 ring_v: torch.Tensor) -> None:
+    """ring_k.view(-1, Hkv, D)[slots[t]] = k[t] and the same for v, for K, V [T, Hkv, D] (strided views
+    allowed) and int64 slots [T] (all valid: tokens not to keep go to a spare row). One launch, no host reads."""
+    t, hkv, d = k.shape
+    if t == 0:
+        return
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and ring_k.stride() == ring_v.stride()
+    assert ring_k.stride(-1) == 1 and ring_k.stride(0) == ring_k.shape[1] * ring_k.stride(1)  # view(-1, Hkv, D)
+    block = 16 if INTERPRET else 32
+    _write_window_kernel[(triton.cdiv(t * hkv, block),)](
+        k, v, slots, ring_k, ring_v, t * hkv, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        ring_k.stride(1), ring_k.stride(2), HKV=hkv, D=d, BLOCK=block, num_warps=4)
