@@ -14,7 +14,7 @@ source "$(dirname "$0")/stack_env.sh"
 export SAW_CACHE_DIR=/tmp/saw-models
 gguf=$(python3 -c "from saw_worker.loader.aliases import ALIASES; print(ALIASES['$model'].filename)")
 mkdir -p "$SAW_CACHE_DIR/$model"
-cat .stage/*.part* > "$SAW_CACHE_DIR/$model/$gguf" || exit 1
+cat ${STAGE:-.stage}/*.part* > "$SAW_CACHE_DIR/$model/$gguf" || exit 1
 if [ -n "$md5" ]; then
   echo "$md5  $SAW_CACHE_DIR/$model/$gguf" | md5sum -c - || exit 1
 fi

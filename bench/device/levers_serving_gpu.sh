@@ -9,7 +9,6 @@ conc=${2:-256}
 extra=${3:-""}
 # shellcheck source=bench/device/stack_env.sh
 source "$(dirname "$0")/stack_env.sh"
-export PYTHONPATH=python${PYTHONPATH:+:$PYTHONPATH}
 tag=$(echo "$scenario" | tr -c 'A-Za-z0-9' '_')
 for label in default before; do
   cmd="saw-router"

@@ -15,10 +15,10 @@ import triton.language as tl
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    qkv_ptr, q_ptr, k_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr,
+    qkv_ptr, q_ptr, k_ptr, qw_ptr, kw_ptr, cs_ptr, pos_ptr, lam_ptr,
     s_qkv, s_cs, s_pos, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_H: tl.constexpr,
-    NORM: tl.constexpr,
+    NORM: tl.constexpr, SCALE: tl.constexpr,
 ):
     D2: tl.constexpr = D // 2
     t = tl.program_id(0).to(tl.int64)
@@ -45,6 +45,14 @@ def _qk_norm_rope_kernel(
     sin = tl.load(cs + 3 * D2 + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     y_lo = x_lo * cos - x_hi * sin
     y_hi = x_hi * cos + x_lo * sin
+    if SCALE:  # q heads times lambda of their KV head, k heads divided by their own (exact: powers of two)
+        kv = tl.where(is_q, h // (HQ // HKV), h - HQ)
+        lam_off = kv[:, None] * D + c[None, :]
+        lam_lo = tl.load(lam_ptr + lam_off, mask=ok, other=1.0)
+        lam_hi = tl.load(lam_ptr + lam_off + D2, mask=ok, other=1.0)
+        q_row = is_q[:, None]
+        y_lo = tl.where(q_row, y_lo * lam_lo, y_lo / lam_lo)
+        y_hi = tl.where(q_row, y_hi * lam_hi, y_hi / lam_hi)
     q_off = t * (HQ * D) + h[:, None] * D + c[None, :]
     k_off = t * (HKV * D) + (h - HQ)[:, None] * D + c[None, :]
     q_ok = ok & is_q[:, None]
@@ -65,12 +73,14 @@ def qk_norm_rope(
     eps: float,
     cos_sin: torch.Tensor,
     positions: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv [T, (Hq + 2 Hkv) D] (fused projection, q|k|v) -> contiguous q [T, Hq, D], k [T, Hkv, D].
 
     Per-head RMSNorm (as F.rms_norm: fp32 statistics, fp32 weight multiply; skipped when both weights
     are None), then rotate-half RoPE with cos_sin [max_pos, 2 D] = (cos, cos, -sin, sin) rows
-    (rope.cos_sin_cache) at positions [T]. One launch for all q and k heads; v is not touched."""
+    (rope.cos_sin_cache) at positions [T], then, with k_scale (fp32 [Hkv, D], powers of two), q times
+    its KV head's lambda and k divided by it. One launch for all q and k heads; v is not touched."""
     t = qkv.shape[0]
     d = head_dim
     if d % 2 or qkv.dim() != 2 or qkv.shape[1] != (num_q_heads + 2 * num_kv_heads) * d:
@@ -91,11 +101,14 @@ def qk_norm_rope(
     heads = num_q_heads + num_kv_heads
     block_h = min(8, triton.next_power_of_2(heads))
     grid = (t, triton.cdiv(heads, block_h))
+    scale = k_scale is not None
+    if scale:
+        assert k_scale.shape == (num_kv_heads, d) and k_scale.dtype == torch.float32 and k_scale.is_contiguous()
     _qk_norm_rope_kernel[grid](
-        qkv, q, k, qw, kw, cos_sin, positions, qkv.stride(0), cos_sin.stride(0), positions.stride(0),
-        float(eps),
+        qkv, q, k, qw, kw, cos_sin, positions, k_scale if scale else qkv, qkv.stride(0), cos_sin.stride(0),
+        positions.stride(0), float(eps),
         HQ=num_q_heads, HKV=num_kv_heads, D=d, BLOCK_D2=triton.next_power_of_2(d // 2), BLOCK_H=block_h,
-        NORM=norm, num_warps=4 if d >= 128 else 2,
+        NORM=norm, SCALE=scale, num_warps=4 if d >= 128 else 2,
     )
     return q, k
 

@@ -126,7 +126,9 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
                 calibration.CALIBRATION_TEXT).ids
             cal = calibration.measure(runner, ids, fmt.k_center, fmt.k_scale, opts.k_scale_alpha)
         pool.k_mean = cal.k_mean.to(device) if fmt.k_center and cal.k_mean is not None else None
-        pool.k_scale = cal.k_scale.to(device) if fmt.k_scale and cal.k_scale is not None else None
+        if fmt.k_scale and cal.k_scale is not None:
+            for layer, layer_fmt, lam in zip(loaded.model.layers, pool.formats, cal.k_scale.to(device), strict=True):
+                layer.k_scale = lam if layer_fmt.k_scale else None
         attention.refresh()
         log.info("K calibration (%s) in %.2fs", opts.k_mean_file or "measured on the built-in text",
                  time.perf_counter() - started)

@@ -40,7 +40,8 @@ def assert_close_rows(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) 
 
 
 def ref_qk(qkv: torch.Tensor, hq: int, hkv: int, d: int, qw: torch.Tensor | None, kw: torch.Tensor | None,
-           cache: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+           cache: torch.Tensor, pos: torch.Tensor, k_scale: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """decoder.DecoderLayer's torch path, in float64."""
     t = qkv.shape[0]
     q, k, _ = qkv.double().split([hq * d, hkv * d, hkv * d], dim=-1)
@@ -48,14 +49,19 @@ def ref_qk(qkv: torch.Tensor, hq: int, hkv: int, d: int, qw: torch.Tensor | None
     if qw is not None and kw is not None:
         q, k = F.rms_norm(q, (d,), qw.double(), EPS), F.rms_norm(k, (d,), kw.double(), EPS)
     cos, sin = cache[pos].double().unsqueeze(1).chunk(2, dim=-1)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if k_scale is not None:
+        lam = k_scale.double()
+        q, k = q * lam.repeat_interleave(hq // hkv, 0), k / lam
+    return q, k
 
 
 @pytest.mark.parametrize("t", [1, 7, 33])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"q{h[0]}kv{h[1]}")
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
-def test_qk_norm_rope_matches_reference(t: int, d: int, heads: tuple[int, int], norm: bool) -> None:
+@pytest.mark.parametrize("scaled", [False, True], ids=["", "kscale"])
+def test_qk_norm_rope_matches_reference(t: int, d: int, heads: tuple[int, int], norm: bool, scaled: bool) -> None:
     hq, hkv = heads
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(t * 1000 + d + 10 * hq + hkv + norm)
@@ -68,9 +74,11 @@ def test_qk_norm_rope_matches_reference(t: int, d: int, heads: tuple[int, int], 
     cache = cos_sin_cache(d, 1e6, None, MAX_POS, DEV)
     pos = torch.randint(0, MAX_POS, (2 * t,), generator=gen).to(DEV)[::2]  # non-contiguous, unordered
     pos[0] = MAX_POS - 1
-    q, k = qk_norm_rope(qkv, hq, hkv, d, qw, kw, EPS, cache, pos)
+    # the K scale of a KV format: powers of two per (KV head, channel), above and below 1
+    lam = torch.exp2(torch.randint(-3, 4, (hkv, d), generator=gen).float()).to(DEV) if scaled else None
+    q, k = qk_norm_rope(qkv, hq, hkv, d, qw, kw, EPS, cache, pos, lam)
     assert q.shape == (t, hq, d) and k.shape == (t, hkv, d)
-    rq, rk = ref_qk(qkv, hq, hkv, d, qw, kw, cache, pos)
+    rq, rk = ref_qk(qkv, hq, hkv, d, qw, kw, cache, pos, lam)
     assert_close_rows(q, rq, dtype)
     assert_close_rows(k, rk, dtype)
 

@@ -1,7 +1,8 @@
 """The attention the models call: writes new K/V into the paged pool, then attends over it.
 
 The engine sets a StepLayout before each forward; models only see q, k, v. On CUDA the Triton
-kernels of saw_kernels do the work; elsewhere the torch reference does.
+kernels of saw_kernels do the work; elsewhere the torch reference does. A format's K scale is not
+applied here: the model hands over q lambda and k / lambda already (DecoderLayer.k_scale).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class PagedAttention:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-take per-layer views (after calibration sets the K means and scales)."""
+        """Re-take per-layer views (after calibration sets the K means)."""
         self._layers: list[LayerCache] = [self.pool.layer(i) for i in range(self.pool.num_layers)]
 
     def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -73,18 +74,18 @@ class PagedAttention:
         ring = None
         if window is not None:
             ring = kern.Ring(cache.ring_k, cache.ring_v, window.rows, window.lens, lay.prefix_lens)
-        # Decode steps hand q to the write launch: it comes back encoded (scaled, rotated) once per step
+        # Decode steps hand q to the write launch: for int4-bdr it comes back rotated, once per step
         # instead of once per decode split.
         q_dec = kern.write_kv(k, v, lay.slots, cache.k, cache.v, cache.k_params, cache.v_params, fmt, cache.k_mean,
-                              q if lay.is_decode else None, k_scale=cache.k_scale)
+                              q if lay.is_decode else None)
         if lay.is_decode:
             seq_lens = lay.seq_lens if window is None else window.quant_lens
             return kern.decode_attention(q_dec, cache.k, cache.v, cache.k_params, cache.v_params, lay.page_table,
                                          seq_lens, self.pool.page_size, fmt, self.sm_scale,
                                          q_rotated=fmt.rotated, ring=ring, q_plain=q, k_new=k, v_new=v,
-                                         k_mean=cache.k_mean, k_scale=cache.k_scale)
+                                         k_mean=cache.k_mean)
         prefix_lens = lay.prefix_lens if window is None else window.quant_lens
         return kern.extend_attention(q, k, v, lay.cu_seqlens, prefix_lens, cache.k, cache.v, cache.k_params,
                                      cache.v_params, lay.page_table, self.pool.page_size, fmt, self.sm_scale,
-                                     max_new_len=lay.max_new_len, k_mean=cache.k_mean, k_scale=cache.k_scale,
+                                     max_new_len=lay.max_new_len, k_mean=cache.k_mean,
                                      max_prefix_len=lay.max_prefix_len, ring=ring)

@@ -31,8 +31,9 @@ class LayerCache:
     v: torch.Tensor
     k_params: torch.Tensor | None  # fp16 [slots, Hkv, 2] = (scale, lo); None for bf16
     v_params: torch.Tensor | None
-    k_mean: torch.Tensor | None  # fp32 [Hkv, D], subtracted from k / k_scale before quantization (--k-center)
-    k_scale: torch.Tensor | None  # fp32 [Hkv, D] lambda, powers of two (--k-scale): K / lambda, q * lambda
+    # fp32 [Hkv, D], subtracted from K before quantization (--k-center); with --k-scale the model hands the
+    # cache k / lambda (DecoderLayer.k_scale), and this is the mean of that
+    k_mean: torch.Tensor | None
     ring_k: torch.Tensor | None  # bf16 [rows, W, Hkv, D] raw K of each request's newest tokens (--window)
     ring_v: torch.Tensor | None
     fmt: KVFormat  # this layer's format
@@ -87,7 +88,6 @@ class KVPool:
                 data = dict(size=(*shape, d), dtype=torch.bfloat16, device=device)
                 self._tensors[False] = (torch.zeros(**data), torch.zeros(**data), None, None)
         self.k_mean: torch.Tensor | None = None  # [L, Hkv, D], set by calibration
-        self.k_scale: torch.Tensor | None = None  # [L, Hkv, D], set by calibration
         self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
         if fmt.window and window_rows < 1:
             raise ValueError("a KV format with a window needs window_rows (one per request that may hold pages)")
@@ -121,12 +121,11 @@ class KVPool:
         row = self._index[i]
         k, v, kp, vp = self._tensors[fmt.quantized]
         k_mean = self.k_mean[i] if self.k_mean is not None and fmt.k_center else None
-        k_scale = self.k_scale[i] if self.k_scale is not None and fmt.k_scale else None
         ring_k = ring_v = None
         if self._ring is not None and fmt.window:
             ring_k, ring_v = self._ring[0][row], self._ring[1][row]
         return LayerCache(k[row], v[row], None if kp is None else kp[row], None if vp is None else vp[row], k_mean,
-                          k_scale, ring_k, ring_v, fmt)
+                          ring_k, ring_v, fmt)
 
     @property
     def dump_row(self) -> int:

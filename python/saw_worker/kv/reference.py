@@ -46,7 +46,7 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: L
         cache.k[slots] = k.to(cache.k.dtype)
         cache.v[slots] = v.to(cache.v.dtype)
         return
-    for data, params, x in ((cache.k, cache.k_params, encode_k(k, fmt, cache.k_mean, cache.k_scale)),
+    for data, params, x in ((cache.k, cache.k_params, encode_k(k, fmt, cache.k_mean)),
                             (cache.v, cache.v_params, encode_v(v, fmt))):
         packed, p = quantize_int4(x)
         data[slots] = packed
@@ -100,7 +100,7 @@ def paged_attention_ref(q: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: tor
 
     k_pos = torch.arange(max_len, device=q.device).expand(num_reqs, max_len)
     slots = slots_of(page_table, torch.minimum(k_pos, (seq_lens[:, None] - 1).clamp(min=0)), page_size)
-    keys = decode_k(read_rows(cache.k, cache.k_params, slots), fmt, cache.k_mean, cache.k_scale)  # [B, L, Hkv, D]
+    keys = decode_k(read_rows(cache.k, cache.k_params, slots), fmt, cache.k_mean)  # [B, L, Hkv, D]
     values = decode_o(read_rows(cache.v, cache.v_params, slots), fmt)
     if window is not None:
         assert new_kv is not None and cache.ring_k is not None and cache.ring_v is not None

@@ -80,6 +80,10 @@ class DecoderLayer(nn.Module):
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps, **kw) if cfg.qk_norm else None
         self.gate_up_weight = _param(2 * i, h, **kw)
         self.down_weight = _param(h, i, **kw)
+        # A KV format's K scale (formats.py, set by calibration): after RoPE q is multiplied by lambda and k
+        # divided by it, per (KV head, channel), so the cache and every attention kernel see scaled keys;
+        # powers of two, so q . k is exactly unchanged.
+        self.k_scale: Tensor | None = None  # fp32 [Hkv, D]
 
     def forward(self, x: Tensor, residual: Tensor | None, rope: Rope, attention: Attention) -> tuple[Tensor, Tensor]:
         """x: the previous block's output (the embeddings, with residual None, in layer 0); residual: the stream
@@ -97,13 +101,17 @@ class DecoderLayer(nn.Module):
             eps = 0.0
             if self.q_norm is not None and self.k_norm is not None:
                 qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
-            q, k = qk_norm_rope(qkv, self.nq, self.nkv, self.d, qw, kw, eps, rope.cache, rope.positions)
+            q, k = qk_norm_rope(qkv, self.nq, self.nkv, self.d, qw, kw, eps, rope.cache, rope.positions,
+                                self.k_scale)
         else:
             assert rope.cos is not None and rope.sin is not None
             q, k = q.view(t, self.nq, self.d), k.view(t, self.nkv, self.d)
             if self.q_norm is not None and self.k_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
+            if self.k_scale is not None:
+                lam = self.k_scale.to(q.dtype)
+                q, k = q * lam.repeat_interleave(self.nq // self.nkv, 0), k / lam
         o = attention(self.layer_id, q, k, v)
         attn_out = F.linear(o.reshape(t, self.nq * self.d), self.o_weight)
         normed, residual = self.post_attention_layernorm.add_norm(attn_out, residual)

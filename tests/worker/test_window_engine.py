@@ -19,9 +19,9 @@ from saw_worker.kv.reference import WindowLayout
 
 def stored_raw(k: torch.Tensor, v: torch.Tensor, fmt: KVFormat, pool: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
     """K, V [T, Hkv, D] as the INT4 pages give them back, in the model's space."""
-    k_hat = dequantize_int4(*quantize_int4(encode_k(k, fmt, pool.k_mean[0], pool.k_scale[0])))
+    k_hat = dequantize_int4(*quantize_int4(encode_k(k, fmt, pool.k_mean[0])))
     v_hat = dequantize_int4(*quantize_int4(v.float()))
-    return decode_k(k_hat, fmt, pool.k_mean[0], pool.k_scale[0]), decode_o(v_hat, fmt)
+    return decode_k(k_hat, fmt, pool.k_mean[0]), decode_o(v_hat, fmt)
 
 
 def expected(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sm_scale: float) -> torch.Tensor:
@@ -48,10 +48,9 @@ def test_each_step_attends_its_window_at_bf16_and_older_tokens_from_int4(window:
     the step's own tokens), older ones as the INT4 pages store them."""
     torch.manual_seed(0)
     d, hq, hkv = 64, 6, 2
-    fmt = KVFormat.make("int4-bdr", d, 32, k_center=True, k_scale=True, window=window)
+    fmt = KVFormat.make("int4-bdr", d, 32, k_center=True, window=window)
     pool = KVPool(fmt, 1, hkv, num_pages=16, page_size=page, device=torch.device("cpu"), window_rows=2)
     pool.k_mean = torch.randn(1, hkv, d)
-    pool.k_scale = torch.exp2(torch.randint(-2, 3, (1, hkv, d)).float())
     attention = PagedAttention(pool, 1 / math.sqrt(d), use_kernels=False)
     total = sum(chunks)
     seq = Sequence(GenerateParams("r", list(range(total)), max_new_tokens=1), sink=lambda ev: None, order=0)
@@ -109,3 +108,14 @@ def test_window_rows_limit_admission_and_return_on_finish() -> None:
     assert all(len(t) == 6 for t in out.values())
     pool = engine.runner.pool
     assert pool.window_rows == 3 and pool.free_rows == 3
+
+
+def test_the_k_scale_folded_into_the_model_leaves_its_outputs_unchanged() -> None:
+    """DecoderLayer.k_scale (q lambda, k / lambda after RoPE, powers of two) changes what the cache stores,
+    not what attention computes: with a bf16 cache the greedy tokens are the same."""
+    requests = [GenerateParams(f"r{i}", prompt(i, 9 + 5 * i), max_new_tokens=8, ignore_eos=True) for i in range(3)]
+    want = run(tiny_engine("bf16"), requests)
+    engine = tiny_engine("bf16")
+    for layer in engine.runner.model.layers:
+        layer.k_scale = torch.exp2(torch.randint(-3, 4, (layer.nkv, layer.d)).float())
+    assert run(engine, requests) == want
