@@ -29,7 +29,8 @@ from saw_worker.kv.formats import KVFormat, encode_q  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HQ, HKV, D, PS = 32, 8, 128, 16  # Qwen3-8B attention, engine page size
-DEFAULT_KV = "int4-bdr-b128-kc-ks-w32"  # the engine's INT4 default at head_dim 128 (formats.default_kv_options)
+DEFAULT_KV = "int4-bdr-b128-kc-w32"  # the engine's INT4 default at head_dim 128 (formats.default_kv_options)
+# as these kernels see it: its K scale is applied to q and k by the fused q/k-norm + RoPE kernel before them
 
 
 def bench(fn, graph: bool = True) -> float:
@@ -53,22 +54,12 @@ def copy_gbps(nbytes: int) -> float:
 
 
 def make_fmt(kv: str) -> KVFormat:
-    """kv spelled like 'int4-bdr-b16-rv-kc-ks-w32' (ks: K scale, w32: a bf16 window of 32)."""
+    """kv spelled like 'int4-bdr-b16-rv-kc-w32' (w32: a bf16 window of 32)."""
     parts = kv.split("-")
     name = "int4-bdr" if kv.startswith("int4-bdr") else parts[0]
     order = next((int(p[1:]) for p in parts if p.startswith("b") and p[1:].isdigit()), 128)
     window = next((int(p[1:]) for p in parts if p.startswith("w") and p[1:].isdigit()), 0)
-    return KVFormat(name, D, order, "rv" in parts, "kc" in parts, "ks" in parts, window)
-
-
-def k_options(fmt: KVFormat) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(k_mean, k_scale) where the format has them; lambda of powers of two, 8 on an outlier channel."""
-    mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
-    lam = None
-    if fmt.k_scale:
-        lam = torch.ones(HKV, D, device=DEV)
-        lam[:, 7] = 8.0
-    return mean, lam
+    return KVFormat(name, D, order, "rv" in parts, "kc" in parts, window=window)
 
 
 def make_ring(fmt: KVFormat, batch: int, ends: int) -> Ring:
@@ -107,12 +98,12 @@ def run_write(t: int, kv: str, copy: float, cfg: dict | None = None, with_q: boo
     k[:, :, 7] += 10
     slots = (paged_table(1, t).long().view(-1, 1) * PS + torch.arange(PS, device=DEV)).view(-1)
     kc, vc, kp, vp = alloc_cache(fmt, (t // PS + 1) * PS)
-    mean, lam = k_options(fmt)
+    mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
     q = torch.randn(t, HQ, D, device=DEV, dtype=torch.bfloat16) if with_q else None
     cfg = cfg or {}
-    us = bench(lambda: write_kv(k, v, slots, kc, vc, kp, vp, fmt, mean, q=q, k_scale=lam, **cfg))
+    us = bench(lambda: write_kv(k, v, slots, kc, vc, kp, vp, fmt, mean, q=q, **cfg))
     nbytes = 2 * k.numel() * 2 + slots.numel() * 8 + t * HKV * fmt.bytes_per_token_head()
-    if with_q and (fmt.rotated or fmt.k_scale):
+    if with_q and fmt.rotated:
         nbytes += q.numel() * (2 + 4)
     return row("write+q" if with_q else "write", kv, f"T={t},Hkv={HKV},D={D}", us, nbytes, copy, cfg)
 
@@ -128,7 +119,7 @@ def run_write_window(t: int, copy: float) -> dict:
 
 
 def run_decode(batch: int, ctx: int, kv: str, copy: float, kernel: str = "decode", cfg: dict | None = None) -> dict:
-    """q comes as the engine passes it: encoded by the write launch (fp32 R q, R (q lambda) or q lambda); cfg
+    """Rotated formats get q as the engine passes it: rotated by the write launch (fp32 R q); cfg
     q_rotated=False times the kernel rotating bf16 q itself. With a window, ctx tokens are INT4 and W more
     bf16 (the ring, full), plus the new token."""
     fmt = make_fmt(kv)
@@ -139,8 +130,8 @@ def run_decode(batch: int, ctx: int, kv: str, copy: float, kernel: str = "decode
     out = torch.empty_like(q)
     cfg = dict(cfg or {})
     q_rotated = cfg.pop("q_rotated", fmt.rotated)
-    mean, lam = k_options(fmt)
-    q_in = encode_q(q, fmt, lam) if q_rotated or fmt.k_scale else q
+    mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
+    q_in = encode_q(q, fmt) if q_rotated else q
     win: dict = {}
     nbytes = batch * ctx * HKV * fmt.bytes_per_token_head() + 2 * q.numel() * 2 + table.numel() * 4
     if fmt.window:
@@ -148,7 +139,7 @@ def run_decode(batch: int, ctx: int, kv: str, copy: float, kernel: str = "decode
         win = dict(ring=make_ring(fmt, batch, ctx + fmt.window), q_plain=q, k_new=kv_new[:, 0], v_new=kv_new[:, 1])
         nbytes += batch * HKV * (fmt.window_bytes_per_head() + 2 * D * 2)
     us = bench(lambda: decode_attention(q_in, kc, vc, kp, vp, table, lens, PS, fmt, D ** -0.5, out=out,
-                                        q_rotated=q_rotated, k_mean=mean, k_scale=lam, **win, **cfg))
+                                        q_rotated=q_rotated, k_mean=mean, **win, **cfg))
     return row(kernel, kv, f"B={batch},ctx={ctx},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy, cfg)
 
 
@@ -162,7 +153,7 @@ def run_extend(batch: int, prefix: int, new: int, kv: str, copy: float, cfg: dic
     v = torch.randn(tn, HKV, D, device=DEV, dtype=torch.bfloat16)
     cu = torch.arange(0, tn + 1, new, dtype=torch.int32, device=DEV)
     pre = torch.full((batch,), prefix, dtype=torch.int32, device=DEV)
-    mean, lam = k_options(fmt)
+    mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
     # with a window: prefix INT4 tokens, then W bf16 ones (a first chunk has neither)
     ring = make_ring(fmt, batch, prefix + fmt.window) if fmt.window and prefix else None
     w = ring.window if ring else 0
@@ -171,7 +162,7 @@ def run_extend(batch: int, prefix: int, new: int, kv: str, copy: float, cfg: dic
 
     def fn() -> None:
         extend_attention(q, k, v, cu, pre, kc, vc, kp, vp, table, PS, fmt, D ** -0.5, max_new_len=new, k_mean=mean,
-                         max_prefix_len=prefix, k_scale=lam, ring=ring, **cfg)  # the host knows the prefixes
+                         max_prefix_len=prefix, ring=ring, **cfg)  # the host knows the prefixes
 
     us = bench(fn, graph=False)
     flops = 4 * batch * HQ * D * (new * (prefix + w) + new * (new + 1) / 2)
@@ -254,9 +245,9 @@ def main() -> None:
     copy = copy_gbps(1 << 22 if smoke else 2 << 30)
     print(f"device-to-device copy: {copy:.0f} GB/s (read + write)", flush=True)
     kvs_write = ["bf16", "int4", "int4-bdr-b16", "int4-bdr-b32", "int4-bdr-b64", "int4-bdr-b128",
-                 "int4-bdr-b128-rv", "int4-bdr-b128-kc", "int4-kc", "int4-bdr-b128-kc-ks"]
+                 "int4-bdr-b128-rv", "int4-bdr-b128-kc", "int4-kc"]
     kvs_decode = ["int4", "int4-bdr-b128", "int4-bdr-b16", "int4-bdr-b128-rv", "int4-bdr-b128-kc", DEFAULT_KV,
-                  "int4-kc-ks-w32"]
+                  "int4-kc-w32"]
     if smoke:
         write_shapes, dec_shapes, lat_b, lat_ctx, ext = [64], [(2, 64)], [1], [64], (2, 48, 16)
     else:

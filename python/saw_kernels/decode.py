@@ -187,24 +187,21 @@ def _decode_bf16_kernel(
 
 
 @triton.jit
-def _attend_window(qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, mean_ptr, scale_ptr, b, kh,
+def _attend_window(qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, mean_ptr, b, kh,
                    s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale,
                    G: tl.constexpr, GP: tl.constexpr, D2: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
-                   SHIFT: tl.constexpr, SCALE: tl.constexpr):
+                   SHIFT: tl.constexpr):
     """Online softmax (attend_block's m, l, acc) of request b's plain queries of KV head kh over raw bf16 rows
     j = 0 .. W: the valid ring slots, then (j = W) the new token.
 
-    The INT4 partials' scores are q . k - (q lambda) . mu (keys stored centered, SHIFT; lambda where SCALE), so
-    the same shift is added to these raw scores before they meet in one softmax.
+    The INT4 partials' scores are q . k - q . mu (keys stored centered, SHIFT), so the same shift is added to
+    these raw scores before they meet in one softmax.
     """
     _, gm, c, q_lo, q_hi = load_query_group(qp_ptr, b, kh, s_qpb, s_qph, G, GP, D2)
     bias = 0.0
     if SHIFT:
         mu_lo = tl.load(mean_ptr + kh * (2 * D2) + c)
         mu_hi = tl.load(mean_ptr + kh * (2 * D2) + D2 + c)
-        if SCALE:
-            mu_lo = mu_lo * tl.load(scale_ptr + kh * (2 * D2) + c)
-            mu_hi = mu_hi * tl.load(scale_ptr + kh * (2 * D2) + D2 + c)
         bias = -(tl.sum(q_lo.to(tl.float32) * mu_lo[None, :], 1) + tl.sum(q_hi.to(tl.float32) * mu_hi[None, :], 1))
         bias = bias[:, None]
     m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -233,12 +230,11 @@ def _attend_window(qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, e
 
 @triton.jit
 def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqrt_b,
-                   qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, mean_ptr, scale_ptr,
+                   qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, mean_ptr,
                    s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale,
                    HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                    SP2: tl.constexpr, PIECES: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr,
-                   WINDOW: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, SHIFT: tl.constexpr,
-                   SCALE: tl.constexpr):
+                   WINDOW: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, SHIFT: tl.constexpr):
     """out of (request, KV head) from its partials: SPLITS rows per query at (b Hq + query) SPLITS, or
     with PIECES the warp kernel's pieces, rows (first + i) G + group member, (first, count) in meta.
     With WINDOW the raw bf16 rows (_attend_window) are one more partial, added after the INT4 ones are
@@ -265,8 +261,8 @@ def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqr
     m = tl.max(lse, 1)
     if WINDOW:
         m_w, l_w, aw_lo, aw_hi = _attend_window(
-            qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, mean_ptr, scale_ptr, b, kh,
-            s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale, G, GP, D2, W, BLOCK_W, SHIFT, SCALE)
+            qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, mean_ptr, b, kh,
+            s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale, G, GP, D2, W, BLOCK_W, SHIFT)
         lse_w = m_w + tl.log2(l_w)  # l_w >= 1: the new token is always there
         m = tl.maximum(m, lse_w)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -336,25 +332,23 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
 
 
 def _window_args(ring: Ring | None, q_plain: torch.Tensor | None, k_new: torch.Tensor | None,
-                 v_new: torch.Tensor | None, k_mean: torch.Tensor | None, k_scale: torch.Tensor | None, fmt: KVFormat,
+                 v_new: torch.Tensor | None, k_mean: torch.Tensor | None, fmt: KVFormat,
                  unused: torch.Tensor) -> tuple[list, dict]:
     """_reduce_kernel's window arguments: pointers and strides, then its constexprs (unused stands in for
     the tensors of a step without window, or of an option the format has off)."""
     if ring is None:
-        return [unused] * 10 + [0] * 9, dict(WINDOW=False, W=1, BLOCK_W=16, SHIFT=False, SCALE=False)
+        return [unused] * 9 + [0] * 9, dict(WINDOW=False, W=1, BLOCK_W=16, SHIFT=False)
     ring.check(fmt.window)
     if q_plain is None or k_new is None or v_new is None:
         raise ValueError("decode_attention(ring=...) needs q_plain, k_new and v_new (raw bf16) for the bf16 keys")
     assert q_plain.dtype == k_new.dtype == v_new.dtype == torch.bfloat16
     assert q_plain.stride(-1) == 1 and k_new.stride(-1) == 1 and v_new.stride(-1) == 1
     shift = fmt.k_center and k_mean is not None  # as in write_kv: no mean, nothing was subtracted
-    scale = shift and fmt.k_scale and k_scale is not None
     mean = k_mean.float().contiguous() if shift else unused
-    lam = k_scale.float().contiguous() if scale else unused
-    return ([q_plain, k_new, v_new, ring.k, ring.v, ring.rows, ring.lens, ring.ends, mean, lam, q_plain.stride(0),
+    return ([q_plain, k_new, v_new, ring.k, ring.v, ring.rows, ring.lens, ring.ends, mean, q_plain.stride(0),
              q_plain.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), *ring.strides()],
             dict(WINDOW=True, W=ring.window, BLOCK_W=min(64, max(16, triton.next_power_of_2(ring.window + 1))),
-                 SHIFT=shift, SCALE=scale))
+                 SHIFT=shift))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_params: torch.Tensor | None,
@@ -364,12 +358,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_stages: int | None = None, q_rotated: bool = False, maxnreg: int | None = None,
                      impl: str | None = None, ring: Ring | None = None, q_plain: torch.Tensor | None = None,
                      k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
-                     k_mean: torch.Tensor | None = None, k_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     k_mean: torch.Tensor | None = None) -> torch.Tensor:
     """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
 
     q_rotated: q (bf16 or fp32) is already R q for a rotated format (write_kv(q=...)), so the
-    kernel does not rotate it again. With fmt.k_scale, q must come as write_kv(q=...) returns it,
-    R (q lambda) (q_rotated=True) or q lambda (int4).
+    kernel does not rotate it again.
     maxnreg: registers per thread cap of the decode kernel (ptxas .maxnreg; GPU only, the
     interpreter ignores it), e.g. 128 for 4 programs of 4 warps per SM.
     impl: INT4 kernel, "warp" (decode_int4_warp.py: equal runs of 16-token steps, one warp each, operands
@@ -381,7 +374,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     (request, KV head) (default: one per warp slot of the GPU, whatever the batch).
     ring (fmt.window): seq_lens[b] is the INT4 length P - ring.lens[b]; the query also attends to the valid
     ring slots and to the new token itself (k_new, v_new [B, Hkv, D]), raw bf16 rows met by q_plain (the raw
-    bf16 query [B, Hq, D]); k_mean and k_scale (those write_kv used) put their scores in the INT4 ones' space.
+    bf16 query [B, Hq, D]); k_mean (the one write_kv used) puts their scores in the INT4 ones' space.
     k_new, v_new and q_plain may be strided views.
     No host reads of seq_lens: the grid depends on shapes only, so a CUDA graph captured for a batch
     size replays for any lengths; the split workspaces are allocated here (from the graph pool when
@@ -392,12 +385,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = hq // hkv
     assert group * hkv == hq and d % 32 == 0 and page_size & (page_size - 1) == 0
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    if fmt.k_scale and fmt.rotated and not q_rotated:
-        raise ValueError("with k_scale, q must come scaled and rotated as write_kv(q=...) returns it (q_rotated=True)")
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device=q.device)
     window = ring is not None
-    win_args, win_consts = _window_args(ring, q_plain, k_new, v_new, k_mean, k_scale, fmt, out)
+    win_args, win_consts = _window_args(ring, q_plain, k_new, v_new, k_mean, fmt, out)
     quant = fmt.quantized
     warp_fits = (not INTERPRET and q.is_cuda and warp_kernel_fits(page_size, d, group, bsz)
                  and (q_rotated or not fmt.rotated))

@@ -11,10 +11,9 @@ With the bf16 window (ring) a phase between the two attends to the ring's valid 
 the new tokens, visible to every query of the request (all older than it).
 
 The phases live in different spaces, and the kernel brings them together:
-- INT4 keys are stored as R (k / lambda - mu): the prefix phase uses R (q lambda) (lambda with k_scale,
-  R for int4-bdr), the ring and new-token phases plain q;
-- centered keys (k_center) shift every prefix logit by -(q lambda) . mu but not the raw ones, so that
-  is added back to the prefix logits (this needs k_mean);
+- int4-bdr keys are stored rotated: the prefix phase uses R q, the ring and new-token phases plain q;
+- centered keys (k_center) shift every prefix logit by -q.mu but not the raw ones, so q.mu is
+  added back to the prefix logits (this needs k_mean);
 - with rotate_v the prefix values are rotated: the accumulator is rotated back (R is linear and
   its own inverse) after the prefix phase, before any raw value is added to it.
 """
@@ -62,14 +61,13 @@ def _new_tile(q_lo, q_hi, k_ptr, v_ptr, row0, n0, new_len, i, kh, s_kt, s_kh, s_
 
 @triton.jit
 def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, cu_ptr, pre_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, h_ptr, mean_ptr, scale_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, cu_ptr, pre_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, h_ptr, mean_ptr, out_ptr,
     rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, s_ptb, s_ot, s_oh, s_rr, s_rs, s_rh,
     qk_scale, inv_sqrt_b,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
-    ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, SCALE: tl.constexpr,
-    DEQ: tl.constexpr, PREFIX: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, DEQ: tl.constexpr,
+    PREFIX: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # A program serves BQ = BLOCK_M / GP queries times the GP (>= G, padded) heads of one KV head's
     # group, so each cached tile is loaded and dequantized once for the whole group.
@@ -102,11 +100,8 @@ def _extend_kernel(
     if PREFIX and prefix > 0:
         r_lo = q_lo.to(tl.float32)
         r_hi = q_hi.to(tl.float32)
-        if SCALE:  # q lambda meets k / lambda (exact: lambda is a power of two)
-            r_lo = r_lo * tl.load(scale_ptr + kh * D + c)[None, :]
-            r_hi = r_hi * tl.load(scale_ptr + kh * D + D2 + c)[None, :]
         bias = _neg_zeros(BLOCK_M)  # no add per score unless CENTER
-        if CENTER:  # (q lambda) . mu: the stored keys' shift, added back
+        if CENTER:  # q.mu: the stored keys' shift, added back
             mu = mean_ptr + kh * D
             bias = tl.sum(r_lo * tl.load(mu + c)[None, :], 1) + tl.sum(r_hi * tl.load(mu + D2 + c)[None, :], 1)
         if ROT_Q or ROT_V:
@@ -168,14 +163,14 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      k_mean: torch.Tensor | None = None, out: torch.Tensor | None = None,
                      max_prefix_len: int | None = None, block_m: int | None = None, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int = 2, deq: int = 4,
-                     k_scale: torch.Tensor | None = None, ring: Ring | None = None) -> torch.Tensor:
+                     ring: Ring | None = None) -> torch.Tensor:
     """o [Tn, Hq, D] bf16: new query i of request b attends to its prefix_lens[b] cached tokens and to
     new tokens 0..i of its own rows cu_seqlens[b]:cu_seqlens[b+1] (positions prefix_lens[b] + i).
 
-    k_mean and k_scale must be the ones the cache was written with (write_kv) when fmt.k_center / fmt.k_scale
-    is on (None = not applied, as in write_kv): the prefix logits are shifted by -(q lambda) . mu, the new
-    ones are not. max_new_len avoids a host read of cu_seqlens; max_prefix_len = 0 (no request has cached
-    tokens in the pages) runs a kernel without the prefix phase.
+    k_mean must be the K mean the cache was written with when fmt.k_center is on (the prefix logits
+    are shifted by -q.mu, the raw ones are not; None = no centering, as in write_kv). max_new_len
+    avoids a host read of cu_seqlens; max_prefix_len = 0 (no request has cached tokens in the pages)
+    runs a kernel without the prefix phase.
     ring (fmt.window): prefix_lens[b] is the INT4 length P - ring.lens[b] (P = ring.ends[b]); the queries also
     attend to the ring's valid slots at bf16, between the prefix and the new tokens.
     """
@@ -194,9 +189,7 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     quant = fmt.quantized
     kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
     center = quant and fmt.k_center and k_mean is not None  # as in write_kv: no mean, nothing was subtracted
-    scale = quant and fmt.k_scale and k_scale is not None
     mean = k_mean.float().contiguous() if center else k_cache
-    lam = k_scale.float().contiguous() if scale else k_cache
     if block_m is None:
         block_m = 16 if INTERPRET else 128
     if block_n is None:  # H100: 128 took 8 x (16k + 2k) from 18.0 to 14.6 ms (SDPA 13.5 ms)
@@ -212,13 +205,13 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         win, win_strides, w = [ring.k, ring.v, ring.rows, ring.lens, ring.ends], ring.strides(), ring.window
     grid = (triton.cdiv(max(max_new_len, 1), block_m // gp), hkv, bsz)
     _extend_kernel[grid](
-        q, k, v, cu_seqlens, prefix_lens, k_cache, v_cache, kp, vp, page_table, hmat, mean, lam, out, *win,
+        q, k, v, cu_seqlens, prefix_lens, k_cache, v_cache, kp, vp, page_table, hmat, mean, out, *win,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), s_ps, s_ph,
         page_table.stride(0), out.stride(0), out.stride(1), *win_strides,
         sm_scale * LOG2E, inv,
         G=group, GP=gp, D=d, PAGE=page_size, QUANT=quant, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
-        CENTER=center, SCALE=scale, DEQ=deq, PREFIX=max_prefix_len != 0, W=w,
+        CENTER=center, DEQ=deq, PREFIX=max_prefix_len != 0, W=w,
         BLOCK_W=min(block_n, max(16, triton.next_power_of_2(w))), BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -1,8 +1,7 @@
-"""Fused paged KV write: scale + center + rotate + min/max + INT4 quantize + pack + scatter, K and V in one launch.
+"""Fused paged KV write: center + rotate + min/max + INT4 quantize + pack + scatter, K and V in one launch.
 
-For decode steps the same launch also encodes the step's queries (write_kv(q=...): R (q lambda), or q lambda
-for int4 with k_scale), in programs of their own: the decode kernel then reads them instead of rotating q
-once per split. lambda is a power of two, so k / lambda and q lambda are exact.
+For int4-bdr decode steps the same launch also rotates the step's queries (write_kv(q=...)), in
+programs of their own: the decode kernel then reads R q instead of rotating q once per split.
 
 (scale, lo) match formats.quantize_int4 bit for bit on unrotated rows (same fp32 ops, IEEE
 division). Codes use (x - lo) * (1/scale) instead of a division per element (the division's slow
@@ -79,39 +78,28 @@ def _minus_mean_products(p_ptr, h, HKV: tl.constexpr, D2: tl.constexpr, KP: tl.c
 
 
 @triton.jit
-def _encode_query_rows(q_ptr, qe_ptr, h_ptr, lam_ptr, r0, n_q_rows, s_qt, s_qh, INV_SQRT_B: tl.constexpr,
-                       HQ: tl.constexpr, G: tl.constexpr, D2: tl.constexpr, ROT: tl.constexpr, FULL: tl.constexpr,
-                       SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """R (q lambda) (fp32, into contiguous qe [T, HQ, D]) for rows r0 .. r0 + BLOCK of q [T, HQ]: lambda of
-    the row's KV head where SCALE, R where ROT. bf16 q times a power of two is still bf16: one exact piece."""
+def _rotate_query_rows(q_ptr, qr_ptr, h_ptr, r0, n_q_rows, s_qt, s_qh, INV_SQRT_B: tl.constexpr,
+                       HQ: tl.constexpr, D2: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """R q (fp32, into contiguous qr [T, HQ, D]) for rows r0 .. r0 + BLOCK of q [T, HQ] (bf16: one exact piece)."""
     r = r0 + tl.arange(0, BLOCK)
     rm = r < n_q_rows
     c = tl.arange(0, D2)
     off = (r // HQ).to(tl.int64) * s_qt + (r % HQ) * s_qh
     x_lo = tl.load(q_ptr + off[:, None] + c[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
     x_hi = tl.load(q_ptr + off[:, None] + D2 + c[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
-    if SCALE:
-        lam = lam_ptr + ((r % HQ) // G)[:, None] * (2 * D2) + c[None, :]
-        x_lo = x_lo * tl.load(lam)
-        x_hi = x_hi * tl.load(lam + D2)
-    if ROT:
-        x_lo, x_hi = rotate_halves(x_lo, x_hi, load_hmat(h_ptr, D2), INV_SQRT_B, FULL, 1)
-    store_halves(qe_ptr, r.to(tl.int64) * (2 * D2), c, x_lo, x_hi, rm, D2)
+    r_lo, r_hi = rotate_halves(x_lo, x_hi, load_hmat(h_ptr, D2), INV_SQRT_B, FULL, 1)
+    store_halves(qr_ptr, r.to(tl.int64) * (2 * D2), c, r_lo, r_hi, rm, D2)
 
 
 @triton.jit
-def _store_rows(x_lo, x_hi, m, mean_ptr, inv_ptr, cache_ptr, par_ptr, c_off, p_off, h, c, ok,
+def _store_rows(x_lo, x_hi, m, mean_ptr, cache_ptr, par_ptr, c_off, p_off, h, c, ok,
                 INV_SQRT_B: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr,
-                ROT: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, SCALE: tl.constexpr, KP: tl.constexpr):
-    """Rows of one of K, V (bf16 halves [R, D/2] as loaded) into its cache: scale and center (K), rotate,
-    quantize."""
+                ROT: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, KP: tl.constexpr):
+    """Rows of one of K, V (bf16 halves [R, D/2] as loaded) into its cache: center (K), rotate, quantize."""
     D2: tl.constexpr = D // 2
     if QUANT:
         y_lo = x_lo.to(tl.float32)
         y_hi = x_hi.to(tl.float32)
-        if SCALE:  # k / lambda: exact (lambda is a power of two), so still one exact bf16 piece for the rotation
-            y_lo = y_lo * tl.load(inv_ptr + h[:, None] * D + c[None, :])
-            y_hi = y_hi * tl.load(inv_ptr + h[:, None] * D + D2 + c[None, :])
         if ROT:  # unscaled: _quant_store applies 1/sqrt(b) per row
             if CENTER:  # R (k - mu): the products of the exact bf16 k start from -mu M
                 a0, b0 = _minus_mean_products(mean_ptr, h, HKV, D2, KP)
@@ -128,10 +116,10 @@ def _store_rows(x_lo, x_hi, m, mean_ptr, inv_ptr, cache_ptr, par_ptr, c_off, p_o
 
 @triton.jit
 def _write_rows(
-    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, mean_ptr, inv_ptr, h_ptr, r0,
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, mean_ptr, h_ptr, r0,
     n_rows, s_kt, s_kh, s_vt, s_vh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, INV_SQRT_B: tl.constexpr,
     HKV: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr, ROT_K: tl.constexpr, ROT_V: tl.constexpr,
-    FULL: tl.constexpr, CENTER: tl.constexpr, SCALE: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+    FULL: tl.constexpr, CENTER: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Rows r0 .. r0 + BLOCK of K, V [T, HKV] into the cache."""
     D2: tl.constexpr = D // 2
@@ -156,32 +144,32 @@ def _write_rows(
     if QUANT and (ROT_K or ROT_V):
         m = load_hmat(h_ptr, D2)
     p_off = slot * s_ps + h * s_ph
-    _store_rows(k_lo, k_hi, m, mean_ptr, inv_ptr, kc_ptr, kp_ptr, slot * s_kcs + h * s_kch, p_off, h, c, ok,
-                INV_SQRT_B, HKV, D, QUANT, ROT_K, FULL, CENTER, SCALE, KP)
-    _store_rows(v_lo, v_hi, m, mean_ptr, inv_ptr, vc_ptr, vp_ptr, slot * s_vcs + h * s_vch, p_off, h, c, ok,
-                INV_SQRT_B, HKV, D, QUANT, ROT_V, FULL, False, False, KP)
+    _store_rows(k_lo, k_hi, m, mean_ptr, kc_ptr, kp_ptr, slot * s_kcs + h * s_kch, p_off, h, c, ok,
+                INV_SQRT_B, HKV, D, QUANT, ROT_K, FULL, CENTER, KP)
+    _store_rows(v_lo, v_hi, m, mean_ptr, vc_ptr, vp_ptr, slot * s_vcs + h * s_vch, p_off, h, c, ok,
+                INV_SQRT_B, HKV, D, QUANT, ROT_V, FULL, False, KP)
 
 
 @triton.jit
 def _write_kernel(
-    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, mean_ptr, inv_ptr, lam_ptr, h_ptr, q_ptr, qe_ptr,
+    k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, mean_ptr, h_ptr, q_ptr, qr_ptr,
     n_rows, n_q_rows, s_kt, s_kh, s_vt, s_vh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, s_qt, s_qh,
     INV_SQRT_B: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, QUANT: tl.constexpr,
-    ROT_K: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, SCALE: tl.constexpr,
-    KP: tl.constexpr, ENC_Q: tl.constexpr, BLOCK: tl.constexpr,
+    ROT_K: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, KP: tl.constexpr,
+    ROT_Q: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # The queries (ENC_Q) get programs of their own after the cache rows' ones: a decode step writes
+    # The queries (ROT_Q) get programs of their own after the cache rows' ones: a decode step writes
     # few rows, so this adds parallel work instead of lengthening each program's chain
     # (H100, batch 64: 3.4 us without q; 11.0 us with q rotated inside the write programs).
     pid = tl.program_id(0)
     n_write = tl.cdiv(n_rows, BLOCK)
-    if ENC_Q and pid >= n_write:
-        _encode_query_rows(q_ptr, qe_ptr, h_ptr, lam_ptr, (pid - n_write) * BLOCK, n_q_rows, s_qt, s_qh, INV_SQRT_B,
-                           HQ, HQ // HKV, D // 2, ROT_K, FULL, SCALE, BLOCK)
+    if ROT_Q and pid >= n_write:
+        _rotate_query_rows(q_ptr, qr_ptr, h_ptr, (pid - n_write) * BLOCK, n_q_rows, s_qt, s_qh, INV_SQRT_B,
+                           HQ, D // 2, FULL, BLOCK)
     else:
-        _write_rows(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, mean_ptr, inv_ptr, h_ptr, pid * BLOCK,
+        _write_rows(k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, mean_ptr, h_ptr, pid * BLOCK,
                     n_rows, s_kt, s_kh, s_vt, s_vh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, INV_SQRT_B,
-                    HKV, D, QUANT, ROT_K, ROT_V, FULL, CENTER, SCALE, KP, BLOCK)
+                    HKV, D, QUANT, ROT_K, ROT_V, FULL, CENTER, KP, BLOCK)
 
 
 _DERIVED: dict[tuple[int, object], tuple[torch.Tensor, int, torch.Tensor]] = {}
@@ -195,9 +183,9 @@ def _derived(src: torch.Tensor, key: object, build: Callable[[], torch.Tensor]) 
     if hit is not None and hit[0] is src and hit[1] == src._version:
         return hit[2]
     if src.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("write_kv: run it once with this k_mean / k_scale before capturing a CUDA graph")
+        raise RuntimeError("write_kv: run it once with this k_mean before capturing a CUDA graph")
     x = build()
-    if len(_DERIVED) > 64:
+    if len(_DERIVED) > 4096:  # one per layer in use: a served model never reaches this, so a capture never misses
         _DERIVED.clear()
     _DERIVED[(id(src), key)] = (src, src._version, x)
     return x
@@ -223,35 +211,24 @@ def mean_pieces(k_mean: torch.Tensor, order: int) -> torch.Tensor:
     return _derived(k_mean, ("mean", order), build)
 
 
-def inverse_scale(k_scale: torch.Tensor) -> torch.Tensor:
-    """1 / lambda, fp32 [Hkv, D] (exact: lambda is a power of two), so K rows are scaled by a product; cached
-    (_derived) rather than one more launch per layer and step."""
-    return _derived(k_scale, "inverse", lambda: torch.reciprocal(k_scale.float()).contiguous())
-
-
 def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              k_params: torch.Tensor | None, v_params: torch.Tensor | None, fmt: KVFormat,
              k_mean: torch.Tensor | None = None, q: torch.Tensor | None = None, block: int | None = None,
-             num_warps: int = 4, maxnreg: int | None = None, k_scale: torch.Tensor | None = None
-             ) -> torch.Tensor | None:
+             num_warps: int = 4, maxnreg: int | None = None) -> torch.Tensor | None:
     """Store K, V [T, Hkv, D] at slots [T] (slot < 0: skipped) in the paged cache of format fmt.
 
-    k_mean (fp32 [Hkv, D], fmt.k_center) and k_scale (lambda, fp32 [Hkv, D] of powers of two, fmt.k_scale):
-    K rows are stored as R (k / lambda - k_mean) (formats.encode_k); None: that step is skipped.
     block, num_warps, maxnreg (0: no cap): launch configuration; block and maxnreg default per format.
 
-    With q [T, Hq, D] (bf16) given, the same launch also returns the query that meets the stored keys
-    (formats.encode_q; fp32 [T, Hq, D], every row): R (q lambda), R q, or q lambda for int4 with k_scale,
-    for decode_attention (q_rotated=True for a rotated format); otherwise q as given (None if not given).
+    With q [T, Hq, D] given and a rotated format, the same launch also returns R q (fp32 [T, Hq, D],
+    every row) for decode_attention(q_rotated=True); otherwise it returns q as given (None if not given).
     """
     t, hkv, d = k.shape
-    quant = fmt.quantized
-    scale = quant and fmt.k_scale and k_scale is not None
-    enc_q = q is not None and (fmt.rotated or scale)
-    q_enc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if enc_q else q
+    rot_q = q is not None and fmt.rotated
+    q_rot = torch.empty(q.shape, dtype=torch.float32, device=q.device) if rot_q else q
     if t == 0:
-        return q_enc
+        return q_rot
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    quant = fmt.quantized
     center = quant and fmt.k_center and k_mean is not None
     params_k, params_v, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
     rot = fmt.rotated
@@ -259,14 +236,13 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: tor
         mean = mean_pieces(k_mean, fmt.hadamard_order) if rot else k_mean.float().contiguous()
     else:
         mean = k_cache
-    lam, lam_inv = (k_scale.float().contiguous(), inverse_scale(k_scale)) if scale else (k_cache, k_cache)
-    if enc_q:
+    if rot_q:
         assert q.shape[0] == t and q.shape[1] % hkv == 0 and q.shape[2] == d and q.stride(-1) == 1
-        q_in, q_out, hq, s_qt, s_qh = q, q_enc, q.shape[1], q.stride(0), q.stride(1)
+        q_in, q_out, hq, s_qt, s_qh = q, q_rot, q.shape[1], q.stride(0), q.stride(1)
     else:
         q_in, q_out, hq, s_qt, s_qh = k_cache, k_cache, hkv, 0, 0
     slots = slots.contiguous()
-    n_rows, n_q_rows = t * hkv, (t * hq if enc_q else 0)
+    n_rows, n_q_rows = t * hkv, (t * hq if rot_q else 0)
     if block is None:
         # rotated formats: 64 rows, one tensor-core tile (m64) per 4 warps; plain INT4: 32 rows, so that
         # 80 registers let 6 programs share an SM (H100, int4 at T = 8192: 13.7 us, 16.8 with 64 rows)
@@ -277,11 +253,11 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: tor
         maxnreg = 128 if rot and not INTERPRET else 0
     grid = (triton.cdiv(n_rows, block) + triton.cdiv(n_q_rows, block),)
     _write_kernel[grid](
-        k, v, slots, k_cache, v_cache, params_k, params_v, mean, lam_inv, lam, hmat, q_in, q_out,
+        k, v, slots, k_cache, v_cache, params_k, params_v, mean, hmat, q_in, q_out,
         n_rows, n_q_rows, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), s_ps, s_ph, s_qt, s_qh,
         INV_SQRT_B=inv, HKV=hkv, HQ=hq, D=d, QUANT=quant, ROT_K=rot, ROT_V=fmt.rotate_v, FULL=full, CENTER=center,
-        SCALE=scale, KP=mean.shape[0] if center and rot else 16, ENC_Q=enc_q, BLOCK=block, num_warps=num_warps,
+        KP=mean.shape[0] if center and rot else 16, ROT_Q=rot_q, BLOCK=block, num_warps=num_warps,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
-    return q_enc
+    return q_rot

@@ -21,16 +21,6 @@ def rand_kv(t: int, hkv: int, d: int, outliers: bool = True, gen: torch.Generato
     return x.to(DEV, torch.bfloat16)
 
 
-def rand_scale(hkv: int, d: int, gen: torch.Generator | None = None) -> torch.Tensor:
-    """lambda fp32 [Hkv, D] as calibration leaves it: powers of two, 1 on most channels, 4..8 on a few
-    (outliers) and 1/8..1/2 on a few others."""
-    e = torch.zeros(hkv, d)
-    ch = torch.randperm(d, generator=gen)[:8]
-    e[:, ch[:4]] = torch.randint(2, 4, (hkv, 4), generator=gen).float()
-    e[:, ch[4:]] = torch.randint(-3, 0, (hkv, 4), generator=gen).float()
-    return torch.exp2(e).to(DEV)
-
-
 @dataclass
 class Cache:
     k: torch.Tensor
@@ -58,17 +48,15 @@ def stored(cache: Cache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
             dequantize_int4(cache.v[slots], cache.vp[slots]).double())
 
 
-def raw_rows(cache: Cache, slots: torch.Tensor, fmt: KVFormat, k_mean: torch.Tensor | None,
-             k_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored K, V rows at slots as float64, taken back to the model's space: K = lambda (R x + mu), V = R x
+def raw_rows(cache: Cache, slots: torch.Tensor, fmt: KVFormat, k_mean: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored K, V rows at slots as float64, taken back to the model's space: K = R x + mu, V = R x
     (each step where the format has it and its tensor is given, as formats.encode_k applies them)."""
     keys, values = stored(cache, slots)
     if fmt.rotated:
         keys = rotate(keys, fmt.hadamard_order)
     if fmt.k_center and k_mean is not None:
         keys = keys + k_mean.double()
-    if fmt.k_scale and k_scale is not None:
-        keys = keys * k_scale.double()
     return keys, decode_o(values, fmt)
 
 

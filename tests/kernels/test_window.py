@@ -1,6 +1,6 @@
-"""The bf16 window and the K scale in attention: decode and extend over INT4 pages + ring + new tokens, against
-a float64 reference in the model's space (INT4 rows dequantized and taken back to raw K, V; ring and new
-tokens raw), and write_window."""
+"""The bf16 window in attention: decode and extend over INT4 pages + ring + new tokens, against a float64
+reference in the model's space (INT4 rows dequantized and taken back to raw K, V; ring and new tokens raw),
+and write_window."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from kref import (
     empty_cache,
     make_pages,
     rand_kv,
-    rand_scale,
     raw_rows,
 )
 
@@ -46,45 +45,41 @@ class Scenario:
     cache: Cache
     paged: Paged
     k_mean: torch.Tensor | None
-    k_scale: torch.Tensor | None
-    ring: Ring | None
+    ring: Ring
 
 
 def scenario(fmt: KVFormat, page_size: int, P: list[int], lens: list[int], new: list[int], hkv: int,
              gen: torch.Generator) -> Scenario:
     d, w = fmt.head_dim, fmt.window
+    assert w > 0
     total = [p + n for p, n in zip(P, new, strict=True)]
     off = [sum(total[:b]) for b in range(len(total))]
     paged = make_pages(total, page_size, gen)
     cache = empty_cache(fmt, paged.num_slots, hkv)
     k, v = rand_kv(sum(total), hkv, d, gen=gen), rand_kv(sum(total), hkv, d, gen=gen)
-    k_scale = rand_scale(hkv, d, gen) if fmt.k_scale else None
-    k_mean = (k.float() / (k_scale if k_scale is not None else 1.0)).mean(0) if fmt.k_center else None  # of k / lambda
+    k_mean = k.float().mean(0) if fmt.k_center else None
     slots = torch.cat([paged.slots(b, torch.arange(n, device=DEV)) for b, n in enumerate(total)])
-    write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean, k_scale=k_scale)
-    ring = None
-    if w:
-        # a spare row, rows out of order; unused slots poisoned with NaN and inf (they must never be read)
-        ring_k = torch.full((len(P) + 1, w, hkv, d), float("nan"), dtype=torch.bfloat16, device=DEV)
-        ring_k[:, ::3] = float("inf")
-        ring_v = ring_k.clone()
-        rows = torch.randperm(len(P) + 1, generator=gen)[: len(P)]
-        for b, (p, n) in enumerate(zip(P, lens, strict=True)):
-            assert n <= min(p, w)
-            pos = torch.arange(p - n, p)
-            ring_k[rows[b], pos % w] = k[off[b] + pos]
-            ring_v[rows[b], pos % w] = v[off[b] + pos]
-        as_int32 = dict(dtype=torch.int32, device=DEV)
-        ring = Ring(ring_k, ring_v, rows.to(**as_int32), torch.tensor(lens, **as_int32), torch.tensor(P, **as_int32))
-    return Scenario(fmt, P, lens, new, off, k, v, cache, paged, k_mean, k_scale, ring)
+    write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean)
+    # a spare row, rows out of order; unused slots poisoned with NaN and inf (they must never be read)
+    ring_k = torch.full((len(P) + 1, w, hkv, d), float("nan"), dtype=torch.bfloat16, device=DEV)
+    ring_k[:, ::3] = float("inf")
+    ring_v = ring_k.clone()
+    rows = torch.randperm(len(P) + 1, generator=gen)[: len(P)]
+    for b, (p, n) in enumerate(zip(P, lens, strict=True)):
+        assert n <= min(p, w)
+        pos = torch.arange(p - n, p)
+        ring_k[rows[b], pos % w] = k[off[b] + pos]
+        ring_v[rows[b], pos % w] = v[off[b] + pos]
+    as_int32 = dict(dtype=torch.int32, device=DEV)
+    ring = Ring(ring_k, ring_v, rows.to(**as_int32), torch.tensor(lens, **as_int32), torch.tensor(P, **as_int32))
+    return Scenario(fmt, P, lens, new, off, k, v, cache, paged, k_mean, ring)
 
 
 def reference(sc: Scenario, q: torch.Tensor, int4_lens: list[int], sm_scale: float) -> torch.Tensor:
     """Query i of request b (position P + i) over positions <= its own: INT4 rows below int4_lens[b], raw after."""
     out, row = [], 0
     for b, (p, n, n4) in enumerate(zip(sc.P, sc.new, int4_lens, strict=True)):
-        keys, values = raw_rows(sc.cache, sc.paged.slots(b, torch.arange(n4, device=DEV)), sc.fmt, sc.k_mean,
-                                sc.k_scale)
+        keys, values = raw_rows(sc.cache, sc.paged.slots(b, torch.arange(n4, device=DEV)), sc.fmt, sc.k_mean)
         raw = slice(sc.off[b] + n4, sc.off[b] + p + n)
         keys = torch.cat([keys, sc.k[raw].double()])
         values = torch.cat([values, sc.v[raw].double()])
@@ -101,21 +96,19 @@ def rel_err_finite(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_decode(fmt: KVFormat, group: int, page_size: int, P: list[int], lens: list[int], splits: int | None,
                hkv: int = 2, seed: int = 0, **kw: str | int) -> float:
-    """The engine's decode step: q encoded (write_kv(q=...) returns encode_q), INT4 length P - lens with a ring,
-    P + 1 (the new token, from the pages) without."""
+    """The engine's decode step: q encoded (write_kv(q=...) returns encode_q), INT4 length P - lens."""
     gen = torch.Generator().manual_seed(seed)
     d = fmt.head_dim
     sc = scenario(fmt, page_size, P, lens, [1] * len(P), hkv, gen)
     q = (torch.randn(len(P), hkv * group, d, generator=gen) * 0.5).to(DEV, torch.bfloat16)
-    int4_lens = [p - n for p, n in zip(P, lens, strict=True)] if sc.ring else [p + 1 for p in P]
+    int4_lens = [p - n for p, n in zip(P, lens, strict=True)]
     new = torch.stack([sc.k[[o + p for o, p in zip(sc.off, P, strict=True)]],
                        sc.v[[o + p for o, p in zip(sc.off, P, strict=True)]]], 1)  # strided k_new, v_new views
     out = torch.full_like(q, float("nan"))
-    win = dict(ring=sc.ring, q_plain=q, k_new=new[:, 0], v_new=new[:, 1]) if sc.ring else {}
-    decode_attention(encode_q(q, fmt, sc.k_scale), sc.cache.k, sc.cache.v, sc.cache.kp, sc.cache.vp,
-                     sc.paged.page_table, torch.tensor(int4_lens, dtype=torch.int32, device=DEV), page_size, fmt,
-                     default_scale(d), out=out, num_splits=splits, q_rotated=fmt.rotated, k_mean=sc.k_mean,
-                     k_scale=sc.k_scale, **win, **kw)
+    decode_attention(encode_q(q, fmt), sc.cache.k, sc.cache.v, sc.cache.kp, sc.cache.vp, sc.paged.page_table,
+                     torch.tensor(int4_lens, dtype=torch.int32, device=DEV), page_size, fmt, default_scale(d), out=out,
+                     num_splits=splits, q_rotated=fmt.rotated, k_mean=sc.k_mean, ring=sc.ring, q_plain=q,
+                     k_new=new[:, 0], v_new=new[:, 1], **kw)
     return rel_err_finite(out, reference(sc, q, int4_lens, default_scale(d)))
 
 
@@ -131,7 +124,7 @@ def run_extend(fmt: KVFormat, group: int, page_size: int, P: list[int], lens: li
     out = torch.full_like(q, float("nan"))
     extend_attention(q, sc.k[rows], sc.v[rows], cu, torch.tensor(int4_lens, dtype=torch.int32, device=DEV),
                      sc.cache.k, sc.cache.v, sc.cache.kp, sc.cache.vp, sc.paged.page_table, page_size, fmt,
-                     default_scale(d), k_mean=sc.k_mean, k_scale=sc.k_scale, ring=sc.ring, out=out,
+                     default_scale(d), k_mean=sc.k_mean, ring=sc.ring, out=out,
                      max_prefix_len=max(int4_lens), **kw)
     return rel_err_finite(out, reference(sc, q, int4_lens, default_scale(d)))
 
@@ -142,51 +135,34 @@ def fmt_id(f: KVFormat) -> str:
 
 # (format, query group, page size, P, ring lens, splits). Requests: 1 token (P = 0), the ring alone (INT4
 # length 0), lens 0 (a prefix-cache hit), lens < W with a wrapped ring, lens = W with P - lens not a multiple of
-# W, INT4 lengths across pages; W 1, 16, 32, 64; without a window (k_scale alone) last.
+# W, INT4 lengths across pages; W 1, 16, 32, 64.
 DECODE_CASES = [
-    (KVFormat("int4", 64, k_center=True, k_scale=True, window=16), 2, 16, [0, 1, 5, 40, 23, 16], [0, 1, 0, 16, 9, 16],
-     None),
-    (KVFormat("int4-bdr", 128, 64, rotate_v=True, k_center=True, k_scale=True, window=32), 4, 16, [70, 33, 31],
-     [32, 20, 31], 3),
-    (KVFormat("int4-bdr", 64, 16, k_scale=True, window=1), 8, 32, [50, 1, 17], [1, 1, 0], 1),
+    (KVFormat("int4", 64, k_center=True, window=16), 2, 16, [0, 1, 5, 40, 23, 16], [0, 1, 0, 16, 9, 16], None),
+    (KVFormat("int4-bdr", 128, 64, rotate_v=True, k_center=True, window=32), 4, 16, [70, 33, 31], [32, 20, 31], 3),
+    (KVFormat("int4-bdr", 64, 16, window=1), 8, 32, [50, 1, 17], [1, 1, 0], 1),
     (KVFormat("int4-bdr", 128, 128, rotate_v=True, k_center=True, window=64), 1, 64, [100, 64], [64, 50], 2),
     (KVFormat("int4", 128, window=16), 7, 16, [20, 3], [16, 3], None),
-    (KVFormat("int4-bdr", 64, 32, k_center=True, k_scale=True), 4, 16, [30, 7], [0, 0], 2),
-    (KVFormat("int4", 64, k_scale=True), 2, 16, [18, 0], [0, 0], None),
 ]
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: fmt_id(c[0]) + f"-g{c[1]}-ps{c[2]}")
-def test_decode_window_and_scale(case: tuple) -> None:
+def test_decode_window(case: tuple) -> None:
     assert run_decode(*case) < DECODE_TOL
 
 
 # (format, query group, page size, P, ring lens, new): a first chunk (P = 0) next to prefixed requests, INT4
-# length 0, wrapped rings, lens = W, 1-token steps; without a window last.
+# length 0, wrapped rings, lens = W, 1-token steps.
 EXTEND_CASES = [
-    (KVFormat("int4", 64, k_center=True, k_scale=True, window=16), 2, 16, [0, 20, 7, 33], [0, 16, 7, 10],
-     [5, 3, 1, 17]),
-    (KVFormat("int4-bdr", 128, 64, rotate_v=True, k_center=True, k_scale=True, window=32), 4, 32, [45, 31],
-     [32, 31], [2, 18]),
-    (KVFormat("int4-bdr", 64, 16, k_scale=True, window=1), 8, 16, [9, 1], [1, 1], [4, 1]),
+    (KVFormat("int4", 64, k_center=True, window=16), 2, 16, [0, 20, 7, 33], [0, 16, 7, 10], [5, 3, 1, 17]),
+    (KVFormat("int4-bdr", 128, 64, rotate_v=True, k_center=True, window=32), 4, 32, [45, 31], [32, 31], [2, 18]),
+    (KVFormat("int4-bdr", 64, 16, window=1), 8, 16, [9, 1], [1, 1], [4, 1]),
     (KVFormat("int4-bdr", 128, 128, rotate_v=True, k_center=True, window=64), 1, 64, [70], [40], [20]),
-    (KVFormat("int4-bdr", 64, 32, k_center=True, k_scale=True), 4, 16, [20, 0], [0, 0], [5, 9]),
 ]
 
 
 @pytest.mark.parametrize("case", EXTEND_CASES, ids=lambda c: fmt_id(c[0]) + f"-g{c[1]}-ps{c[2]}")
-def test_extend_window_and_scale(case: tuple) -> None:
+def test_extend_window(case: tuple) -> None:
     assert run_extend(*case) < EXTEND_TOL
-
-
-def test_decode_rejects_unscaled_rotated_queries() -> None:
-    """The tile kernel's own rotation of plain q knows no lambda: with k_scale, q must come encoded."""
-    fmt = KVFormat("int4-bdr", 64, 64, k_scale=True)
-    cache = empty_cache(fmt, 16, 2)
-    q = torch.zeros(1, 2, 64, dtype=torch.bfloat16, device=DEV)
-    with pytest.raises(ValueError, match="k_scale"):
-        decode_attention(q, cache.k, cache.v, cache.kp, cache.vp, torch.ones(1, 1, dtype=torch.int32, device=DEV),
-                         torch.ones(1, dtype=torch.int32, device=DEV), 16, fmt, 0.1)
 
 
 def test_write_window() -> None:
@@ -210,27 +186,17 @@ def test_write_window() -> None:
         assert flat[untouched].isnan().all()
 
 
-def test_k_scale_folding_is_exact() -> None:
-    """Keys k / lambda met by queries q lambda give the same attention as k, q (float64, any lambda > 0)."""
-    gen = torch.Generator().manual_seed(2)
-    q = torch.randn(3, 4, 64, generator=gen, dtype=torch.float64)
-    k = torch.randn(20, 2, 64, generator=gen, dtype=torch.float64)
-    v = torch.randn(20, 2, 64, generator=gen, dtype=torch.float64)
-    lam = rand_scale(2, 64, gen).cpu().double() * torch.rand(2, 64, generator=gen, dtype=torch.float64).add(0.5)
-    folded = attention_ref(q * lam.repeat_interleave(2, 0), k / lam, v, 0.125)
-    torch.testing.assert_close(folded, attention_ref(q, k, v, 0.125), rtol=1e-12, atol=1e-12)
-
-
 # GPU: the warp kernel (pieces left to the reduce, which adds the window) at page sizes 16..64, GQA 1..8, and
-# full shapes with the engine's default options (k_center, k_scale, window 32).
+# full shapes with the engine's default options as the kernels see them (k_center, window 32; the K scale is
+# applied to q and k before these kernels).
 WARP_CASES = [c for c in DECODE_CASES if c[2] >= 16]
-DEFAULT_FMTS = [KVFormat("int4-bdr", 128, 128, k_center=True, k_scale=True, window=32),
-                KVFormat("int4", 128, k_center=True, k_scale=True, window=32)]
+DEFAULT_FMTS = [KVFormat("int4-bdr", 128, 128, k_center=True, window=32),
+                KVFormat("int4", 128, k_center=True, window=32)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", WARP_CASES, ids=lambda c: fmt_id(c[0]) + f"-g{c[1]}-ps{c[2]}")
-def test_warp_decode_window_and_scale(case: tuple) -> None:
+def test_warp_decode_window(case: tuple) -> None:
     assert run_decode(*case, impl="warp") < DECODE_TOL
     torch.cuda.synchronize()
     assert not pair_counters(DEV).any()
@@ -259,7 +225,7 @@ def test_decode_window_cuda_graph_replays_new_lengths(impl: str) -> None:
     gen = torch.Generator().manual_seed(3)
     sc = scenario(fmt, ps, [1024, 1024], [32, 32], [1, 1], hkv, gen)
     q = (torch.randn(2, hkv * group, 128, generator=gen) * 0.5).to(DEV, torch.bfloat16)
-    q_enc = encode_q(q, fmt, sc.k_scale)
+    q_enc = encode_q(q, fmt)
     k_new = torch.empty(2, hkv, 128, dtype=torch.bfloat16, device=DEV)
     v_new = torch.empty_like(k_new)
     seq_lens = torch.zeros(2, dtype=torch.int32, device=DEV)
@@ -268,7 +234,7 @@ def test_decode_window_cuda_graph_replays_new_lengths(impl: str) -> None:
     def step() -> None:
         decode_attention(q_enc, sc.cache.k, sc.cache.v, sc.cache.kp, sc.cache.vp, sc.paged.page_table, seq_lens, ps,
                          fmt, 0.09, out=out, q_rotated=True, impl=impl, ring=sc.ring, q_plain=q, k_new=k_new,
-                         v_new=v_new, k_mean=sc.k_mean, k_scale=sc.k_scale)
+                         v_new=v_new, k_mean=sc.k_mean)
 
     step()  # compile outside the capture
     torch.cuda.synchronize()

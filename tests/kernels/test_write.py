@@ -6,21 +6,12 @@ import zlib
 
 import pytest
 import torch
-from kref import DEV, empty_cache, rand_kv, rand_scale
+from kref import DEV, empty_cache, rand_kv
 
 from saw_kernels import write_kv
 from saw_kernels._common import half_hadamard
 from saw_kernels.write import mean_pieces
-from saw_worker.kv.formats import (
-    HADAMARD_ORDERS,
-    KVFormat,
-    encode_k,
-    encode_q,
-    encode_v,
-    quantize_int4,
-    rotate,
-    scale_q,
-)
+from saw_worker.kv.formats import HADAMARD_ORDERS, KVFormat, encode_k, encode_v, quantize_int4, rotate
 
 TIE = 2e-3  # |frac((x - lo) / scale) - 0.5| below this: rounding may go either way for rotated rows
 TIE_EXACT = 1e-5  # unrotated rows: only the reciprocal's ~2 ulp separate kernel and reference
@@ -40,8 +31,7 @@ FORMATS = all_formats(64) + all_formats(128)
 
 
 def fmt_id(f: KVFormat) -> str:
-    return (f"{f.name}-d{f.head_dim}-b{f.hadamard_order}{'-rv' if f.rotate_v else ''}{'-kc' if f.k_center else ''}"
-            f"{'-ks' if f.k_scale else ''}")
+    return f"{f.name}-d{f.head_dim}-b{f.hadamard_order}{'-rv' if f.rotate_v else ''}{'-kc' if f.k_center else ''}"
 
 
 def check_rows(x64: torch.Tensor, ref_x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, exact: bool) -> None:
@@ -141,47 +131,3 @@ def test_write_k_center_eight_heads(order: int) -> None:
     xk = rotate(k.double() - k_mean.double(), order)
     check_rows(xk, encode_k(k, fmt, k_mean), cache.k, cache.kp, exact=False)
     check_rows(v.double(), encode_v(v, fmt), cache.v, cache.vp, exact=True)
-
-
-SCALED = [KVFormat("int4", 64, k_scale=True), KVFormat("int4", 128, k_center=True, k_scale=True),
-          KVFormat("int4-bdr", 64, 16, k_scale=True), KVFormat("int4-bdr", 64, 64, True, True, True),
-          KVFormat("int4-bdr", 128, 32, False, True, True), KVFormat("int4-bdr", 128, 128, True, True, True)]
-
-
-@pytest.mark.parametrize("fmt", SCALED, ids=fmt_id)
-def test_write_k_scale(fmt: KVFormat) -> None:
-    """K rows R (k / lambda - mean) with lambda of powers of two (outlier channels > 1, others < 1), mean of the
-    scaled keys; the returned query is encode_q's R (q lambda), or q lambda (int4) exactly."""
-    gen = torch.Generator().manual_seed(zlib.crc32(fmt_id(fmt).encode()))
-    hkv, d, t = 3, fmt.head_dim, 21
-    k, v = rand_kv(t, hkv, d, gen=gen), rand_kv(t, hkv, d, gen=gen)
-    lam = rand_scale(hkv, d, gen)
-    k_mean = (k.float() / lam).mean(0) if fmt.k_center else None
-    slots = torch.randperm(64, generator=gen)[:t].to(DEV)
-    cache = empty_cache(fmt, 64, hkv)
-    q = rand_kv(t, 2 * hkv, d, gen=gen)
-    q_enc = write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean, q, k_scale=lam)
-    if fmt.rotated:
-        torch.testing.assert_close(q_enc.double(), rotate(scale_q(q, lam).double(), fmt.hadamard_order),
-                                   rtol=1e-5, atol=1e-5)
-    else:
-        assert torch.equal(q_enc, encode_q(q, fmt, lam))
-    xk = k.double() / lam.double() - (k_mean.double() if k_mean is not None else 0.0)
-    xk = rotate(xk, fmt.hadamard_order) if fmt.rotated else xk
-    xv = rotate(v.double(), fmt.hadamard_order) if fmt.rotate_v else v.double()
-    check_rows(xk, encode_k(k, fmt, k_mean, lam), cache.k[slots], cache.kp[slots], exact=not fmt.rotated)
-    check_rows(xv, encode_v(v, fmt), cache.v[slots], cache.vp[slots], exact=not fmt.rotate_v)
-
-
-def test_write_sees_an_updated_k_scale() -> None:
-    """1 / lambda is cached per k_scale version, as the mean's pieces are."""
-    fmt = KVFormat("int4", 64, k_scale=True)
-    gen = torch.Generator().manual_seed(6)
-    k, v = rand_kv(4, 2, 64, gen=gen), rand_kv(4, 2, 64, gen=gen)
-    slots = torch.arange(4, device=DEV)
-    lam = torch.ones(2, 64, device=DEV)
-    cache = empty_cache(fmt, 8, 2)
-    write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_scale=lam)
-    lam.copy_(rand_scale(2, 64, gen))
-    write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_scale=lam)
-    assert torch.equal(cache.kp[slots], quantize_int4(encode_k(k, fmt, k_scale=lam))[1])
