@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from saw_worker.kv.calibration import k_scale_from_stats
 from saw_worker.kv.formats import EPS, rotate
 
 FP8_MAX = 448.0
@@ -104,12 +105,11 @@ def bf16(x: torch.Tensor) -> torch.Tensor:
 
 def k_scale_lambda(k_absmax: torch.Tensor, q_absmax: torch.Tensor, alpha: float, pow2: bool) -> torch.Tensor:
     """lambda [..., Hkv, D] from max_t|k - mu| and max_{t, group}|q| [..., Hkv, D]: k^alpha / q^(1 - alpha),
-    divided by its geometric mean over channels, optionally rounded to 2**round(log2)."""
-    log = alpha * k_absmax.clamp(min=1e-6).log() - (1 - alpha) * q_absmax.clamp(min=1e-6).log()
-    log = log - log.mean(-1, keepdim=True)
+    divided by its geometric mean over channels; with pow2 the worker's own calibration (rounded to 2**n)."""
     if pow2:
-        return torch.exp2(torch.round(log / torch.log(torch.tensor(2.0))))
-    return log.exp()
+        return k_scale_from_stats(k_absmax, q_absmax, alpha)
+    log = alpha * k_absmax.clamp(min=1e-6).log() - (1 - alpha) * q_absmax.clamp(min=1e-6).log()
+    return (log - log.mean(-1, keepdim=True)).exp()
 
 
 @dataclass
