@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from engine_util import prompt, run, tiny_engine
+from engine_util import Collector, prompt, run, tiny_engine
 
 from saw_worker.engine.model_runner import HostBatch, host_batch
 from saw_worker.engine.request import GenerateParams, Sequence
@@ -119,3 +119,19 @@ def test_the_k_scale_folded_into_the_model_leaves_its_outputs_unchanged() -> Non
     for layer in engine.runner.model.layers:
         layer.k_scale = torch.exp2(torch.randint(-3, 4, (layer.nkv, layer.d)).float())
     assert run(engine, requests) == want
+
+
+def test_a_request_served_from_the_prefix_cache_starts_its_ring_at_the_first_computed_token() -> None:
+    """The second run of a prompt takes its full pages from the cache: its ring holds nothing before the
+    first token it computes (those pages are read in INT4), and it still finishes and gives its row back."""
+    engine = tiny_engine("int4-bdr", hadamard_order=32, k_center=True, window=4)
+    ids = prompt(7, 13)
+    first = Collector()
+    engine.submit(GenerateParams("a", ids, max_new_tokens=6, ignore_eos=True), first)
+    first.wait()
+    second = Collector()
+    engine.submit(GenerateParams("b", ids, max_new_tokens=6, ignore_eos=True), second)
+    assert len(second.wait()) == 6
+    assert second.last.cached_tokens == 12  # three full pages of 4
+    pool = engine.runner.pool
+    assert pool.free_rows == pool.window_rows
