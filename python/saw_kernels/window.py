@@ -1,7 +1,7 @@
 """The bf16 window (formats.KVFormat.window = W): each request's last W tokens before a step, raw, in a ring.
 
 A request owns one ring row of per-layer bf16 tensors [rows, W, Hkv, D]; slot p % W of its row holds
-position p, as the model produced it (post-RoPE, not scaled, centered or rotated). Before a step whose
+position p as attention receives it (post-RoPE, with the model's K scale; not centered or rotated). Before a step whose
 new tokens start at position P = ends[b], the ring holds positions [P - lens[b], P): slot j is valid iff
 (P - 1 - j) mod W < lens[b]. The attention kernels read INT4 pages up to P - lens[b] (the INT4 length
 the engine passes), the valid slots at bf16, then the step's new tokens; `write_window` stores the

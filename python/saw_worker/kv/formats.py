@@ -17,6 +17,8 @@ K scale (k_scale, as QServe's SmoothAttention): keys are divided per channel by 
 lambda [Hkv, D] before centering and rotation, queries multiplied by it, so q . k is unchanged while
 K's outlier channels stop setting every row's INT4 range. The K mean (k_center) is the mean of the
 scaled keys k / lambda. The stored K row is R (k / lambda - mean); the query that meets it R (q lambda).
+The engine applies lambda in the model, after RoPE (DecoderLayer.k_scale), so the cache, the ring and
+the kernels receive q lambda and k / lambda; encode_k / encode_q with k_scale define what that stores.
 
 Window (window = W): each step attends to its new tokens and to the W tokens before them at bf16
 (kept in a per-request ring, kv/pool.py), to older tokens from the INT4 pages. Every token is still

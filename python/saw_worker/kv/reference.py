@@ -119,19 +119,20 @@ def paged_attention_ref(q: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: tor
 def _with_window(keys: torch.Tensor, values: torch.Tensor, k_pos: torch.Tensor, prefix_lens: torch.Tensor,
                  cu_seqlens: torch.Tensor, new_kv: tuple[torch.Tensor, torch.Tensor], cache: LayerCache,
                  window: WindowLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys, values [B, L, Hkv, D] with positions >= quant_lens taken at bf16: from the ring below the
-    prefix, from the step's own K, V at and above it."""
+    """keys, values [B, L, Hkv, D] (updated in place) with positions >= quant_lens taken at bf16: from the
+    ring below the prefix, from the step's own K, V at and above it. Only those (at most W + new) positions
+    per request are gathered."""
     assert cache.ring_k is not None and cache.ring_v is not None
     w = cache.ring_k.shape[1]
     prefix = prefix_lens.long()[:, None]
-    in_ring = (k_pos >= window.quant_lens.long()[:, None]) & (k_pos < prefix)
-    is_new = k_pos >= prefix
-    ring_at = window.rows.long()[:, None] * w + k_pos % w
-    new_at = (cu_seqlens[:-1].long()[:, None] + k_pos - prefix).clamp(0, new_kv[0].shape[0] - 1)
-    out = []
+    starts = cu_seqlens[:-1].long()[:, None]
+    n_new = cu_seqlens[1:].long()[:, None] - starts
+    b_ring, p_ring = ((k_pos >= window.quant_lens.long()[:, None]) & (k_pos < prefix)).nonzero(as_tuple=True)
+    b_new, p_new = ((k_pos >= prefix) & (k_pos < prefix + n_new)).nonzero(as_tuple=True)
+    ring_at = window.rows.long()[b_ring] * w + p_ring % w
+    new_at = starts[b_new, 0] + p_new - prefix[b_new, 0]
     for rows, ring, new in ((keys, cache.ring_k, new_kv[0]), (values, cache.ring_v, new_kv[1])):
-        flat = ring.view(-1, *ring.shape[2:])
-        rows = torch.where(in_ring[..., None, None], flat[ring_at].float(), rows)
+        rows[b_ring, p_ring] = ring.view(-1, *ring.shape[2:])[ring_at].float()
         # new tokens at the cache's precision, as the GPU path holds them (bf16 activations)
-        out.append(torch.where(is_new[..., None, None], new[new_at].to(ring.dtype).float(), rows))
-    return out[0], out[1]
+        rows[b_new, p_new] = new[new_at].to(ring.dtype).float()
+    return keys, values
