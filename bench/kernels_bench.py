@@ -29,7 +29,7 @@ from saw_worker.kv.formats import KVFormat, encode_q  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HQ, HKV, D, PS = 32, 8, 128, 16  # Qwen3-8B attention, engine page size
-DEFAULT_KV = "int4-bdr-b128-kc-w32"  # the engine's INT4 default at head_dim 128 (formats.default_kv_options)
+DEFAULT_KV = "int4-bdr-b128-kc-s4-w16"  # the engine's INT4 default at head_dim 128 (formats.default_kv_options)
 # as these kernels see it: its K scale is applied to q and k by the fused q/k-norm + RoPE kernel before them
 
 
@@ -54,20 +54,24 @@ def copy_gbps(nbytes: int) -> float:
 
 
 def make_fmt(kv: str) -> KVFormat:
-    """kv spelled like 'int4-bdr-b16-rv-kc-w32' (w32: a bf16 window of 32)."""
+    """kv spelled like 'int4-bdr-b16-rv-kc-s4-w32' (w32: a bf16 window of 32, s4: 4 sinks)."""
     parts = kv.split("-")
     name = "int4-bdr" if kv.startswith("int4-bdr") else parts[0]
-    order = next((int(p[1:]) for p in parts if p.startswith("b") and p[1:].isdigit()), 128)
-    window = next((int(p[1:]) for p in parts if p.startswith("w") and p[1:].isdigit()), 0)
-    return KVFormat(name, D, order, "rv" in parts, "kc" in parts, window=window)
+
+    def number(prefix: str, default: int) -> int:
+        return next((int(p[1:]) for p in parts if p.startswith(prefix) and p[1:].isdigit()), default)
+
+    return KVFormat(name, D, number("b", 128), "rv" in parts, "kc" in parts, window=number("w", 0),
+                    sinks=number("s", 0))
 
 
 def make_ring(fmt: KVFormat, batch: int, ends: int) -> Ring:
-    """A full window for each request (its W tokens before position `ends`), rows in order."""
-    k = torch.randn(batch, fmt.window, HKV, D, device=DEV, dtype=torch.bfloat16)
+    """Full sinks and a full window for each request (its W tokens before position `ends`), rows in order."""
+    k = torch.randn(batch, fmt.ring_slots, HKV, D, device=DEV, dtype=torch.bfloat16)
     full = torch.full((batch,), fmt.window, dtype=torch.int32, device=DEV)
+    sinks = torch.full_like(full, fmt.sinks) if fmt.sinks else None
     return Ring(k, torch.randn_like(k), torch.arange(batch, dtype=torch.int32, device=DEV), full,
-                torch.full_like(full, ends))
+                torch.full_like(full, ends), sinks, fmt.sinks)
 
 
 Cache = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -113,20 +117,20 @@ def run_write_window(t: int, copy: float) -> dict:
     fmt = make_fmt(DEFAULT_KV)
     kv = torch.randn(t, 2, HKV, D, device=DEV, dtype=torch.bfloat16)
     ring = make_ring(fmt, t, 0)
-    slots = torch.arange(t, device=DEV) * fmt.window + 5
+    slots = torch.arange(t, device=DEV) * fmt.ring_slots + 5
     us = bench(lambda: write_window(kv[:, 0], kv[:, 1], slots, ring.k, ring.v))
     return row("write-window", DEFAULT_KV, f"T={t},Hkv={HKV},D={D}", us, 2 * 2 * kv.numel() + slots.numel() * 8, copy)
 
 
 def run_decode(batch: int, ctx: int, kv: str, copy: float, kernel: str = "decode", cfg: dict | None = None) -> dict:
     """Rotated formats get q as the engine passes it: rotated by the write launch (fp32 R q); cfg
-    q_rotated=False times the kernel rotating bf16 q itself. With a window, ctx tokens are INT4 and W more
-    bf16 (the ring, full), plus the new token."""
+    q_rotated=False times the kernel rotating bf16 q itself. With a window, ctx tokens are INT4 and S + W
+    more bf16 (the ring, full: the sinks before the INT4 ones, the window after), plus the new token."""
     fmt = make_fmt(kv)
-    table = paged_table(batch, ctx)
-    kc, vc, kp, vp = alloc_cache(fmt, (batch * ctx // PS + 1) * PS)
+    table = paged_table(batch, ctx + PS * (fmt.sinks > 0))
+    kc, vc, kp, vp = alloc_cache(fmt, (table.numel() + 1) * PS)
     q = torch.randn(batch, HQ, D, device=DEV, dtype=torch.bfloat16)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+    lens = torch.full((batch,), ctx + fmt.sinks, dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
     cfg = dict(cfg or {})
     q_rotated = cfg.pop("q_rotated", fmt.rotated)
@@ -136,7 +140,8 @@ def run_decode(batch: int, ctx: int, kv: str, copy: float, kernel: str = "decode
     nbytes = batch * ctx * HKV * fmt.bytes_per_token_head() + 2 * q.numel() * 2 + table.numel() * 4
     if fmt.window:
         kv_new = torch.randn(batch, 2, HKV, D, device=DEV, dtype=torch.bfloat16)
-        win = dict(ring=make_ring(fmt, batch, ctx + fmt.window), q_plain=q, k_new=kv_new[:, 0], v_new=kv_new[:, 1])
+        win = dict(ring=make_ring(fmt, batch, ctx + fmt.ring_slots), q_plain=q, k_new=kv_new[:, 0],
+                   v_new=kv_new[:, 1])
         nbytes += batch * HKV * (fmt.window_bytes_per_head() + 2 * D * 2)
     us = bench(lambda: decode_attention(q_in, kc, vc, kp, vp, table, lens, PS, fmt, D ** -0.5, out=out,
                                         q_rotated=q_rotated, k_mean=mean, **win, **cfg))
@@ -156,7 +161,7 @@ def run_extend(batch: int, prefix: int, new: int, kv: str, copy: float, cfg: dic
     mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
     # with a window: prefix INT4 tokens, then W bf16 ones (a first chunk has neither)
     ring = make_ring(fmt, batch, prefix + fmt.window) if fmt.window and prefix else None
-    w = ring.window if ring else 0
+    w = fmt.ring_slots if ring else 0
 
     cfg = cfg or {}
 
@@ -232,6 +237,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--only", default="write,decode,latency,extend")
+    ap.add_argument("--decode-shapes", help="BxCTX,... instead of the decode shapes (e.g. 256x768: D(256,1024) c=256)")
+    ap.add_argument("--decode-kv", help="formats to decode, comma-separated, instead of the list")
     args = ap.parse_args()
     torch.manual_seed(0)
     only = set(args.only.split(","))
@@ -247,12 +254,16 @@ def main() -> None:
     kvs_write = ["bf16", "int4", "int4-bdr-b16", "int4-bdr-b32", "int4-bdr-b64", "int4-bdr-b128",
                  "int4-bdr-b128-rv", "int4-bdr-b128-kc", "int4-kc"]
     kvs_decode = ["int4", "int4-bdr-b128", "int4-bdr-b16", "int4-bdr-b128-rv", "int4-bdr-b128-kc", DEFAULT_KV,
-                  "int4-kc-w32"]
+                  "int4-bdr-b128-kc-w32", "int4-kc-s4-w16"]
+    if args.decode_kv:
+        kvs_decode = args.decode_kv.split(",")
     if smoke:
         write_shapes, dec_shapes, lat_b, lat_ctx, ext = [64], [(2, 64)], [1], [64], (2, 48, 16)
     else:
         write_shapes, dec_shapes = [8192, 32768], [(64, 4096), (16, 16384), (128, 2048)]
         lat_b, lat_ctx, ext = [1, 4, 8], [1024, 4096, 16384, 32768], (8, 16384, 2048)
+    if args.decode_shapes:
+        dec_shapes = [tuple(int(x) for x in s.split("x")) for s in args.decode_shapes.split(",")]
     sweeping = not (smoke or args.no_sweep)
     wcfg: dict = {}
     if "write" in only:

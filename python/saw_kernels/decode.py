@@ -11,8 +11,8 @@ tensor cores as exact small integers, with
 For int4-bdr, R q . R k = q . k: the engine passes q already rotated (write_kv rotates it in the same
 launch, once per step); given plain q, each program rotates it. With rotate_v the output is rotated
 back once per head (in the reduce, or at the end when there is one split). With the bf16 window the
-reduce always runs: it attends the ring's valid slots and the new token and merges them with the INT4
-partials (window.py).
+reduce always runs: it attends the ring's valid slots (sinks and window) and the new token and merges
+them with the INT4 partials, which skip the sinks (window.py).
 """
 
 from __future__ import annotations
@@ -187,12 +187,12 @@ def _decode_bf16_kernel(
 
 
 @triton.jit
-def _attend_window(qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, mean_ptr, b, kh,
+def _attend_window(qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, sinks_ptr, mean_ptr, b, kh,
                    s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale,
-                   G: tl.constexpr, GP: tl.constexpr, D2: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
-                   SHIFT: tl.constexpr):
+                   G: tl.constexpr, GP: tl.constexpr, D2: tl.constexpr, S: tl.constexpr, W: tl.constexpr,
+                   BLOCK_W: tl.constexpr, SHIFT: tl.constexpr):
     """Online softmax (attend_block's m, l, acc) of request b's plain queries of KV head kh over raw bf16 rows
-    j = 0 .. W: the valid ring slots, then (j = W) the new token.
+    j = 0 .. S + W: the valid ring slots (sinks, then window), then (j = S + W) the new token.
 
     The INT4 partials' scores are q . k - q . mu (keys stored centered, SHIFT), so the same shift is added to
     these raw scores before they meet in one softmax.
@@ -208,12 +208,12 @@ def _attend_window(qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, e
     l_i = tl.zeros([GP], tl.float32)
     acc_lo = tl.zeros([GP, D2], tl.float32)
     acc_hi = tl.zeros([GP, D2], tl.float32)
-    for j0 in tl.static_range(0, W + 1, BLOCK_W):
+    for j0 in tl.static_range(0, S + W + 1, BLOCK_W):
         j = j0 + tl.arange(0, BLOCK_W)
-        k_lo, k_hi, v_lo, v_hi, valid = ring_tile(rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, b, kh, j, c, s_rr, s_rs,
-                                                  s_rh, W, D2)
-        if j0 + BLOCK_W > W:  # the tile holding row W: the new token (k_new, v_new may be strided views)
-            new = j == W
+        k_lo, k_hi, v_lo, v_hi, valid = ring_tile(rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, sinks_ptr, b, kh, j, c,
+                                                  s_rr, s_rs, s_rh, S, W, D2)
+        if j0 + BLOCK_W > S + W:  # the tile holding row S + W: the new token (k_new, v_new may be strided views)
+            new = j == S + W
             nm = new[:, None]
             row = (j * 0).to(tl.int64)[:, None] + c[None, :]  # the token's row, broadcast over the tile
             k_p = kn_ptr + b.to(tl.int64) * s_knb + kh * s_knh + row
@@ -230,15 +230,17 @@ def _attend_window(qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, e
 
 @triton.jit
 def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqrt_b,
-                   qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, mean_ptr,
+                   qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, sinks_ptr, mean_ptr, keep_ptr,
                    s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale,
                    HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                    SP2: tl.constexpr, PIECES: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr,
-                   WINDOW: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, SHIFT: tl.constexpr):
+                   WINDOW: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
+                   SHIFT: tl.constexpr, KEEP: tl.constexpr):
     """out of (request, KV head) from its partials: SPLITS rows per query at (b Hq + query) SPLITS, or
     with PIECES the warp kernel's pieces, rows (first + i) G + group member, (first, count) in meta.
     With WINDOW the raw bf16 rows (_attend_window) are one more partial, added after the INT4 ones are
-    rotated back (ROT_V)."""
+    rotated back (ROT_V); with KEEP the new token then goes into the ring at flat slot keep_ptr[b] (only
+    this program reads row b's head kh, so the write after its reads needs no other ordering)."""
     D2: tl.constexpr = D // 2
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -261,8 +263,8 @@ def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqr
     m = tl.max(lse, 1)
     if WINDOW:
         m_w, l_w, aw_lo, aw_hi = _attend_window(
-            qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, mean_ptr, b, kh,
-            s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale, G, GP, D2, W, BLOCK_W, SHIFT)
+            qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, sinks_ptr, mean_ptr, b, kh,
+            s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale, G, GP, D2, S, W, BLOCK_W, SHIFT)
         lse_w = m_w + tl.log2(l_w)  # l_w >= 1: the new token is always there
         m = tl.maximum(m, lse_w)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -288,6 +290,12 @@ def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqr
     inv = 1.0 / tl.where(denom > 0, denom, 1.0)
     store_halves(out_ptr, b.to(tl.int64) * s_ob + qh * s_oh, c, (o_lo * inv[:, None]).to(tl.bfloat16),
                  (o_hi * inv[:, None]).to(tl.bfloat16), gm, D2)
+    if KEEP:
+        tl.debug_barrier()  # every thread's ring reads are done before the slot may be overwritten
+        d = tl.arange(0, D)
+        dst = tl.load(keep_ptr + b) * s_rs + kh * s_rh + d
+        tl.store(rk_ptr + dst, tl.load(kn_ptr + b.to(tl.int64) * s_knb + kh * s_knh + d))
+        tl.store(rv_ptr + dst, tl.load(vn_ptr + b.to(tl.int64) * s_vnb + kh * s_vnh + d))
 
 
 def params_as_words(k_params: torch.Tensor | None, v_params: torch.Tensor | None
@@ -332,23 +340,27 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
 
 
 def _window_args(ring: Ring | None, q_plain: torch.Tensor | None, k_new: torch.Tensor | None,
-                 v_new: torch.Tensor | None, k_mean: torch.Tensor | None, fmt: KVFormat,
-                 unused: torch.Tensor) -> tuple[list, dict]:
+                 v_new: torch.Tensor | None, k_mean: torch.Tensor | None, keep_slots: torch.Tensor | None,
+                 fmt: KVFormat, unused: torch.Tensor) -> tuple[list, dict]:
     """_reduce_kernel's window arguments: pointers and strides, then its constexprs (unused stands in for
     the tensors of a step without window, or of an option the format has off)."""
     if ring is None:
-        return [unused] * 9 + [0] * 9, dict(WINDOW=False, W=1, BLOCK_W=16, SHIFT=False)
-    ring.check(fmt.window)
+        return [unused] * 11 + [0] * 9, dict(WINDOW=False, S=0, W=1, BLOCK_W=16, SHIFT=False, KEEP=False)
+    ring.check(fmt.window, fmt.sinks)
+    if keep_slots is not None:  # flat slots: rows must be contiguous runs of slots
+        assert ring.k.stride(0) == ring.k.shape[1] * ring.k.stride(1) and keep_slots.dtype == torch.int64
     if q_plain is None or k_new is None or v_new is None:
         raise ValueError("decode_attention(ring=...) needs q_plain, k_new and v_new (raw bf16) for the bf16 keys")
     assert q_plain.dtype == k_new.dtype == v_new.dtype == torch.bfloat16
     assert q_plain.stride(-1) == 1 and k_new.stride(-1) == 1 and v_new.stride(-1) == 1
     shift = fmt.k_center and k_mean is not None  # as in write_kv: no mean, nothing was subtracted
     mean = k_mean.float().contiguous() if shift else unused
-    return ([q_plain, k_new, v_new, ring.k, ring.v, ring.rows, ring.lens, ring.ends, mean, q_plain.stride(0),
-             q_plain.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), *ring.strides()],
-            dict(WINDOW=True, W=ring.window, BLOCK_W=min(64, max(16, triton.next_power_of_2(ring.window + 1))),
-                 SHIFT=shift))
+    rows = ring.sink_slots + ring.window + 1  # and the new token
+    return ([q_plain, k_new, v_new, ring.k, ring.v, ring.rows, ring.lens, ring.ends, ring.int4_starts(), mean,
+             ring.rows if keep_slots is None else keep_slots, q_plain.stride(0), q_plain.stride(1), k_new.stride(0),
+             k_new.stride(1), v_new.stride(0), v_new.stride(1), *ring.strides()],
+            dict(WINDOW=True, S=ring.sink_slots, W=ring.window,
+                 BLOCK_W=min(64, max(16, triton.next_power_of_2(rows))), SHIFT=shift, KEEP=keep_slots is not None))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_params: torch.Tensor | None,
@@ -358,7 +370,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_stages: int | None = None, q_rotated: bool = False, maxnreg: int | None = None,
                      impl: str | None = None, ring: Ring | None = None, q_plain: torch.Tensor | None = None,
                      k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
-                     k_mean: torch.Tensor | None = None) -> torch.Tensor:
+                     k_mean: torch.Tensor | None = None, keep_slots: torch.Tensor | None = None) -> torch.Tensor:
     """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
 
     q_rotated: q (bf16 or fp32) is already R q for a rotated format (write_kv(q=...)), so the
@@ -372,10 +384,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_splits: splits per (request, KV head) of the bf16 and tile kernels (default from the shapes and
     max_context, which defaults to page_table width * page_size); for the warp kernel, programs per
     (request, KV head) (default: one per warp slot of the GPU, whatever the batch).
-    ring (fmt.window): seq_lens[b] is the INT4 length P - ring.lens[b]; the query also attends to the valid
-    ring slots and to the new token itself (k_new, v_new [B, Hkv, D]), raw bf16 rows met by q_plain (the raw
+    ring (fmt.window): seq_lens[b] is the INT4 length P - ring.lens[b], read from ring.sinks[b] on (with sinks);
+    the query also attends to the valid ring slots (sinks and window) and to the new token itself (k_new, v_new [B, Hkv, D]), raw bf16 rows met by q_plain (the raw
     bf16 query [B, Hq, D]); k_mean (the one write_kv used) puts their scores in the INT4 ones' space.
-    k_new, v_new and q_plain may be strided views.
+    k_new, v_new and q_plain may be strided views. keep_slots (int64 [B], flat ring slots as write_window
+    takes them): the same launch then stores each new token there, after reading the ring.
     No host reads of seq_lens: the grid depends on shapes only, so a CUDA graph captured for a batch
     size replays for any lengths; the split workspaces are allocated here (from the graph pool when
     capturing). Run it once outside a capture first (Triton compiles, Hadamard matrix is uploaded).
@@ -388,7 +401,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device=q.device)
     window = ring is not None
-    win_args, win_consts = _window_args(ring, q_plain, k_new, v_new, k_mean, fmt, out)
+    win_args, win_consts = _window_args(ring, q_plain, k_new, v_new, k_mean, keep_slots, fmt, out)
+    starts = ring.sinks if ring is not None else None  # INT4 reads begin after the bf16 sinks
     quant = fmt.quantized
     warp_fits = (not INTERPRET and q.is_cuda and warp_kernel_fits(page_size, d, group, bsz)
                  and (q_rotated or not fmt.rotated))
@@ -410,7 +424,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         # the kernel combines each pair's pieces itself, unless the output must be rotated back or a window joins
         combine = not (fmt.rotate_v or window)
         po, pl, meta = launch_warp_decode(q, k_cache, v_cache, kp, vp, s_ps, s_ph, page_table, seq_lens, page_size,
-                                          sm_scale * LOG2E, out, combine, programs, gp, maxnreg)
+                                          sm_scale * LOG2E, out, combine, programs, gp, maxnreg, starts)
         partials = 1 if combine else MAX_PIECES  # at most, per pair; the kernel records each one's count
     else:
         if num_splits is None:
@@ -425,11 +439,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                    v_cache.stride(1))
         if quant:
             decode_int4_kernel[grid](
-                q, k_cache, v_cache, kp, vp, page_table, seq_lens, hmat, out, po, pl, *strides, s_ps, s_ph,
+                q, k_cache, v_cache, kp, vp, page_table, seq_lens, seq_lens if starts is None else starts, hmat, out,
+                po, pl, *strides, s_ps, s_ph,
                 page_table.stride(0), out.stride(0), out.stride(1), sm_scale * LOG2E, inv,
                 HQ=hq, G=group, GP=gp, D=d, PAGE=page_size, ROT_Q=fmt.rotated and not q_rotated,
                 ROT_V=fmt.rotate_v, FULL=full, SPLITS=num_splits, FINAL=final, BLOCK_N=block_n,
-                num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+                START=starts is not None, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
         else:
             _decode_bf16_kernel[grid](
                 q, k_cache, v_cache, page_table, seq_lens, out, po, pl, *strides, page_table.stride(0),

@@ -76,13 +76,14 @@ def _load_rows(c_ptr, p_ptr, slot, h, s_cs, s_ch, s_ps, s_ph, c, nm):
 
 @triton.jit
 def decode_int4_kernel(
-    q_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, len_ptr, h_ptr, out_ptr, po_ptr, pl_ptr,
+    q_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, len_ptr, start_ptr, h_ptr, out_ptr, po_ptr, pl_ptr,
     s_qb, s_qh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, s_ptb, s_ob, s_oh,
     qk_scale, inv_sqrt_b,
     HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, SPLITS: tl.constexpr, FINAL: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, START: tl.constexpr,
 ):
+    # START: request b's tokens below start_ptr[b] (its bf16 sinks) are not read here
     D2: tl.constexpr = D // 2
     OFF: tl.constexpr = 1024.0
     b = tl.program_id(0)
@@ -106,6 +107,7 @@ def decode_int4_kernel(
     qt_hi = tl.trans(qf_hi)
 
     start, end = split_bounds(len_ptr, b, sp, SPLITS, BLOCK_N)
+    first = tl.load(start_ptr + b) if START else 0
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_rows = tl.zeros([BLOCK_N, GP], tl.float32)  # sum p, sum fp16(p s_v), sum p lo_v, per tile row
     ps_rows = tl.zeros([BLOCK_N, GP], tl.float32)
@@ -115,7 +117,7 @@ def decode_int4_kernel(
     pt_row = pt_ptr + b.to(tl.int64) * s_ptb
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
-        nm = pos < end
+        nm = (pos < end) & (pos >= first)
         slot = page_slots(pt_row, pos, nm, PAGE)
         k_lo, k_hi, k_s, k_m = _load_rows(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm)
         qc = mma(k_hi, qt_hi, mma(k_lo, qt_lo))  # [N, GP]: r (q . c) + 1024 sum(fp16 q)

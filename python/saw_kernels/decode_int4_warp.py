@@ -227,11 +227,12 @@ def _combine_pieces(po_ptr, pl_ptr, out_ptr, first_block, pieces, b, kh, s_ob, s
 
 @gluon.jit
 def decode_int4_warp_kernel(
-    q_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, len_ptr, po_ptr, pl_ptr, meta_ptr, cnt_ptr, out_ptr, B, s_qb, s_qh,
+    q_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, len_ptr, start_ptr, po_ptr, pl_ptr, meta_ptr, cnt_ptr, out_ptr, B,
+    s_qb, s_qh,
     s_ptb, s_ob, s_oh, qk_scale, S_KCS: gl.constexpr, S_KCH: gl.constexpr, S_VCS: gl.constexpr, S_VCH: gl.constexpr,
     S_PS: gl.constexpr, S_PH: gl.constexpr, HQ: gl.constexpr, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr,
     PAGE: gl.constexpr, STEP: gl.constexpr, MIN_STEPS: gl.constexpr, MAX_PIECES: gl.constexpr, BP: gl.constexpr,
-    COMBINE: gl.constexpr, mma: gl.constexpr, lay_k3: gl.constexpr, lay_v3: gl.constexpr, lay_vw: gl.constexpr,
+    COMBINE: gl.constexpr, START: gl.constexpr, mma: gl.constexpr, lay_k3: gl.constexpr, lay_v3: gl.constexpr, lay_vw: gl.constexpr,
     lay_q: gl.constexpr, lay_b: gl.constexpr, lay_o: gl.constexpr, lay_s: gl.constexpr, sh_k: gl.constexpr,
     sh_v: gl.constexpr,
 ):
@@ -303,6 +304,9 @@ def decode_int4_warp_kernel(
         seg = gl.minimum(pair_steps - n0 // STEP, o_end - o)
         qt_lo, qt_hi, inv_r, q_off, q_sum = _query_operands(q_ptr, b, kh, s_qb, s_qh, qk_scale, G, GP, D2, mma,
                                                             lay_q)
+        first_tok = 0  # with START, the pair's tokens below start_ptr[b] (its bf16 sinks) are not read here
+        if START:
+            first_tok = gl.load(start_ptr + b)
         m_i = gl.full([GP], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma))
         l_rows = gl.zeros([STEP, GP], gl.float32, layout=mma)  # sum p, sum fp16(p s_v), sum p lo_v per row
         ps_rows = gl.zeros([STEP, GP], gl.float32, layout=mma)
@@ -328,7 +332,7 @@ def decode_int4_warp_kernel(
             k_s = _half(kw, False) * qk_scale
             k_m = _half(kw, True)
             s = k_s[:, None] * (qc * inv_r[None, :] + q_off[None, :]) + k_m[:, None] * q_sum[None, :]
-            s = gl.where((tp < n - m0)[:, None], s, float("-inf"))
+            s = gl.where(((tp < n - m0) & (tp >= first_tok - m0))[:, None], s, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 0))
             if gl.max(m_new - m_i, 0) > LAZY:  # rescale only when a max grew by more than LAZY (log2)
                 alpha = gl.exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
@@ -490,10 +494,12 @@ def pair_counters(device: torch.device) -> torch.Tensor:
 def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kp: torch.Tensor,
                        vp: torch.Tensor, s_ps: int, s_ph: int, page_table: torch.Tensor, seq_lens: torch.Tensor,
                        page_size: int, qk_scale: float, out: torch.Tensor, combine: bool, programs: int,
-                       group_rows: int, maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       group_rows: int, maxnreg: int | None = None, starts: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention of q [B, Hq, D] (plain, or already rotated) over uint8 pages [slots, Hkv, D/2] (read as int32
-    words) and (scale, lo) words kp / vp, from `programs` warps. With combine, each pair's last piece writes
-    out; otherwise the pieces are left in the returned workspace (warp_workspace) for _reduce_kernel."""
+    words) and (scale, lo) words kp / vp, from `programs` warps, request b over tokens [starts[b], seq_lens[b])
+    (from 0 without starts). With combine, each pair's last piece writes out; otherwise the pieces are left in
+    the returned workspace (warp_workspace) for _reduce_kernel."""
     bsz, hq, d = q.shape
     hkv = k_cache.shape[1]
     assert hkv <= MAX_KV_HEADS
@@ -501,11 +507,12 @@ def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     po, pl, meta = workspace = warp_workspace(bsz, hq, hq // hkv, d, programs, q.device)
     batch_pad = max(32, 1 << (bsz - 1).bit_length())
     compiled = decode_int4_warp_kernel[(programs,)](
-        q, kw, vw, kp, vp, page_table, seq_lens, po, pl, meta, pair_counters(q.device), out, bsz, q.stride(0),
+        q, kw, vw, kp, vp, page_table, seq_lens, seq_lens if starts is None else starts, po, pl, meta,
+        pair_counters(q.device), out, bsz, q.stride(0),
         q.stride(1), page_table.stride(0), out.stride(0), out.stride(1), qk_scale, S_KCS=kw.stride(0),
         S_KCH=kw.stride(1), S_VCS=vw.stride(0), S_VCH=vw.stride(1), S_PS=s_ps, S_PH=s_ph, HQ=hq, G=hq // hkv,
         GP=group_rows, D=d, PAGE=page_size, STEP=STEP, MIN_STEPS=MIN_STEPS, MAX_PIECES=MAX_PIECES, BP=batch_pad,
-        COMBINE=combine, **warp_layouts(STEP, d, batch_pad), num_warps=1, maxnreg=maxnreg)
+        COMBINE=combine, START=starts is not None, **warp_layouts(STEP, d, batch_pad), num_warps=1, maxnreg=maxnreg)
     # each of an SM's 4 schedulers has 16k registers, given out in units of 256 per warp
     regs_per_warp = math.ceil(compiled.n_regs * 32 / 256) * 256
     _RESIDENT[(q.device.index, d, group_rows, maxnreg)] = min(32, 4 * (16384 // regs_per_warp))

@@ -62,12 +62,12 @@ def _new_tile(q_lo, q_hi, k_ptr, v_ptr, row0, n0, new_len, i, kh, s_kt, s_kh, s_
 @triton.jit
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, cu_ptr, pre_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, h_ptr, mean_ptr, out_ptr,
-    rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr,
+    rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, sinks_ptr,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_kcs, s_kch, s_vcs, s_vch, s_ps, s_ph, s_ptb, s_ot, s_oh, s_rr, s_rs, s_rh,
     qk_scale, inv_sqrt_b,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
     ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, DEQ: tl.constexpr,
-    PREFIX: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFIX: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # A program serves BQ = BLOCK_M / GP queries times the GP (>= G, padded) heads of one KV head's
     # group, so each cached tile is loaded and dequantized once for the whole group.
@@ -94,7 +94,7 @@ def _extend_kernel(
     acc_lo = tl.zeros([BLOCK_M, D2], tl.float32)
     acc_hi = tl.zeros([BLOCK_M, D2], tl.float32)
 
-    # phase 1: cached prefix [0, prefix) from the pages. Without PREFIX (no request of the batch has one,
+    # phase 1: cached prefix [first, prefix) from the pages (first: the request's bf16 sinks). Without PREFIX (no request of the batch has one,
     # e.g. a prompt's first chunk) it is not compiled in: the new-token loop then gets the registers.
     prefix = tl.where(active & PREFIX, tl.load(pre_ptr + b), 0)
     if PREFIX and prefix > 0:
@@ -112,9 +112,10 @@ def _extend_kernel(
         rb_hi = r_hi.to(tl.bfloat16)
         r_sum = tl.sum(r_lo, 1) + tl.sum(r_hi, 1)
         pt_row = pt_ptr + b.to(tl.int64) * s_ptb
+        first = tl.load(sinks_ptr + b) if S > 0 else 0
         for n0 in range(0, prefix, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
-            nm = pos < prefix
+            nm = (pos < prefix) & (pos >= first)
             slot = page_slots(pt_row, pos, nm, PAGE)
             k_lo, k_hi, k_s, k_m = load_kv_block(kc_ptr, kp_ptr, slot, kh, s_kcs, s_kch, s_ps, s_ph, c, nm, QUANT, D2,
                                                  DEQ)
@@ -126,12 +127,16 @@ def _extend_kernel(
         if ROT_V:
             acc_lo, acc_hi = rotate_halves(acc_lo, acc_hi, hm, inv_sqrt_b, FULL, 2)
 
-    # the bf16 window (W > 0): the ring's valid slots, raw like the new tokens, before every query of the request
+    # the bf16 window (W > 0): the ring's valid slots (sinks, window), raw like the new tokens, before every query
+    # of the request
     if W > 0:
-        ring_end = tl.where(active & (tl.load(rlen_ptr + b) > 0), W, 0)
+        held = tl.load(rlen_ptr + b)
+        if S > 0:
+            held += tl.load(sinks_ptr + b)
+        ring_end = tl.where(active & (held > 0), S + W, 0)
         for j0 in range(0, ring_end, BLOCK_W):
-            k_lo, k_hi, v_lo, v_hi, valid = ring_tile(rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, b, kh,
-                                                      j0 + tl.arange(0, BLOCK_W), c, s_rr, s_rs, s_rh, W, D2)
+            k_lo, k_hi, v_lo, v_hi, valid = ring_tile(rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, sinks_ptr, b, kh,
+                                                      j0 + tl.arange(0, BLOCK_W), c, s_rr, s_rs, s_rh, S, W, D2)
             m_i, l_i, acc_lo, acc_hi = attend_block(
                 q_lo, q_hi, 0.0, _neg_zeros(BLOCK_M)[:, None], qk_scale, k_lo, k_hi, 0.0, 0.0, v_lo, v_hi, 0.0, 0.0,
                 valid[None, :], m_i, l_i, acc_lo, acc_hi, False, 1)
@@ -171,8 +176,9 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     are shifted by -q.mu, the raw ones are not; None = no centering, as in write_kv). max_new_len
     avoids a host read of cu_seqlens; max_prefix_len = 0 (no request has cached tokens in the pages)
     runs a kernel without the prefix phase.
-    ring (fmt.window): prefix_lens[b] is the INT4 length P - ring.lens[b] (P = ring.ends[b]); the queries also
-    attend to the ring's valid slots at bf16, between the prefix and the new tokens.
+    ring (fmt.window): prefix_lens[b] is the INT4 length P - ring.lens[b] (P = ring.ends[b]), read from
+    ring.sinks[b] on (with sinks); the queries also attend to the ring's valid slots (sinks, window) at bf16,
+    between the prefix and the new tokens.
     """
     tn, hq, d = q.shape
     hkv = k.shape[1]
@@ -199,10 +205,11 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if num_warps is None:
         num_warps = 4 if INTERPRET else 8
     if ring is None:
-        win, win_strides, w = [k_cache] * 5, (0, 0, 0), 0
+        win, win_strides, w, sinks = [k_cache] * 6, (0, 0, 0), 0, 0
     else:
-        ring.check(fmt.window)
-        win, win_strides, w = [ring.k, ring.v, ring.rows, ring.lens, ring.ends], ring.strides(), ring.window
+        ring.check(fmt.window, fmt.sinks)
+        win = [ring.k, ring.v, ring.rows, ring.lens, ring.ends, ring.int4_starts()]
+        win_strides, w, sinks = ring.strides(), ring.window, ring.sink_slots
     grid = (triton.cdiv(max(max_new_len, 1), block_m // gp), hkv, bsz)
     _extend_kernel[grid](
         q, k, v, cu_seqlens, prefix_lens, k_cache, v_cache, kp, vp, page_table, hmat, mean, out, *win,
@@ -211,8 +218,8 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         page_table.stride(0), out.stride(0), out.stride(1), *win_strides,
         sm_scale * LOG2E, inv,
         G=group, GP=gp, D=d, PAGE=page_size, QUANT=quant, ROT_Q=fmt.rotated, ROT_V=fmt.rotate_v, FULL=full,
-        CENTER=center, DEQ=deq, PREFIX=max_prefix_len != 0, W=w,
-        BLOCK_W=min(block_n, max(16, triton.next_power_of_2(w))), BLOCK_M=block_m, BLOCK_N=block_n,
+        CENTER=center, DEQ=deq, PREFIX=max_prefix_len != 0, S=sinks, W=w,
+        BLOCK_W=min(block_n, max(16, triton.next_power_of_2(sinks + w))), BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

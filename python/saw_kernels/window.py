@@ -1,10 +1,12 @@
-"""The bf16 window (formats.KVFormat.window = W): each request's last W tokens before a step, raw, in a ring.
+"""The bf16 window (formats.KVFormat.window = W, sinks = S): each request's first S tokens and its last W
+tokens before a step, raw, in a ring.
 
-A request owns one ring row of per-layer bf16 tensors [rows, W, Hkv, D]; slot p % W of its row holds
-position p as attention receives it (post-RoPE, with the model's K scale; not centered or rotated). Before a step whose
-new tokens start at position P = ends[b], the ring holds positions [P - lens[b], P): slot j is valid iff
-(P - 1 - j) mod W < lens[b]. The attention kernels read INT4 pages up to P - lens[b] (the INT4 length
-the engine passes), the valid slots at bf16, then the step's new tokens; `write_window` stores the
+A request owns one ring row of per-layer bf16 tensors [rows, S + W, Hkv, D] holding positions as attention
+receives them (post-RoPE, with the model's K scale; not centered or rotated): slot p < S holds sink p, slot
+S + p % W position p of the window. Before a step whose new tokens start at position P = ends[b], the row
+holds sinks [0, sinks[b]) and window positions [P - lens[b], P): window slot S + j is valid iff
+(P - 1 - j) mod W < lens[b]. The attention kernels read INT4 pages from sinks[b] up to P - lens[b] (the INT4
+length the engine passes), the valid slots at bf16, then the step's new tokens; `write_window` stores the
 step's tokens into the ring after its attention.
 """
 
@@ -26,15 +28,24 @@ class Ring:
     rows: torch.Tensor  # int32 [B]: each request's ring row
     lens: torch.Tensor  # int32 [B]: valid ring tokens before this step's new ones
     ends: torch.Tensor  # int32 [B]: P, the position of the step's first new token (= prefix_lens)
+    # int32 [B]: sink tokens held (positions 0 .. sinks[b] - 1, in slots 0 ..), not read from the INT4 pages;
+    # None without sink slots
+    sinks: torch.Tensor | None = None
+    sink_slots: int = 0  # S: the first S slots of each row hold the sinks, the other W the window
 
     @property
     def window(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[1] - self.sink_slots
 
-    def check(self, window: int) -> None:
-        """The ring must hold the format's window (a kernel constant)."""
-        if self.window != window:
-            raise ValueError(f"the ring holds {self.window} tokens, the format's window is {window}")
+    def check(self, window: int, sinks: int) -> None:
+        """The ring must hold the format's window and sinks (kernel constants)."""
+        if (self.window, self.sink_slots) != (window, sinks) or (sinks > 0) != (self.sinks is not None):
+            raise ValueError(f"the ring holds {self.sink_slots} sinks and a window of {self.window}, the format "
+                             f"{sinks} and {window}")
+
+    def int4_starts(self) -> torch.Tensor:
+        """Where each request's INT4 reads begin: after its sinks (rows stands in when there are none)."""
+        return self.rows if self.sinks is None else self.sinks
 
     def strides(self) -> tuple[int, int, int]:
         """(row, slot, head) strides, shared by k and v."""
@@ -43,14 +54,17 @@ class Ring:
 
 
 @triton.jit
-def ring_tile(rk_ptr, rv_ptr, rows_ptr, lens_ptr, ends_ptr, b, kh, j, c, s_rr, s_rs, s_rh, W: tl.constexpr,
-              D2: tl.constexpr):
+def ring_tile(rk_ptr, rv_ptr, rows_ptr, lens_ptr, ends_ptr, sinks_ptr, b, kh, j, c, s_rr, s_rs, s_rh,
+              S: tl.constexpr, W: tl.constexpr, D2: tl.constexpr):
     """Ring slots j of request b, head kh: K and V as bf16 halves [N, D/2] and which slots are valid.
     Invalid slots may hold anything (NaN included): they are never loaded, and read as 0."""
     lens = tl.load(lens_ptr + b)
     end = tl.load(ends_ptr + b)
-    # end - 1 - j >= -W for j < W, so adding W keeps the dividend, hence the modulo, non-negative
-    valid = (j < W) & ((end - 1 - j + W) % W < lens)
+    jw = j - S
+    # end - 1 - jw >= -W for jw < W, so adding W keeps the dividend, hence the modulo, non-negative
+    valid = (jw >= 0) & (jw < W) & ((end - 1 - jw + W) % W < lens)
+    if S > 0:
+        valid = valid | (j < tl.load(sinks_ptr + b))
     off = (tl.load(rows_ptr + b).to(tl.int64) * s_rr + j * s_rs + kh * s_rh)[:, None] + c[None, :]
     m = valid[:, None]
     return (tl.load(rk_ptr + off, mask=m, other=0.0), tl.load(rk_ptr + off + D2, mask=m, other=0.0),

@@ -36,6 +36,7 @@ class WorkerOptions:
     k_scale: bool | None = None  # None: default_kv_options
     k_scale_alpha: float = DEFAULT_K_SCALE_ALPHA
     window: int | None = None  # None: default_kv_options
+    sinks: int | None = None  # None: default_kv_options
     k_mean_file: str | None = None  # a saved calibration (calibration.load) instead of measuring one
     bf16_layers: frozenset[int] = frozenset()
     device: str = "auto"
@@ -77,9 +78,10 @@ def kv_format(opts: WorkerOptions, head_dim: int) -> KVFormat:
     def pick(given: bool | int | None, default: bool | int) -> bool | int:
         return default if given is None else given
 
+    window = int(pick(opts.window, d.window))
     return KVFormat.make(opts.kv, head_dim, opts.hadamard_order or d.hadamard_order, opts.rotate_v,
                          bool(pick(opts.k_center, d.k_center)), bool(pick(opts.k_scale, d.k_scale)),
-                         int(pick(opts.window, d.window)))
+                         window, int(pick(opts.sinks, d.sinks if window else 0)))  # --window 0: no sinks either
 
 
 def device_name(device: torch.device) -> str:

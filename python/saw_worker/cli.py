@@ -13,7 +13,7 @@ import threading
 
 from saw_worker.builder import WorkerOptions
 from saw_worker.engine.process import ProcessEngine
-from saw_worker.kv.formats import DEFAULT_WINDOW, HADAMARD_ORDERS, KV_FORMATS
+from saw_worker.kv.formats import DEFAULT_SINKS, DEFAULT_WINDOW, HADAMARD_ORDERS, KV_FORMATS
 from saw_worker.loader import ModelLoadError
 
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -67,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None, metavar="W",
                    help=f"attend the W tokens before each step's new ones at bf16 from a per-request window "
                         f"(default: {DEFAULT_WINDOW} for int4 and int4-bdr; 0 = off)")
+    p.add_argument("--sinks", type=int, default=None, metavar="S",
+                   help=f"attend each request's first S tokens at bf16 from its window's ring (default: "
+                        f"{DEFAULT_SINKS} for int4 and int4-bdr; 0 = off; a prefix-cache hit reads them from INT4)")
     p.add_argument("--bf16-layers", type=_layer_list, default=frozenset(), metavar="I,J,...",
                    help="layers whose K/V stay bf16 whatever --kv is (e.g. 0,1: Qwen2's first layers quantize "
                         "worst, docs/accuracy.md)")
@@ -114,6 +117,7 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> WorkerOp
     return WorkerOptions(
         model=args.model, load_format=args.load_format, kv=kv, hadamard_order=order, rotate_v=rotate_v,
         k_center=args.k_center, k_scale=args.k_scale, k_scale_alpha=args.k_scale_alpha, window=args.window,
+        sinks=args.sinks,
         k_mean_file=args.k_mean_file, bf16_layers=args.bf16_layers, device=args.device,
         mem_fraction=args.mem_fraction,
         kv_cache_memory=args.kv_cache_memory, page_size=args.page_size,

@@ -190,7 +190,7 @@ async fn models_health_metrics() {
     let (status, text) = call(&s, "GET", "/metrics", None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(text.contains("saw_requests_total{endpoint=\"/v1/models\",status=\"200\"} 1"), "{text}");
-    let format = "format=\"int4-bdr:b32+center+scale+w32\"";
+    let format = "format=\"int4-bdr:b32+center+scale+s4+w16\"";
     assert!(
         text.contains(&format!("saw_worker_kv_bytes{{{format},per=\"token\",worker=\"0\"}} 4320")),
         "{text}"

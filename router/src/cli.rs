@@ -49,10 +49,14 @@ pub struct Args {
     /// and int4-bdr). `--k-scale false` turns it off.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub k_scale: Option<bool>,
-    /// Tokens before each step's new ones attended at bf16 from a per-request window (worker default: 32
+    /// Tokens before each step's new ones attended at bf16 from a per-request window (worker default: 16
     /// for int4 and int4-bdr; 0 turns it off).
     #[arg(long, value_name = "W")]
     pub window: Option<u32>,
+    /// Each request's first tokens attended at bf16 from its window's ring (worker default: 4 for int4
+    /// and int4-bdr; 0 turns them off).
+    #[arg(long, value_name = "S")]
+    pub sinks: Option<u32>,
     /// Layers whose K/V stay bf16 whatever --kv is, e.g. 0,1 (passed to workers).
     #[arg(long, value_name = "I,J,...")]
     pub bf16_layers: Option<String>,
@@ -182,6 +186,7 @@ impl Args {
         push_switch(&mut flags, "k-scale", self.k_scale);
         let passthrough = [
             ("--window", self.window.map(|w| w.to_string())),
+            ("--sinks", self.sinks.map(|s| s.to_string())),
             ("--bf16-layers", self.bf16_layers.clone()),
             ("--load-format", self.load_format.clone()),
             ("--mem-fraction", self.mem_fraction.map(|f| f.to_string())),

@@ -210,7 +210,7 @@ pub(crate) mod tests {
             eos_token: "</s>".into(),
             eos_token_ids: vec![2],
             context_length: 64,
-            kv_format: "int4-bdr:b32+center+scale+w32".into(),
+            kv_format: "int4-bdr:b32+center+scale+s4+w16".into(),
             kv_capacity_tokens: 1000,
             page_size: 16,
             vocab_size: 23,

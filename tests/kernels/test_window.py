@@ -1,6 +1,6 @@
-"""The bf16 window in attention: decode and extend over INT4 pages + ring + new tokens, against a float64
-reference in the model's space (INT4 rows dequantized and taken back to raw K, V; ring and new tokens raw),
-and write_window."""
+"""The bf16 window and sinks in attention: decode and extend over INT4 pages + ring + new tokens, against a
+float64 reference in the model's space (INT4 rows dequantized and taken back to raw K, V; ring and new tokens
+raw), and write_window."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ EXTEND_TOL = 1.5e-2  # as test_extend.py
 
 @dataclass
 class Scenario:
-    """Requests with P cached tokens (the ring holding the last lens of them) and `new` tokens this step.
+    """Requests with P cached tokens (the ring holding the first sinks and the last lens of them) and `new`
+    tokens this step.
 
     Every token, new ones included, is in the INT4 pages (written by write_kv, as the engine does); k, v hold
     each request's raw rows at rows off[b] + position."""
@@ -38,6 +39,7 @@ class Scenario:
     fmt: KVFormat
     P: list[int]
     lens: list[int]
+    sinks: list[int]
     new: list[int]
     off: list[int]
     k: torch.Tensor
@@ -50,8 +52,10 @@ class Scenario:
 
 def scenario(fmt: KVFormat, page_size: int, P: list[int], lens: list[int], new: list[int], hkv: int,
              gen: torch.Generator) -> Scenario:
-    d, w = fmt.head_dim, fmt.window
+    """Sinks held: as many of the format's as fit below the window (min(S, P - lens))."""
+    d, w, n_sinks = fmt.head_dim, fmt.window, fmt.sinks
     assert w > 0
+    sinks = [min(n_sinks, p - n) for p, n in zip(P, lens, strict=True)]
     total = [p + n for p, n in zip(P, new, strict=True)]
     off = [sum(total[:b]) for b in range(len(total))]
     paged = make_pages(total, page_size, gen)
@@ -61,28 +65,39 @@ def scenario(fmt: KVFormat, page_size: int, P: list[int], lens: list[int], new: 
     slots = torch.cat([paged.slots(b, torch.arange(n, device=DEV)) for b, n in enumerate(total)])
     write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean)
     # a spare row, rows out of order; unused slots poisoned with NaN and inf (they must never be read)
-    ring_k = torch.full((len(P) + 1, w, hkv, d), float("nan"), dtype=torch.bfloat16, device=DEV)
+    ring_k = torch.full((len(P) + 1, n_sinks + w, hkv, d), float("nan"), dtype=torch.bfloat16, device=DEV)
     ring_k[:, ::3] = float("inf")
     ring_v = ring_k.clone()
     rows = torch.randperm(len(P) + 1, generator=gen)[: len(P)]
     for b, (p, n) in enumerate(zip(P, lens, strict=True)):
         assert n <= min(p, w)
-        pos = torch.arange(p - n, p)
-        ring_k[rows[b], pos % w] = k[off[b] + pos]
-        ring_v[rows[b], pos % w] = v[off[b] + pos]
+        fill_ring(ring_k, ring_v, int(rows[b]), k, v, off[b], sinks[b], range(p - n, p), n_sinks)
     as_int32 = dict(dtype=torch.int32, device=DEV)
-    ring = Ring(ring_k, ring_v, rows.to(**as_int32), torch.tensor(lens, **as_int32), torch.tensor(P, **as_int32))
-    return Scenario(fmt, P, lens, new, off, k, v, cache, paged, k_mean, ring)
+    ring = Ring(ring_k, ring_v, rows.to(**as_int32), torch.tensor(lens, **as_int32), torch.tensor(P, **as_int32),
+                torch.tensor(sinks, **as_int32) if n_sinks else None, n_sinks)
+    return Scenario(fmt, P, lens, sinks, new, off, k, v, cache, paged, k_mean, ring)
+
+
+def fill_ring(ring_k: torch.Tensor, ring_v: torch.Tensor, row: int, k: torch.Tensor, v: torch.Tensor, off: int,
+              sinks: int, window: range, n_sinks: int) -> None:
+    """Row `row` holds positions 0 .. sinks - 1 in its sink slots and `window` in slots S + p % W."""
+    w = ring_k.shape[1] - n_sinks
+    win = torch.tensor(list(window), dtype=torch.long)
+    for slots, pos in ((torch.arange(sinks), torch.arange(sinks)), (n_sinks + win % w, win)):
+        ring_k[row, slots] = k[off + pos]
+        ring_v[row, slots] = v[off + pos]
 
 
 def reference(sc: Scenario, q: torch.Tensor, int4_lens: list[int], sm_scale: float) -> torch.Tensor:
-    """Query i of request b (position P + i) over positions <= its own: INT4 rows below int4_lens[b], raw after."""
+    """Query i of request b (position P + i) over positions <= its own: raw sinks, INT4 rows up to int4_lens[b],
+    raw after."""
     out, row = [], 0
     for b, (p, n, n4) in enumerate(zip(sc.P, sc.new, int4_lens, strict=True)):
-        keys, values = raw_rows(sc.cache, sc.paged.slots(b, torch.arange(n4, device=DEV)), sc.fmt, sc.k_mean)
-        raw = slice(sc.off[b] + n4, sc.off[b] + p + n)
-        keys = torch.cat([keys, sc.k[raw].double()])
-        values = torch.cat([values, sc.v[raw].double()])
+        s = sc.sinks[b]
+        keys, values = raw_rows(sc.cache, sc.paged.slots(b, torch.arange(s, n4, device=DEV)), sc.fmt, sc.k_mean)
+        sink, raw = slice(sc.off[b], sc.off[b] + s), slice(sc.off[b] + n4, sc.off[b] + p + n)
+        keys = torch.cat([sc.k[sink].double(), keys, sc.k[raw].double()])
+        values = torch.cat([sc.v[sink].double(), values, sc.v[raw].double()])
         mask = torch.arange(p + n, device=DEV)[None, :] <= p + torch.arange(n, device=DEV)[:, None]
         out.append(attention_ref(q[row:row + n], keys, values, sm_scale, mask))
         row += n
@@ -105,10 +120,18 @@ def run_decode(fmt: KVFormat, group: int, page_size: int, P: list[int], lens: li
     new = torch.stack([sc.k[[o + p for o, p in zip(sc.off, P, strict=True)]],
                        sc.v[[o + p for o, p in zip(sc.off, P, strict=True)]]], 1)  # strided k_new, v_new views
     out = torch.full_like(q, float("nan"))
+    # the launch also keeps each new token in its window slot, as the engine asks
+    keep = (sc.ring.rows.long() * sc.ring.k.shape[1] + fmt.sinks + torch.tensor(P, device=DEV) % fmt.window)
+    ring_before = sc.ring.k.clone(), sc.ring.v.clone()
     decode_attention(encode_q(q, fmt), sc.cache.k, sc.cache.v, sc.cache.kp, sc.cache.vp, sc.paged.page_table,
                      torch.tensor(int4_lens, dtype=torch.int32, device=DEV), page_size, fmt, default_scale(d), out=out,
                      num_splits=splits, q_rotated=fmt.rotated, k_mean=sc.k_mean, ring=sc.ring, q_plain=q,
-                     k_new=new[:, 0], v_new=new[:, 1], **kw)
+                     k_new=new[:, 0], v_new=new[:, 1], keep_slots=keep, **kw)
+    for ring, before, x in zip((sc.ring.k, sc.ring.v), ring_before, (new[:, 0], new[:, 1]), strict=True):
+        flat, flat_before = ring.view(-1, *ring.shape[2:]), before.view(-1, *ring.shape[2:])
+        assert torch.equal(flat[keep], x)
+        flat_before[keep] = x
+        assert torch.equal(flat.isnan(), flat_before.isnan()) and torch.equal(flat.nan_to_num(), flat_before.nan_to_num())
     return rel_err_finite(out, reference(sc, q, int4_lens, default_scale(d)))
 
 
@@ -134,13 +157,14 @@ def fmt_id(f: KVFormat) -> str:
 
 
 # (format, query group, page size, P, ring lens, splits). Requests: 1 token (P = 0), the ring alone (INT4
-# length 0), lens 0 (a prefix-cache hit), lens < W with a wrapped ring, lens = W with P - lens not a multiple of
-# W, INT4 lengths across pages; W 1, 16, 32, 64.
+# length 0), lens 0 (a prefix-cache hit, or sinks alone), lens < W with a wrapped ring, lens = W with P - lens
+# not a multiple of W, INT4 lengths across pages, some sinks held (P - lens < S); W 1, 16, 32, 64; S 0, 1, 4, 5.
 DECODE_CASES = [
-    (KVFormat("int4", 64, k_center=True, window=16), 2, 16, [0, 1, 5, 40, 23, 16], [0, 1, 0, 16, 9, 16], None),
+    (KVFormat("int4", 64, k_center=True, window=16, sinks=4), 2, 16, [0, 1, 5, 40, 23, 16, 6], [0, 1, 0, 16, 9, 16, 3],
+     None),
     (KVFormat("int4-bdr", 128, 64, rotate_v=True, k_center=True, window=32), 4, 16, [70, 33, 31], [32, 20, 31], 3),
-    (KVFormat("int4-bdr", 64, 16, window=1), 8, 32, [50, 1, 17], [1, 1, 0], 1),
-    (KVFormat("int4-bdr", 128, 128, rotate_v=True, k_center=True, window=64), 1, 64, [100, 64], [64, 50], 2),
+    (KVFormat("int4-bdr", 64, 16, window=1, sinks=1), 8, 32, [50, 1, 17], [1, 1, 0], 1),
+    (KVFormat("int4-bdr", 128, 128, rotate_v=True, k_center=True, window=64, sinks=5), 1, 64, [100, 64], [64, 50], 2),
     (KVFormat("int4", 128, window=16), 7, 16, [20, 3], [16, 3], None),
 ]
 
@@ -153,9 +177,10 @@ def test_decode_window(case: tuple) -> None:
 # (format, query group, page size, P, ring lens, new): a first chunk (P = 0) next to prefixed requests, INT4
 # length 0, wrapped rings, lens = W, 1-token steps.
 EXTEND_CASES = [
-    (KVFormat("int4", 64, k_center=True, window=16), 2, 16, [0, 20, 7, 33], [0, 16, 7, 10], [5, 3, 1, 17]),
+    (KVFormat("int4", 64, k_center=True, window=16, sinks=4), 2, 16, [0, 20, 7, 33, 6], [0, 16, 7, 10, 4],
+     [5, 3, 1, 17, 2]),
     (KVFormat("int4-bdr", 128, 64, rotate_v=True, k_center=True, window=32), 4, 32, [45, 31], [32, 31], [2, 18]),
-    (KVFormat("int4-bdr", 64, 16, window=1), 8, 16, [9, 1], [1, 1], [4, 1]),
+    (KVFormat("int4-bdr", 64, 16, window=1, sinks=1), 8, 16, [9, 1], [1, 1], [4, 1]),
     (KVFormat("int4-bdr", 128, 128, rotate_v=True, k_center=True, window=64), 1, 64, [70], [40], [20]),
 ]
 
@@ -187,11 +212,11 @@ def test_write_window() -> None:
 
 
 # GPU: the warp kernel (pieces left to the reduce, which adds the window) at page sizes 16..64, GQA 1..8, and
-# full shapes with the engine's default options as the kernels see them (k_center, window 32; the K scale is
-# applied to q and k before these kernels).
+# full shapes with the engine's default options as the kernels see them (k_center, window 16, 4 sinks; the K
+# scale is applied to q and k before these kernels).
 WARP_CASES = [c for c in DECODE_CASES if c[2] >= 16]
-DEFAULT_FMTS = [KVFormat("int4-bdr", 128, 128, k_center=True, window=32),
-                KVFormat("int4", 128, k_center=True, window=32)]
+DEFAULT_FMTS = [KVFormat("int4-bdr", 128, 128, k_center=True, window=16, sinks=4),
+                KVFormat("int4", 128, k_center=True, window=16, sinks=4)]
 
 
 @pytest.mark.gpu
@@ -206,24 +231,25 @@ def test_warp_decode_window(case: tuple) -> None:
 @pytest.mark.parametrize("fmt", DEFAULT_FMTS, ids=fmt_id)
 @pytest.mark.parametrize("impl", ["tile", "warp"])
 def test_decode_window_full_shape(fmt: KVFormat, impl: str) -> None:
-    assert run_decode(fmt, 4, 16, [4096, 2000, 31, 777], [32, 32, 31, 5], None, hkv=8, seed=1, impl=impl) \
+    assert run_decode(fmt, 4, 16, [4096, 2000, 31, 777], [16, 16, 14, 5], None, hkv=8, seed=1, impl=impl) \
         < DECODE_TOL
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", DEFAULT_FMTS, ids=fmt_id)
 def test_extend_window_full_shape(fmt: KVFormat) -> None:
-    assert run_extend(fmt, 4, 16, [1000, 513, 0, 40], [32, 32, 0, 20], [300, 77, 129, 1], hkv=8, seed=1) \
+    assert run_extend(fmt, 4, 16, [1000, 513, 0, 40], [16, 16, 0, 14], [300, 77, 129, 1], hkv=8, seed=1) \
         < EXTEND_TOL
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["tile", "warp"])
 def test_decode_window_cuda_graph_replays_new_lengths(impl: str) -> None:
-    """Captured once, replayed with other INT4 lengths, ring lengths and ring ends."""
+    """Captured once, replayed with other INT4 lengths, ring lengths, sinks held and ring ends."""
     fmt, hkv, group, ps = DEFAULT_FMTS[0], 8, 4, 16
     gen = torch.Generator().manual_seed(3)
-    sc = scenario(fmt, ps, [1024, 1024], [32, 32], [1, 1], hkv, gen)
+    sc = scenario(fmt, ps, [1024, 1024], [16, 16], [1, 1], hkv, gen)
+    assert sc.ring.sinks is not None
     q = (torch.randn(2, hkv * group, 128, generator=gen) * 0.5).to(DEV, torch.bfloat16)
     q_enc = encode_q(q, fmt)
     k_new = torch.empty(2, hkv, 128, dtype=torch.bfloat16, device=DEV)
@@ -241,17 +267,16 @@ def test_decode_window_cuda_graph_replays_new_lengths(impl: str) -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    for P, lens in (([40, 1023], [32, 7]), ([1, 32], [1, 32]), ([1000, 500], [0, 31])):
-        sc.P[:] = P
-        sc.lens[:] = lens
+    for P, lens, sinks in (([40, 1023], [16, 7], [4, 4]), ([1, 20], [0, 16], [1, 4]), ([1000, 500], [0, 15], [0, 2])):
+        sc.P[:], sc.lens[:], sc.sinks[:] = P, lens, sinks
         # the ring and the new tokens of the new P, lens, from the scenario's rows (all 1025 positions are in the pages)
         for b, (p, n) in enumerate(zip(P, lens, strict=True)):
-            pos = torch.arange(p - n, p)
-            sc.ring.k[sc.ring.rows[b], pos % 32] = sc.k[sc.off[b] + pos]
-            sc.ring.v[sc.ring.rows[b], pos % 32] = sc.v[sc.off[b] + pos]
+            fill_ring(sc.ring.k, sc.ring.v, int(sc.ring.rows[b]), sc.k, sc.v, sc.off[b], sinks[b], range(p - n, p),
+                      fmt.sinks)
             k_new[b], v_new[b] = sc.k[sc.off[b] + p], sc.v[sc.off[b] + p]
         sc.ring.lens.copy_(torch.tensor(lens, dtype=torch.int32))
         sc.ring.ends.copy_(torch.tensor(P, dtype=torch.int32))
+        sc.ring.sinks.copy_(torch.tensor(sinks, dtype=torch.int32))
         int4_lens = [p - n for p, n in zip(P, lens, strict=True)]
         seq_lens.copy_(torch.tensor(int4_lens, dtype=torch.int32))
         out.fill_(float("nan"))

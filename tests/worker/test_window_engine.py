@@ -1,4 +1,5 @@
-"""The bf16 window (--window): what each step attends to, ring rows in the scheduler, whole engine."""
+"""The bf16 window and sinks (--window, --sinks): what each step attends to, ring rows in the scheduler, whole
+engine."""
 
 from __future__ import annotations
 
@@ -37,18 +38,21 @@ def expected(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sm_scale
     return torch.einsum("hql,lhd->qhd", torch.softmax(scores, -1), vv)
 
 
-@pytest.mark.parametrize("window,page,chunks", [
-    (4, 4, [1] * 15),  # decode steps only: the ring wraps every 4 tokens
-    (6, 4, [9, 1, 1, 5, 1, 1, 1]),  # chunked prefill longer than the window, then decode
-    (16, 4, [3, 3, 1, 1]),  # the window never fills
+@pytest.mark.parametrize("window,sinks,page,chunks", [
+    (4, 0, 4, [1] * 15),  # decode steps only: the ring wraps every 4 tokens
+    (6, 0, 4, [9, 1, 1, 5, 1, 1, 1]),  # chunked prefill longer than the window, then decode
+    (16, 0, 4, [3, 3, 1, 1]),  # the window never fills
+    (4, 2, 4, [1] * 15),  # sinks from the first decode steps on
+    (6, 4, 4, [9, 1, 1, 5, 1, 1, 1]),  # sinks from a prefill chunk longer than sinks + window
+    (3, 5, 4, [2, 1, 1, 3, 1, 1, 1]),  # more sinks than the first chunks hold
 ])
-def test_each_step_attends_its_window_at_bf16_and_older_tokens_from_int4(window: int, page: int,
-                                                                       chunks: list[int]) -> None:
-    """Step by step through the attention the models call: positions [P - W, P + n) at bf16 (ring, then
-    the step's own tokens), older ones as the INT4 pages store them."""
+def test_each_step_attends_its_window_and_sinks_at_bf16_and_the_rest_from_int4(window: int, sinks: int, page: int,
+                                                                              chunks: list[int]) -> None:
+    """Step by step through the attention the models call: the first S positions and positions [P - W, P + n)
+    at bf16 (ring, then the step's own tokens), the ones between as the INT4 pages store them."""
     torch.manual_seed(0)
     d, hq, hkv = 64, 6, 2
-    fmt = KVFormat.make("int4-bdr", d, 32, k_center=True, window=window)
+    fmt = KVFormat.make("int4-bdr", d, 32, k_center=True, window=window, sinks=sinks)
     pool = KVPool(fmt, 1, hkv, num_pages=16, page_size=page, device=torch.device("cpu"), window_rows=2)
     pool.k_mean = torch.randn(1, hkv, d)
     attention = PagedAttention(pool, 1 / math.sqrt(d), use_kernels=False)
@@ -63,13 +67,15 @@ def test_each_step_attends_its_window_at_bf16_and_older_tokens_from_int4(window:
     for n in chunks:
         end = start + n
         h = host_batch(Batch([Chunk(seq, start, end)], is_decode=False), pool)
-        assert h.window_lens == [min(window, start)] and h.quant_lens == [start - min(window, start)]
+        held = min(sinks, start)
+        bf16_from = start - min(window, start - held)
+        assert (h.window_sinks, h.window_lens, h.quant_lens) == ([held], [start - bf16_from], [bf16_from])
         attention.layout = layout_of(h, pool)
         q = torch.randn(n, hq, d)
         out = attention(0, q, keys[start:end], values[start:end])
-        bf16_from = max(start - window, 0)
-        k_src = torch.cat([k_hat[:bf16_from], keys[bf16_from:end].bfloat16().float()])
-        v_src = torch.cat([v_hat[:bf16_from], values[bf16_from:end].bfloat16().float()])
+        k_src = torch.cat([keys[:held].bfloat16().float(), k_hat[held:bf16_from], keys[bf16_from:end].bfloat16().float()])
+        v_src = torch.cat([values[:held].bfloat16().float(), v_hat[held:bf16_from],
+                           values[bf16_from:end].bfloat16().float()])
         want = expected(q, k_src, v_src, 1 / math.sqrt(d))
         assert (out.double() - want).abs().max() < 1e-4, (start, end)
         start = end
@@ -84,7 +90,8 @@ def layout_of(h: HostBatch, pool: KVPool) -> StepLayout:
         slots=t(h.slots, torch.int64), cu_seqlens=t(h.cu), seq_lens=t(h.seq_lens), prefix_lens=t(h.prefix_lens),
         page_table=t([p + [0] * (width - len(p)) for p in h.tables]), is_decode=False,
         max_new_len=max(b - a for a, b in zip(h.cu, h.cu[1:], strict=False)), max_prefix_len=max(h.prefix_lens),
-        window=WindowLayout(t(h.window_rows), t(h.window_lens), t(h.quant_lens), t(h.window_slots, torch.int64)))
+        window=WindowLayout(t(h.window_rows), t(h.window_lens), t(h.quant_lens), t(h.window_slots, torch.int64),
+                            t(h.window_sinks)))
 
 
 def test_a_window_as_long_as_the_context_gives_the_bf16_tokens() -> None:

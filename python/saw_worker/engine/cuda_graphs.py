@@ -51,12 +51,14 @@ class DecodeGraphs:
             self._window_lens = buffers(n, dtype=torch.int32)
             self._quant_lens = buffers(n, dtype=torch.int32)
             self._window_slots = buffers(n, dtype=torch.int64)
+            self._window_sinks = buffers(n, dtype=torch.int32)
         self._cu = torch.arange(n + 1, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._hidden: dict[int, torch.Tensor] = {}
 
     def _window_buffers(self) -> list[tuple[torch.Tensor, np.ndarray, torch.Tensor]]:
-        return [self._window_rows, self._window_lens, self._quant_lens, self._window_slots] if self._window else []
+        return ([self._window_rows, self._window_lens, self._quant_lens, self._window_slots, self._window_sinks]
+                if self._window else [])
 
     def _layout(self, bs: int) -> StepLayout:
         seq_lens = self._seq_lens[2][:bs]
@@ -73,7 +75,7 @@ class DecodeGraphs:
         if self._window:
             dump = self.attention.pool.dump_row
             self._window_rows[2].fill_(dump)
-            self._window_slots[2].fill_(dump * self.attention.pool.window)
+            self._window_slots[2].fill_(dump * (self.attention.pool.window + self.attention.pool.sinks))
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             self.attention.layout = self._layout(bs)
@@ -101,8 +103,9 @@ class DecodeGraphs:
                   (self._seq_lens, h.seq_lens, 1)]
         if self._window:  # padded rows: no ring tokens, one INT4 token of page 0, their token to the dump row
             inputs += [(self._window_rows, h.window_rows, pool.dump_row), (self._window_lens, h.window_lens, 0),
-                       (self._quant_lens, h.quant_lens, 1), (self._window_slots, h.window_slots,
-                                                             pool.dump_row * pool.window)]
+                       (self._quant_lens, h.quant_lens, 1),
+                       (self._window_slots, h.window_slots, pool.dump_row * (pool.window + pool.sinks)),
+                       (self._window_sinks, h.window_sinks, 0)]
         for buf, values, pad in inputs:
             buf[1][:n] = values
             buf[1][n:bs] = pad

@@ -49,10 +49,12 @@ class HostBatch:
     window_lens: list[int] = field(default_factory=list)
     quant_lens: list[int] = field(default_factory=list)
     window_slots: list[int] = field(default_factory=list)
+    window_sinks: list[int] = field(default_factory=list)
 
 
 def host_batch(batch: Batch, pool: KVPool) -> HostBatch:
-    page, w = pool.page_size, pool.window
+    page, w, sinks = pool.page_size, pool.window, pool.sinks
+    n_slots = w + sinks
     h = HostBatch([], [], [], [0], [], [], [])
     for c in batch.chunks:
         seq, pages = c.seq, c.seq.pages
@@ -64,13 +66,20 @@ def host_batch(batch: Batch, pool: KVPool) -> HostBatch:
         h.prefix_lens.append(c.start)
         h.tables.append(pages)
         if w:
-            row = pool.dump_row if seq.window_row is None else seq.window_row
-            ring = min(w, c.start - seq.window_start) if seq.window_row is not None else 0
+            held = seq.window_row is not None
+            row = seq.window_row if held else pool.dump_row
+            # sinks only for a request computed from its first token: a prefix-cache hit's are in the pages alone
+            first_s = sinks if held and seq.window_start == 0 else 0
+            held_sinks = min(first_s, c.start)
+            ring = min(w, c.start - max(seq.window_start, held_sinks)) if held else 0
             h.window_rows.append(row)
             h.window_lens.append(ring)
             h.quant_lens.append(c.start - ring)
-            # a token stays in the ring if it is among the newest W after the step
-            h.window_slots += [(row if p >= c.end - w else pool.dump_row) * w + p % w for p in range(c.start, c.end)]
+            h.window_sinks.append(held_sinks)
+            # a token stays in the ring as a sink, or in the window if it is among the newest W after the step
+            h.window_slots += [row * n_slots + p if p < first_s else
+                               (row if p >= c.end - w else pool.dump_row) * n_slots + sinks + p % w
+                               for p in range(c.start, c.end)]
     return h
 
 
@@ -99,7 +108,8 @@ class ModelRunner:
         window = None
         if h.window_rows:
             window = WindowLayout(self._tensor(h.window_rows, torch.int32), self._tensor(h.window_lens, torch.int32),
-                                  self._tensor(h.quant_lens, torch.int32), self._tensor(h.window_slots, torch.int64))
+                                  self._tensor(h.quant_lens, torch.int32), self._tensor(h.window_slots, torch.int64),
+                                  self._tensor(h.window_sinks, torch.int32))
         self.attention.layout = StepLayout(
             slots=self._tensor(h.slots, torch.int64),
             cu_seqlens=self._tensor(h.cu, torch.int32),

@@ -63,7 +63,8 @@ class PagedAttention:
                                       fmt, self.sm_scale, (k, v), window)
         else:
             out = self._kernel_attention(kern, q, k, v, lay, cache, window)
-        if window is not None:  # after attention: the step read the ring as it was before its tokens
+        # after attention: the step read the ring as it was before its tokens (a decode kernel keeps them itself)
+        if window is not None and (kern is None or not lay.is_decode):
             assert cache.ring_k is not None and cache.ring_v is not None
             (write_window_ref if kern is None else kern.write_window)(k, v, window.slots, cache.ring_k, cache.ring_v)
         return out
@@ -73,7 +74,8 @@ class PagedAttention:
         fmt = cache.fmt
         ring = None
         if window is not None:
-            ring = kern.Ring(cache.ring_k, cache.ring_v, window.rows, window.lens, lay.prefix_lens)
+            ring = kern.Ring(cache.ring_k, cache.ring_v, window.rows, window.lens, lay.prefix_lens,
+                             window.sinks if fmt.sinks else None, fmt.sinks)
         # Decode steps hand q to the write launch: for int4-bdr it comes back rotated, once per step
         # instead of once per decode split.
         q_dec = kern.write_kv(k, v, lay.slots, cache.k, cache.v, cache.k_params, cache.v_params, fmt, cache.k_mean,
@@ -83,7 +85,7 @@ class PagedAttention:
             return kern.decode_attention(q_dec, cache.k, cache.v, cache.k_params, cache.v_params, lay.page_table,
                                          seq_lens, self.pool.page_size, fmt, self.sm_scale,
                                          q_rotated=fmt.rotated, ring=ring, q_plain=q, k_new=k, v_new=v,
-                                         k_mean=cache.k_mean)
+                                         k_mean=cache.k_mean, keep_slots=None if window is None else window.slots)
         prefix_lens = lay.prefix_lens if window is None else window.quant_lens
         return kern.extend_attention(q, k, v, lay.cu_seqlens, prefix_lens, cache.k, cache.v, cache.k_params,
                                      cache.v_params, lay.page_table, self.pool.page_size, fmt, self.sm_scale,

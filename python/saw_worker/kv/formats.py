@@ -20,9 +20,9 @@ scaled keys k / lambda. The stored K row is R (k / lambda - mean); the query tha
 The engine applies lambda in the model, after RoPE (DecoderLayer.k_scale), so the cache, the ring and
 the kernels receive q lambda and k / lambda; encode_k / encode_q with k_scale define what that stores.
 
-Window (window = W): each step attends to its new tokens and to the W tokens before them at bf16
-(kept in a per-request ring, kv/pool.py), to older tokens from the INT4 pages. Every token is still
-written to the pages, so nothing is quantized later.
+Window (window = W) and sinks (sinks = S): each step attends to its new tokens, to the W tokens before
+them and to the request's first S tokens at bf16 (kept in a per-request ring, kv/pool.py), to the other
+tokens from the INT4 pages. Every token is still written to the pages, so nothing is quantized later.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ PARAM_DTYPE = torch.float16  # storage dtype of (scale, lo)
 KV_FORMATS = ("bf16", "int4", "int4-bdr")
 HADAMARD_ORDERS = (16, 32, 64, 128)
 MAX_WINDOW = 256
+MAX_SINKS = 64
 
 
-DEFAULT_WINDOW = 32
+DEFAULT_WINDOW = 16
+DEFAULT_SINKS = 4
 DEFAULT_K_SCALE_ALPHA = 0.5
 
 
@@ -49,17 +51,20 @@ class KVDefaults:
     """What the INT4 options are when the user names none, chosen from the accuracy measurements
     (docs/accuracy.md §5): centering and the K scale help every INT4 model we measured (the scale
     rescues Qwen2's biased K); at head_dim 64 order 32 beat 64 on Qwen; at 128 the paper's b = 128;
-    a 32-token bf16 window brings Qwen's KL under FP8's and Llama's level with it (§0)."""
+    4 sinks and a 16-token bf16 window bring both Qwen's and Llama's KL under FP8's, for less window
+    bytes than a 32-token window without sinks (§0)."""
 
     hadamard_order: int
     k_center: bool
     k_scale: bool
     window: int
+    sinks: int
 
 
 def default_kv_options(kv: str, head_dim: int) -> KVDefaults:
     quantized = kv != "bf16"
-    return KVDefaults(128 if head_dim >= 128 else 32, quantized, quantized, DEFAULT_WINDOW if quantized else 0)
+    return KVDefaults(128 if head_dim >= 128 else 32, quantized, quantized, DEFAULT_WINDOW if quantized else 0,
+                      DEFAULT_SINKS if quantized else 0)
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class KVFormat:
     k_center: bool = False
     k_scale: bool = False  # per-channel K scale folded into q (calibrated lambda)
     window: int = 0  # W: tokens before each step's new ones attended at bf16 (0 = off)
+    sinks: int = 0  # S: a request's first tokens attended at bf16 (needs a window)
 
     def __post_init__(self) -> None:
         if self.name not in KV_FORMATS:
@@ -89,6 +95,10 @@ class KVFormat:
             raise ValueError("--window applies to the INT4 formats only")
         if not 0 <= self.window <= MAX_WINDOW:
             raise ValueError(f"--window must be in [0, {MAX_WINDOW}], got {self.window}")
+        if not 0 <= self.sinks <= MAX_SINKS:
+            raise ValueError(f"--sinks must be in [0, {MAX_SINKS}], got {self.sinks}")
+        if self.sinks and not self.window:
+            raise ValueError("--sinks needs a bf16 window (--window > 0): they share its ring")
         if self.rotated:
             if self.hadamard_order not in HADAMARD_ORDERS:
                 raise ValueError(f"--hadamard-order must be one of {HADAMARD_ORDERS}, got {self.hadamard_order}")
@@ -97,17 +107,19 @@ class KVFormat:
 
     @staticmethod
     def make(name: str, head_dim: int, hadamard_order: int = 128, rotate_v: bool = False,
-             k_center: bool = False, k_scale: bool = False, window: int = 0) -> KVFormat:
+             k_center: bool = False, k_scale: bool = False, window: int = 0, sinks: int = 0) -> KVFormat:
         """Build a format, capping the Hadamard order at head_dim as `--hadamard-order` promises."""
-        return KVFormat(name, head_dim, min(hadamard_order, head_dim), rotate_v, k_center, k_scale, window)
+        return KVFormat(name, head_dim, min(hadamard_order, head_dim), rotate_v, k_center, k_scale, window, sinks)
 
     def describe(self) -> str:
-        """The format with its options, as Info and /metrics report it (e.g. int4-bdr:b32+center+scale+w32)."""
+        """The format with its options, as Info and /metrics report it (e.g. int4-bdr:b32+center+scale+s4+w16)."""
         if not self.quantized:
             return self.name
         opts = [f"b{self.hadamard_order}"] if self.rotated else []
         opts += [name for name, on in (("rotv", self.rotate_v), ("center", self.k_center), ("scale", self.k_scale))
                  if on]
+        if self.sinks:
+            opts.append(f"s{self.sinks}")
         if self.window:
             opts.append(f"w{self.window}")
         return f"{self.name}:{'+'.join(opts)}" if opts else self.name
@@ -126,9 +138,14 @@ class KVFormat:
             return 2 * self.head_dim * 2
         return 2 * (self.head_dim // 2 + 2 * PARAM_DTYPE.itemsize)
 
+    @property
+    def ring_slots(self) -> int:
+        """Rows of a request's bf16 ring: its sinks, then its window."""
+        return self.sinks + self.window
+
     def window_bytes_per_head(self) -> int:
-        """Bytes one request's bf16 window costs per KV head (K and V), whatever its length."""
-        return 2 * self.window * self.head_dim * 2
+        """Bytes one request's bf16 window and sinks cost per KV head (K and V), whatever its length."""
+        return 2 * self.ring_slots * self.head_dim * 2
 
 
 @cache

@@ -8,10 +8,10 @@ slot = page_id * page_size + offset. A request owns whole pages; its page table 
 to slot page_table[p // page_size] * page_size + p % page_size. Page 0 is never handed out: padded
 batch rows (CUDA graphs) point at it, so their writes land somewhere harmless.
 
-With a window (formats.py), every quantized layer also has a bf16 ring [rows, W, Hkv, D] for K and V:
-a request holding pages holds one row, whose slot p % W keeps position p's raw K/V while p is among
-the request's newest W tokens. The last row is never handed out: tokens that leave the window at
-once (the early ones of a long prefill chunk) and padded rows write there.
+With a window (formats.py), every quantized layer also has a bf16 ring [rows, S + W, Hkv, D] for K and
+V: a request holding pages holds one row, whose slot p < S keeps sink p's raw K/V and slot S + p % W
+position p's while p is among the request's newest W tokens. The last row is never handed out: tokens
+that leave the window at once (the early ones of a long prefill chunk) and padded rows write there.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class LayerCache:
     # fp32 [Hkv, D], subtracted from K before quantization (--k-center); with --k-scale the model hands the
     # cache k / lambda (DecoderLayer.k_scale), and this is the mean of that
     k_mean: torch.Tensor | None
-    ring_k: torch.Tensor | None  # bf16 [rows, W, Hkv, D] raw K of each request's newest tokens (--window)
+    ring_k: torch.Tensor | None  # bf16 [rows, S + W, Hkv, D] raw K of each request's sinks and newest tokens
     ring_v: torch.Tensor | None
     fmt: KVFormat  # this layer's format
 
@@ -92,10 +92,11 @@ class KVPool:
         if fmt.window and window_rows < 1:
             raise ValueError("a KV format with a window needs window_rows (one per request that may hold pages)")
         self.window = fmt.window
+        self.sinks = fmt.sinks
         self._ring: tuple[torch.Tensor, torch.Tensor] | None = None
         self.window_rows = window_rows if fmt.window else 0
         if self.window_rows:
-            shape = (sum(f.quantized for f in self.formats), self.window_rows + 1, fmt.window, num_kv_heads, d)
+            shape = (sum(f.quantized for f in self.formats), self.window_rows + 1, fmt.ring_slots, num_kv_heads, d)
             self._ring = (torch.zeros(shape, dtype=torch.bfloat16, device=device),
                           torch.zeros(shape, dtype=torch.bfloat16, device=device))
         self._free_rows = list(range(self.window_rows - 1, -1, -1))

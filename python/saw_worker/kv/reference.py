@@ -4,9 +4,9 @@ Triton kernels are checked against.
 Without a window, attention here reads keys and values back from the cache, new tokens included, so
 a request's numbers do not depend on how its prompt was chunked or whether it was recomputed after
 preemption. (The Triton extend kernel attends to new tokens at bf16 instead, as issue 4 asks.)
-With a window (formats.py), a step reads the W tokens before its new ones from the request's ring
-and the new ones as computed, both at bf16, and only older tokens from the INT4 pages, as the
-kernels do.
+With a window (formats.py), a step reads the request's sinks and the W tokens before its new ones from
+the request's ring and the new ones as computed, all at bf16, and only the tokens between from the INT4
+pages, as the kernels do.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ class WindowLayout:
     """Where a step's requests keep their bf16 window (all on the pool's device)."""
 
     rows: torch.Tensor  # int32 [B]: each request's ring row
-    lens: torch.Tensor  # int32 [B]: ring tokens before the step's new ones (<= W)
-    quant_lens: torch.Tensor  # int32 [B]: tokens read from the INT4 pages (prefix_lens - lens)
-    slots: torch.Tensor  # int64 [T]: ring slot (row * W + p % W) each new token is kept at; the dump row's if none
+    lens: torch.Tensor  # int32 [B]: window tokens before the step's new ones (<= W)
+    quant_lens: torch.Tensor  # int32 [B]: where the INT4 reads end (prefix_lens - lens)
+    slots: torch.Tensor  # int64 [T]: flat ring slot each new token is kept at (a sink's, a window's, or the dump row's)
+    sinks: torch.Tensor  # int32 [B]: sink tokens held in the ring (<= S): where the INT4 reads begin
 
 
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: LayerCache, fmt: KVFormat) -> None:
@@ -55,7 +56,7 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: L
 
 def write_window_ref(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, ring_k: torch.Tensor,
                      ring_v: torch.Tensor) -> None:
-    """Keep new K, V [T, Hkv, D] raw in the rings at flat slots [T] (row * W + p % W)."""
+    """Keep new K, V [T, Hkv, D] raw in the rings at flat slots [T] (WindowLayout.slots)."""
     ring_k.view(-1, *ring_k.shape[2:])[slots] = k.to(ring_k.dtype)
     ring_v.view(-1, *ring_v.shape[2:])[slots] = v.to(ring_v.dtype)
 
@@ -81,8 +82,8 @@ def paged_attention_ref(q: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: tor
 
     q [T, Hq, D]: request b owns rows cu_seqlens[b]:cu_seqlens[b+1], its last n_b positions, so
     query i sits at position seq_lens[b] - n_b + i and sees positions <= its own. Decode is n_b = 1.
-    With a window, new_kv holds the step's raw K, V [T, Hkv, D] and positions from quant_lens[b] on are
-    read at bf16 (ring, then new_kv); before the ring is updated with this step's tokens.
+    With a window, new_kv holds the step's raw K, V [T, Hkv, D], and positions below sinks[b] and from
+    quant_lens[b] on are read at bf16 (ring, then new_kv); before the ring is updated with this step's tokens.
     Keys and values are brought back to the model's space, so every source meets the same plain q.
     """
     num_reqs = seq_lens.numel()
@@ -119,17 +120,19 @@ def paged_attention_ref(q: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: tor
 def _with_window(keys: torch.Tensor, values: torch.Tensor, k_pos: torch.Tensor, prefix_lens: torch.Tensor,
                  cu_seqlens: torch.Tensor, new_kv: tuple[torch.Tensor, torch.Tensor], cache: LayerCache,
                  window: WindowLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys, values [B, L, Hkv, D] (updated in place) with positions >= quant_lens taken at bf16: from the
-    ring below the prefix, from the step's own K, V at and above it. Only those (at most W + new) positions
-    per request are gathered."""
+    """keys, values [B, L, Hkv, D] (updated in place) with the sinks and positions >= quant_lens taken at bf16:
+    from the ring below the prefix, from the step's own K, V at and above it. Only those (at most S + W + new)
+    positions per request are gathered."""
     assert cache.ring_k is not None and cache.ring_v is not None
-    w = cache.ring_k.shape[1]
+    n_slots, sinks = cache.ring_k.shape[1], cache.fmt.sinks
+    w = n_slots - sinks
     prefix = prefix_lens.long()[:, None]
     starts = cu_seqlens[:-1].long()[:, None]
     n_new = cu_seqlens[1:].long()[:, None] - starts
-    b_ring, p_ring = ((k_pos >= window.quant_lens.long()[:, None]) & (k_pos < prefix)).nonzero(as_tuple=True)
+    in_window = (k_pos >= window.quant_lens.long()[:, None]) & (k_pos < prefix)
+    b_ring, p_ring = (in_window | (k_pos < window.sinks.long()[:, None])).nonzero(as_tuple=True)
     b_new, p_new = ((k_pos >= prefix) & (k_pos < prefix + n_new)).nonzero(as_tuple=True)
-    ring_at = window.rows.long()[b_ring] * w + p_ring % w
+    ring_at = window.rows.long()[b_ring] * n_slots + torch.where(in_window[b_ring, p_ring], sinks + p_ring % w, p_ring)
     new_at = starts[b_new, 0] + p_new - prefix[b_new, 0]
     for rows, ring, new in ((keys, cache.ring_k, new_kv[0]), (values, cache.ring_v, new_kv[1])):
         rows[b_ring, p_ring] = ring.view(-1, *ring.shape[2:])[ring_at].float()
