@@ -385,8 +385,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     max_context, which defaults to page_table width * page_size); for the warp kernel, programs per
     (request, KV head) (default: one per warp slot of the GPU, whatever the batch).
     ring (fmt.window): seq_lens[b] is the INT4 length P - ring.lens[b], read from ring.sinks[b] on (with sinks);
-    the query also attends to the valid ring slots (sinks and window) and to the new token itself (k_new, v_new [B, Hkv, D]), raw bf16 rows met by q_plain (the raw
-    bf16 query [B, Hq, D]); k_mean (the one write_kv used) puts their scores in the INT4 ones' space.
+    the query also attends to the valid ring slots (sinks and window) and to the new token itself (k_new,
+    v_new [B, Hkv, D]), raw bf16 rows met by q_plain (the raw bf16 query [B, Hq, D]); k_mean (the one write_kv
+    used) puts their scores in the INT4 ones' space.
     k_new, v_new and q_plain may be strided views. keep_slots (int64 [B], flat ring slots as write_window
     takes them): the same launch then stores each new token there, after reading the ring.
     No host reads of seq_lens: the grid depends on shapes only, so a CUDA graph captured for a batch

@@ -232,7 +232,8 @@ def decode_int4_warp_kernel(
     s_ptb, s_ob, s_oh, qk_scale, S_KCS: gl.constexpr, S_KCH: gl.constexpr, S_VCS: gl.constexpr, S_VCH: gl.constexpr,
     S_PS: gl.constexpr, S_PH: gl.constexpr, HQ: gl.constexpr, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr,
     PAGE: gl.constexpr, STEP: gl.constexpr, MIN_STEPS: gl.constexpr, MAX_PIECES: gl.constexpr, BP: gl.constexpr,
-    COMBINE: gl.constexpr, START: gl.constexpr, mma: gl.constexpr, lay_k3: gl.constexpr, lay_v3: gl.constexpr, lay_vw: gl.constexpr,
+    COMBINE: gl.constexpr, START: gl.constexpr, mma: gl.constexpr, lay_k3: gl.constexpr, lay_v3: gl.constexpr,
+    lay_vw: gl.constexpr,
     lay_q: gl.constexpr, lay_b: gl.constexpr, lay_o: gl.constexpr, lay_s: gl.constexpr, sh_k: gl.constexpr,
     sh_v: gl.constexpr,
 ):

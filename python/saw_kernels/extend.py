@@ -67,7 +67,8 @@ def _extend_kernel(
     qk_scale, inv_sqrt_b,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
     ROT_Q: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr, CENTER: tl.constexpr, DEQ: tl.constexpr,
-    PREFIX: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFIX: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # A program serves BQ = BLOCK_M / GP queries times the GP (>= G, padded) heads of one KV head's
     # group, so each cached tile is loaded and dequantized once for the whole group.
@@ -94,8 +95,9 @@ def _extend_kernel(
     acc_lo = tl.zeros([BLOCK_M, D2], tl.float32)
     acc_hi = tl.zeros([BLOCK_M, D2], tl.float32)
 
-    # phase 1: cached prefix [first, prefix) from the pages (first: the request's bf16 sinks). Without PREFIX (no request of the batch has one,
-    # e.g. a prompt's first chunk) it is not compiled in: the new-token loop then gets the registers.
+    # phase 1: cached prefix [first, prefix) from the pages (first: the request's bf16 sinks). Without PREFIX (no
+    # request of the batch has one, e.g. a prompt's first chunk) it is not compiled in: the new-token loop then
+    # gets the registers.
     prefix = tl.where(active & PREFIX, tl.load(pre_ptr + b), 0)
     if PREFIX and prefix > 0:
         r_lo = q_lo.to(tl.float32)

@@ -262,6 +262,7 @@ mod tests {
     fn accuracy_levers_and_trailing_worker_flags_reach_the_worker() {
         let flags = |args: &[&str]| parse(args).worker_flags(env(&[]))[4..].to_vec();
         assert_eq!(flags(&["--k-scale", "false", "--window", "0"]), ["--no-k-scale", "--window", "0"]);
+        assert_eq!(flags(&["--sinks", "2", "--window", "32"]), ["--window", "32", "--sinks", "2"]);
         assert_eq!(
             flags(&["--window", "16", "--", "--max-prefill-tokens", "1", "--no-prefix-cache"]),
             ["--window", "16", "--max-prefill-tokens", "1", "--no-prefix-cache"]

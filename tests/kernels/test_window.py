@@ -131,7 +131,8 @@ def run_decode(fmt: KVFormat, group: int, page_size: int, P: list[int], lens: li
         flat, flat_before = ring.view(-1, *ring.shape[2:]), before.view(-1, *ring.shape[2:])
         assert torch.equal(flat[keep], x)
         flat_before[keep] = x
-        assert torch.equal(flat.isnan(), flat_before.isnan()) and torch.equal(flat.nan_to_num(), flat_before.nan_to_num())
+        assert torch.equal(flat.isnan(), flat_before.isnan())
+        assert torch.equal(flat.nan_to_num(), flat_before.nan_to_num())
     return rel_err_finite(out, reference(sc, q, int4_lens, default_scale(d)))
 
 

@@ -73,7 +73,8 @@ def test_each_step_attends_its_window_and_sinks_at_bf16_and_the_rest_from_int4(w
         attention.layout = layout_of(h, pool)
         q = torch.randn(n, hq, d)
         out = attention(0, q, keys[start:end], values[start:end])
-        k_src = torch.cat([keys[:held].bfloat16().float(), k_hat[held:bf16_from], keys[bf16_from:end].bfloat16().float()])
+        k_src = torch.cat([keys[:held].bfloat16().float(), k_hat[held:bf16_from],
+                           keys[bf16_from:end].bfloat16().float()])
         v_src = torch.cat([values[:held].bfloat16().float(), v_hat[held:bf16_from],
                            values[bf16_from:end].bfloat16().float()])
         want = expected(q, k_src, v_src, 1 / math.sqrt(d))
