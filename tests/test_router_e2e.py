@@ -268,13 +268,18 @@ def test_bad_requests(router: Router, path: str, body: str, status: int) -> None
 
 
 def test_two_workers_share_the_load(router2: Router) -> None:
+    """The prompts share their chat template's long prefix, so the default cache-aware policy keeps them on
+    one worker until it has 9 more in flight than the other. Each request is long enough (48 tokens) that
+    16 at once really are in flight together: with 8-token answers a fast worker could finish each before
+    the next arrived, and serve all 24."""
     client = router2.client()
 
     def one(i: int) -> str:
         reply = client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": f"Question {i}: name a color."}],
-            max_tokens=8,
+            max_tokens=48,
+            extra_body={"ignore_eos": True},
         )
         return reply.choices[0].finish_reason
 
