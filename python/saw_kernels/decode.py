@@ -43,7 +43,7 @@ from saw_kernels.decode_int4_warp import (
     warp_kernel_fits,
     warp_programs,
 )
-from saw_kernels.window import Ring, ring_tile
+from saw_kernels.window import Ring, flat_slots, ring_tile
 from saw_worker.kv.formats import KVFormat
 
 
@@ -347,8 +347,8 @@ def _window_args(ring: Ring | None, q_plain: torch.Tensor | None, k_new: torch.T
     if ring is None:
         return [unused] * 11 + [0] * 9, dict(WINDOW=False, S=0, W=1, BLOCK_W=16, SHIFT=False, KEEP=False)
     ring.check(fmt.window, fmt.sinks)
-    if keep_slots is not None:  # flat slots: rows must be contiguous runs of slots
-        assert ring.k.stride(0) == ring.k.shape[1] * ring.k.stride(1) and keep_slots.dtype == torch.int64
+    if keep_slots is not None:
+        assert flat_slots(ring.k) and keep_slots.dtype == torch.int64
     if q_plain is None or k_new is None or v_new is None:
         raise ValueError("decode_attention(ring=...) needs q_plain, k_new and v_new (raw bf16) for the bf16 keys")
     assert q_plain.dtype == k_new.dtype == v_new.dtype == torch.bfloat16

@@ -53,6 +53,12 @@ class Ring:
         return self.k.stride(0), self.k.stride(1), self.k.stride(2)
 
 
+def flat_slots(ring_k: torch.Tensor) -> bool:
+    """Whether flat slots (row * (S + W) + slot, as the engine computes them) address ring_k: rows are
+    contiguous runs of slots, i.e. ring_k.view(-1, Hkv, D) works."""
+    return ring_k.stride(-1) == 1 and ring_k.stride(0) == ring_k.shape[1] * ring_k.stride(1)
+
+
 @triton.jit
 def ring_tile(rk_ptr, rv_ptr, rows_ptr, lens_ptr, ends_ptr, sinks_ptr, b, kh, j, c, s_rr, s_rs, s_rh,
               S: tl.constexpr, W: tl.constexpr, D2: tl.constexpr):
@@ -96,7 +102,7 @@ def write_window(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, ring_k: 
     if t == 0:
         return
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and ring_k.stride() == ring_v.stride()
-    assert ring_k.stride(-1) == 1 and ring_k.stride(0) == ring_k.shape[1] * ring_k.stride(1)  # view(-1, Hkv, D)
+    assert flat_slots(ring_k)
     block = 16 if INTERPRET else 32
     _write_window_kernel[(triton.cdiv(t * hkv, block),)](
         k, v, slots, ring_k, ring_v, t * hkv, k.stride(0), k.stride(1), v.stride(0), v.stride(1),

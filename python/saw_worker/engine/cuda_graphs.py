@@ -73,9 +73,8 @@ class DecodeGraphs:
         self._seq_lens[2].fill_(1)
         self._slots[2].fill_(-1)
         if self._window:
-            dump = self.attention.pool.dump_row
-            self._window_rows[2].fill_(dump)
-            self._window_slots[2].fill_(dump * (self.attention.pool.window + self.attention.pool.sinks))
+            self._window_rows[2].fill_(self.attention.pool.dump_row)
+            self._window_slots[2].fill_(self.attention.pool.dump_slot)
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             self.attention.layout = self._layout(bs)
@@ -104,7 +103,7 @@ class DecodeGraphs:
         if self._window:  # padded rows: no ring tokens, one INT4 token of page 0, their token to the dump row
             inputs += [(self._window_rows, h.window_rows, pool.dump_row), (self._window_lens, h.window_lens, 0),
                        (self._quant_lens, h.quant_lens, 1),
-                       (self._window_slots, h.window_slots, pool.dump_row * (pool.window + pool.sinks)),
+                       (self._window_slots, h.window_slots, pool.dump_slot),
                        (self._window_sinks, h.window_sinks, 0)]
         for buf, values, pad in inputs:
             buf[1][:n] = values

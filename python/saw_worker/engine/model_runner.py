@@ -53,8 +53,7 @@ class HostBatch:
 
 
 def host_batch(batch: Batch, pool: KVPool) -> HostBatch:
-    page, w, sinks = pool.page_size, pool.window, pool.sinks
-    n_slots = w + sinks
+    page, w, sinks, n_slots = pool.page_size, pool.window, pool.sinks, pool.fmt.ring_slots
     h = HostBatch([], [], [], [0], [], [], [])
     for c in batch.chunks:
         seq, pages = c.seq, c.seq.pages
@@ -78,7 +77,7 @@ def host_batch(batch: Batch, pool: KVPool) -> HostBatch:
             h.window_sinks.append(held_sinks)
             # a token stays in the ring as a sink, or in the window if it is among the newest W after the step
             h.window_slots += [row * n_slots + p if p < first_s else
-                               (row if p >= c.end - w else pool.dump_row) * n_slots + sinks + p % w
+                               (row * n_slots if p >= c.end - w else pool.dump_slot) + sinks + p % w
                                for p in range(c.start, c.end)]
     return h
 

@@ -133,6 +133,11 @@ class KVPool:
         """The ring row nobody holds: writes that must not be kept go there."""
         return self.window_rows
 
+    @property
+    def dump_slot(self) -> int:
+        """The dump row's first flat ring slot (row * (S + W) + slot, as write_window takes them)."""
+        return self.dump_row * self.fmt.ring_slots
+
     def allocate_row(self) -> int | None:
         """A ring row for a request about to hold pages; None when all are held (or there is no window)."""
         return self._free_rows.pop() if self._free_rows else None
