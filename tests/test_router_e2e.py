@@ -69,6 +69,7 @@ class Router:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="saw-router-", suffix=".log", delete=False)
+        self.worker_count = workers
         cmd = _router_command() + ["--workers", str(workers), "--kv", KV, "--model", MODEL, "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.workers: list[int] = []
@@ -77,18 +78,24 @@ class Router:
         return Path(self.log.name).read_text(errors="replace")
 
     def wait_ready(self) -> None:
+        """Until every worker takes requests: /health is 200 as soon as the first one does, and a test that
+        measures how load is spread must not start while the other is still loading."""
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"saw-router exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
             try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200 and self._all_healthy():
                     self.workers = _children(self.proc.pid)
                     return
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
         pytest.fail(f"saw-router not ready in {STARTUP_TIMEOUT}s:\n{self.output()[-4000:]}")
+
+    def _all_healthy(self) -> bool:
+        m = self.metrics()
+        return all(m.get(f'saw_worker_healthy{{worker="{i}"}}') == 1 for i in range(self.worker_count))
 
     def client(self) -> OpenAI:
         return OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=300)

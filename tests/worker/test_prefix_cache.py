@@ -61,6 +61,31 @@ def test_a_second_copy_of_a_named_page_stays_private() -> None:
     assert c.match(tokens + [1]) == first
 
 
+def test_sinks_kept_with_first_pages_least_recently_used_first_and_freed_with_the_page() -> None:
+    fmt = KVFormat.make("int4", 64, window=4, sinks=2)
+    c = PrefixCache(KVPool(fmt, 1, 1, 8, 4, torch.device("cpu"), window_rows=2))  # two sink store entries
+    ring = c.pool.layer(0).ring_k
+    assert ring is not None
+    firsts = []
+    for i in range(3):
+        tokens = [10 * i + j for j in range(4)]
+        page = c.allocate(1)
+        assert page is not None
+        c.keep_sinks(page[0], 0)  # not named yet: nothing kept
+        c.name_pages(tokens, page, 4)
+        ring[0, :2] = float(i + 1)  # the sinks of request i, in ring row 0
+        c.keep_sinks(page[0], 0)
+        c.release(page)
+        firsts.append(page[0])
+        if i == 1:
+            assert c.restore_sinks(firsts[0], 1)  # first page 0 is used again: page 1's entry is the oldest
+    assert not c.restore_sinks(firsts[1], 1)
+    for i in (0, 2):
+        assert c.restore_sinks(firsts[i], 1) and (ring[1, :2] == i + 1).all() and (ring[1, 2:] == 0).all()
+    c.allocate(6)  # evicts the idle named pages, oldest first: page 0 and its entry go
+    assert not c.restore_sinks(firsts[0], 1)
+
+
 def test_disabled_cache_never_matches() -> None:
     c = PrefixCache(KVPool(KVFormat("bf16", 64), 1, 1, 8, 4, torch.device("cpu")), enabled=False)
     pages = c.allocate(2)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from engine_util import Collector, prompt, run, tiny_engine
 
+from saw_worker.engine.engine import LocalEngine
 from saw_worker.engine.model_runner import HostBatch, host_batch
 from saw_worker.engine.request import GenerateParams, Sequence
 from saw_worker.engine.scheduler import Batch, Chunk
@@ -141,5 +142,35 @@ def test_a_request_served_from_the_prefix_cache_starts_its_ring_at_the_first_com
     engine.submit(GenerateParams("b", ids, max_new_tokens=6, ignore_eos=True), second)
     assert len(second.wait()) == 6
     assert second.last.cached_tokens == 12  # three full pages of 4
+    pool = engine.runner.pool
+    assert pool.free_rows == pool.window_rows
+
+
+
+def _generate(engine: LocalEngine, ids: list[int]) -> tuple[list[float], list[int], int]:
+    """6 greedy tokens after ids: their logprobs, the tokens, and the prompt tokens the prefix cache served."""
+    out = Collector()
+    engine.submit(GenerateParams(f"r{len(ids)}", ids, max_new_tokens=6, ignore_eos=True, return_logprobs=True), out)
+    tokens = out.wait()
+    return [lp.logprob for ev in out.events for lp in ev.logprobs], tokens, out.last.cached_tokens
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("prompt_len", [5, 3])  # the first page is named at prefill, or when the request ends
+def test_a_prefix_cache_hit_gets_its_sinks_back_at_bf16(prompt_len: int) -> None:
+    """The cached first page holds the 4 sinks and the window covers the rest: a hit on that page reads nothing
+    from INT4, so it answers as bf16 does (reading the sinks from INT4 moves the logprobs by ~1e-2)."""
+    bf16 = tiny_engine("bf16")
+    engine = tiny_engine("int4-bdr", hadamard_order=32, k_center=True, window=256, sinks=4)
+    ids = prompt(5, prompt_len)
+    first, tokens, _ = _generate(engine, ids)
+    assert _close(first, _generate(bf16, ids)[0])
+    again_ids = (ids + tokens)[:5]
+    again, _, cached = _generate(engine, again_ids)
+    assert cached == 4
+    assert _close(again, _generate(bf16, again_ids)[0])
     pool = engine.runner.pool
     assert pool.free_rows == pool.window_rows

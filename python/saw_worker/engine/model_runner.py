@@ -67,8 +67,7 @@ def host_batch(batch: Batch, pool: KVPool) -> HostBatch:
         if w:
             held = seq.window_row is not None
             row = seq.window_row if held else pool.dump_row
-            # sinks only for a request computed from its first token: a prefix-cache hit's are in the pages alone
-            first_s = sinks if held and seq.window_start == 0 else 0
+            first_s = sinks if seq.ring_holds_sinks else 0
             held_sinks = min(first_s, c.start)
             ring = min(w, c.start - max(seq.window_start, held_sinks)) if held else 0
             h.window_rows.append(row)

@@ -108,7 +108,8 @@ class Sequence:
         self.pages: list[int] = []
         self.cached = 0
         self.window_row: int | None = None  # ring row of the pool's bf16 window, held with the pages
-        self.window_start = 0  # first position this admission computed: the ring holds nothing before it
+        self.window_start = 0  # first position this admission computed: the ring's window holds nothing before it
+        self.restored_sinks = False  # the prefix cache put this admission's bf16 sinks into its ring row
         self.cached_prompt = 0  # prompt tokens found in the prefix cache at the first admission
         self.finished = False  # the last event was sent
         self.prompt_logprobs: list[TokenLogprob] | None = [] if params.prompt_logprobs else None
@@ -124,6 +125,12 @@ class Sequence:
     def num_output(self) -> int:
         """Output tokens known on the host (a launched step's token counts once it arrives)."""
         return len(self.token_ids) - self.num_prompt - (self.token_ids[-1] == PENDING)
+
+    @property
+    def ring_holds_sinks(self) -> bool:
+        """The ring row holds the bf16 sinks (or will, as they are computed): this admission computed them from
+        the first token, or the prefix cache put them back."""
+        return self.window_row is not None and (self.window_start == 0 or self.restored_sinks)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

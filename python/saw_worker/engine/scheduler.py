@@ -100,6 +100,8 @@ class Scheduler:
                 if seq.window_row is None:  # a small KV budget holds fewer ring rows than max_running
                     break
                 seq.window_start = cached
+                # a hit's sinks come back at bf16 if the prefix cache kept them with the first page
+                seq.restored_sinks = bool(matched) and self.pages.restore_sinks(matched[0], seq.window_row)
             if matched:
                 self.pages.hold(matched)
                 seq.pages, seq.cached = matched, cached
@@ -138,7 +140,7 @@ class Scheduler:
             self.waiting.appendleft(victim)
 
     def _free(self, seq: Sequence) -> None:
-        self.pages.name_pages(seq.token_ids, seq.pages, seq.cached)
+        self._name_pages(seq)
         self.pages.release(seq.pages)
         seq.pages = []
         seq.cached = 0
@@ -146,12 +148,18 @@ class Scheduler:
             self.pool.release_row(seq.window_row)
             seq.window_row = None
 
+    def _name_pages(self, seq: Sequence) -> None:
+        """Name seq's full computed pages for the prefix cache, and keep its bf16 sinks with its first page."""
+        self.pages.name_pages(seq.token_ids, seq.pages, seq.cached)
+        if seq.ring_holds_sinks and seq.pages:
+            self.pages.keep_sinks(seq.pages[0], seq.window_row)
+
     def commit(self, chunk: Chunk, token: int | None) -> Finish | None:
         """Record a finished forward for one chunk; token is the sampled next token when chunk.samples."""
         seq = chunk.seq
         seq.cached = chunk.end
         if chunk.start < seq.num_prompt:  # a prefill chunk: its full pages can serve requests alike at once
-            self.pages.name_pages(seq.token_ids, seq.pages, seq.cached)
+            self._name_pages(seq)
         if token is None:
             return None
         if seq in self.waiting:

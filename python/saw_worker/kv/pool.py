@@ -12,6 +12,9 @@ With a window (formats.py), every quantized layer also has a bf16 ring [rows, S 
 V: a request holding pages holds one row, whose slot p < S keeps sink p's raw K/V and slot S + p % W
 position p's while p is among the request's newest W tokens. The last row is never handed out: tokens
 that leave the window at once (the early ones of a long prefill chunk) and padded rows write there.
+With S <= page_size the pool also keeps a sink store [entries, S, Hkv, D] per layer, one entry per ring row:
+the prefix cache saves a request's sinks there under its first page, and a later request served from that
+page gets them back at bf16 (PrefixCache.keep_sinks / restore_sinks).
 """
 
 from __future__ import annotations
@@ -58,6 +61,18 @@ def window_bytes_per_request(fmt: KVFormat, num_layers: int, num_kv_heads: int,
     return sum(f.window_bytes_per_head() for f in layer_formats(fmt, num_layers, bf16_layers)) * num_kv_heads
 
 
+def keeps_cached_sinks(fmt: KVFormat, page_size: int) -> bool:
+    """Whether the pool has a sink store: the sinks fit in a request's first page, the prefix cache's key."""
+    return 0 < fmt.sinks <= page_size
+
+
+def ring_row_bytes(fmt: KVFormat, num_layers: int, num_kv_heads: int, page_size: int,
+                   bf16_layers: frozenset[int] = frozenset()) -> int:
+    """Bytes of one ring row and, with a sink store, the store entry that comes with it."""
+    per_row = window_bytes_per_request(fmt, num_layers, num_kv_heads, bf16_layers)
+    return per_row + (per_row * fmt.sinks // fmt.ring_slots if keeps_cached_sinks(fmt, page_size) else 0)
+
+
 class KVPool:
     def __init__(self, fmt: KVFormat, num_layers: int, num_kv_heads: int, num_pages: int, page_size: int,
                  device: torch.device, bf16_layers: frozenset[int] = frozenset(), window_rows: int = 0) -> None:
@@ -100,6 +115,12 @@ class KVPool:
             self._ring = (torch.zeros(shape, dtype=torch.bfloat16, device=device),
                           torch.zeros(shape, dtype=torch.bfloat16, device=device))
         self._free_rows = list(range(self.window_rows - 1, -1, -1))
+        self.sink_entries = self.window_rows if keeps_cached_sinks(fmt, page_size) else 0
+        self._sink_store: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.sink_entries:
+            shape = (sum(f.quantized for f in self.formats), self.sink_entries, fmt.sinks, num_kv_heads, d)
+            self._sink_store = (torch.zeros(shape, dtype=torch.bfloat16, device=device),
+                                torch.zeros(shape, dtype=torch.bfloat16, device=device))
 
     @classmethod
     def from_budget(cls, fmt: KVFormat, num_layers: int, num_kv_heads: int, budget_bytes: int, page_size: int,
@@ -107,7 +128,7 @@ class KVPool:
         """A pool in budget_bytes: the rings (one row per request that may hold pages, plus the dump row)
         come off the budget first, the pages take the rest. Rings never take more than a quarter of the
         budget: with fewer rows than window_rows, admission stops at the rows (see `free_rows`)."""
-        per_row = window_bytes_per_request(fmt, num_layers, num_kv_heads, bf16_layers)
+        per_row = ring_row_bytes(fmt, num_layers, num_kv_heads, page_size, bf16_layers)
         rows = min(window_rows, budget_bytes // (4 * per_row) - 1) if fmt.window else 0
         if fmt.window and rows < 1:
             raise ValueError(f"KV budget too small for the bf16 window: one request's ring takes {per_row} bytes; "
@@ -144,6 +165,19 @@ class KVPool:
 
     def release_row(self, row: int) -> None:
         self._free_rows.append(row)
+
+    def save_sinks(self, row: int, entry: int) -> None:
+        """Copy ring row's sinks (every layer, K and V) into sink store entry (queued on the device: after the
+        steps that wrote them)."""
+        assert self._ring is not None and self._sink_store is not None
+        for ring, store in zip(self._ring, self._sink_store, strict=True):
+            store[:, entry] = ring[:, row, :self.sinks]
+
+    def restore_sinks(self, entry: int, row: int) -> None:
+        """Copy sink store entry into ring row's sink slots (before the first step that reads them)."""
+        assert self._ring is not None and self._sink_store is not None
+        for ring, store in zip(self._ring, self._sink_store, strict=True):
+            ring[:, row, :self.sinks] = store[:, entry]
 
     @property
     def free_rows(self) -> int:

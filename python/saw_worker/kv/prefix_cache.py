@@ -10,6 +10,11 @@ holders write at later positions), so a shared page needs no copy.
 
 Every page a request holds comes from here: `allocate` evicts idle named pages when the free list
 runs short, and `release` keeps named pages and returns the others to the pool.
+
+With the bf16 sinks of a window format, a named first page can also hold its request's sinks in an entry of
+the pool's sink store (the first S tokens' K/V depend on those tokens alone, so every request that matches the
+page has the same sinks): a hit gets them back at bf16 instead of reading them from INT4. Entries go to the
+most recently kept or restored first pages; an evicted page frees its entry.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class PrefixCache:
         self._named: dict[int, tuple[int, int, tuple[int, ...]]] = {}  # page -> (name, previous name, tokens)
         self._holders: dict[int, int] = {}  # named pages only
         self._idle: OrderedDict[int, None] = OrderedDict()  # named pages nobody holds, oldest first
+        self._sink_entry: OrderedDict[int, int] = OrderedDict()  # first page -> sink store entry, oldest use first
+        self._free_entries = list(range(pool.sink_entries))
 
     @property
     def free_pages(self) -> int:
@@ -73,6 +80,9 @@ class PrefixCache:
         while self.pool.free_pages < n:
             page, _ = self._idle.popitem(last=False)
             del self._page_of[self._named.pop(page)[0]], self._holders[page]
+            entry = self._sink_entry.pop(page, None)
+            if entry is not None:
+                self._free_entries.append(entry)
             self.pool.release([page])
         return self.pool.allocate(n)
 
@@ -96,6 +106,24 @@ class PrefixCache:
                 self._page_of[name] = page
                 self._named[page] = (name, previous, tokens)
                 self._holders[page] = 1
+
+    def keep_sinks(self, first_page: int, row: int) -> None:
+        """The request in ring row `row` holds its sinks at bf16 and its first page: keep them with the page once
+        the page is named (the least recently used entry makes room)."""
+        if first_page not in self._named or first_page in self._sink_entry or not self.pool.sink_entries:
+            return
+        entry = self._free_entries.pop() if self._free_entries else self._sink_entry.popitem(last=False)[1]
+        self._sink_entry[first_page] = entry
+        self.pool.save_sinks(row, entry)
+
+    def restore_sinks(self, first_page: int, row: int) -> bool:
+        """Put the sinks kept with first_page into ring row `row`; False when none are kept."""
+        entry = self._sink_entry.get(first_page)
+        if entry is None:
+            return False
+        self._sink_entry.move_to_end(first_page)
+        self.pool.restore_sinks(entry, row)
+        return True
 
     def release(self, pages: list[int]) -> None:
         """A request lets go of its pages: named ones wait for reuse, the others go back to the pool."""
