@@ -17,9 +17,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai
 import pytest
 import requests
 from openai import OpenAI
+from tokenizers import Tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -143,6 +145,44 @@ def router2():
 def test_models(router: Router) -> None:
     models = router.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
+
+
+def test_logit_bias_and_penalties_steer_the_output(router: Router) -> None:
+    """Through the real stack: -100 on the greedy answer's first token takes it away, +100 on one token makes
+    every token that one, and repetition penalties cut the repeats of a prompt that asks for them."""
+    client = router.client()
+    tok = Tokenizer.from_str(requests.get(f"{router.url}/v1/tokenizer", timeout=10).text)
+
+    def chat(content: str, **extra: object) -> str:
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                               max_tokens=24, temperature=0, extra_body=extra)
+        return reply.choices[0].message.content or ""
+
+    greedy = chat(QUESTION[0]["content"])
+    first = tok.encode(greedy, add_special_tokens=False).ids[0]
+    assert not tok.encode(chat(QUESTION[0]["content"], logit_bias={str(first): -100}),
+                          add_special_tokens=False).ids[:1] == [first]
+    forced = tok.token_to_id("Paris")
+    assert chat("Say hello.", logit_bias={str(forced): 100}, ignore_eos=True) == "Paris" * 24
+
+    def most_repeated(text: str) -> int:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        return max(ids.count(i) for i in ids)
+
+    # 24 greedy tokens of a 135M model past its answer repeat themselves; the penalties make it say new ones
+    plain = chat("List some fruits.", ignore_eos=True)
+    penalized = chat("List some fruits.", ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0)
+    assert most_repeated(penalized) < most_repeated(plain), (plain, penalized)
+
+
+def test_unknown_fields_and_models_are_refused(router: Router) -> None:
+    client = router.client()
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, extra_body={"max_token": 5})
+    assert bad.value.body["param"] == "max_token"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION)
+    assert client.models.retrieve(MODEL).id == MODEL
 
 
 def test_chat_answer(router: Router) -> None:

@@ -24,7 +24,25 @@ pub const MAX_BODY_BYTES: usize = 32 << 20;
 pub struct Model {
     /// The name clients see (`--served-model-name`, `--model`, or the worker's model id).
     pub name: String,
+    /// Other names requests may give it: `--model` and the worker's model id.
+    pub aliases: Vec<String>,
     pub tokenizer: ModelTokenizer,
+}
+
+impl Model {
+    pub fn serves(&self, name: &str) -> bool {
+        name == self.name || self.aliases.iter().any(|a| a == name)
+    }
+
+    /// 404 `model_not_found` for a model this server does not serve (none given, or "": the served one).
+    pub fn check_name(&self, requested: Option<&str>) -> Result<(), ApiError> {
+        match requested {
+            Some(name) if !name.is_empty() && !self.serves(name) => {
+                Err(ApiError::model_not_found(name, &self.name))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 pub struct AppState {
@@ -50,6 +68,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/completions", post(routes::completions::completions))
         .route("/v1/models", get(routes::models))
+        .route("/v1/models/{*id}", get(routes::model_card))
         .route("/v1/tokenizer", get(routes::tokenizer))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
     Router::new()

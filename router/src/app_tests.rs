@@ -27,7 +27,11 @@ pub fn state_with(workers: Vec<Arc<Worker>>, api_key: Option<&str>) -> Arc<AppSt
         created: 0,
     };
     let tokenizer = ModelTokenizer::from_info(&test_info()).unwrap();
-    let _ = state.model.set(Arc::new(Model { name: "test-model".into(), tokenizer }));
+    let _ = state.model.set(Arc::new(Model {
+        name: "test-model".into(),
+        aliases: vec!["org/test".into()],
+        tokenizer,
+    }));
     Arc::new(state)
 }
 
@@ -75,6 +79,8 @@ async fn malformed_json_and_wrong_types_are_400_objects() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = error_of(&s, COMPLETIONS, r#"{"prompt": {"a": 1}}"#).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = error_of(&s, COMPLETIONS, r#"{"prompt": "Hi", "frequency_penalty": "x"}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
@@ -92,6 +98,13 @@ async fn out_of_range_values_name_their_param() {
         (r#""top_logprobs": 3"#, "top_logprobs"),
         (r#""logprobs": true, "top_logprobs": 50"#, "top_logprobs"),
         (r#""min_tokens": 9, "max_tokens": 2"#, "min_tokens"),
+        (r#""min_p": 1.5"#, "min_p"),
+        (r#""frequency_penalty": 3"#, "frequency_penalty"),
+        (r#""presence_penalty": -2.5"#, "presence_penalty"),
+        (r#""repetition_penalty": 0"#, "repetition_penalty"),
+        (r#""logit_bias": {"one": 1}"#, "logit_bias"),
+        (r#""logit_bias": {"1": 200}"#, "logit_bias"),
+        (r#""logit_bias": {"99999": 1}"#, "logit_bias"),
     ];
     for (extra, param) in cases {
         let body = format!(r#"{{"messages": [{{"role":"user","content":"Hello"}}], {extra}}}"#);
@@ -109,6 +122,32 @@ async fn out_of_range_values_name_their_param() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = error_of(&s, CHAT, r#"{"messages": [{"content": "no role"}]}"#).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn other_fields_pass_only_when_they_change_nothing() {
+    let s = state_with(vec![], None);
+    let refused = [
+        (r#""response_format": {"type": "json_object"}"#, "response_format", "not supported"),
+        (r#""tools": [{"type": "function", "function": {"name": "f"}}]"#, "tools", "not supported"),
+        (r#""tool_choice": "required""#, "tool_choice", "not supported"),
+        (r#""guided_regex": "a+""#, "guided_regex", "not supported"),
+        (r#""max_token": 5"#, "max_token", "unknown field"),
+    ];
+    for (extra, param, why) in refused {
+        let body = format!(r#"{{"messages": [{{"role":"user","content":"Hello"}}], {extra}}}"#);
+        let (status, err) = error_of(&s, CHAT, &body).await;
+        assert_eq!((status, err["param"].as_str()), (StatusCode::BAD_REQUEST, Some(param)), "{extra}");
+        assert!(err["message"].as_str().unwrap().contains(why), "{err}");
+    }
+    let (status, err) = error_of(&s, COMPLETIONS, r#"{"prompt": "Hello", "suffix": "bye"}"#).await;
+    assert_eq!((status, err["param"].as_str()), (StatusCode::BAD_REQUEST, Some("suffix")));
+    // known fields with no effect, no-op values and the sampling options: valid (503: no worker to run it)
+    let accepted = r#"{"messages": [{"role":"user","content":"Hello"}], "user": "u", "store": false,
+        "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "frequency_penalty": 0.5,
+        "presence_penalty": -0.5, "repetition_penalty": 1.1, "min_p": 0.1, "logit_bias": {"5": -100}}"#;
+    let (status, _) = error_of(&s, CHAT, accepted).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }
 
 #[tokio::test]
@@ -171,6 +210,30 @@ async fn api_key_guards_v1_only() {
         Request::get("/v1/models").header(header::AUTHORIZATION, "Bearer wrong").body(Body::empty()).unwrap();
     assert_eq!(app(s.clone()).oneshot(req).await.unwrap().status(), StatusCode::UNAUTHORIZED);
     assert_eq!(call(&s, "GET", "/metrics", None).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_model_the_server_does_not_serve_is_404() {
+    let s = state_with(vec![], None);
+    for name in ["test-model", "org/test"] {
+        let (status, text) = call(&s, "GET", &format!("/v1/models/{name}"), None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["id"], "test-model");
+    }
+    let (status, text) = call(&s, "GET", "/v1/models/gpt-4o", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["code"], "model_not_found");
+    let chat = r#"{"model": "gpt-4o", "messages": [{"role":"user","content":"Hello"}]}"#;
+    let (status, err) = error_of(&s, CHAT, chat).await;
+    assert_eq!(
+        (status, err["code"].as_str(), err["param"].as_str()),
+        (StatusCode::NOT_FOUND, Some("model_not_found"), Some("model"))
+    );
+    let (status, _) = error_of(&s, COMPLETIONS, r#"{"model": "gpt-4o", "prompt": "Hi"}"#).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // its own names pass (503: no worker to run it)
+    let (status, _) = error_of(&s, COMPLETIONS, r#"{"model": "org/test", "prompt": "Hi"}"#).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }
 
 #[tokio::test]

@@ -42,6 +42,17 @@ impl ApiError {
         e
     }
 
+    pub fn model_not_found(requested: &str, served: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("The model `{requested}` does not exist; this server serves `{served}`."),
+        );
+        e.param = Some("model".into());
+        e.code = Some("model_not_found");
+        e
+    }
+
     pub fn unauthorized() -> Self {
         let mut e =
             Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid or missing API key");

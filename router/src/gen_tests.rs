@@ -76,6 +76,23 @@ async fn chat_non_streaming() {
 }
 
 #[tokio::test]
+async fn sampling_options_reach_the_worker() {
+    let (worker, seen) = ready_worker(0, answer(0)).await;
+    let state = state_with(vec![worker], None);
+    let body = json!({"messages": [{"role": "user", "content": "Hello"}], "temperature": 0.7, "min_p": 0.05,
+        "frequency_penalty": 0.5, "presence_penalty": -0.25, "repetition_penalty": 1.2,
+        "logit_bias": {"7": -100, "9": 2.5}});
+    let (status, v) = post_json(&state, "/v1/chat/completions", body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let sampling = seen.requests.lock().unwrap()[0].sampling.clone().unwrap();
+    assert_eq!(
+        (sampling.min_p, sampling.frequency_penalty, sampling.presence_penalty, sampling.repetition_penalty),
+        (0.05, 0.5, -0.25, 1.2)
+    );
+    assert_eq!(sampling.logit_bias, [(7, -100.0), (9, 2.5)].into_iter().collect());
+}
+
+#[tokio::test]
 async fn chat_streaming_with_usage() {
     let (worker, _) = ready_worker(0, answer(0)).await;
     let state = state_with(vec![worker], None);

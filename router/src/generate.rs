@@ -129,7 +129,7 @@ fn request(id: &str, p: &GenParams) -> GenerateRequest {
         min_new_tokens: p.min_new_tokens,
         ignore_eos: p.ignore_eos,
         stop_token_ids: vec![],
-        sampling: Some(p.sampling),
+        sampling: Some(p.sampling.clone()),
         logprobs: p.logprobs.unwrap_or(0),
         return_logprobs: p.logprobs.is_some(),
         prompt_logprobs: p.prompt_logprobs,

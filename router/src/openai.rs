@@ -27,6 +27,12 @@ pub struct SamplingFields {
     pub n: Option<i64>,
     pub ignore_eos: Option<bool>,
     pub min_tokens: Option<i64>,
+    pub min_p: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string, OpenAI's form) -> bias added to its logit.
+    pub logit_bias: Option<Map<String, Value>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -41,6 +47,9 @@ pub struct ChatCompletionRequest {
     pub chat_template_kwargs: Option<Map<String, Value>>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Every other field: refused unless it changes nothing (validate::refuse_other_fields).
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +71,9 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Every other field: refused unless it changes nothing (validate::refuse_other_fields).
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]

@@ -171,7 +171,9 @@ async fn wait_ready(state: &AppState, args: &Args) -> Result<(), String> {
                         info.model_id.clone()
                     }
                 });
-                let _ = state.model.set(Arc::new(Model { name, tokenizer }));
+                let aliases =
+                    [args.model.clone(), info.model_id.clone()].into_iter().filter(|a| *a != name).collect();
+                let _ = state.model.set(Arc::new(Model { name, aliases, tokenizer }));
             }
         }
         let ready = state.workers.iter().filter(|w| w.is_ready()).count();

@@ -1,6 +1,8 @@
 //! Turns OpenAI requests into worker requests, refusing what the worker cannot do with a 400.
 
-use serde_json::Value;
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::openai::{ChatCompletionRequest, CompletionRequest, Prompt, SamplingFields, StopSpec};
@@ -9,6 +11,28 @@ use crate::tokenizer::ModelTokenizer;
 
 const MAX_STOP_STRINGS: usize = 16;
 const MAX_TOP_LOGPROBS: i64 = 20;
+const MAX_LOGIT_BIAS: usize = 1024;
+/// OpenAI fields that change nothing saw computes: accepted on purpose.
+const NO_EFFECT_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier", "parallel_tool_calls"];
+/// OpenAI (and vLLM) fields saw does not implement: refused by name unless given their no-op value.
+const UNSUPPORTED_FIELDS: &[&str] = &[
+    "response_format",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "best_of",
+    "suffix",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+];
 
 /// A validated generation request, in tokens.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,6 +51,7 @@ pub struct GenParams {
 }
 
 pub fn chat(req: &ChatCompletionRequest, tok: &ModelTokenizer) -> Result<GenParams, ApiError> {
+    refuse_other_fields(&req.other)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must not be empty"));
     }
@@ -44,13 +69,14 @@ pub fn chat(req: &ChatCompletionRequest, tok: &ModelTokenizer) -> Result<GenPara
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
     let limits =
         Limits { context_length: tok.context_length, allow_zero_max_tokens: false, prompt_field: "messages" };
-    let mut params = common(&req.sampling, max_tokens, input_ids, &limits)?;
+    let mut params = common(&req.sampling, max_tokens, input_ids, &limits, tok.vocab_size)?;
     params.logprobs = logprobs;
     Ok(params)
 }
 
 /// The validated request and the prompt as text (for `echo`).
 pub fn completion(req: &CompletionRequest, tok: &ModelTokenizer) -> Result<(GenParams, String), ApiError> {
+    refuse_other_fields(&req.other)?;
     let one = |n: usize| {
         if n == 1 {
             Ok(())
@@ -84,7 +110,7 @@ pub fn completion(req: &CompletionRequest, tok: &ModelTokenizer) -> Result<(GenP
     let logprobs = req.logprobs.map(|k| top_logprobs("logprobs", k)).transpose()?;
     let limits =
         Limits { context_length: tok.context_length, allow_zero_max_tokens: echo, prompt_field: "prompt" };
-    let mut params = common(&req.sampling, req.sampling.max_tokens, input_ids, &limits)?;
+    let mut params = common(&req.sampling, req.sampling.max_tokens, input_ids, &limits, vocab)?;
     params.logprobs = logprobs;
     params.prompt_logprobs = echo && logprobs.is_some();
     Ok((params, text))
@@ -101,6 +127,7 @@ fn common(
     max_tokens: Option<i64>,
     input_ids: Vec<u32>,
     limits: &Limits,
+    vocab_size: u32,
 ) -> Result<GenParams, ApiError> {
     match s.n {
         None | Some(1) => {}
@@ -126,6 +153,15 @@ fn common(
         Some(seed) if seed < 0 => return Err(ApiError::invalid_param("seed", "seed must not be negative")),
         seed => seed.map(|v| v as u64),
     };
+    let min_p = in_range("min_p", s.min_p, 0.0, 0.0..=1.0)?;
+    let frequency_penalty = in_range("frequency_penalty", s.frequency_penalty, 0.0, -2.0..=2.0)?;
+    let presence_penalty = in_range("presence_penalty", s.presence_penalty, 0.0, -2.0..=2.0)?;
+    let repetition_penalty = in_range("repetition_penalty", s.repetition_penalty, 1.0, 0.0..=2.0)?;
+    if repetition_penalty == 0.0 {
+        return Err(ApiError::invalid_param("repetition_penalty", "repetition_penalty must be in (0, 2]"));
+    }
+    let logit_bias =
+        s.logit_bias.as_ref().map(|b| logit_bias(b, vocab_size)).transpose()?.unwrap_or_default();
 
     let prompt_len = input_ids.len() as u64;
     let context = u64::from(limits.context_length);
@@ -187,11 +223,79 @@ fn common(
             top_p: top_p as f32,
             top_k: top_k.max(0) as i32,
             seed,
+            min_p,
+            frequency_penalty,
+            presence_penalty,
+            repetition_penalty,
+            logit_bias,
         },
         stop,
         logprobs: None,
         prompt_logprobs: false,
     })
+}
+
+/// `value` (or `default`) as f32, refused with a 400 outside `range`.
+fn in_range(
+    field: &str,
+    value: Option<f64>,
+    default: f64,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<f32, ApiError> {
+    let v = value.unwrap_or(default);
+    if !range.contains(&v) {
+        return Err(ApiError::invalid_param(
+            field,
+            format!("{field} must be between {} and {}", range.start(), range.end()),
+        ));
+    }
+    Ok(v as f32)
+}
+
+/// OpenAI's `logit_bias` ({"token id": bias in [-100, 100]}) as token ids.
+fn logit_bias(bias: &Map<String, Value>, vocab_size: u32) -> Result<HashMap<u32, f32>, ApiError> {
+    let bad = |m: String| ApiError::invalid_param("logit_bias", m);
+    if bias.len() > MAX_LOGIT_BIAS {
+        return Err(bad(format!("logit_bias takes at most {MAX_LOGIT_BIAS} tokens")));
+    }
+    bias.iter()
+        .map(|(key, value)| {
+            let id: u32 =
+                key.parse().map_err(|_| bad(format!("logit_bias key {key:?} is not a token id")))?;
+            if vocab_size > 0 && id >= vocab_size {
+                return Err(bad(format!("token id {id} is outside the vocabulary ({vocab_size})")));
+            }
+            match value.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => Err(bad(format!("the bias of token {id} must be a number between -100 and 100"))),
+            }
+        })
+        .collect()
+}
+
+/// Fields the request structs do not name: those that change nothing pass, the rest are refused by name.
+fn refuse_other_fields(other: &Map<String, Value>) -> Result<(), ApiError> {
+    for (key, value) in other {
+        let no_op = match key.as_str() {
+            k if NO_EFFECT_FIELDS.contains(&k) => true,
+            "response_format" => value.is_null() || value.get("type").and_then(Value::as_str) == Some("text"),
+            "tools" | "functions" => value.is_null() || value.as_array().is_some_and(Vec::is_empty),
+            "tool_choice" | "function_call" => value.is_null() || value == "none" || value == "auto",
+            "best_of" => value.is_null() || value == 1,
+            "suffix" => value.is_null() || value == "",
+            "modalities" => value.is_null() || *value == serde_json::json!(["text"]),
+            _ => false,
+        };
+        if !no_op {
+            let why = if UNSUPPORTED_FIELDS.contains(&key.as_str()) {
+                format!("{key} is not supported by this server")
+            } else {
+                format!("unknown field {key:?}")
+            };
+            return Err(ApiError::invalid_param(key, why));
+        }
+    }
+    Ok(())
 }
 
 fn top_logprobs(field: &str, k: i64) -> Result<u32, ApiError> {

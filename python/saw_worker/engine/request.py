@@ -28,6 +28,35 @@ class SamplingOptions:
     top_p: float = 1.0
     top_k: int = 0  # <= 0 = off
     seed: int | None = None
+    min_p: float = 0.0  # 0 = off
+    frequency_penalty: float = 0.0  # OpenAI's: logit -= f x (times generated)
+    presence_penalty: float = 0.0  # OpenAI's: logit -= p if generated
+    repetition_penalty: float = 1.0  # 1 = off; prompt and output tokens: logit / r if > 0, else x r
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+    @property
+    def penalizes(self) -> bool:
+        return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.repetition_penalty != 1
+
+    def check(self, vocab_size: int) -> None:
+        """RequestError for a value outside its range (the router checks them too; a worker is reachable alone)."""
+        bad = RequestError
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise bad(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise bad(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 < self.repetition_penalty <= 2:
+            raise bad(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        for token, bias in self.logit_bias:
+            if not 0 <= token < vocab_size:
+                raise bad(f"logit_bias: token id {token} is outside the vocabulary (size {vocab_size})")
+            if not -100 <= bias <= 100:
+                raise bad(f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias}")
 
 
 @dataclass(frozen=True)
@@ -58,11 +87,7 @@ class GenerateParams:
             raise RequestError("max_new_tokens must be at least 1")
         if self.min_new_tokens > self.max_new_tokens:
             raise RequestError("min_new_tokens must not exceed max_new_tokens")
-        s = self.sampling
-        if not math.isfinite(s.temperature) or s.temperature < 0:
-            raise RequestError(f"temperature must be a finite number >= 0, got {s.temperature}")
-        if not math.isfinite(s.top_p) or not 0 < s.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {s.top_p}")
+        self.sampling.check(vocab_size)
         if not 0 <= self.top_logprobs <= 20:
             raise RequestError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
 
@@ -95,6 +120,15 @@ class Event:
 Sink = Callable[[Event], None]
 
 
+@dataclass
+class PenaltyState:
+    """What the penalties of one request need, on the device: how often each token was generated (int32 [V]),
+    updated by the sampler itself so that no host round trip is needed, and which tokens its prompt holds."""
+
+    output_counts: torch.Tensor
+    in_prompt: torch.Tensor  # bool [V]
+
+
 class Sequence:
     """A request inside the engine. token_ids holds prompt and output; `cached` counts the leading
     tokens whose K/V are in the pool. Running sequences keep cached == len(token_ids) - 1."""
@@ -116,6 +150,7 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.sampling.seed is not None:
             self.generator = torch.Generator().manual_seed(params.sampling.seed)
+        self.penalty_state: PenaltyState | None = None  # on the device, from the first sample on (sampler.py)
 
     @property
     def id(self) -> str:

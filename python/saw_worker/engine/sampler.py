@@ -1,14 +1,20 @@
-"""Next-token sampling for a batch: greedy, temperature, top-k, top-p, per-request seeds.
+"""Next-token sampling for a batch: logit bias, penalties, greedy, temperature, top-k, top-p, min-p, seeds.
 
 Seeded requests draw their uniform numbers from their own CPU generator, so the same seed gives
 the same tokens whatever else is in the batch; the draw itself (inverse CDF) is batched.
+
+Logit bias and the penalties (OpenAI's frequency and presence, vLLM's repetition) change the logits that
+greedy and sampling choose from, in that order, as vLLM does; logprobs stay those of the model. The
+penalties' token counts live on the device (PenaltyState) and the sampler adds each drawn token to them,
+so a launched step's token never has to reach the host first (overlapped decode). Requests without these
+options cost nothing extra.
 """
 
 from __future__ import annotations
 
 import torch
 
-from saw_worker.engine.request import Sequence, TokenLogprob
+from saw_worker.engine.request import PenaltyState, Sequence, TokenLogprob
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -24,22 +30,95 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def _filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below min_p times the row's most likely token's."""
+    top = logits.max(-1, keepdim=True).values
+    return logits.masked_fill(logits < top + min_p.log()[:, None], float("-inf"))
+
+
+def _rows(want: list[bool], device: torch.device) -> torch.Tensor:
+    return torch.tensor([i for i, w in enumerate(want) if w], dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _penalty_states(seqs: list[Sequence], vocab: int, device: torch.device) -> list[PenaltyState]:
+    """Each request's state, made at its first sample from its prompt (and the outputs a recompute after
+    preemption already holds are in it from their samples)."""
+    for seq in seqs:
+        if seq.penalty_state is None:
+            in_prompt = torch.zeros(vocab, dtype=torch.bool, device=device)
+            in_prompt[torch.tensor(seq.token_ids[:seq.num_prompt], dtype=torch.int64).to(device)] = True
+            seq.penalty_state = PenaltyState(torch.zeros(vocab, dtype=torch.int32, device=device), in_prompt)
+    return [seq.penalty_state for seq in seqs]  # type: ignore[misc]
+
+
+def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: torch.Tensor) -> torch.Tensor:
+    """Penalized logits of rows (ordered as seqs), and their stacked output counts."""
+    dev = logits.device
+    states = _penalty_states(seqs, logits.shape[-1], dev)
+    params = [s.params.sampling for s in seqs]
+    counts = torch.stack([st.output_counts for st in states])
+    x = logits[rows]
+    rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+    seen = (counts > 0) | torch.stack([st.in_prompt for st in states])
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+    presence = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+    return x - freq * counts - presence * (counts > 0)
+
+
+def _count_drawn(seqs: list[Sequence], tokens: torch.Tensor) -> None:
+    """Add each request's drawn token to its output counts, on the device."""
+    counts = [s.penalty_state.output_counts for s in seqs]  # type: ignore[union-attr]
+    stacked = torch.stack(counts)
+    stacked.scatter_add_(1, tokens[:, None].to(torch.int64), torch.ones_like(stacked[:, :1]))
+    torch._foreach_copy_(counts, list(stacked.unbind(0)))
+
+
+def adjust_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits with each request's logit bias and penalties applied (a copy; logits itself is kept)."""
+    dev = logits.device
+    biased = [bool(s.params.sampling.logit_bias) for s in seqs]
+    penalized = [s.params.sampling.penalizes for s in seqs]
+    if not any(biased) and not any(penalized):
+        return logits
+    logits = logits.clone()
+    if any(biased):
+        pairs = [(i, t, b) for i, s in enumerate(seqs) for t, b in s.params.sampling.logit_bias]
+        row, token, bias = zip(*pairs, strict=True)
+        index = torch.tensor([row, token], dtype=torch.int64).to(dev, non_blocking=True)
+        logits.index_put_((index[0], index[1]), torch.tensor(bias, dtype=logits.dtype).to(dev), accumulate=True)
+    if any(penalized):
+        rows = _rows(penalized, dev)
+        logits[rows] = _apply_penalties(logits, [s for s, w in zip(seqs, penalized, strict=True) if w], rows)
+    return logits
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logits [B, V] float32 -> token ids [B] (int64, same device)."""
     params = [s.params.sampling for s in seqs]
+    logits = adjust_logits(logits, seqs)
     greedy = logits.argmax(-1)
     if all(p.temperature == 0 for p in params):
-        return greedy
-    dev = logits.device
-    temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
-    top_k = torch.tensor([p.top_k for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)
-    probs = _filter_top_k_top_p(logits / temp[:, None], top_k, top_p).softmax(-1)
-    u = torch.cat([torch.rand(1, generator=s.generator) for s in seqs]).to(dev)
-    cdf = probs.cumsum(-1)
-    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp(max=logits.shape[-1] - 1)
-    is_greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
-    return torch.where(is_greedy, greedy, drawn)
+        tokens = greedy
+    else:
+        dev = logits.device
+        temp = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
+        top_k = torch.tensor([p.top_k for p in params], device=dev)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        scaled = logits / temp[:, None]
+        if any(p.min_p > 0 for p in params):
+            scaled = _filter_min_p(scaled, torch.tensor([p.min_p for p in params], device=dev))
+        probs = _filter_top_k_top_p(scaled, top_k, top_p).softmax(-1)
+        u = torch.cat([torch.rand(1, generator=s.generator) for s in seqs]).to(dev)
+        cdf = probs.cumsum(-1)
+        drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp(max=logits.shape[-1] - 1)
+        is_greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
+        tokens = torch.where(is_greedy, greedy, drawn)
+    penalized = [p.penalizes for p in params]
+    if any(penalized):
+        rows = _rows(penalized, logits.device)
+        _count_drawn([s for s, w in zip(seqs, penalized, strict=True) if w], tokens[rows])
+    return tokens
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:

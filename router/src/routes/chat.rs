@@ -22,6 +22,7 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = state.model()?;
+    model.check_name(req.model.as_deref())?;
     // Templating and tokenizing long prompts is CPU work: keep it off the async threads.
     let (req, params) = super::blocking({
         let model = model.clone();

@@ -21,6 +21,7 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = state.model()?;
+    model.check_name(req.model.as_deref())?;
     let (req, validated) = super::blocking({
         let model = model.clone();
         move || {

@@ -6,28 +6,41 @@ mod sse;
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::app::{AppState, Model};
 use crate::error::ApiError;
 use crate::openai::{ModelCard, ModelList};
 
 pub async fn models(State(state): State<Arc<AppState>>) -> Result<Json<ModelList>, ApiError> {
     let model = state.model()?;
-    Ok(Json(ModelList {
-        object: "list",
-        data: vec![ModelCard {
-            id: model.name.clone(),
-            object: "model",
-            created: state.created,
-            owned_by: "saw",
-            max_model_len: model.tokenizer.context_length,
-        }],
-    }))
+    Ok(Json(ModelList { object: "list", data: vec![card(&state, &model)] }))
+}
+
+/// `GET /v1/models/{id}` (ids may hold slashes, as HF names do): the served model's card under any of its names, else 404.
+pub async fn model_card(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
+    let model = state.model()?;
+    if !model.serves(&id) {
+        return Err(ApiError::model_not_found(&id, &model.name));
+    }
+    Ok(Json(card(&state, &model)))
+}
+
+fn card(state: &AppState, model: &Model) -> ModelCard {
+    ModelCard {
+        id: model.name.clone(),
+        object: "model",
+        created: state.created,
+        owned_by: "saw",
+        max_model_len: model.tokenizer.context_length,
+    }
 }
 
 /// The served model's HF tokenizer JSON (not an OpenAI route; saw's load tests use it).
