@@ -175,6 +175,52 @@ def test_logit_bias_and_penalties_steer_the_output(router: Router) -> None:
     assert most_repeated(penalized) < most_repeated(plain), (plain, penalized)
 
 
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                         "population_millions": {"type": "integer", "minimum": 0, "maximum": 2000}},
+        "required": ["city", "population_millions"], "additionalProperties": False}
+COUNTRIES = ["France", "Japan", "Brazil", "Kenya", "Canada", "India", "Italy", "Egypt", "Peru", "Norway"]
+
+
+def test_json_mode_and_json_schema_always_parse(router: Router) -> None:
+    """20 prompts at once under a strict schema: every answer is an object of that schema (the schema bounds
+    its length, so each ends by itself); JSON mode: every answer that ends by itself parses as an object
+    (a 135M model may go on adding keys until max_tokens)."""
+    client = router.client()
+    schema_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+
+    def ask(i: int, fmt: object) -> tuple[str, str]:
+        country = COUNTRIES[i % len(COUNTRIES)]
+        reply = client.chat.completions.create(
+            model=MODEL, max_tokens=96, temperature=i // 10 * 0.7, seed=i, response_format=fmt,  # type: ignore
+            messages=[{"role": "user", "content": f"Give the capital of {country} and its population as JSON."}])
+        return reply.choices[0].finish_reason, reply.choices[0].message.content or ""
+
+    with ThreadPoolExecutor(20) as pool:
+        schema_answers = list(pool.map(lambda i: ask(i, schema_format), range(20)))
+        object_answers = list(pool.map(lambda i: ask(i, {"type": "json_object"}), range(10)))
+    for i, (finish, text) in enumerate(schema_answers):
+        assert finish == "stop", (i, text)
+        value = json.loads(text)
+        assert set(value) == {"city", "population_millions"} and isinstance(value["city"], str), (i, text)
+        assert 0 <= value["population_millions"] <= 2000
+    ended = [text for finish, text in object_answers if finish == "stop"]
+    assert ended and all(isinstance(json.loads(text), dict) for text in ended), object_answers
+
+
+def test_guided_choice_and_regex_streaming(router: Router) -> None:
+    client = router.client()
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, stream=True,
+                                            extra_body={"guided_choice": ["Paris", "Lyon", "Nice"]})
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text in ("Paris", "Lyon", "Nice")
+    reply = client.completions.create(model=MODEL, prompt="The year the Eiffel Tower opened:", max_tokens=8,
+                                      extra_body={"guided_regex": "1[0-9]{3}"})
+    assert re.fullmatch("1[0-9]{3}", reply.choices[0].text), reply.choices[0].text
+    with pytest.raises(openai.BadRequestError) as bad:  # a schema that does not compile: 400 from the worker
+        client.chat.completions.create(model=MODEL, messages=QUESTION, extra_body={"guided_regex": "a(b"})
+    assert "regex" in str(bad.value)
+
+
 def test_unknown_fields_and_models_are_refused(router: Router) -> None:
     client = router.client()
     with pytest.raises(openai.BadRequestError) as bad:

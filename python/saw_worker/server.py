@@ -12,7 +12,15 @@ from collections.abc import AsyncIterator
 import grpc
 
 from saw_worker.engine.interface import Engine, stream
-from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, SamplingOptions, TokenLogprob
+from saw_worker.engine.request import (
+    Event,
+    Finish,
+    GenerateParams,
+    GrammarSpec,
+    RequestError,
+    SamplingOptions,
+    TokenLogprob,
+)
 from saw_worker.proto import health_pb2, saw_pb2
 
 _FINISH = {
@@ -45,7 +53,23 @@ def _params(req: saw_pb2.GenerateRequest) -> GenerateParams:
         top_logprobs=req.logprobs,
         return_logprobs=req.return_logprobs or req.logprobs > 0,
         prompt_logprobs=req.prompt_logprobs,
+        grammar=_grammar(req.grammar) if req.HasField("grammar") else None,
     )
+
+
+_GRAMMAR_KINDS = {
+    saw_pb2.Grammar.KIND_JSON_OBJECT: "json_object",
+    saw_pb2.Grammar.KIND_JSON_SCHEMA: "json_schema",
+    saw_pb2.Grammar.KIND_REGEX: "regex",
+    saw_pb2.Grammar.KIND_EBNF: "ebnf",
+    saw_pb2.Grammar.KIND_CHOICE: "choice",
+}
+
+
+def _grammar(g: saw_pb2.Grammar) -> GrammarSpec:
+    if g.kind not in _GRAMMAR_KINDS:
+        raise RequestError(f"unknown grammar kind {g.kind}")
+    return GrammarSpec(_GRAMMAR_KINDS[g.kind], g.spec, g.strict)
 
 
 def _logprobs(items: list[TokenLogprob]) -> list[saw_pb2.TokenLogprob]:
@@ -87,7 +111,8 @@ class WorkerService:
             events = stream(self.engine, _params(request))
             async for ev in events:
                 if ev.error is not None:
-                    await context.abort(grpc.StatusCode.INTERNAL, ev.error)
+                    code = grpc.StatusCode.INVALID_ARGUMENT if ev.refused else grpc.StatusCode.INTERNAL
+                    await context.abort(code, ev.error)
                 yield _chunk(ev)
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

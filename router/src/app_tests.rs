@@ -128,10 +128,20 @@ async fn out_of_range_values_name_their_param() {
 async fn other_fields_pass_only_when_they_change_nothing() {
     let s = state_with(vec![], None);
     let refused = [
-        (r#""response_format": {"type": "json_object"}"#, "response_format", "not supported"),
+        (r#""response_format": {"type": "xml"}"#, "response_format", "json_schema"),
+        (
+            r#""response_format": {"type": "json_schema", "json_schema": {"name": "x"}}"#,
+            "response_format",
+            "schema",
+        ),
+        (
+            r#""response_format": {"type": "json_object"}, "guided_regex": "a+""#,
+            "guided_regex",
+            "at most one",
+        ),
+        (r#""guided_choice": []"#, "guided_choice", "non-empty"),
         (r#""tools": [{"type": "function", "function": {"name": "f"}}]"#, "tools", "not supported"),
         (r#""tool_choice": "required""#, "tool_choice", "not supported"),
-        (r#""guided_regex": "a+""#, "guided_regex", "not supported"),
         (r#""max_token": 5"#, "max_token", "unknown field"),
     ];
     for (extra, param, why) in refused {

@@ -76,7 +76,7 @@ async fn chat_non_streaming() {
 }
 
 #[tokio::test]
-async fn sampling_options_reach_the_worker() {
+async fn sampling_options_and_grammars_reach_the_worker() {
     let (worker, seen) = ready_worker(0, answer(0)).await;
     let state = state_with(vec![worker], None);
     let body = json!({"messages": [{"role": "user", "content": "Hello"}], "temperature": 0.7, "min_p": 0.05,
@@ -90,6 +90,19 @@ async fn sampling_options_reach_the_worker() {
         (0.05, 0.5, -0.25, 1.2)
     );
     assert_eq!(sampling.logit_bias, [(7, -100.0), (9, 2.5)].into_iter().collect());
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}});
+    let format =
+        json!({"type": "json_schema", "json_schema": {"name": "c", "schema": schema, "strict": true}});
+    let body = json!({"messages": [{"role": "user", "content": "Hello"}], "response_format": format});
+    assert_eq!(post_json(&state, "/v1/chat/completions", body).await.0, StatusCode::OK);
+    let grammar = seen.requests.lock().unwrap()[1].grammar.clone().unwrap();
+    assert_eq!(grammar.kind(), crate::proto::grammar::Kind::JsonSchema);
+    assert_eq!((serde_json::from_str::<Value>(&grammar.spec).unwrap(), grammar.strict), (schema, true));
+    let body = json!({"prompt": "Hello", "guided_choice": ["yes", "no \"really\""]});
+    assert_eq!(post_json(&state, "/v1/completions", body).await.0, StatusCode::OK);
+    let grammar = seen.requests.lock().unwrap()[2].grammar.clone().unwrap();
+    assert_eq!(grammar.kind(), crate::proto::grammar::Kind::Choice);
+    assert_eq!(serde_json::from_str::<Vec<String>>(&grammar.spec).unwrap(), ["yes", "no \"really\""]);
 }
 
 #[tokio::test]

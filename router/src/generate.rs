@@ -133,6 +133,7 @@ fn request(id: &str, p: &GenParams) -> GenerateRequest {
         logprobs: p.logprobs.unwrap_or(0),
         return_logprobs: p.logprobs.is_some(),
         prompt_logprobs: p.prompt_logprobs,
+        grammar: p.grammar.clone(),
     }
 }
 

@@ -33,6 +33,13 @@ pub struct SamplingFields {
     pub repetition_penalty: Option<f64>,
     /// Token id (as a string, OpenAI's form) -> bias added to its logit.
     pub logit_bias: Option<Map<String, Value>>,
+    /// Structured output: OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`.
+    pub response_format: Option<Value>,
+    /// vLLM's structured-output extensions (one at most, and not with a JSON `response_format`).
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -6,7 +6,8 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::openai::{ChatCompletionRequest, CompletionRequest, Prompt, SamplingFields, StopSpec};
-use crate::proto::SamplingParams;
+use crate::proto::grammar::Kind;
+use crate::proto::{Grammar, SamplingParams};
 use crate::tokenizer::ModelTokenizer;
 
 const MAX_STOP_STRINGS: usize = 16;
@@ -16,7 +17,6 @@ const MAX_LOGIT_BIAS: usize = 1024;
 const NO_EFFECT_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier", "parallel_tool_calls"];
 /// OpenAI (and vLLM) fields saw does not implement: refused by name unless given their no-op value.
 const UNSUPPORTED_FIELDS: &[&str] = &[
-    "response_format",
     "tools",
     "tool_choice",
     "functions",
@@ -28,10 +28,6 @@ const UNSUPPORTED_FIELDS: &[&str] = &[
     "prediction",
     "reasoning_effort",
     "web_search_options",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
 ];
 
 /// A validated generation request, in tokens.
@@ -48,6 +44,8 @@ pub struct GenParams {
     /// Logprob of each sampled token plus this many alternatives.
     pub logprobs: Option<u32>,
     pub prompt_logprobs: bool,
+    /// What the output must match (structured output), if anything.
+    pub grammar: Option<Grammar>,
 }
 
 pub fn chat(req: &ChatCompletionRequest, tok: &ModelTokenizer) -> Result<GenParams, ApiError> {
@@ -162,6 +160,7 @@ fn common(
     }
     let logit_bias =
         s.logit_bias.as_ref().map(|b| logit_bias(b, vocab_size)).transpose()?.unwrap_or_default();
+    let grammar = grammar(s)?;
 
     let prompt_len = input_ids.len() as u64;
     let context = u64::from(limits.context_length);
@@ -232,6 +231,7 @@ fn common(
         stop,
         logprobs: None,
         prompt_logprobs: false,
+        grammar,
     })
 }
 
@@ -273,12 +273,59 @@ fn logit_bias(bias: &Map<String, Value>, vocab_size: u32) -> Result<HashMap<u32,
         .collect()
 }
 
+/// The structured-output constraint of `response_format` or a vLLM `guided_*` field (at most one).
+fn grammar(s: &SamplingFields) -> Result<Option<Grammar>, ApiError> {
+    let make = |kind: Kind, spec: String, strict: bool| Grammar { kind: kind as i32, spec, strict };
+    let mut found: Vec<(&str, Grammar)> = Vec::new();
+    if let Some(format) = s.response_format.as_ref().filter(|f| !f.is_null()) {
+        let bad = |m: &str| ApiError::invalid_param("response_format", m.to_string());
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => {
+                found.push(("response_format", make(Kind::JsonObject, String::new(), false)))
+            }
+            Some("json_schema") => {
+                let spec =
+                    format.get("json_schema").ok_or_else(|| bad("json_schema needs a json_schema object"))?;
+                let schema = spec.get("schema").filter(|v| v.is_object() || v.is_boolean());
+                let schema = schema.ok_or_else(|| bad("json_schema.schema must be a JSON schema object"))?;
+                let strict = spec.get("strict").and_then(Value::as_bool).unwrap_or(false);
+                found.push(("response_format", make(Kind::JsonSchema, schema.to_string(), strict)));
+            }
+            _ => return Err(bad("response_format.type must be text, json_object or json_schema")),
+        }
+    }
+    if let Some(schema) = &s.guided_json {
+        let text = match schema {
+            Value::String(text) => text.clone(),
+            Value::Object(_) => schema.to_string(),
+            _ => return Err(ApiError::invalid_param("guided_json", "guided_json must be a JSON schema")),
+        };
+        found.push(("guided_json", make(Kind::JsonSchema, text, false)));
+    }
+    if let Some(regex) = &s.guided_regex {
+        found.push(("guided_regex", make(Kind::Regex, regex.clone(), false)));
+    }
+    if let Some(choices) = &s.guided_choice {
+        if choices.is_empty() || choices.iter().any(String::is_empty) {
+            return Err(ApiError::invalid_param("guided_choice", "guided_choice takes non-empty strings"));
+        }
+        found.push(("guided_choice", make(Kind::Choice, serde_json::json!(choices).to_string(), false)));
+    }
+    if let Some(ebnf) = &s.guided_grammar {
+        found.push(("guided_grammar", make(Kind::Ebnf, ebnf.clone(), false)));
+    }
+    if found.len() > 1 {
+        return Err(ApiError::invalid_param(found[1].0, "give at most one structured-output constraint"));
+    }
+    Ok(found.pop().map(|(_, g)| g))
+}
+
 /// Fields the request structs do not name: those that change nothing pass, the rest are refused by name.
 fn refuse_other_fields(other: &Map<String, Value>) -> Result<(), ApiError> {
     for (key, value) in other {
         let no_op = match key.as_str() {
             k if NO_EFFECT_FIELDS.contains(&k) => true,
-            "response_format" => value.is_null() || value.get("type").and_then(Value::as_str) == Some("text"),
             "tools" | "functions" => value.is_null() || value.as_array().is_some_and(Vec::is_empty),
             "tool_choice" | "function_call" => value.is_null() || value == "none" || value == "auto",
             "best_of" => value.is_null() || value == 1,

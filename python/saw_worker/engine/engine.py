@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from saw_worker.engine.grammar import Grammars
 from saw_worker.engine.interface import EngineInfo, LoadStats
 from saw_worker.engine.model_runner import ChunkResult, LaunchedStep, ModelRunner
 from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sequence, Sink
@@ -27,6 +28,8 @@ class LocalEngine:
         self.overlap = overlap
         self._launched: LaunchedStep | None = None
         self._info = info
+        tok = info.tokenizer
+        self._grammars = Grammars(tok.tokenizer_json, info.vocab_size, tuple(tok.eos_token_ids))
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._incoming: list[Sequence] = []
@@ -60,12 +63,16 @@ class LocalEngine:
     def submit(self, params: GenerateParams, sink: Sink) -> None:
         info = self._info
         params.validate(info.vocab_size, info.context_length, info.kv_capacity_tokens)
+        # compiled here, on the caller's thread: a large schema takes a while, and a bad one is the caller's error
+        matcher = self._grammars.matcher(params.grammar) if params.grammar is not None else None
         with self._lock:
             if params.request_id in self._live:
                 raise RequestError(f"request id {params.request_id!r} is already running")
             self._live.add(params.request_id)
             self._order += 1
-            self._incoming.append(Sequence(params, sink, self._order))
+            seq = Sequence(params, sink, self._order)
+            seq.matcher = matcher
+            self._incoming.append(seq)
         self._wake.set()
 
     def abort(self, request_id: str) -> bool:

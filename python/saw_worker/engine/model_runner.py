@@ -162,9 +162,11 @@ class ModelRunner:
 
     @staticmethod
     def can_launch(batch: Batch) -> bool:
-        """Decode steps whose requests want nothing but tokens can run ahead of the host."""
+        """Decode steps whose requests want nothing but tokens can run ahead of the host (a grammar needs each
+        token on the host before the next step's mask)."""
         return batch.is_decode and not any(
-            c.seq.params.return_logprobs or c.seq.params.top_logprobs for c in batch.chunks)
+            c.seq.params.return_logprobs or c.seq.params.top_logprobs or c.seq.matcher is not None
+            for c in batch.chunks)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[ChunkResult]:

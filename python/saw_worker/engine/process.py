@@ -168,7 +168,7 @@ def _child_main(options: object, conn: Connection, log_level: int) -> None:
             try:
                 engine.submit(params, sink)
             except RequestError as exc:
-                sink(Event(finish=Finish.ABORT, error=str(exc)))
+                sink(Event(finish=Finish.ABORT, error=str(exc), refused=True))
                 flush()
         elif kind == "abort":
             engine.abort(payload)  # type: ignore[arg-type]

@@ -6,8 +6,12 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
 
 PENDING = -1  # a token id placeholder: sampled by a launched step, not yet on the host
 
@@ -59,6 +63,18 @@ class SamplingOptions:
                 raise bad(f"logit_bias: the bias of token {token} must be in [-100, 100], got {bias}")
 
 
+GRAMMAR_KINDS = ("json_object", "json_schema", "regex", "ebnf", "choice")
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What the output must match (grammar.py compiles it)."""
+
+    kind: str  # one of GRAMMAR_KINDS
+    spec: str = ""  # the schema (JSON text), regex, EBNF, or the choices (a JSON list of strings)
+    strict: bool = False  # json_schema: no properties beyond those the schema names
+
+
 @dataclass(frozen=True)
 class GenerateParams:
     request_id: str
@@ -71,6 +87,7 @@ class GenerateParams:
     top_logprobs: int = 0  # alternatives per token
     return_logprobs: bool = False
     prompt_logprobs: bool = False
+    grammar: GrammarSpec | None = None
 
     def validate(self, vocab_size: int, context_length: int, capacity_tokens: int) -> None:
         n = len(self.input_ids)
@@ -109,7 +126,8 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    error: str | None = None  # the engine failed this request (a bug, not bad input)
+    error: str | None = None  # the engine failed this request (a bug, not bad input, unless refused)
+    refused: bool = False  # the engine process refused it as bad input (RequestError), error says why
 
     def followed_by(self, later: Event) -> Event:
         """One event saying what this one and then `later` say."""
@@ -151,6 +169,7 @@ class Sequence:
         if params.sampling.seed is not None:
             self.generator = torch.Generator().manual_seed(params.sampling.seed)
         self.penalty_state: PenaltyState | None = None  # on the device, from the first sample on (sampler.py)
+        self.matcher: GrammarMatcher | None = None  # the grammar's state (grammar.py), set at submit
 
     @property
     def id(self) -> str:

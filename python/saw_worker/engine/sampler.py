@@ -1,10 +1,12 @@
-"""Next-token sampling for a batch: logit bias, penalties, greedy, temperature, top-k, top-p, min-p, seeds.
+"""Next-token sampling for a batch: logit bias, penalties, grammars, greedy, temperature, top-k, top-p, min-p,
+seeds.
 
 Seeded requests draw their uniform numbers from their own CPU generator, so the same seed gives
 the same tokens whatever else is in the batch; the draw itself (inverse CDF) is batched.
 
 Logit bias and the penalties (OpenAI's frequency and presence, vLLM's repetition) change the logits that
-greedy and sampling choose from, in that order, as vLLM does; logprobs stay those of the model. The
+greedy and sampling choose from, in that order, as vLLM does, and a grammar (grammar.py) masks what it does
+not allow; logprobs stay those of the model. The
 penalties' token counts live on the device (PenaltyState) and the sampler adds each drawn token to them,
 so a launched step's token never has to reach the host first (overlapped decode). Requests without these
 options cost nothing extra.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from saw_worker.engine.grammar import accept_tokens, mask_logits
 from saw_worker.engine.request import PenaltyState, Sequence, TokenLogprob
 
 
@@ -75,11 +78,11 @@ def _count_drawn(seqs: list[Sequence], tokens: torch.Tensor) -> None:
 
 
 def adjust_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """logits with each request's logit bias and penalties applied (a copy; logits itself is kept)."""
+    """logits with each request's logit bias, penalties and grammar mask applied (a copy; logits is kept)."""
     dev = logits.device
     biased = [bool(s.params.sampling.logit_bias) for s in seqs]
     penalized = [s.params.sampling.penalizes for s in seqs]
-    if not any(biased) and not any(penalized):
+    if not any(biased) and not any(penalized) and all(s.matcher is None for s in seqs):
         return logits
     logits = logits.clone()
     if any(biased):
@@ -90,6 +93,7 @@ def adjust_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if any(penalized):
         rows = _rows(penalized, dev)
         logits[rows] = _apply_penalties(logits, [s for s, w in zip(seqs, penalized, strict=True) if w], rows)
+    mask_logits(logits, seqs)
     return logits
 
 
@@ -118,6 +122,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if any(penalized):
         rows = _rows(penalized, logits.device)
         _count_drawn([s for s, w in zip(seqs, penalized, strict=True) if w], tokens[rows])
+    accept_tokens(seqs, tokens)
     return tokens
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\tsaw.proto\x12\x06saw.v1\"\r\n\x0bInfoRequest\"\xf4\x02\n\tInfoReply\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x02 \x01(\t\x12\x15\n\rchat_template\x18\x03 \x01(\t\x12\x11\n\tbos_token\x18\x04 \x01(\t\x12\x11\n\teos_token\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x11\n\tkv_format\x18\x08 \x01(\t\x12\x1a\n\x12kv_capacity_tokens\x18\t \x01(\x04\x12\x11\n\tpage_size\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x19\n\x0c\x62os_token_id\x18\r \x01(\rH\x00\x88\x01\x01\x12\x1a\n\x12kv_bytes_per_token\x18\x0e \x01(\x04\x12#\n\x1bkv_window_bytes_per_request\x18\x0f \x01(\x04\x42\x0f\n\r_bos_token_id\"\xac\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x39\n\nlogit_bias\x18\t \x03(\x0b\x32%.saw.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\xfa\x01\n\x0fGenerateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x04 \x01(\r\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12(\n\x08sampling\x18\x07 \x01(\x0b\x32\x16.saw.v1.SamplingParams\x12\x10\n\x08logprobs\x18\x08 \x01(\r\x12\x17\n\x0freturn_logprobs\x18\t \x01(\x08\x12\x17\n\x0fprompt_logprobs\x18\n \x01(\x08\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"@\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x1f\n\x03top\x18\x02 \x03(\x0b\x32\x12.saw.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xbf\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12&\n\x08logprobs\x18\x02 \x03(\x0b\x32\x14.saw.v1.TokenLogprob\x12-\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x14.saw.v1.TokenLogprob\x12&\n\x08\x66inished\x18\x04 \x01(\x0e\x32\x14.saw.v1.FinishReason\x12\x1c\n\x05usage\x18\x05 \x01(\x0b\x32\r.saw.v1.Usage\"\x1a\n\x0c\x41\x62ortRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\r\n\x0bLoadRequest\"z\n\tLoadReply\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_tokens_used\x18\x03 \x01(\x04\x12\x17\n\x0fkv_tokens_total\x18\x04 \x01(\x04\x12\x1a\n\x12outstanding_tokens\x18\x05 \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xd9\x01\n\x06Worker\x12.\n\x04Info\x12\x13.saw.v1.InfoRequest\x1a\x11.saw.v1.InfoReply\x12<\n\x08Generate\x12\x17.saw.v1.GenerateRequest\x1a\x15.saw.v1.GenerateChunk0\x01\x12\x31\n\x05\x41\x62ort\x12\x14.saw.v1.AbortRequest\x1a\x12.saw.v1.AbortReply\x12.\n\x04Load\x12\x13.saw.v1.LoadRequest\x1a\x11.saw.v1.LoadReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\tsaw.proto\x12\x06saw.v1\"\r\n\x0bInfoRequest\"\xf4\x02\n\tInfoReply\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0etokenizer_json\x18\x02 \x01(\t\x12\x15\n\rchat_template\x18\x03 \x01(\t\x12\x11\n\tbos_token\x18\x04 \x01(\t\x12\x11\n\teos_token\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\r\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x11\n\tkv_format\x18\x08 \x01(\t\x12\x1a\n\x12kv_capacity_tokens\x18\t \x01(\x04\x12\x11\n\tpage_size\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x19\n\x0c\x62os_token_id\x18\r \x01(\rH\x00\x88\x01\x01\x12\x1a\n\x12kv_bytes_per_token\x18\x0e \x01(\x04\x12#\n\x1bkv_window_bytes_per_request\x18\x0f \x01(\x04\x42\x0f\n\r_bos_token_id\"\xac\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x39\n\nlogit_bias\x18\t \x03(\x0b\x32%.saw.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\x9c\x02\n\x0fGenerateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x16\n\x0emin_new_tokens\x18\x04 \x01(\r\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12(\n\x08sampling\x18\x07 \x01(\x0b\x32\x16.saw.v1.SamplingParams\x12\x10\n\x08logprobs\x18\x08 \x01(\r\x12\x17\n\x0freturn_logprobs\x18\t \x01(\x08\x12\x17\n\x0fprompt_logprobs\x18\n \x01(\x08\x12 \n\x07grammar\x18\x0b \x01(\x0b\x32\x0f.saw.v1.Grammar\"\xc5\x01\n\x07Grammar\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.saw.v1.Grammar.Kind\x12\x0c\n\x04spec\x18\x02 \x01(\t\x12\x0e\n\x06strict\x18\x03 \x01(\x08\"x\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10KIND_JSON_OBJECT\x10\x01\x12\x14\n\x10KIND_JSON_SCHEMA\x10\x02\x12\x0e\n\nKIND_REGEX\x10\x03\x12\r\n\tKIND_EBNF\x10\x04\x12\x0f\n\x0bKIND_CHOICE\x10\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"@\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x1f\n\x03top\x18\x02 \x03(\x0b\x32\x12.saw.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xbf\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12&\n\x08logprobs\x18\x02 \x03(\x0b\x32\x14.saw.v1.TokenLogprob\x12-\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x14.saw.v1.TokenLogprob\x12&\n\x08\x66inished\x18\x04 \x01(\x0e\x32\x14.saw.v1.FinishReason\x12\x1c\n\x05usage\x18\x05 \x01(\x0b\x32\r.saw.v1.Usage\"\x1a\n\x0c\x41\x62ortRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\r\n\x0bLoadRequest\"z\n\tLoadReply\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_tokens_used\x18\x03 \x01(\x04\x12\x17\n\x0fkv_tokens_total\x18\x04 \x01(\x04\x12\x1a\n\x12outstanding_tokens\x18\x05 \x01(\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xd9\x01\n\x06Worker\x12.\n\x04Info\x12\x13.saw.v1.InfoRequest\x1a\x11.saw.v1.InfoReply\x12<\n\x08Generate\x12\x17.saw.v1.GenerateRequest\x1a\x15.saw.v1.GenerateChunk0\x01\x12\x31\n\x05\x41\x62ort\x12\x14.saw.v1.AbortRequest\x1a\x12.saw.v1.AbortReply\x12.\n\x04Load\x12\x13.saw.v1.LoadRequest\x1a\x11.saw.v1.LoadReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1554
-  _globals['_FINISHREASON']._serialized_end=1674
+  _globals['_FINISHREASON']._serialized_start=1788
+  _globals['_FINISHREASON']._serialized_end=1908
   _globals['_INFOREQUEST']._serialized_start=21
   _globals['_INFOREQUEST']._serialized_end=34
   _globals['_INFOREPLY']._serialized_start=37
@@ -44,23 +44,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=655
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=703
   _globals['_GENERATEREQUEST']._serialized_start=715
-  _globals['_GENERATEREQUEST']._serialized_end=965
-  _globals['_TOPLOGPROB']._serialized_start=967
-  _globals['_TOPLOGPROB']._serialized_end=1014
-  _globals['_TOKENLOGPROB']._serialized_start=1016
-  _globals['_TOKENLOGPROB']._serialized_end=1080
-  _globals['_USAGE']._serialized_start=1082
-  _globals['_USAGE']._serialized_end=1162
-  _globals['_GENERATECHUNK']._serialized_start=1165
-  _globals['_GENERATECHUNK']._serialized_end=1356
-  _globals['_ABORTREQUEST']._serialized_start=1358
-  _globals['_ABORTREQUEST']._serialized_end=1384
-  _globals['_ABORTREPLY']._serialized_start=1386
-  _globals['_ABORTREPLY']._serialized_end=1413
-  _globals['_LOADREQUEST']._serialized_start=1415
-  _globals['_LOADREQUEST']._serialized_end=1428
-  _globals['_LOADREPLY']._serialized_start=1430
-  _globals['_LOADREPLY']._serialized_end=1552
-  _globals['_WORKER']._serialized_start=1677
-  _globals['_WORKER']._serialized_end=1894
+  _globals['_GENERATEREQUEST']._serialized_end=999
+  _globals['_GRAMMAR']._serialized_start=1002
+  _globals['_GRAMMAR']._serialized_end=1199
+  _globals['_GRAMMAR_KIND']._serialized_start=1079
+  _globals['_GRAMMAR_KIND']._serialized_end=1199
+  _globals['_TOPLOGPROB']._serialized_start=1201
+  _globals['_TOPLOGPROB']._serialized_end=1248
+  _globals['_TOKENLOGPROB']._serialized_start=1250
+  _globals['_TOKENLOGPROB']._serialized_end=1314
+  _globals['_USAGE']._serialized_start=1316
+  _globals['_USAGE']._serialized_end=1396
+  _globals['_GENERATECHUNK']._serialized_start=1399
+  _globals['_GENERATECHUNK']._serialized_end=1590
+  _globals['_ABORTREQUEST']._serialized_start=1592
+  _globals['_ABORTREQUEST']._serialized_end=1618
+  _globals['_ABORTREPLY']._serialized_start=1620
+  _globals['_ABORTREPLY']._serialized_end=1647
+  _globals['_LOADREQUEST']._serialized_start=1649
+  _globals['_LOADREQUEST']._serialized_end=1662
+  _globals['_LOADREPLY']._serialized_start=1664
+  _globals['_LOADREPLY']._serialized_end=1786
+  _globals['_WORKER']._serialized_start=1911
+  _globals['_WORKER']._serialized_end=2128
 # @@protoc_insertion_point(module_scope)
