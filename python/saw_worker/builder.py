@@ -61,62 +61,61 @@ def device_name(device: torch.device) -> str:
 
 
 def build_engine(opts: WorkerOptions) -> LocalEngine:
-    model, kv, pool_opts, sched = opts.model, opts.kv, opts.pool, opts.scheduler
-    device = resolve_device(model.device)
+    device = resolve_device(opts.model.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     # The pool needs the model's shape, so the model is loaded with a plain attention and then
     # switched to the paged one.
-    loaded = load_model(model.name, model.load_format, device, dtype, _no_attention)
+    loaded = load_model(opts.model.name, opts.model.load_format, device, dtype, _no_attention)
     cfg = loaded.config
-    fmt = kv_format(kv, cfg.head_dim)
-    budget = kv_budget(pool_opts, device)
+    fmt = kv_format(opts.kv, cfg.head_dim)
+    budget = kv_budget(opts.pool, device)
     # one ring row per request that may hold pages: the running ones and one being prefilled
-    rows = sched.max_running_requests + 1
-    pool = KVPool.from_budget(fmt, cfg.num_layers, cfg.num_kv_heads, budget, pool_opts.page_size, device,
-                              kv.bf16_layers, rows)
+    rows = opts.scheduler.max_running_requests + 1
+    pool = KVPool.from_budget(fmt, cfg.num_layers, cfg.num_kv_heads, budget, opts.pool.page_size, device,
+                              opts.kv.bf16_layers, rows)
     attention = PagedAttention(pool, cfg.head_dim ** -0.5, use_kernels=device.type == "cuda")
     loaded.model.attention = attention
     runner = ModelRunner(loaded.model, attention, pool, device)
     if fmt.window and pool.window_rows < rows:
         log.warning("the KV budget holds bf16 windows for %d requests, fewer than --max-running-requests + 1: no "
                     "more hold KV at once (--window 0 or more memory lifts this)", pool.window_rows)
-    token_bytes = bytes_per_token(fmt, cfg.num_layers, cfg.num_kv_heads, kv.bf16_layers)
-    window_bytes = window_bytes_per_request(fmt, cfg.num_layers, cfg.num_kv_heads, kv.bf16_layers)
+    token_bytes = bytes_per_token(fmt, cfg.num_layers, cfg.num_kv_heads, opts.kv.bf16_layers)
+    window_bytes = window_bytes_per_request(fmt, cfg.num_layers, cfg.num_kv_heads, opts.kv.bf16_layers)
     log.info("KV pool: %s, %d tokens in %.1f MiB (%d B/token, %d B of bf16 window per request)", fmt.describe(),
              pool.capacity_tokens, budget / 2**20, token_bytes, window_bytes)
 
     if fmt.k_center or fmt.k_scale:
         started = time.perf_counter()
-        if kv.k_mean_file:
-            cal = calibration.load(kv.k_mean_file, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        if opts.kv.k_mean_file:
+            cal = calibration.load(opts.kv.k_mean_file, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
             if fmt.k_scale and cal.k_scale is None:
-                raise ValueError(f"{kv.k_mean_file} holds no k_scale; give --no-k-scale or a file with one")
+                raise ValueError(f"{opts.kv.k_mean_file} holds no k_scale; give --no-k-scale or a file with one")
         else:
             ids = tokenizers.Tokenizer.from_str(loaded.tokenizer.tokenizer_json).encode(
                 calibration.CALIBRATION_TEXT).ids
-            cal = calibration.measure(runner, ids, fmt.k_center, fmt.k_scale, kv.k_scale_alpha)
+            cal = calibration.measure(runner, ids, fmt.k_center, fmt.k_scale, opts.kv.k_scale_alpha)
         pool.k_mean = cal.k_mean.to(device) if fmt.k_center and cal.k_mean is not None else None
         if fmt.k_scale and cal.k_scale is not None:
             for layer, layer_fmt, lam in zip(loaded.model.layers, pool.formats, cal.k_scale.to(device), strict=True):
                 layer.k_scale = lam if layer_fmt.k_scale else None
         attention.refresh()
-        log.info("K calibration (%s) in %.2fs", kv.k_mean_file or "measured on the built-in text",
+        log.info("K calibration (%s) in %.2fs", opts.kv.k_mean_file or "measured on the built-in text",
                  time.perf_counter() - started)
 
-    context = min(model.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    context = min(opts.model.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
     if device.type == "cuda" and opts.decode.cuda_graphs:
         started = time.perf_counter()
-        runner.capture_graphs(sched.max_running_requests, context)
-        log.info("captured decode CUDA graphs for batch sizes up to %d in %.1fs", sched.max_running_requests,
+        runner.capture_graphs(opts.scheduler.max_running_requests, context)
+        log.info("captured decode CUDA graphs for batch sizes up to %d in %.1fs", opts.scheduler.max_running_requests,
                  time.perf_counter() - started)
-    scheduler = Scheduler(pool, sched.for_device(device.type == "cuda"), context,
+    scheduler = Scheduler(pool, opts.scheduler.for_device(device.type == "cuda"), context,
                           frozenset(loaded.tokenizer.eos_token_ids))
     info = EngineInfo(
         model_id=loaded.model_id, tokenizer=loaded.tokenizer, context_length=context, vocab_size=cfg.vocab_size,
-        kv_format=fmt.describe(), kv_capacity_tokens=pool.capacity_tokens, page_size=pool_opts.page_size,
+        kv_format=fmt.describe(), kv_capacity_tokens=pool.capacity_tokens, page_size=opts.pool.page_size,
         device=device_name(device), kv_bytes_per_token=token_bytes, kv_window_bytes_per_request=window_bytes,
     )
     return LocalEngine(runner, scheduler, info, opts.decode.overlap)
