@@ -70,8 +70,7 @@ pub struct Args {
     pub startup_timeout_secs: u64,
     #[command(flatten)]
     pub worker: WorkerFlags,
-    /// Further flags for every local worker, given after `--` and passed on as they are
-    /// (`python -m saw_worker --help` lists them), e.g. `-- --max-prefill-tokens 4096 --no-prefix-cache`.
+    /// Any other worker flag, after `--`: passed to every local worker as it is.
     #[arg(last = true, value_name = "WORKER FLAGS")]
     pub worker_args: Vec<String>,
 }

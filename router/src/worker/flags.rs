@@ -4,7 +4,7 @@
 
 use clap::Args;
 
-#[derive(Args, Debug, Clone, Default, PartialEq)]
+#[derive(Args, Debug, Clone)]
 #[command(
     next_help_heading = "Worker flags (passed to local workers as given; defaults: python -m saw_worker --help)"
 )]
