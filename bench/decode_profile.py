@@ -45,11 +45,19 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from saw_worker.builder import WorkerOptions, build_engine  # noqa: E402
+from saw_worker.builder import build_engine  # noqa: E402
 from saw_worker.engine import model_runner as model_runner_module  # noqa: E402
 from saw_worker.engine.engine import LocalEngine  # noqa: E402
 from saw_worker.engine.request import GenerateParams, Sequence  # noqa: E402
 from saw_worker.models import decoder as decoder_module  # noqa: E402
+from saw_worker.options import (  # noqa: E402
+    DecodeOptions,
+    KVOptions,
+    ModelOptions,
+    PoolOptions,
+    SchedulerOptions,
+    WorkerOptions,
+)
 
 LABEL = "bench:"  # prefix of the profiler labels this script wraps model scopes in
 CATEGORIES = ("gemm", "lm_head gemm", "attention", "kv write", "norm", "rope", "activation", "residual add",
@@ -394,11 +402,11 @@ def main() -> None:
     p.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=None,
                    help="shrink the config to 2 small layers (default: on without CUDA)")
     p.add_argument("--kv-cache-memory", default=None, help="fixed pool size (e.g. 40GiB); default: --mem-fraction")
-    p.add_argument("--mem-fraction", type=float, default=WorkerOptions.mem_fraction)
+    p.add_argument("--mem-fraction", type=float, default=PoolOptions.mem_fraction)
     p.add_argument("--out", default="bench/out/decode-profile.json")
     args = p.parse_args()
 
-    from saw_worker.cli import parse_bytes
+    from saw_worker.flags import parse_bytes
 
     on_gpu = torch.cuda.is_available()
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
@@ -416,10 +424,12 @@ def main() -> None:
     gemms: list[dict[str, Any]] = []
     copy: dict[str, Any] | None = None
     for kv in args.kv:
-        opts = WorkerOptions(model=model, load_format=args.load_format, kv=kv, mem_fraction=args.mem_fraction,
-                             max_running_requests=max(args.batch), cuda_graphs=False, k_center=False,
-                             hadamard_order=128,
-                             kv_cache_memory=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None)
+        memory = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
+        opts = WorkerOptions(model=ModelOptions(name=model, load_format=args.load_format),
+                             kv=KVOptions(name=kv, k_center=False, hadamard_order=128),
+                             pool=PoolOptions(mem_fraction=args.mem_fraction, kv_cache_memory=memory),
+                             scheduler=SchedulerOptions(max_running_requests=max(args.batch)),
+                             decode=DecodeOptions(cuda_graphs=False))
         t0 = time.perf_counter()
         engine = build_engine(opts)
         info = engine.info()

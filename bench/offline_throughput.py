@@ -25,8 +25,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from saw_worker.builder import WorkerOptions, build_engine  # noqa: E402
+from saw_worker.builder import build_engine  # noqa: E402
 from saw_worker.engine.request import Event, GenerateParams  # noqa: E402
+from saw_worker.options import (  # noqa: E402
+    DecodeOptions,
+    KVOptions,
+    ModelOptions,
+    PoolOptions,
+    SchedulerOptions,
+    WorkerOptions,
+)
 
 
 def run_batch(engine, batch: int, input_len: int, output_len: int, vocab: int, tag: str) -> float:  # noqa: ANN001
@@ -74,23 +82,25 @@ def main() -> None:
     p.add_argument("--hadamard-order", type=int, default=128)
     p.add_argument("--k-center", action=argparse.BooleanOptionalAction, default=False,
                    help="K centering for the INT4 formats (off by default here, as in the paper's runs)")
-    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=WorkerOptions.overlap,
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=DecodeOptions.overlap,
                    help="launch decode step N+1 before step N's tokens reach the host (worker flag --overlap)")
     p.add_argument("--kv-cache-memory", default=None, help="fixed pool size (e.g. 20GiB); default: --mem-fraction")
-    p.add_argument("--mem-fraction", type=float, default=WorkerOptions.mem_fraction)
+    p.add_argument("--mem-fraction", type=float, default=PoolOptions.mem_fraction)
     p.add_argument("--out", default="bench/out")
     args = p.parse_args()
 
-    from saw_worker.cli import parse_bytes
+    from saw_worker.flags import parse_bytes
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = []
     for kv in args.kv:
-        opts = WorkerOptions(model=args.model, load_format=args.load_format, kv=kv,
-                             hadamard_order=args.hadamard_order, k_center=args.k_center and kv != "bf16",
-                             mem_fraction=args.mem_fraction, overlap=args.overlap,
-                             max_running_requests=max(args.batch),
-                             kv_cache_memory=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None)
+        memory = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
+        opts = WorkerOptions(model=ModelOptions(name=args.model, load_format=args.load_format),
+                             kv=KVOptions(name=kv, hadamard_order=args.hadamard_order,
+                                          k_center=args.k_center and kv != "bf16"),
+                             pool=PoolOptions(mem_fraction=args.mem_fraction, kv_cache_memory=memory),
+                             scheduler=SchedulerOptions(max_running_requests=max(args.batch)),
+                             decode=DecodeOptions(overlap=args.overlap))
         t0 = time.perf_counter()
         engine = build_engine(opts)
         engine.start()

@@ -67,13 +67,13 @@ def _alive(pid: int) -> bool:
 
 
 class Router:
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, flags: tuple[str, ...] = ("--kv", KV), env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="saw-router-", suffix=".log", delete=False)
         self.worker_count = workers
-        cmd = _router_command() + ["--workers", str(workers), "--kv", KV, "--model", MODEL, "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        cmd = _router_command() + ["--workers", str(workers), "--model", MODEL, "--port", str(self.port), *flags]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, **env or {}))
         self.workers: list[int] = []
 
     def output(self) -> str:
@@ -382,6 +382,24 @@ def test_two_workers_share_the_load(router2: Router) -> None:
     served = [m.get(f'saw_worker_requests_total{{worker="{i}"}}', 0) for i in range(2)]
     assert sum(served) == 24 and min(served) > 0, served
     assert len(router2.workers) == 2
+
+
+def test_worker_flags_and_sglang_aliases_reach_the_worker() -> None:
+    """The worker resolves --kv-cache-dtype, HADAMARD, HADAMARD_ORDER and ROTATE_V from the router's environment;
+    flags after `--` reach it as they are (here: no prefix cache)."""
+    flags = ("--kv-cache-dtype", "int4", "--k-center", "false", "--", "--no-prefix-cache")
+    r = Router(workers=1, flags=flags, env={"HADAMARD": "1", "HADAMARD_ORDER": "16", "ROTATE_V": "yes"})
+    try:
+        r.wait_ready()
+        formats = [k for k in r.metrics() if k.startswith("saw_worker_kv_bytes{")]
+        assert formats and all('format="int4-bdr:b16+rotv+scale+s4+w16"' in k for k in formats), formats
+        client = r.client()
+        messages = [{"role": "user", "content": "Name three colors of the rainbow, one per line, and nothing else."}]
+        for _ in range(2):
+            reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+            assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        r.stop()
 
 
 def test_sigterm_drains_open_streams() -> None:

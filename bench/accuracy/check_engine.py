@@ -28,16 +28,17 @@ from sim import SimAttention, SimFormat  # noqa: E402
 from sweep import GREEDY_PROMPT  # noqa: E402
 
 from saw_eval.corpus import load_corpus, windows  # noqa: E402
-from saw_worker.builder import WorkerOptions, build_engine  # noqa: E402
+from saw_worker.builder import build_engine  # noqa: E402
 from saw_worker.engine.request import Event, GenerateParams  # noqa: E402
 from saw_worker.kv.calibration import CALIBRATION_TEXT  # noqa: E402
+from saw_worker.options import KVOptions, ModelOptions, PoolOptions, WorkerOptions  # noqa: E402
 
-CONFIGS = {  # label -> (WorkerOptions kwargs, SimFormat)
-    "bf16": ({"kv": "bf16"}, SimFormat("bf16")),
-    "int4": ({"kv": "int4", "k_center": False}, SimFormat("int4")),
-    "int4 +kc": ({"kv": "int4", "k_center": True}, SimFormat("int4", k_center=True)),
-    "int4-bdr": ({"kv": "int4-bdr", "k_center": False, "hadamard_order": 64}, SimFormat("int4-bdr", 64)),
-    "int4-bdr +kc": ({"kv": "int4-bdr", "k_center": True, "hadamard_order": 64},
+CONFIGS = {  # label -> (KVOptions kwargs, SimFormat)
+    "bf16": ({"name": "bf16"}, SimFormat("bf16")),
+    "int4": ({"name": "int4", "k_center": False}, SimFormat("int4")),
+    "int4 +kc": ({"name": "int4", "k_center": True}, SimFormat("int4", k_center=True)),
+    "int4-bdr": ({"name": "int4-bdr", "k_center": False, "hadamard_order": 64}, SimFormat("int4-bdr", 64)),
+    "int4-bdr +kc": ({"name": "int4-bdr", "k_center": True, "hadamard_order": 64},
                      SimFormat("int4-bdr", 64, k_center=True)),
 }
 
@@ -65,7 +66,8 @@ def main() -> None:
     torch.set_num_threads(2)
     rows = {}
     for label, (kw, sim_fmt) in CONFIGS.items():
-        engine = build_engine(WorkerOptions(model=args.model, device="cpu", kv_cache_memory=64 << 20, **kw))
+        engine = build_engine(WorkerOptions(model=ModelOptions(name=args.model, device="cpu"), kv=KVOptions(**kw),
+                                            pool=PoolOptions(kv_cache_memory=64 << 20)))
         info = engine.info()
         tok = tokenizers.Tokenizer.from_str(info.tokenizer.tokenizer_json)
         ids = windows(load_corpus(), lambda s, t=tok: t.encode(s, add_special_tokens=False).ids, args.window, 1)[0]

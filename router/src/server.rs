@@ -244,7 +244,7 @@ fn plan_workers(args: &Args, python: &str) -> Result<(Vec<Arc<Worker>>, Vec<Laun
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut base = vec!["-m".to_string(), "saw_worker".to_string()];
-    base.extend(args.worker_flags(|k| std::env::var(k).ok()));
+    base.extend(args.worker_flags());
     base.extend(["--device".to_string(), if cuda { "cuda" } else { "cpu" }.to_string()]);
     let mut launches = Vec::new();
     for i in 0..args.workers {

@@ -16,6 +16,7 @@ from saw_worker.kv.backend import PagedAttention
 from saw_worker.kv.formats import KVFormat
 from saw_worker.kv.pool import KVPool
 from saw_worker.models import DecoderLM
+from saw_worker.options import SchedulerOptions
 
 VOCAB = 97
 EOS = 3
@@ -43,8 +44,9 @@ def tiny_engine(kv: str = "int4-bdr", num_pages: int = 64, page_size: int = 4, m
     runner = ModelRunner(model, attention, pool, dev)
     if cuda_graphs:
         runner.capture_graphs(max_running, TINY.max_position_embeddings)
-    scheduler = Scheduler(pool, max_running, prefill_budget, TINY.max_position_embeddings, frozenset({eos}),
-                          reserve_decode_tokens, prefix_cache)
+    options = SchedulerOptions(max_running_requests=max_running, max_prefill_tokens=prefill_budget,
+                               reserve_decode_tokens=reserve_decode_tokens, prefix_cache=prefix_cache)
+    scheduler = Scheduler(pool, options, TINY.max_position_embeddings, frozenset({eos}))
     tok = TokenizerInfo(tokenizer_json="{}", chat_template="", bos_token="", eos_token="", bos_token_id=None,
                         eos_token_ids=(eos,))
     info = EngineInfo("tiny", tok, TINY.max_position_embeddings, VOCAB, fmt.describe(), pool.capacity_tokens, page_size,

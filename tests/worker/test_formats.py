@@ -99,20 +99,20 @@ def test_worker_defaults_follow_the_accuracy_measurements() -> None:
     """Unless told otherwise: K centering, K scale, a bf16 window and sinks for INT4 formats; order 128 at
     head_dim 128, 32 at 64."""
     from saw_worker.builder import kv_format
-    from saw_worker.cli import options_from_args, parser
+    from saw_worker.cli import options_from_argv
 
     assert default_kv_options("int4-bdr", 128) == KVDefaults(128, True, True, DEFAULT_WINDOW, DEFAULT_SINKS)
     assert default_kv_options("int4", 64) == KVDefaults(32, True, True, DEFAULT_WINDOW, DEFAULT_SINKS)
     assert default_kv_options("bf16", 64) == KVDefaults(32, False, False, 0, 0)
-    opts = options_from_args(parser().parse_args([]), {})
-    assert (opts.kv, opts.hadamard_order, opts.k_center, opts.k_scale, opts.window, opts.sinks) == (
+    kv = options_from_argv([], {}).kv
+    assert (kv.name, kv.hadamard_order, kv.k_center, kv.k_scale, kv.window, kv.sinks) == (
         "int4-bdr", None, None, None, None, None)  # resolved per model
-    assert kv_format(opts, 64).describe() == f"int4-bdr:b32+center+scale+s{DEFAULT_SINKS}+w{DEFAULT_WINDOW}"
-    assert kv_format(options_from_args(parser().parse_args(["--kv", "bf16"]), {}), 64).describe() == "bf16"
-    opts = options_from_args(parser().parse_args(["--no-k-center", "--no-k-scale", "--window", "0", "--sinks", "0"]),
-                             {"HADAMARD_ORDER": "64"})
-    assert (opts.hadamard_order, opts.k_center, opts.k_scale, opts.window, opts.sinks) == (64, False, False, 0, 0)
-    assert kv_format(opts, 64).describe() == "int4-bdr:b64"
+    assert kv_format(kv, 64).describe() == f"int4-bdr:b32+center+scale+s{DEFAULT_SINKS}+w{DEFAULT_WINDOW}"
+    assert kv_format(options_from_argv(["--kv", "bf16"], {}).kv, 64).describe() == "bf16"
+    kv = options_from_argv(["--no-k-center", "--no-k-scale", "--window", "0", "--sinks", "0"],
+                           {"HADAMARD_ORDER": "64"}).kv
+    assert (kv.hadamard_order, kv.k_center, kv.k_scale, kv.window, kv.sinks) == (64, False, False, 0, 0)
+    assert kv_format(kv, 64).describe() == "int4-bdr:b64"
     with pytest.raises(ValueError, match="--window"):
         KVFormat.make("bf16", 64, window=8)
     with pytest.raises(ValueError, match="--sinks needs"):

@@ -10,15 +10,17 @@ import tokenizers
 import torch
 from engine_util import Collector
 
-from saw_worker.builder import WorkerOptions, build_engine
+from saw_worker.builder import build_engine
 from saw_worker.engine.engine import LocalEngine
 from saw_worker.engine.request import GenerateParams
+from saw_worker.options import KVOptions, ModelOptions, PoolOptions, WorkerOptions
 
 pytestmark = pytest.mark.slow
 
 
 def engine_for(kv: str, **levers: bool | int) -> LocalEngine:
-    return build_engine(WorkerOptions(model="smollm2-135m", kv=kv, kv_cache_memory=64 << 20, **levers))
+    return build_engine(WorkerOptions(model=ModelOptions(name="smollm2-135m"), kv=KVOptions(name=kv, **levers),
+                                      pool=PoolOptions(kv_cache_memory=64 << 20)))
 
 
 def encode(engine: LocalEngine, text: str) -> list[int]:

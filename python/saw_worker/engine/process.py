@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection
 
 from saw_worker.engine.interface import EngineInfo, LoadStats
 from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sink
+from saw_worker.options import WorkerOptions
 
 log = logging.getLogger("saw_worker.engine")
 
@@ -31,9 +32,9 @@ class _StepOutput:
 
 
 class ProcessEngine:
-    def __init__(self, options: object, log_level: int = logging.INFO) -> None:
-        """options: WorkerOptions for build_engine in the child. Blocks until the engine is built;
-        raises RuntimeError with the child's message when it cannot be."""
+    def __init__(self, options: WorkerOptions, log_level: int = logging.INFO) -> None:
+        """Builds the engine from options in the child. Blocks until it is built; raises RuntimeError with the
+        child's message when it cannot be."""
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, child_conn = ctx.Pipe()
         self._proc = ctx.Process(target=_child_main, args=(options, child_conn, log_level), name="saw-engine",
@@ -123,12 +124,12 @@ class ProcessEngine:
                 self.on_death()
 
 
-def _child_main(options: object, conn: Connection, log_level: int) -> None:
+def _child_main(options: WorkerOptions, conn: Connection, log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from saw_worker.builder import build_engine
 
     try:
-        engine = build_engine(options)  # type: ignore[arg-type]
+        engine = build_engine(options)
     except Exception as exc:  # the parent reports it and exits; a traceback only for bugs
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         log.debug("%s", traceback.format_exc())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from saw_worker.engine.request import PENDING, Finish, Sequence
 from saw_worker.kv.pool import KVPool
 from saw_worker.kv.prefix_cache import PrefixCache
+from saw_worker.options import SchedulerOptions
 
 
 @dataclass
@@ -39,14 +40,16 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, pool: KVPool, max_running: int, prefill_budget: int, context_length: int,
-                 eos_token_ids: frozenset[int], reserve_decode_tokens: int = 0, prefix_cache: bool = True) -> None:
+    def __init__(self, pool: KVPool, options: SchedulerOptions, context_length: int,
+                 eos_token_ids: frozenset[int]) -> None:
+        """options.max_prefill_tokens must be set (SchedulerOptions.for_device)."""
+        assert options.max_prefill_tokens is not None, "no prefill budget: use SchedulerOptions.for_device"
         self.pool = pool
-        self.pages = PrefixCache(pool, prefix_cache)
-        self.reserve_decode_tokens = reserve_decode_tokens
+        self.pages = PrefixCache(pool, options.prefix_cache)
+        self.reserve_decode_tokens = options.reserve_decode_tokens
         self.preemptions = 0
-        self.max_running = max_running
-        self.prefill_budget = prefill_budget
+        self.max_running = options.max_running_requests
+        self.prefill_budget = options.max_prefill_tokens
         self.context_length = context_length
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()

@@ -1,5 +1,6 @@
 //! Workers as the router sees them: a gRPC client plus live health and load.
 
+pub mod flags;
 pub mod health;
 pub mod supervisor;
 
