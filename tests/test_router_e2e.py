@@ -221,6 +221,40 @@ def test_guided_choice_and_regex_streaming(router: Router) -> None:
     assert "regex" in str(bad.value)
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+def test_tool_calls_forced_streamed_and_round_tripped(router: Router) -> None:
+    """tool_choice required / named: the answer is a call with arguments of the tool's schema, as
+    tool_calls (whole and streamed); the call and its result then go back into the history."""
+    client = router.client()
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER],  # type: ignore[list-item]
+                                               tool_choice=choice, max_tokens=48, temperature=0)  # type: ignore
+        out = reply.choices[0]
+        assert out.finish_reason == "tool_calls" and out.message.tool_calls, out
+        call = out.message.tool_calls[0]
+        assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    stream = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER], tool_choice="required",  # type: ignore
+                                            max_tokens=48, temperature=0, stream=True)
+    chunks = [c for c in stream if c.choices]
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas] == ["get_weather"] and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert json.loads(deltas[0].function.arguments or "") == json.loads(call.function.arguments)
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
+    reply = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER],  # type: ignore
+                                           max_tokens=24, temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER],  # type: ignore
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
 def test_unknown_fields_and_models_are_refused(router: Router) -> None:
     client = router.client()
     with pytest.raises(openai.BadRequestError) as bad:

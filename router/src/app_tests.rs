@@ -140,8 +140,8 @@ async fn other_fields_pass_only_when_they_change_nothing() {
             "at most one",
         ),
         (r#""guided_choice": []"#, "guided_choice", "non-empty"),
-        (r#""tools": [{"type": "function", "function": {"name": "f"}}]"#, "tools", "not supported"),
-        (r#""tool_choice": "required""#, "tool_choice", "not supported"),
+        (r#""tools": [{"type": "function"}]"#, "tools", "unique name"),
+        (r#""tool_choice": "required""#, "tool_choice", "requires tools"),
         (r#""max_token": 5"#, "max_token", "unknown field"),
     ];
     for (extra, param, why) in refused {
@@ -154,10 +154,16 @@ async fn other_fields_pass_only_when_they_change_nothing() {
     assert_eq!((status, err["param"].as_str()), (StatusCode::BAD_REQUEST, Some("suffix")));
     // known fields with no effect, no-op values and the sampling options: valid (503: no worker to run it)
     let accepted = r#"{"messages": [{"role":"user","content":"Hello"}], "user": "u", "store": false,
-        "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "frequency_penalty": 0.5,
+        "response_format": {"type": "text"}, "tool_choice": "none", "frequency_penalty": 0.5,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
         "presence_penalty": -0.5, "repetition_penalty": 1.1, "min_p": 0.1, "logit_bias": {"5": -100}}"#;
     let (status, _) = error_of(&s, CHAT, accepted).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let tools = r#"{"messages": [{"role":"user","content":"Hello"}], "tool_choice": "required",
+        "tools": [{"type": "function", "function": {"name": "f"}}]}"#;
+    // the test template ignores `tools`, so they are described in a system message: too long for 64 tokens
+    let (status, err) = error_of(&s, CHAT, tools).await;
+    assert_eq!((status, err["code"].as_str()), (StatusCode::BAD_REQUEST, Some("context_length_exceeded")));
 }
 
 #[tokio::test]

@@ -18,6 +18,7 @@ pub mod policy;
 pub mod routes;
 pub mod server;
 pub mod tokenizer;
+pub mod tools;
 pub mod validate;
 pub mod worker;
 

@@ -52,6 +52,8 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
     pub chat_template_kwargs: Option<Map<String, Value>>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
     /// Every other field: refused unless it changes nothing (validate::refuse_other_fields).
@@ -131,7 +133,28 @@ pub struct ChatChoice {
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// null when the answer is only tool calls
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallOut {
+    /// Streaming deltas carry the call's position; whole messages do not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON text, as OpenAI sends it
+    pub arguments: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -179,6 +202,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
 }
 
 // ---- legacy completions ----

@@ -19,6 +19,8 @@ pub struct ModelTokenizer {
     eos_token: String,
     pub context_length: u32,
     pub vocab_size: u32,
+    /// The chat template reads `tools` (HF templates that support tool calling do).
+    pub template_takes_tools: bool,
 }
 
 impl ModelTokenizer {
@@ -37,6 +39,7 @@ impl ModelTokenizer {
             eos_token: info.eos_token.clone(),
             context_length: info.context_length,
             vocab_size: info.vocab_size,
+            template_takes_tools: source.contains("tools"),
         })
     }
 
@@ -44,10 +47,14 @@ impl ModelTokenizer {
     pub fn render_chat(
         &self,
         messages: &[Value],
+        tools: Option<&[Value]>,
         kwargs: Option<&Map<String, Value>>,
     ) -> Result<String, String> {
         let mut ctx = kwargs.cloned().unwrap_or_default();
         ctx.insert("messages".into(), Value::Array(messages.to_vec()));
+        if let Some(tools) = tools {
+            ctx.insert("tools".into(), Value::Array(tools.to_vec()));
+        }
         ctx.entry("add_generation_prompt").or_insert(Value::Bool(true));
         ctx.insert("bos_token".into(), Value::String(self.bos_token.clone()));
         ctx.insert("eos_token".into(), Value::String(self.eos_token.clone()));
@@ -228,7 +235,7 @@ pub(crate) mod tests {
             json!({"role": "system", "content": "Be brief. "}),
             json!({"role": "user", "content": "Hi"}),
         ];
-        let text = tok.render_chat(&messages, None).unwrap();
+        let text = tok.render_chat(&messages, None, None).unwrap();
         assert_eq!(
             text,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -244,8 +251,8 @@ pub(crate) mod tests {
         let tok = ModelTokenizer::from_info(&info).unwrap();
         let kwargs: Map<String, Value> = [("enable_thinking".to_string(), json!(true))].into_iter().collect();
         let user = vec![json!({"role": "user", "content": "  hi  "})];
-        assert_eq!(tok.render_chat(&user, Some(&kwargs)).unwrap(), "Thi");
-        let err = tok.render_chat(&[json!({"role": "assistant", "content": "x"})], None).unwrap_err();
+        assert_eq!(tok.render_chat(&user, None, Some(&kwargs)).unwrap(), "Thi");
+        let err = tok.render_chat(&[json!({"role": "assistant", "content": "x"})], None, None).unwrap_err();
         assert_eq!(err, "first message must be from the user");
     }
 
@@ -258,6 +265,7 @@ pub(crate) mod tests {
         let tok = ModelTokenizer::from_info(&info).unwrap();
         let text = tok.render_chat(
             &[json!({"role": "user", "content": "x"}), json!({"role": "user", "content": "y"})],
+            None,
             None,
         );
         assert_eq!(text.unwrap(), "x\ny\n");
@@ -279,7 +287,7 @@ pub(crate) mod tests {
         let kwargs: Map<String, Value> =
             [("enable_thinking".to_string(), json!(false))].into_iter().collect();
         assert_eq!(
-            tok.render_chat(&messages, Some(&kwargs)).unwrap(),
+            tok.render_chat(&messages, None, Some(&kwargs)).unwrap(),
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n\
              <|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
         );

@@ -9,6 +9,7 @@ use crate::openai::{ChatCompletionRequest, CompletionRequest, Prompt, SamplingFi
 use crate::proto::grammar::Kind;
 use crate::proto::{Grammar, SamplingParams};
 use crate::tokenizer::ModelTokenizer;
+use crate::tools::{self, Tools};
 
 const MAX_STOP_STRINGS: usize = 16;
 const MAX_TOP_LOGPROBS: i64 = 20;
@@ -48,14 +49,31 @@ pub struct GenParams {
     pub grammar: Option<Grammar>,
 }
 
-pub fn chat(req: &ChatCompletionRequest, tok: &ModelTokenizer) -> Result<GenParams, ApiError> {
+/// The validated request, and the tools whose calls the answer may hold.
+pub fn chat(
+    req: &ChatCompletionRequest,
+    tok: &ModelTokenizer,
+) -> Result<(GenParams, Option<Tools>), ApiError> {
     refuse_other_fields(&req.other)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must not be empty"));
     }
-    let messages = req.messages.iter().map(normalize_message).collect::<Result<Vec<_>, _>>()?;
-    let text =
-        tok.render_chat(&messages, req.chat_template_kwargs.as_ref()).map_err(ApiError::bad_request)?;
+    let tools = tools::from_request(req.tools.as_ref(), req.tool_choice.as_ref())?;
+    let mut messages = req.messages.iter().map(normalize_message).collect::<Result<Vec<_>, _>>()?;
+    for m in messages.iter_mut().filter_map(Value::as_object_mut) {
+        tools::history_for_template(m, tok.template_takes_tools);
+    }
+    let template_tools = match &tools {
+        Some(t) if tok.template_takes_tools => Some(t.defs.as_slice()),
+        Some(t) => {
+            add_system_text(&mut messages, &t.system_prompt());
+            None
+        }
+        None => None,
+    };
+    let text = tok
+        .render_chat(&messages, template_tools, req.chat_template_kwargs.as_ref())
+        .map_err(ApiError::bad_request)?;
     let input_ids = tok.encode_chat(&text).map_err(ApiError::bad_request)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(k)) if k > 0 => {
@@ -69,7 +87,28 @@ pub fn chat(req: &ChatCompletionRequest, tok: &ModelTokenizer) -> Result<GenPara
         Limits { context_length: tok.context_length, allow_zero_max_tokens: false, prompt_field: "messages" };
     let mut params = common(&req.sampling, max_tokens, input_ids, &limits, tok.vocab_size)?;
     params.logprobs = logprobs;
-    Ok(params)
+    if let Some(forced) = tools.as_ref().and_then(Tools::forced_grammar) {
+        if params.grammar.is_some() {
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                "a required tool call cannot be combined with response_format or guided_*",
+            ));
+        }
+        params.grammar = Some(forced);
+    }
+    Ok((params, tools))
+}
+
+/// Prepends text to the system message (a new one first when there is none).
+fn add_system_text(messages: &mut Vec<Value>, text: &str) {
+    match messages.first_mut().and_then(Value::as_object_mut) {
+        Some(first) if first.get("role").and_then(Value::as_str) == Some("system") => {
+            let content = first.get("content").and_then(Value::as_str).unwrap_or_default();
+            let joined = if content.is_empty() { text.to_string() } else { format!("{content}\n\n{text}") };
+            first.insert("content".into(), Value::String(joined));
+        }
+        _ => messages.insert(0, serde_json::json!({"role": "system", "content": text})),
+    }
 }
 
 /// The validated request and the prompt as text (for `echo`).

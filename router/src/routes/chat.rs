@@ -13,8 +13,9 @@ use crate::error::{ApiError, ApiJson};
 use crate::generate::{self, Generation, TokenOut};
 use crate::openai::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatCompletionRequest, ChatDelta, ChatLogprobs,
-    ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, Usage,
+    ChatMessageOut, ChatTokenLogprob, ChatTopLogprob, FunctionCall, ToolCallOut, Usage,
 };
+use crate::tools::{self, ToolCall};
 use crate::validate;
 
 pub async fn chat_completions(
@@ -32,30 +33,49 @@ pub async fn chat_completions(
         }
     })
     .await?;
-    let params = params?;
+    let (params, tools) = params?;
     let with_logprobs = params.logprobs.is_some();
     let generation = generate::start(&state, &model, params).await?;
-    let writer = ChatWriter { id: response_id("chatcmpl"), created: unix_now(), model, with_logprobs };
+    let writer = ChatWriter {
+        id: response_id("chatcmpl"),
+        created: unix_now(),
+        model,
+        with_logprobs,
+        calls: tools.is_some().then(CallHold::default),
+    };
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
         return Ok(sse::respond(generation, writer, include_usage));
     }
     let out = generation.collect().await?;
     let logprobs = with_logprobs.then(|| writer.logprobs(&out.tokens));
+    let (content, calls) =
+        if writer.calls.is_some() { tools::parse_calls(&out.text) } else { (Some(out.text), vec![]) };
+    let finish_reason = if calls.is_empty() { out.reason } else { "tool_calls" };
+    let tool_calls = calls.into_iter().map(|c| tool_call_out(c, None)).collect();
     Ok(Json(ChatCompletion {
-        id: writer.id,
+        id: writer.id.clone(),
         object: "chat.completion",
         created: writer.created,
         model: writer.model.name.clone(),
         choices: vec![ChatChoice {
             index: 0,
-            message: ChatMessageOut { role: "assistant", content: out.text },
+            message: ChatMessageOut { role: "assistant", content, tool_calls },
             logprobs,
-            finish_reason: out.reason,
+            finish_reason,
         }],
         usage: out.usage,
     })
     .into_response())
+}
+
+fn tool_call_out(call: ToolCall, index: Option<u32>) -> ToolCallOut {
+    ToolCallOut {
+        index,
+        id: response_id("call"),
+        kind: "function",
+        function: FunctionCall { name: call.name, arguments: call.arguments },
+    }
 }
 
 struct ChatWriter {
@@ -63,9 +83,51 @@ struct ChatWriter {
     created: u64,
     model: Arc<Model>,
     with_logprobs: bool,
+    /// With tools: the streamed text held back while it may be a tool call.
+    calls: Option<CallHold>,
+}
+
+/// Streamed text that may be a tool call: everything once the answer opens with JSON or a `<tool_call>`
+/// tag appears (parsed at the end), else only a tail that could be the start of the tag.
+#[derive(Default)]
+struct CallHold {
+    held: String,
+    tokens: Vec<TokenOut>,
+    all: bool,
+    sent_any: bool,
+}
+
+impl CallHold {
+    /// Adds new text; returns what can be sent as content now.
+    fn push(&mut self, text: &str, tokens: &[TokenOut]) -> Option<(String, Vec<TokenOut>)> {
+        self.held.push_str(text);
+        self.tokens.extend_from_slice(tokens);
+        let opens_json = !self.sent_any && self.held.trim_start().starts_with(['{', '[']);
+        if self.all || opens_json || self.held.contains(tools::CALL_OPEN) {
+            self.all = true;
+            return None;
+        }
+        let keep = (1..tools::CALL_OPEN.len())
+            .rev()
+            .find(|&n| self.held.ends_with(&tools::CALL_OPEN[..n]))
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        if self.held[..cut].trim().is_empty() && !self.sent_any {
+            return None; // leading whitespace: the answer may still open with JSON
+        }
+        self.sent_any = true;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        Some((out, std::mem::take(&mut self.tokens)))
+    }
 }
 
 impl ChatWriter {
+    fn content_chunk(&self, text: String, tokens: &[TokenOut]) -> String {
+        let logprobs = self.with_logprobs.then(|| self.logprobs(tokens));
+        self.chunk(ChatDelta { content: Some(text), ..Default::default() }, logprobs, None)
+    }
+
     fn chunk(
         &self,
         delta: ChatDelta,
@@ -116,17 +178,35 @@ impl ChatWriter {
 
 impl ChunkWriter for ChatWriter {
     fn preamble(&mut self, _: &Generation) -> Vec<String> {
-        let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+        let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), ..Default::default() };
         vec![self.chunk(delta, None, None)]
     }
 
-    fn text(&mut self, text: String, tokens: &[TokenOut]) -> String {
-        let logprobs = self.with_logprobs.then(|| self.logprobs(tokens));
-        self.chunk(ChatDelta { role: None, content: Some(text) }, logprobs, None)
+    fn text(&mut self, text: String, tokens: &[TokenOut]) -> Option<String> {
+        let (text, tokens) = match self.calls.as_mut() {
+            Some(hold) => hold.push(&text, tokens)?,
+            None => (text, tokens.to_vec()),
+        };
+        Some(self.content_chunk(text, &tokens))
     }
 
-    fn finish(&mut self, reason: &'static str) -> String {
-        self.chunk(ChatDelta::default(), None, Some(reason))
+    fn finish(&mut self, reason: &'static str) -> Vec<String> {
+        let mut frames = Vec::new();
+        let mut reason = reason;
+        if let Some(hold) = self.calls.take() {
+            let (content, calls) =
+                if hold.all { tools::parse_calls(&hold.held) } else { (Some(hold.held.clone()), vec![]) };
+            if let Some(text) = content.filter(|t| !t.is_empty()) {
+                frames.push(self.content_chunk(text, &hold.tokens));
+            }
+            if !calls.is_empty() {
+                let tool_calls = calls.into_iter().zip(0..).map(|(c, i)| tool_call_out(c, Some(i))).collect();
+                frames.push(self.chunk(ChatDelta { tool_calls, ..Default::default() }, None, None));
+                reason = "tool_calls";
+            }
+        }
+        frames.push(self.chunk(ChatDelta::default(), None, Some(reason)));
+        frames
     }
 
     fn usage(&mut self, usage: Usage) -> String {

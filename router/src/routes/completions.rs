@@ -172,14 +172,14 @@ impl ChunkWriter for CompletionWriter {
         vec![self.chunk(prompt, logprobs, None)]
     }
 
-    fn text(&mut self, text: String, tokens: &[TokenOut]) -> String {
+    fn text(&mut self, text: String, tokens: &[TokenOut]) -> Option<String> {
         let model = self.model.clone();
         let logprobs = self.logprobs.as_mut().map(|lp| lp.push_tokens(&model, tokens));
-        self.chunk(text, logprobs, None)
+        Some(self.chunk(text, logprobs, None))
     }
 
-    fn finish(&mut self, reason: &'static str) -> String {
-        self.chunk(String::new(), None, Some(reason))
+    fn finish(&mut self, reason: &'static str) -> Vec<String> {
+        vec![self.chunk(String::new(), None, Some(reason))]
     }
 
     fn usage(&mut self, usage: Usage) -> String {

@@ -13,8 +13,10 @@ use crate::openai::Usage;
 pub trait ChunkWriter: Send + 'static {
     /// Chunks sent before any generated text (chat: the role; completions with echo: the prompt).
     fn preamble(&mut self, generation: &Generation) -> Vec<String>;
-    fn text(&mut self, text: String, tokens: &[TokenOut]) -> String;
-    fn finish(&mut self, reason: &'static str) -> String;
+    /// The chunk for new text, or none while the writer holds it back (a tool call may be starting).
+    fn text(&mut self, text: String, tokens: &[TokenOut]) -> Option<String>;
+    /// The last chunks: what was held back, then the finish reason.
+    fn finish(&mut self, reason: &'static str) -> Vec<String>;
     fn usage(&mut self, usage: Usage) -> String;
 }
 
@@ -54,11 +56,11 @@ impl<W: ChunkWriter> Stream<W> {
             match self.generation.next().await {
                 Some(Ok(Event::Text { text, tokens })) => {
                     if !text.is_empty() || !tokens.is_empty() {
-                        self.pending.push_back(self.writer.text(text, &tokens));
+                        self.pending.extend(self.writer.text(text, &tokens));
                     }
                 }
                 Some(Ok(Event::Finished { reason, usage })) => {
-                    self.pending.push_back(self.writer.finish(reason));
+                    self.pending.extend(self.writer.finish(reason));
                     if self.include_usage {
                         self.pending.push_back(self.writer.usage(usage));
                     }
