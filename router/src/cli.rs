@@ -2,6 +2,8 @@
 
 use clap::{Parser, ValueEnum};
 
+use crate::serve_args::ServeArgs;
+
 const ENV_HELP: &str = "\
 Environment aliases (spellings of the saw-int4 SGLang fork; explicit flags always win):
   HADAMARD=1        with --kv int4 (or --kv-cache-dtype int4): use int4-bdr
@@ -81,8 +83,9 @@ pub struct Args {
     /// HTTP port.
     #[arg(long, default_value_t = 30000)]
     pub port: u16,
-    /// Require `Authorization: Bearer <key>` on /v1/* routes.
-    #[arg(long)]
+    /// Require `Authorization: Bearer <key>` on /v1/* routes (prefer $SAW_API_KEY or --api-key-file:
+    /// `ps` shows flags).
+    #[arg(long, env = "SAW_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Requests served at once; more wait in the queue.
     #[arg(long, default_value_t = 256)]
@@ -108,6 +111,8 @@ pub struct Args {
     /// How long to wait for workers to load before giving up.
     #[arg(long, default_value_t = 900)]
     pub startup_timeout_secs: u64,
+    #[command(flatten)]
+    pub serve: ServeArgs,
     /// Further flags for every local worker, given after `--` and passed on as they are
     /// (`python -m saw_worker --help` lists them), e.g. `-- --max-prefill-tokens 4096 --no-prefix-cache`.
     #[arg(last = true, value_name = "WORKER FLAGS")]

@@ -5,6 +5,7 @@ use serde_json::Value;
 use crate::error::ApiError;
 use crate::openai::{ChatCompletionRequest, CompletionRequest, Prompt, SamplingFields, StopSpec};
 use crate::proto::SamplingParams;
+use crate::request_limits::RequestLimits;
 use crate::tokenizer::ModelTokenizer;
 
 const MAX_STOP_STRINGS: usize = 16;
@@ -26,13 +27,18 @@ pub struct GenParams {
     pub prompt_logprobs: bool,
 }
 
-pub fn chat(req: &ChatCompletionRequest, tok: &ModelTokenizer) -> Result<GenParams, ApiError> {
+pub fn chat(
+    req: &ChatCompletionRequest,
+    tok: &ModelTokenizer,
+    request_limits: &RequestLimits,
+) -> Result<GenParams, ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must not be empty"));
     }
     let messages = req.messages.iter().map(normalize_message).collect::<Result<Vec<_>, _>>()?;
     let text =
         tok.render_chat(&messages, req.chat_template_kwargs.as_ref()).map_err(ApiError::bad_request)?;
+    check_prompt_bytes(&text, tok, request_limits, "messages")?;
     let input_ids = tok.encode_chat(&text).map_err(ApiError::bad_request)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(k)) if k > 0 => {
@@ -50,7 +56,11 @@ pub fn chat(req: &ChatCompletionRequest, tok: &ModelTokenizer) -> Result<GenPara
 }
 
 /// The validated request and the prompt as text (for `echo`).
-pub fn completion(req: &CompletionRequest, tok: &ModelTokenizer) -> Result<(GenParams, String), ApiError> {
+pub fn completion(
+    req: &CompletionRequest,
+    tok: &ModelTokenizer,
+    request_limits: &RequestLimits,
+) -> Result<(GenParams, String), ApiError> {
     let one = |n: usize| {
         if n == 1 {
             Ok(())
@@ -61,11 +71,15 @@ pub fn completion(req: &CompletionRequest, tok: &ModelTokenizer) -> Result<(GenP
             ))
         }
     };
+    let encode = |text: &str| {
+        check_prompt_bytes(text, tok, request_limits, "prompt")?;
+        tok.encode_prompt(text).map_err(ApiError::bad_request)
+    };
     let (input_ids, text) = match &req.prompt {
-        Prompt::Text(text) => (tok.encode_prompt(text).map_err(ApiError::bad_request)?, text.clone()),
+        Prompt::Text(text) => (encode(text)?, text.clone()),
         Prompt::Texts(texts) => {
             one(texts.len())?;
-            (tok.encode_prompt(&texts[0]).map_err(ApiError::bad_request)?, texts[0].clone())
+            (encode(&texts[0])?, texts[0].clone())
         }
         Prompt::Tokens(ids) => (ids.clone(), tok.decode(ids)),
         Prompt::TokenLists(lists) => {
@@ -130,15 +144,13 @@ fn common(
     let prompt_len = input_ids.len() as u64;
     let context = u64::from(limits.context_length);
     if context > 0 && prompt_len >= context {
-        let mut e = ApiError::invalid_param(
+        return Err(ApiError::context_length_exceeded(
             limits.prompt_field,
             format!(
                 "This model's maximum context length is {context} tokens. However, your prompt has {prompt_len} \
                  tokens; shorten it."
             ),
-        );
-        e.code = Some("context_length_exceeded");
-        return Err(e);
+        ));
     }
     let room = if context > 0 { context - prompt_len } else { u64::from(u32::MAX) };
     let max_new = match max_tokens {
@@ -148,16 +160,14 @@ fn common(
             return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"))
         }
         Some(n) if n as u64 > room => {
-            let mut e = ApiError::invalid_param(
+            return Err(ApiError::context_length_exceeded(
                 "max_tokens",
                 format!(
-                    "This model's maximum context length is {context} tokens. However, you requested {} tokens \
+                "This model's maximum context length is {context} tokens. However, you requested {} tokens \
                      ({prompt_len} in the prompt, {n} for the completion); reduce the prompt or max_tokens.",
-                    prompt_len + n as u64
-                ),
-            );
-            e.code = Some("context_length_exceeded");
-            return Err(e);
+                prompt_len + n as u64
+            ),
+            ))
         }
         Some(n) => n as u64,
     };
@@ -192,6 +202,29 @@ fn common(
         logprobs: None,
         prompt_logprobs: false,
     })
+}
+
+/// Refuses a prompt with more bytes than the context could hold tokens of, before tokenizing it
+/// (which costs about a second of CPU per megabyte).
+fn check_prompt_bytes(
+    text: &str,
+    tok: &ModelTokenizer,
+    limits: &RequestLimits,
+    field: &str,
+) -> Result<(), ApiError> {
+    let (context_length, bytes_per_token) = (tok.context_length, limits.max_prompt_bytes_per_token);
+    let max_bytes = limits.max_prompt_bytes(context_length);
+    if context_length == 0 || text.len() <= max_bytes {
+        return Ok(());
+    }
+    Err(ApiError::context_length_exceeded(
+        field,
+        format!(
+            "This model's maximum context length is {context_length} tokens. However, your prompt has {} bytes, \
+             more than {max_bytes} ({bytes_per_token} per token) could fit; shorten it.",
+            text.len()
+        ),
+    ))
 }
 
 fn top_logprobs(field: &str, k: i64) -> Result<u32, ApiError> {

@@ -23,10 +23,10 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let model = state.model()?;
     // Templating and tokenizing long prompts is CPU work: keep it off the async threads.
-    let (req, params) = super::blocking({
-        let model = model.clone();
+    let (req, params) = super::blocking(&state, {
+        let (model, limits) = (model.clone(), state.limits.clone());
         move || {
-            let params = validate::chat(&req, &model.tokenizer);
+            let params = validate::chat(&req, &model.tokenizer, &limits);
             (req, params)
         }
     })

@@ -21,10 +21,10 @@ pub async fn completions(
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = state.model()?;
-    let (req, validated) = super::blocking({
-        let model = model.clone();
+    let (req, validated) = super::blocking(&state, {
+        let (model, limits) = (model.clone(), state.limits.clone());
         move || {
-            let validated = validate::completion(&req, &model.tokenizer);
+            let validated = validate::completion(&req, &model.tokenizer, &limits);
             (req, validated)
         }
     })
