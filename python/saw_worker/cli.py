@@ -16,6 +16,7 @@ from saw_worker.engine.process import ProcessEngine
 from saw_worker.kv.formats import DEFAULT_SINKS, DEFAULT_WINDOW, HADAMARD_ORDERS, KV_FORMATS
 from saw_worker.loader import ModelLoadError
 
+TOKEN_ENV = "SAW_WORKER_TOKEN"
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
@@ -99,6 +100,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default: %(default)s)")
     p.add_argument("--unix-socket", default=None, help="listen on this unix socket instead of host:port")
+    p.add_argument("--token-file", default=None,
+                   help=f"serve only calls that carry the token in this file's first line as 'authorization: "
+                        f"Bearer <token>' (default: ${TOKEN_ENV}, which the router sets for the workers it starts; "
+                        f"neither: no token is asked for)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -128,16 +133,26 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> WorkerOp
     )
 
 
-async def _serve(args: argparse.Namespace, opts: WorkerOptions) -> None:
+def worker_token(args: argparse.Namespace, env: dict[str, str]) -> str | None:
+    """--token-file's first line, else $SAW_WORKER_TOKEN, else None (no token asked for)."""
+    if args.token_file is None:
+        return env.get(TOKEN_ENV) or None
+    with open(args.token_file) as f:
+        token = f.readline().strip()
+    if not token:
+        raise ValueError(f"{args.token_file} holds no token (its first line is empty)")
+    return token
+
+
+async def _serve(args: argparse.Namespace, opts: WorkerOptions, token: str | None) -> None:
     from saw_worker.server import serve
 
+    log = logging.getLogger("saw_worker")
+    if token is None:
+        log.warning("no worker token (--token-file or $%s): any local process can call this worker", TOKEN_ENV)
     engine = ProcessEngine(opts, logging.getLogger().level)
     engine.start()
-    address = f"unix:{args.unix_socket}" if args.unix_socket else f"{args.host}:{args.port}"
-    server = await serve(engine, address)
-    info = engine.info()
-    logging.getLogger("saw_worker").info("ready: %s, kv %s (%d tokens), %s, listening on %s", info.model_id,
-                                         info.kv_format, info.kv_capacity_tokens, info.device, address)
+    # A signal while the model loads ends both processes at once; from here on it stops them cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -149,9 +164,17 @@ async def _serve(args: argparse.Namespace, opts: WorkerOptions) -> None:
         loop.call_soon_threadsafe(stop.set)
 
     engine.on_death = on_death
-    await stop.wait()
-    await server.stop(grace=5)
-    engine.shutdown()
+    try:
+        address = f"unix:{args.unix_socket}" if args.unix_socket else f"{args.host}:{args.port}"
+        server = await serve(engine, address, token)
+        info = engine.info()
+        log.info("ready: %s, kv %s (%d tokens), %s, listening on %s", info.model_id, info.kv_format,
+                 info.kv_capacity_tokens, info.device, address)
+        await stop.wait()
+        await server.stop(grace=5)
+    finally:
+        # Always: the engine process ignores SIGTERM once serving, and ends when told (or when this one dies).
+        engine.shutdown()
     if died.is_set():
         raise RuntimeError("the engine process exited; see the log above")
 
@@ -162,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         opts = options_from_args(args, dict(os.environ))
-        asyncio.run(_serve(args, opts))
+        # Read, then removed: the processes this one starts need not see it.
+        token = worker_token(args, dict(os.environ))
+        os.environ.pop(TOKEN_ENV, None)
+        asyncio.run(_serve(args, opts, token))
     except (ModelLoadError, ValueError, OSError, RuntimeError) as exc:
         # Load errors (missing/corrupt files, unsupported architectures, bad flags) end here, without a traceback.
         print(f"saw_worker: error: {exc}", file=sys.stderr)

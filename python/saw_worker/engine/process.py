@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import signal
 import threading
 import traceback
 from collections.abc import Callable
@@ -133,6 +134,11 @@ def _child_main(options: object, conn: Connection, log_level: int) -> None:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         log.debug("%s", traceback.format_exc())
         return
+    # Once serving, the server process ends this one ("stop", or the pipe closing when it dies). A SIGTERM
+    # or SIGINT sent to the whole process group (the router stopping its worker, Ctrl-C) must not kill it
+    # first: the server would take that for an engine crash and fail its requests with it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     outbox: list[tuple[str, Event]] = []
     lock = threading.Lock()
     last_load = engine.load()
