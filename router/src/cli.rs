@@ -83,9 +83,9 @@ pub struct Args {
     /// HTTP port.
     #[arg(long, default_value_t = 30000)]
     pub port: u16,
-    /// Require `Authorization: Bearer <key>` on /v1/* routes (prefer $SAW_API_KEY or --api-key-file:
-    /// `ps` shows flags).
-    #[arg(long, env = "SAW_API_KEY", hide_env_values = true)]
+    /// Require `Authorization: Bearer <key>` on /v1/* routes (`ps` shows flags: prefer --api-key-file or
+    /// $SAW_API_KEY).
+    #[arg(long)]
     pub api_key: Option<String>,
     /// Requests served at once; more wait in the queue.
     #[arg(long, default_value_t = 256)]

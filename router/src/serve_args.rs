@@ -9,6 +9,8 @@ use crate::request_limits::RequestLimits;
 use crate::worker::health::HealthConfig;
 use crate::worker::token::{WorkerToken, TOKEN_ENV};
 
+pub const API_KEY_ENV: &str = "SAW_API_KEY";
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Read the API key from this file (its first line) instead of --api-key, which `ps` shows.
@@ -70,14 +72,21 @@ impl ServeArgs {
         }
     }
 
-    /// The API key: `--api-key` (or `$SAW_API_KEY`, which clap reads into it), else `--api-key-file`.
-    pub fn api_key(&self, flag: Option<&str>) -> Result<Option<String>, String> {
-        match (flag, &self.api_key_file) {
-            (Some(""), _) => Err("the API key must not be empty".into()),
-            (Some(key), _) => Ok(Some(key.to_string())),
-            (None, Some(path)) => read_secret(path).map(Some),
-            (None, None) => Ok(None),
+    /// The API key: `--api-key`, else `--api-key-file`, else `$SAW_API_KEY`, else none.
+    pub fn api_key(
+        &self,
+        flag: Option<&str>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<String>, String> {
+        let key = match (flag, &self.api_key_file) {
+            (Some(key), _) => Some(key.to_string()),
+            (None, Some(path)) => Some(read_secret(path)?),
+            (None, None) => env(API_KEY_ENV),
+        };
+        if key.as_deref() == Some("") {
+            return Err("the API key must not be empty".into());
         }
+        Ok(key)
     }
 
     /// The token for remote workers: `--worker-token-file`, else `$SAW_WORKER_TOKEN`, else none.
@@ -131,16 +140,20 @@ mod tests {
         std::fs::write(&key, "  k3y \nsecond line\n").unwrap();
         let path = key.to_str().unwrap();
         let a = parse(&["--api-key-file", path, "--worker-token-file", path]).unwrap();
-        assert_eq!(a.serve.api_key(a.api_key.as_deref()).unwrap().as_deref(), Some("k3y"));
+        let env = |k: &str| (k == "SAW_API_KEY").then(|| "from-env".to_string());
+        assert_eq!(a.serve.api_key(a.api_key.as_deref(), env).unwrap().as_deref(), Some("k3y"));
         let token = a.serve.remote_worker_token(|_| None).unwrap().unwrap();
         assert_eq!(token.as_str(), "k3y");
         assert!(parse(&["--api-key", "x", "--api-key-file", path]).is_err());
 
         let none = parse(&[]).unwrap();
+        assert_eq!(none.serve.api_key(None, env).unwrap().as_deref(), Some("from-env"));
+        assert_eq!(none.serve.api_key(Some("flag"), env).unwrap().as_deref(), Some("flag"));
+        assert_eq!(none.serve.api_key(None, |_| None).unwrap(), None);
         let from_env = none.serve.remote_worker_token(|k| (k == "SAW_WORKER_TOKEN").then(|| "t0k".into()));
         assert_eq!(from_env.unwrap().unwrap().as_str(), "t0k");
         std::fs::write(&key, "\n").unwrap();
-        assert!(a.serve.api_key(None).is_err());
+        assert!(a.serve.api_key(None, |_| None).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

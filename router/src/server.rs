@@ -30,7 +30,7 @@ pub async fn run(args: Args, python: String) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;
     let metrics = Arc::new(Metrics::new());
-    let api_key = args.serve.api_key(args.api_key.as_deref())?;
+    let api_key = args.serve.api_key(args.api_key.as_deref(), |k| std::env::var(k).ok())?;
     let (workers, launches) = plan_workers(&args, &python)?;
     let admission = Admission::new(
         args.max_concurrent_requests,
