@@ -56,12 +56,14 @@ class ProcessEngine:
         self._sinks_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="saw-engine-events", daemon=True)
         self.dead = False
+        self._stopping = False
         self.on_death: Callable[[], None] | None = None  # e.g. stop the server, so a supervisor restarts it
 
     def start(self) -> None:
         self._reader.start()
 
     def shutdown(self) -> None:
+        self._stopping = True  # the reader then takes the child's exit for the end it is, not a crash
         self._send(("stop", None))
         self._proc.join(timeout=15)
         if self._proc.is_alive():
@@ -118,7 +120,7 @@ class ProcessEngine:
             sinks, self._sinks = self._sinks, {}
         for sink in sinks.values():
             sink(Event(finish=Finish.ABORT, error=f"the engine process exited (code {code})"))
-        if code != 0:
+        if code != 0 and not self._stopping:
             log.error("engine process exited with code %s; %d requests failed", code, len(sinks))
             if self.on_death is not None:
                 self.on_death()
