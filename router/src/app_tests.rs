@@ -185,8 +185,8 @@ async fn a_prompt_that_cannot_fit_is_refused_before_tokenizing() {
     // Context 64 x 32 bytes per token: at most 2048 bytes. The body limit is lifted to reach the check.
     let limits = RequestLimits { max_body_bytes: Some(64 << 20), ..Default::default() };
     let s = state_with_config(vec![], None, limits, HealthConfig::default());
-    // 6 MB that tokenize to 1M tokens: tokenizing them would take seconds.
-    let prompt = "Hello ".repeat(1 << 20);
+    // 1.5 MB, 256k tokens: tokenizing them would take seconds; the bytes are counted in microseconds.
+    let prompt = "Hello ".repeat(1 << 18);
     let started = std::time::Instant::now();
     for (path, body) in [
         (COMPLETIONS, json!({"prompt": prompt})),

@@ -46,7 +46,7 @@ impl Default for RequestLimits {
 }
 
 /// Half the cores (at least one): the other half keeps serving while long prompts are tokenized.
-pub fn default_tokenizations() -> usize {
+fn default_tokenizations() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
