@@ -17,11 +17,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 import requests
 from openai import OpenAI
 from tokenizers import Tokenizer
+
+from saw_worker.proto import saw_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +44,9 @@ def _free_port() -> int:
 
 
 def _router_command() -> list[str]:
-    exe = shutil.which("saw-router")
+    """The saw-router of this interpreter's environment (e.g. a venv with this checkout), else one on PATH."""
+    beside = Path(sys.executable).parent / "saw-router"
+    exe = str(beside) if beside.exists() else shutil.which("saw-router")
     return [exe] if exe else [sys.executable, "-c", "from saw_router import main; main()"]
 
 
@@ -119,6 +124,9 @@ class Router:
         for pid in left:
             os.kill(pid, signal.SIGKILL)
         assert not left, f"worker processes outlived the router: {left}"
+        # Stopped workers exit quietly: no traceback, no engine "crash".
+        out = self.output()
+        assert "Traceback" not in out and "engine process exited" not in out, out[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +148,79 @@ def router2():
         yield r
     finally:
         r.stop()
+
+
+API_KEY = "e2e-k3y"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory):
+    """A router whose API key comes from a file (not argv), with a short stall timeout."""
+    key_file = tmp_path_factory.mktemp("secrets") / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    r = Router(workers=1, flags=("--kv", KV, "--api-key-file", str(key_file), "--worker-stall-timeout-secs", "2"))
+    try:
+        r.wait_ready()
+        assert API_KEY not in Path(f"/proc/{r.proc.pid}/cmdline").read_text()
+        yield r
+    finally:
+        r.stop()
+
+
+def test_api_key_from_a_file_any_bearer_case(guarded: Router) -> None:
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    resp = requests.post(f"{guarded.url}/v1/completions", json=body, timeout=30)
+    assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+    assert resp.json()["error"]["code"] == "invalid_api_key"
+    for scheme in ("Bearer", "bearer"):
+        resp = requests.post(f"{guarded.url}/v1/completions", json=body, timeout=60,
+                             headers={"Authorization": f"{scheme} {API_KEY}"})
+        assert resp.status_code == 200, resp.text
+
+
+def test_the_worker_port_refuses_callers_without_the_token(guarded: Router) -> None:
+    url = requests.get(f"{guarded.url}/health", timeout=5).json()["workers"][0]["url"]
+    assert url.startswith("http://127.0.0.1:")
+    with grpc.insecure_channel(url.removeprefix("http://")) as channel:
+        info = channel.unary_unary("/saw.v1.Worker/Info", saw_pb2.InfoRequest.SerializeToString,
+                                   saw_pb2.InfoReply.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            info(saw_pb2.InfoRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The token reached the worker through its environment, not its command line.
+    cmdline = Path(f"/proc/{guarded.workers[0]}/cmdline").read_text()
+    assert "token" not in cmdline.lower()
+
+
+def test_a_frozen_worker_fails_its_stream_and_gets_the_abort_when_back(guarded: Router) -> None:
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    worker = guarded.workers[0]
+    with requests.post(f"{guarded.url}/v1/completions", json=body, headers=headers, stream=True, timeout=60) as resp:
+        lines = (line for line in resp.iter_lines() if line)
+        assert next(lines).startswith(b"data: {")
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            rest = list(lines)
+            waited = time.monotonic() - stopped
+        finally:
+            os.kill(worker, signal.SIGCONT)
+    # Out of rotation after two 2 s poll timeouts, then 2 s (--worker-stall-timeout-secs) without a chunk.
+    assert waited < 12, waited
+    assert rest[-1] == b"data: [DONE]"
+    error = json.loads(rest[-2][len(b"data: "):])["error"]
+    assert error["code"] == "worker_stalled", error
+    # Back: it takes requests again, and the stalled request was dropped there with its KV.
+    deadline = time.monotonic() + 30
+    while True:
+        m = guarded.metrics()
+        if m['saw_worker_healthy{worker="0"}'] == 1 and m['saw_worker_running_requests{worker="0"}'] == 0 \
+                and m['saw_worker_kv_tokens_used{worker="0"}'] == 0:
+            break
+        assert time.monotonic() < deadline, m
+        time.sleep(0.25)
+    assert m['saw_e2e_request_latency_seconds_count{finish_reason="abort"}'] >= 1, m
 
 
 def test_models(router: Router) -> None:

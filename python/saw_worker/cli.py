@@ -17,6 +17,8 @@ from saw_worker.flags import add_options, read_options
 from saw_worker.loader import ModelLoadError
 from saw_worker.options import WorkerOptions
 
+TOKEN_ENV = "SAW_WORKER_TOKEN"
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -37,17 +39,27 @@ def options_from_argv(argv: list[str] | None, env: Mapping[str, str]) -> WorkerO
     return read_options(WorkerOptions, sglang_aliases.resolve(given, env))
 
 
-async def _serve(opts: WorkerOptions) -> None:
+def worker_token(opts: WorkerOptions, env: Mapping[str, str]) -> str | None:
+    """--token-file's first line, else $SAW_WORKER_TOKEN, else None (no token asked for)."""
+    path = opts.server.token_file
+    if path is None:
+        return env.get(TOKEN_ENV) or None
+    with open(path) as f:
+        token = f.readline().strip()
+    if not token:
+        raise ValueError(f"{path} holds no token (its first line is empty)")
+    return token
+
+
+async def _serve(opts: WorkerOptions, token: str | None) -> None:
     from saw_worker.server import serve
 
+    log = logging.getLogger("saw_worker")
+    if token is None:
+        log.warning("no worker token (--token-file or $%s): any local process can call this worker", TOKEN_ENV)
     engine = ProcessEngine(opts, logging.getLogger().level)
     engine.start()
-    where = opts.server
-    address = f"unix:{where.unix_socket}" if where.unix_socket else f"{where.host}:{where.port}"
-    server = await serve(engine, address)
-    info = engine.info()
-    logging.getLogger("saw_worker").info("ready: %s, kv %s (%d tokens), %s, listening on %s", info.model_id,
-                                         info.kv_format, info.kv_capacity_tokens, info.device, address)
+    # A signal while the model loads ends both processes at once; from here on it stops them cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -59,9 +71,18 @@ async def _serve(opts: WorkerOptions) -> None:
         loop.call_soon_threadsafe(stop.set)
 
     engine.on_death = on_death
-    await stop.wait()
-    await server.stop(grace=5)
-    engine.shutdown()
+    try:
+        where = opts.server
+        address = f"unix:{where.unix_socket}" if where.unix_socket else f"{where.host}:{where.port}"
+        server = await serve(engine, address, token)
+        info = engine.info()
+        log.info("ready: %s, kv %s (%d tokens), %s, listening on %s", info.model_id, info.kv_format,
+                 info.kv_capacity_tokens, info.device, address)
+        await stop.wait()
+        await server.stop(grace=5)
+    finally:
+        # Always: the engine process ignores SIGTERM once serving, and ends when told (or when this one dies).
+        engine.shutdown()
     if died.is_set():
         raise RuntimeError("the engine process exited; see the log above")
 
@@ -71,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         opts = options_from_argv(argv, os.environ)
         logging.basicConfig(level=opts.server.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        asyncio.run(_serve(opts))
+        # Read, then removed: the processes this one starts need not see it.
+        token = worker_token(opts, os.environ)
+        os.environ.pop(TOKEN_ENV, None)
+        asyncio.run(_serve(opts, token))
     except (ModelLoadError, ValueError, OSError, RuntimeError) as exc:
         # Load errors (missing/corrupt files, unsupported architectures, bad flags or aliases) end here, without a
         # traceback.

@@ -115,6 +115,10 @@ class ServerOptions:
     unix_socket: str | None = field(default=None, metadata=flag("listen on this unix socket instead of host:port",
                                                                  metavar="PATH"))
     log_level: str = field(default="info", metadata=flag("log level", choices=("debug", "info", "warning", "error")))
+    token_file: str | None = field(default=None, metadata=flag(
+        "serve only calls that carry the token in this file's first line as 'authorization: Bearer <token>' "
+        "(default: $SAW_WORKER_TOKEN, which the router sets for the workers it starts; neither: no token is asked "
+        "for)", metavar="PATH"))
 
 
 @dataclass(frozen=True)

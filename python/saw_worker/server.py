@@ -1,13 +1,16 @@
 """gRPC server (proto/saw.proto) over any Engine; plus the standard grpc.health.v1 service.
 
 Handlers are registered by hand rather than through generated *_pb2_grpc stubs, so the code
-does not pin a grpcio version.
+does not pin a grpcio version. With a token, every call must carry `authorization: Bearer <token>`
+(the router sends it): anything else on the machine that finds the port cannot bypass the router's
+API key.
 """
 
 from __future__ import annotations
 
+import hmac
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -146,9 +149,34 @@ class WorkerService:
         return [worker, health]
 
 
-async def serve(engine: Engine, address: str) -> grpc.aio.Server:
-    """Start serving on address ('127.0.0.1:50051' or 'unix:/path')."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+class RequireToken(grpc.aio.ServerInterceptor):
+    """Refuses calls without `authorization: Bearer <token>` with UNAUTHENTICATED."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong worker token")
+
+        # One unary handler refuses every method: the call ends with its status before any message.
+        self._refusal = grpc.unary_unary_rpc_method_handler(refuse)
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        given = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given, self._expected):
+            return await continuation(handler_call_details)
+        return self._refusal
+
+
+async def serve(engine: Engine, address: str, token: str | None = None) -> grpc.aio.Server:
+    """Start serving on address ('127.0.0.1:50051' or 'unix:/path'); with a token, only to callers that send it."""
+    server = grpc.aio.server(interceptors=[RequireToken(token)] if token else None,
+                             options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
     for h in WorkerService(engine).handlers():
         server.add_generic_rpc_handlers((h,))

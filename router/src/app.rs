@@ -3,22 +3,23 @@
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, Method};
+use axum::http::{header, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use tokio::sync::{watch, Semaphore};
 
 use crate::admission::Admission;
+use crate::conn;
 use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestCount};
 use crate::policy::Policy;
+use crate::request_limits::{self, RequestLimits};
 use crate::routes;
 use crate::tokenizer::ModelTokenizer;
+use crate::worker::health::HealthConfig;
 use crate::worker::Worker;
-
-/// Request bodies larger than this get a 413 (long prompts fit many times over).
-pub const MAX_BODY_BYTES: usize = 32 << 20;
 
 /// What the router knows about the model, from the first worker that answered `Info`.
 pub struct Model {
@@ -52,11 +53,41 @@ pub struct AppState {
     pub admission: Admission,
     pub metrics: Arc<Metrics>,
     pub api_key: Option<String>,
+    pub limits: RequestLimits,
+    /// `limits.max_concurrent_tokenizations` permits (routes::blocking).
+    pub tokenize_slots: Semaphore,
+    pub health: HealthConfig,
+    /// Set when the drain time is over: open generations end with "the server is shutting down".
+    pub stop_generations: watch::Sender<bool>,
     /// Unix time the router started (the `created` of /v1/models).
     pub created: u64,
 }
 
 impl AppState {
+    pub fn new(
+        workers: Vec<Arc<Worker>>,
+        policy: Box<dyn Policy>,
+        admission: Admission,
+        metrics: Arc<Metrics>,
+        api_key: Option<String>,
+        limits: RequestLimits,
+        health: HealthConfig,
+    ) -> Self {
+        AppState {
+            model: OnceLock::new(),
+            workers,
+            policy,
+            admission,
+            metrics,
+            api_key,
+            tokenize_slots: Semaphore::new(limits.max_concurrent_tokenizations.max(1)),
+            limits,
+            health,
+            stop_generations: watch::Sender::new(false),
+            created: routes::unix_now(),
+        }
+    }
+
     /// The model, or 503 while no worker has come up yet.
     pub fn model(&self) -> Result<Arc<Model>, ApiError> {
         self.model.get().cloned().ok_or_else(|| ApiError::unavailable("the model is still loading"))
@@ -64,9 +95,12 @@ impl AppState {
 }
 
 pub fn app(state: Arc<AppState>) -> Router {
-    let v1 = Router::new()
+    let generation = Router::new()
         .route("/v1/chat/completions", post(routes::chat::chat_completions))
         .route("/v1/completions", post(routes::completions::completions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), request_limits::read_body));
+    // The key is checked first: nobody unauthenticated gets a body read.
+    let v1 = generation
         .route("/v1/models", get(routes::models))
         .route("/v1/models/{*id}", get(routes::model_card))
         .route("/v1/tokenizer", get(routes::tokenizer))
@@ -77,7 +111,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/metrics", get(routes::metrics))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // request_limits::read_body has buffered the body within its own limit.
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(conn::check_headers))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
@@ -85,13 +121,19 @@ pub fn app(state: Arc<AppState>) -> Router {
 async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if let Some(key) = &state.api_key {
         let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let ok =
-            given.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|k| constant_time_eq(k.trim(), key));
-        if !ok {
-            return ApiError::unauthorized().into_response();
+        if !given.and_then(bearer_token).is_some_and(|k| constant_time_eq(k, key)) {
+            let mut response = ApiError::unauthorized().into_response();
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
         }
     }
     next.run(request).await
+}
+
+/// The credentials of `Authorization: Bearer <token>`; the scheme is case-insensitive (RFC 9110).
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Compares keys without an early exit, so response time does not leak how much matched.
@@ -100,14 +142,13 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
 }
 
 async fn count_requests(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let endpoint = match request.uri().path() {
-        p @ ("/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/metrics") => {
-            p.to_string()
-        }
-        _ => "other".to_string(),
-    };
+    const ENDPOINTS: [&str; 5] =
+        ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"];
+    let endpoint = ENDPOINTS.into_iter().find(|&p| p == request.uri().path()).unwrap_or("other");
+    // Counted on drop, so that a client who leaves before the response is counted too.
+    let mut count = RequestCount::new(state.metrics.clone(), endpoint);
     let response = next.run(request).await;
-    state.metrics.requests.with_label_values(&[endpoint.as_str(), response.status().as_str()]).inc();
+    count.status = Some(response.status());
     response
 }
 

@@ -10,22 +10,27 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use crate::admission::Admission;
-use crate::app::{app, AppState, Model, MAX_BODY_BYTES};
+use crate::app::{app, AppState, Model};
 use crate::metrics::Metrics;
+use crate::request_limits::RequestLimits;
 use crate::tokenizer::{tests::test_info, ModelTokenizer};
+use crate::worker::health::HealthConfig;
 use crate::worker::Worker;
 
 pub fn state_with(workers: Vec<Arc<Worker>>, api_key: Option<&str>) -> Arc<AppState> {
+    state_with_config(workers, api_key, RequestLimits::default(), HealthConfig::default())
+}
+
+pub fn state_with_config(
+    workers: Vec<Arc<Worker>>,
+    api_key: Option<&str>,
+    limits: RequestLimits,
+    health: HealthConfig,
+) -> Arc<AppState> {
     let metrics = Arc::new(Metrics::new());
-    let state = AppState {
-        model: Default::default(),
-        workers,
-        policy: crate::policy::from_kind(crate::cli::PolicyKind::CacheAware),
-        admission: Admission::new(4, 4, Duration::from_secs(5), metrics.queue_depth.clone()),
-        metrics,
-        api_key: api_key.map(String::from),
-        created: 0,
-    };
+    let policy = crate::policy::from_kind(crate::cli::PolicyKind::CacheAware);
+    let admission = Admission::new(4, 4, Duration::from_secs(5), metrics.queue_depth.clone());
+    let state = AppState::new(workers, policy, admission, metrics, api_key.map(String::from), limits, health);
     let tokenizer = ModelTokenizer::from_info(&test_info()).unwrap();
     let _ = state.model.set(Arc::new(Model {
         name: "test-model".into(),
@@ -202,30 +207,88 @@ async fn unknown_route_and_method() {
     assert!(text.contains("\"error\""));
 }
 
-#[tokio::test]
-async fn body_limit_is_413() {
-    let s = state_with(vec![], None);
-    let big = format!(r#"{{"prompt": "{}"}}"#, "a".repeat(MAX_BODY_BYTES + 1));
-    let (status, err) = error_of(&s, COMPLETIONS, &big).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert!(!err["message"].as_str().unwrap().is_empty());
+async fn send(state: &Arc<AppState>, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {bytes:?}"));
+    (status, headers, value)
+}
+
+fn post(path: &str) -> axum::http::request::Builder {
+    Request::post(path).header(header::CONTENT_TYPE, "application/json")
 }
 
 #[tokio::test]
-async fn api_key_guards_v1_only() {
-    let s = state_with(vec![], Some("sekret"));
-    let (status, err) = error_of(&s, CHAT, r#"{"messages": []}"#).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(err["code"], "invalid_api_key");
-    let req = Request::get("/v1/models")
-        .header(header::AUTHORIZATION, "Bearer sekret")
-        .body(Body::empty())
+async fn a_30_mb_prompt_is_refused_at_once() {
+    let s = state_with(vec![], None);
+    let big = format!(r#"{{"prompt": "{}"}}"#, "Hello ".repeat(5 << 20));
+    let started = std::time::Instant::now();
+    let req = post(COMPLETIONS).header(header::CONTENT_LENGTH, big.len()).body(Body::from(big)).unwrap();
+    let (status, _, v) = send(&s, req).await;
+    assert!(started.elapsed() < Duration::from_millis(100), "took {:?}", started.elapsed());
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(v["error"]["code"], "request_too_large");
+    // Without a Content-Length the body is read up to the limit only.
+    let big = format!(r#"{{"prompt": "{}"}}"#, "Hello ".repeat(5 << 20));
+    let (status, _, _) = send(&s, post(COMPLETIONS).body(Body::from(big)).unwrap()).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn a_prompt_that_cannot_fit_is_refused_before_tokenizing() {
+    // Context 64 x 32 bytes per token: at most 2048 bytes. The body limit is lifted to reach the check.
+    let limits = RequestLimits { max_body_bytes: Some(64 << 20), ..Default::default() };
+    let s = state_with_config(vec![], None, limits, HealthConfig::default());
+    // 1.5 MB, 256k tokens: tokenizing them would take seconds; the bytes are counted in microseconds.
+    let prompt = "Hello ".repeat(1 << 18);
+    let started = std::time::Instant::now();
+    for (path, body) in [
+        (COMPLETIONS, json!({"prompt": prompt})),
+        (CHAT, json!({"messages": [{"role": "user", "content": prompt}]})),
+    ] {
+        let (status, err) = error_of(&s, path, &body.to_string()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(err["code"], "context_length_exceeded");
+        assert!(err["message"].as_str().unwrap().contains("bytes"), "{err}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_missing_body_is_408_after_the_body_timeout() {
+    let limits = RequestLimits { body_read_timeout: Duration::from_millis(200), ..Default::default() };
+    let s = state_with_config(vec![], None, limits, HealthConfig::default());
+    let never =
+        Body::from_stream(futures_util::stream::pending::<Result<axum::body::Bytes, std::io::Error>>());
+    let req = post(COMPLETIONS).header(header::CONTENT_LENGTH, 100).body(never).unwrap();
+    let started = std::time::Instant::now();
+    let (status, _, v) = send(&s, req).await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(v["error"]["code"], "request_timeout");
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn encoded_bodies_are_415_and_big_heads_431_with_error_objects() {
+    let s = state_with(vec![], None);
+    let req = post(COMPLETIONS)
+        .header(header::CONTENT_ENCODING, "gzip")
+        .body(Body::from(vec![0x1f_u8, 0x8b]))
         .unwrap();
-    assert_eq!(app(s.clone()).oneshot(req).await.unwrap().status(), StatusCode::OK);
-    let req =
-        Request::get("/v1/models").header(header::AUTHORIZATION, "Bearer wrong").body(Body::empty()).unwrap();
-    assert_eq!(app(s.clone()).oneshot(req).await.unwrap().status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(call(&s, "GET", "/metrics", None).await.0, StatusCode::OK);
+    let (status, _, v) = send(&s, req).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(v["error"]["code"], "unsupported_content_encoding");
+    let req = post(COMPLETIONS).header("x-big", "a".repeat(70 << 10)).body(Body::from("{}")).unwrap();
+    let (status, _, v) = send(&s, req).await;
+    assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(v["error"]["code"], "headers_too_large");
+    let mut req = Request::get("/health");
+    for i in 0..150 {
+        req = req.header(format!("x-{i}"), "1");
+    }
+    let (status, _, _) = send(&s, req.body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 
 use clap::{Parser, ValueEnum};
 
+use crate::serve_args::ServeArgs;
 use crate::worker::flags::WorkerFlags;
 
 const AFTER_HELP: &str = "\
@@ -41,7 +42,8 @@ pub struct Args {
     /// HTTP port.
     #[arg(long, default_value_t = 30000)]
     pub port: u16,
-    /// Require `Authorization: Bearer <key>` on /v1/* routes.
+    /// Require `Authorization: Bearer <key>` on /v1/* routes (`ps` shows flags: prefer --api-key-file or
+    /// $SAW_API_KEY).
     #[arg(long)]
     pub api_key: Option<String>,
     /// Requests served at once; more wait in the queue.
@@ -70,6 +72,8 @@ pub struct Args {
     pub startup_timeout_secs: u64,
     #[command(flatten)]
     pub worker: WorkerFlags,
+    #[command(flatten)]
+    pub serve: ServeArgs,
     /// Any other worker flag, after `--`: passed to every local worker as it is.
     #[arg(last = true, value_name = "WORKER FLAGS")]
     pub worker_args: Vec<String>,

@@ -42,6 +42,37 @@ impl ApiError {
         e
     }
 
+    pub fn payload_too_large(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message);
+        e.code = Some("request_too_large");
+        e
+    }
+
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", message);
+        e.code = Some("request_timeout");
+        e
+    }
+
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", message);
+        e.code = Some("unsupported_content_encoding");
+        e
+    }
+
+    pub fn headers_too_large(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "invalid_request_error", message);
+        e.code = Some("headers_too_large");
+        e
+    }
+
+    /// A prompt that cannot fit in the context (tokens, or bytes before tokenizing).
+    pub fn context_length_exceeded(param: &str, message: impl Into<String>) -> Self {
+        let mut e = Self::invalid_param(param, message);
+        e.code = Some("context_length_exceeded");
+        e
+    }
+
     pub fn model_not_found(requested: &str, served: &str) -> Self {
         let mut e = Self::new(
             StatusCode::NOT_FOUND,
@@ -102,8 +133,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Like `axum::Json`, but malformed bodies and wrong types give a 400 OpenAI error
-/// (axum's own rejection is a 422 plain-text body), and oversized bodies a 413 one.
+/// Like `axum::Json`, but malformed bodies and wrong types give a 400 OpenAI error (axum's own
+/// rejection is a 422 plain-text body). The body limits are request_limits.rs's, before this.
 pub struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
@@ -111,13 +142,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            let status = rejection.status();
-            let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "invalid_request_error"
-            } else {
-                "server_error"
-            };
-            ApiError::new(status, kind, rejection.body_text())
+            ApiError::new(rejection.status(), "invalid_request_error", rejection.body_text())
         })?;
         serde_json::from_slice(&bytes)
             .map(ApiJson)

@@ -20,6 +20,10 @@ pub struct Script {
     pub delay: Duration,
     /// Refuse every Generate with this status.
     pub fail: Option<Status>,
+    /// Freeze (as after `kill -STOP`) once a stream has sent this many tokens.
+    pub freeze_after: Option<usize>,
+    /// Refuse calls without `authorization: Bearer <token>`, as the Python worker does.
+    pub token: Option<String>,
 }
 
 #[derive(Default)]
@@ -28,6 +32,14 @@ pub struct Observed {
     pub running: AtomicUsize,
     pub requests: Mutex<Vec<GenerateRequest>>,
     pub aborted: Mutex<Vec<String>>,
+    /// While set, every call and stream waits: the worker answers nothing, like a stopped process.
+    pub frozen: tokio::sync::watch::Sender<bool>,
+}
+
+impl Observed {
+    async fn thawed(&self) {
+        let _ = self.frozen.subscribe().wait_for(|&frozen| !frozen).await;
+    }
 }
 
 struct Fake {
@@ -40,7 +52,18 @@ pub async fn start(script: Script) -> (String, Arc<Observed>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Observed::default());
-    let service = WorkerServer::new(Fake { script: Arc::new(script), seen: seen.clone() });
+    let expected = script.token.as_ref().map(|t| format!("Bearer {t}"));
+    let check_token = move |request: Request<()>| {
+        let given = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        match &expected {
+            Some(expected) if given != Some(expected.as_str()) => {
+                Err(Status::unauthenticated("bad worker token"))
+            }
+            _ => Ok(request),
+        }
+    };
+    let service =
+        WorkerServer::with_interceptor(Fake { script: Arc::new(script), seen: seen.clone() }, check_token);
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -63,10 +86,12 @@ impl WorkerService for Fake {
     type GenerateStream = ChunkStream;
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoReply>, Status> {
+        self.seen.thawed().await;
         Ok(Response::new(test_info()))
     }
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<ChunkStream>, Status> {
+        self.seen.thawed().await;
         if let Some(status) = &self.script.fail {
             return Err(status.clone());
         }
@@ -79,6 +104,10 @@ impl WorkerService for Fake {
             let mut sent = 0u32;
             let tokens = script.tokens.iter().take(req.max_new_tokens as usize);
             for (i, &id) in tokens.enumerate() {
+                if script.freeze_after == Some(i) {
+                    seen.frozen.send_replace(true);
+                }
+                seen.thawed().await;
                 let mut chunk = GenerateChunk { token_ids: vec![id], ..Default::default() };
                 if req.return_logprobs {
                     chunk.logprobs = vec![logprob(req.logprobs)];
@@ -111,11 +140,13 @@ impl WorkerService for Fake {
     }
 
     async fn abort(&self, request: Request<AbortRequest>) -> Result<Response<AbortReply>, Status> {
+        self.seen.thawed().await;
         self.seen.aborted.lock().unwrap().push(request.into_inner().id);
         Ok(Response::new(AbortReply { found: true }))
     }
 
     async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadReply>, Status> {
+        self.seen.thawed().await;
         let running = self.seen.running.load(Ordering::SeqCst) as u32;
         Ok(Response::new(LoadReply { running, ..Default::default() }))
     }

@@ -12,9 +12,12 @@ use serde_json::{json, Value};
 use tonic::Status;
 use tower::ServiceExt;
 
-use crate::app::app;
-use crate::app_tests::{call, state_with};
+use crate::app::{app, AppState};
+use crate::app_tests::{call, state_with, state_with_config};
 use crate::fake_worker::{self, Observed, Script};
+use crate::request_limits::RequestLimits;
+use crate::worker::health::{self, HealthConfig};
+use crate::worker::token::WorkerToken;
 use crate::worker::Worker;
 
 // Token ids of the test vocabulary (tokenizer::tests): The capital is Paris .
@@ -24,7 +27,7 @@ const ANSWER_TEXT: &str = " The capital is Paris .";
 
 async fn ready_worker(index: usize, script: Script) -> (Arc<Worker>, Arc<Observed>) {
     let (url, seen) = fake_worker::start(script).await;
-    let worker = Arc::new(Worker::new(index, &url).unwrap());
+    let worker = Arc::new(Worker::new(index, &url, None).unwrap());
     worker.info().await.unwrap();
     (worker, seen)
 }
@@ -203,6 +206,120 @@ async fn client_disconnect_aborts_and_releases_everything() {
     assert_eq!(state.metrics.running.get(), 0);
     eventually("abort sent", || seen.aborted.lock().unwrap().len() == 1).await;
     eventually("worker request gone", || seen.running.load(Ordering::SeqCst) == 0).await;
+    // The aborted generation shows in the latency and token metrics.
+    assert_eq!(state.metrics.e2e.with_label_values(&["abort"]).get_sample_count(), 1);
+    assert_eq!(state.metrics.prompt_tokens.get(), 6);
+    assert_eq!(state.metrics.generation_tokens.get(), 1);
+}
+
+#[tokio::test]
+async fn client_gone_before_the_response_is_counted_as_499_and_abort() {
+    // The worker never sends a first chunk (frozen, and no health poller to notice).
+    let (worker, _) = ready_worker(0, Script { freeze_after: Some(0), ..answer(0) }).await;
+    let state = state_with(vec![worker], None);
+    let body = json!({"prompt": "Hello"}).to_string();
+    let gone = tokio::time::timeout(
+        Duration::from_millis(200),
+        call(&state, "POST", "/v1/completions", Some(&body)),
+    );
+    assert!(gone.await.is_err());
+    let text = state.metrics.render();
+    assert!(text.contains(r#"saw_requests_total{endpoint="/v1/completions",status="499"} 1"#), "{text}");
+    assert_eq!(state.metrics.e2e.with_label_values(&["abort"]).get_sample_count(), 1);
+    assert_eq!(state.metrics.prompt_tokens.get(), 0);
+}
+
+/// Health polls every 50 ms with 100 ms timeouts; a stream gives a silent worker 300 ms.
+fn fast_health() -> HealthConfig {
+    HealthConfig {
+        poll_interval: Duration::from_millis(50),
+        poll_timeout: Duration::from_millis(100),
+        failures_to_unhealthy: 2,
+        stall_timeout: Duration::from_millis(300),
+    }
+}
+
+fn with_health_poller(state: &Arc<AppState>) -> tokio::sync::watch::Sender<bool> {
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(health::poll_forever(state.clone(), stop_rx));
+    stop
+}
+
+#[tokio::test]
+async fn frozen_worker_fails_its_stream_in_bounded_time_and_gets_the_abort_when_back() {
+    let (worker, seen) = ready_worker(0, Script { freeze_after: Some(2), ..answer(0) }).await;
+    let state = state_with_config(vec![worker.clone()], None, RequestLimits::default(), fast_health());
+    let _poller = with_health_poller(&state);
+    let started = std::time::Instant::now();
+    let body = json!({"prompt": "Hello", "stream": true}).to_string();
+    let (status, text) = call(&state, "POST", "/v1/completions", Some(&body)).await;
+    // Health gives up after 2 x 100 ms timeouts (+ poll gaps), then the stream waits 300 ms more.
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert_eq!(status, StatusCode::OK);
+    let frames = sse_data(&text);
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let error: Value = serde_json::from_str(&frames[frames.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "worker_stalled", "{text}");
+    assert_eq!(worker.inflight(), 0);
+    // The abort cannot reach the frozen worker (its 2 s timeout passes); it is resent once it answers.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert!(seen.aborted.lock().unwrap().is_empty());
+    seen.frozen.send_replace(false);
+    eventually("abort resent", || seen.aborted.lock().unwrap().len() == 1).await;
+    eventually("healthy again", || worker.is_healthy()).await;
+}
+
+#[tokio::test]
+async fn worker_frozen_before_the_first_chunk_is_a_503() {
+    let (worker, _) = ready_worker(0, Script { freeze_after: Some(0), ..answer(0) }).await;
+    let state = state_with_config(vec![worker], None, RequestLimits::default(), fast_health());
+    let _poller = with_health_poller(&state);
+    let started = std::time::Instant::now();
+    let req = Request::post("/v1/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(json!({"prompt": "Hello", "stream": true}).to_string()))
+        .unwrap();
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.headers().contains_key(header::RETRY_AFTER));
+    let v: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["error"]["code"], "worker_stalled");
+}
+
+#[tokio::test]
+async fn open_streams_end_with_a_shutdown_error_when_the_drain_is_over() {
+    let (worker, _) = ready_worker(0, answer(100)).await;
+    let state = state_with(vec![worker], None);
+    let req = Request::post("/v1/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"messages": [{"role": "user", "content": "Hello"}], "stream": true}).to_string(),
+        ))
+        .unwrap();
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    let mut body = resp.into_body();
+    assert!(body.frame().await.unwrap().unwrap().data_ref().is_some());
+    state.stop_generations.send_replace(true);
+    let rest = body.collect().await.unwrap().to_bytes();
+    let frames = sse_data(&String::from_utf8_lossy(&rest));
+    assert_eq!(frames.last().unwrap(), "[DONE]");
+    let error: Value = serde_json::from_str(&frames[frames.len() - 2]).unwrap();
+    assert_eq!(error["error"]["message"], "the server is shutting down");
+}
+
+#[tokio::test]
+async fn worker_calls_carry_the_token() {
+    let script = || Script { token: Some("t0k".into()), ..answer(0) };
+    let (url, _) = fake_worker::start(script()).await;
+    let without = Worker::new(0, &url, None).unwrap();
+    assert_eq!(without.info().await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    let token = WorkerToken::new("t0k".into()).unwrap();
+    let with = Arc::new(Worker::new(0, &url, Some(&token)).unwrap());
+    with.info().await.unwrap();
+    let state = state_with(vec![with], None);
+    let (status, v) = post_json(&state, "/v1/completions", json!({"prompt": "Hello"})).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
 }
 
 #[tokio::test]
@@ -230,6 +347,34 @@ async fn failing_worker_is_retried_before_the_first_token() {
     }
     assert_eq!(seen.requests.lock().unwrap().len(), 3);
     assert!(!bad.is_healthy());
+}
+
+#[tokio::test]
+async fn worker_crashing_under_a_request_is_503_with_retry_after_or_retried() {
+    // What a worker answers the requests in flight when its engine process dies.
+    let crashed = || Script {
+        fail: Some(Status::internal("the engine process exited (code -9)")),
+        ..Default::default()
+    };
+    let (alone, _) = ready_worker(0, crashed()).await;
+    let state = state_with(vec![alone], None);
+    let body = json!({"prompt": "Hello"});
+    let req = Request::post("/v1/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.headers().contains_key(header::RETRY_AFTER));
+
+    let (bad, _) = ready_worker(0, crashed()).await;
+    let (good, seen) = ready_worker(1, answer(0)).await;
+    let state = state_with(vec![bad, good], None);
+    for _ in 0..3 {
+        let (status, v) = post_json(&state, "/v1/completions", body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+    }
+    assert_eq!(seen.requests.lock().unwrap().len(), 3);
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use crate::admission::Permit;
 use crate::app::{AppState, Model};
 use crate::detok::{Detokenizer, StopMatcher};
 use crate::error::ApiError;
+use crate::metrics::GenerationRecord;
 use crate::openai::Usage;
 use crate::proto::{FinishReason, GenerateChunk, GenerateRequest, TokenLogprob};
 use crate::validate::GenParams;
@@ -54,6 +55,7 @@ pub struct Generation {
     last_token: Option<Instant>,
     done: bool,
     // Dropped with the generation, i.e. with the response body: nothing leaks on disconnect.
+    record: GenerationRecord,
     abort: AbortOnDrop,
     _inflight: InflightGuard,
     _running: RunningGuard,
@@ -70,6 +72,55 @@ pub async fn start(
     mut params: GenParams,
 ) -> Result<Generation, ApiError> {
     let started = Instant::now();
+    // Recorded as `abort` if the client leaves while this waits for a slot or the first chunk.
+    let mut record = GenerationRecord::new(state.metrics.clone(), started);
+    let opened = match admit_and_open(state, &params).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            record.refused();
+            return Err(e);
+        }
+    };
+    record.prompt_started(params.input_ids.len());
+    record.generated(opened.first.token_ids.len());
+    let Opened { permit, worker, stream, mut first, inflight, abort } = opened;
+    let prompt_logprobs = std::mem::take(&mut first.prompt_logprobs);
+    state.metrics.running.inc();
+    state.metrics.count_worker_request(worker.index);
+    Ok(Generation {
+        model: model.clone(),
+        state: state.clone(),
+        stream: Some(stream),
+        first: Some(first),
+        prompt_logprobs,
+        detok: Detokenizer::new(&params.input_ids),
+        stop: StopMatcher::new(std::mem::take(&mut params.stop)),
+        events: VecDeque::new(),
+        params,
+        completion_tokens: 0,
+        started,
+        last_token: None,
+        done: false,
+        record,
+        abort,
+        _inflight: inflight,
+        _running: RunningGuard(state.clone()),
+        _permit: permit,
+    })
+}
+
+/// A worker request that has sent its first chunk.
+struct Opened {
+    permit: Permit,
+    worker: Arc<Worker>,
+    stream: Streaming<GenerateChunk>,
+    first: GenerateChunk,
+    inflight: InflightGuard,
+    abort: AbortOnDrop,
+}
+
+/// An admission slot, then healthy workers in policy order until one sends a first chunk.
+async fn admit_and_open(state: &Arc<AppState>, params: &GenParams) -> Result<Opened, ApiError> {
     let permit = state.admission.acquire().await?;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
@@ -84,40 +135,61 @@ pub async fn start(
         let inflight = worker.track();
         let id = format!("saw-{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
         let abort = AbortOnDrop { worker: worker.clone(), id: id.clone(), armed: true };
-        match open(&worker, request(&id, &params)).await {
-            Ok((stream, mut first)) => {
-                let prompt_logprobs = std::mem::take(&mut first.prompt_logprobs);
-                state.metrics.running.inc();
-                state.metrics.count_worker_request(worker.index);
-                return Ok(Generation {
-                    model: model.clone(),
-                    state: state.clone(),
-                    stream: Some(stream),
-                    first: Some(first),
-                    prompt_logprobs,
-                    detok: Detokenizer::new(&params.input_ids),
-                    stop: StopMatcher::new(std::mem::take(&mut params.stop)),
-                    events: VecDeque::new(),
-                    params,
-                    completion_tokens: 0,
-                    started,
-                    last_token: None,
-                    done: false,
-                    abort,
-                    _inflight: inflight,
-                    _running: RunningGuard(state.clone()),
-                    _permit: permit,
-                });
-            }
+        let opened = tokio::select! {
+            opened = open(&worker, request(&id, params)) => opened,
+            interruption = interruption(state, &worker) => match interruption {
+                Interruption::ShuttingDown => return Err(interruption.error(&worker)),
+                Interruption::Stalled => {
+                    eprintln!("saw-router: worker {} stalled before the first chunk of a request", worker.index);
+                    last_error = Some(interruption.error(&worker));
+                    continue;
+                }
+            },
+        };
+        match opened {
+            Ok((stream, first)) => return Ok(Opened { permit, worker, stream, first, inflight, abort }),
             Err(status) if is_client_error(&status) => return Err(ApiError::bad_request(status.message())),
             Err(status) => {
                 eprintln!("saw-router: worker {} failed a request: {}", worker.index, status.message());
                 if status.code() == Code::Unavailable {
                     worker.set_healthy(false);
                 }
-                last_error = Some(worker_error(&status));
+                last_error = Some(worker_error(&worker, &status));
             }
         }
+    }
+}
+
+/// Why a request ends without its worker.
+enum Interruption {
+    /// Out of rotation, and nothing came for the stall timeout.
+    Stalled,
+    /// The drain is over (server.rs).
+    ShuttingDown,
+}
+
+impl Interruption {
+    fn error(&self, worker: &Worker) -> ApiError {
+        let mut e = match self {
+            Interruption::Stalled => ApiError::unavailable(format!(
+                "worker {} stopped responding; retry the request",
+                worker.index
+            )),
+            Interruption::ShuttingDown => ApiError::unavailable("the server is shutting down"),
+        };
+        e.code = Some(match self {
+            Interruption::Stalled => "worker_stalled",
+            Interruption::ShuttingDown => "server_shutting_down",
+        });
+        e
+    }
+}
+
+async fn interruption(state: &AppState, worker: &Worker) -> Interruption {
+    let mut stop = state.stop_generations.subscribe();
+    tokio::select! {
+        _ = worker.unhealthy_for(state.health.stall_timeout) => Interruption::Stalled,
+        _ = stop.wait_for(|&stop| stop) => Interruption::ShuttingDown,
     }
 }
 
@@ -152,13 +224,14 @@ fn is_client_error(status: &Status) -> bool {
     matches!(status.code(), Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition)
 }
 
-fn worker_error(status: &Status) -> ApiError {
+/// A worker failure is the server's, and passing: 503 with `Retry-After` (a worker that crashed
+/// answers its requests in flight with INTERNAL or UNKNOWN, and is restarted).
+fn worker_error(worker: &Worker, status: &Status) -> ApiError {
     match status.code() {
         Code::ResourceExhausted => {
-            ApiError::unavailable(format!("worker is out of capacity: {}", status.message()))
+            ApiError::unavailable(format!("worker {} is out of capacity: {}", worker.index, status.message()))
         }
-        Code::Unavailable => ApiError::unavailable(format!("worker unavailable: {}", status.message())),
-        _ => ApiError::upstream(format!("worker error: {}", status.message())),
+        _ => ApiError::unavailable(format!("worker {} failed: {}", worker.index, status.message())),
     }
 }
 
@@ -196,25 +269,37 @@ impl Generation {
             }
             let chunk = match self.first.take() {
                 Some(chunk) => chunk,
-                None => match self.stream.as_mut()?.message().await {
-                    Ok(Some(chunk)) => chunk,
-                    Ok(None) => {
-                        self.done = true;
-                        return Some(Err(ApiError::upstream("worker ended the stream before finishing")));
-                    }
-                    Err(status) => {
-                        self.done = true;
-                        eprintln!(
-                            "saw-router: worker {} failed mid-request: {}",
-                            self.abort.worker.index, status
-                        );
-                        if status.code() == Code::Unavailable {
-                            // New requests go elsewhere until the health poller sees it back.
-                            self.abort.worker.set_healthy(false);
+                None => {
+                    let (stream, worker) = (self.stream.as_mut()?, &self.abort.worker);
+                    let message = tokio::select! {
+                        message = stream.message() => message,
+                        interruption = interruption(&self.state, worker) => {
+                            self.done = true;
+                            let error = interruption.error(worker);
+                            eprintln!("saw-router: a request on worker {} ended: {}", worker.index, error.message);
+                            return Some(Err(error));
                         }
-                        return Some(Err(worker_error(&status)));
+                    };
+                    match message {
+                        Ok(Some(chunk)) => {
+                            self.record.generated(chunk.token_ids.len());
+                            chunk
+                        }
+                        Ok(None) => {
+                            self.done = true;
+                            return Some(Err(ApiError::upstream("worker ended the stream before finishing")));
+                        }
+                        Err(status) => {
+                            self.done = true;
+                            eprintln!("saw-router: worker {} failed mid-request: {}", worker.index, status);
+                            if status.code() == Code::Unavailable {
+                                // New requests go elsewhere until the health poller sees it back.
+                                worker.set_healthy(false);
+                            }
+                            return Some(Err(worker_error(worker, &status)));
+                        }
                     }
-                },
+                }
             };
             self.absorb(chunk);
         }
@@ -270,7 +355,7 @@ impl Generation {
         }
         if let Some(reason) = reason {
             let usage = self.usage(chunk.usage.filter(|_| !stopped));
-            self.record_finish(reason, &usage);
+            self.record.finish(reason, usage.prompt_tokens, usage.completion_tokens);
             self.events.push_back(Event::Finished { reason, usage });
             self.done = true;
         }
@@ -300,13 +385,6 @@ impl Generation {
             }
         }
         self.last_token = Some(now);
-    }
-
-    fn record_finish(&self, reason: &str, usage: &Usage) {
-        let metrics = &self.state.metrics;
-        metrics.e2e.with_label_values(&[reason]).observe(self.started.elapsed().as_secs_f64());
-        metrics.prompt_tokens.inc_by(usage.prompt_tokens.into());
-        metrics.generation_tokens.inc_by(usage.completion_tokens.into());
     }
 }
 

@@ -5,6 +5,7 @@ pub mod app;
 #[cfg(test)]
 mod app_tests;
 pub mod cli;
+pub mod conn;
 pub mod detok;
 pub mod error;
 #[cfg(test)]
@@ -15,7 +16,9 @@ pub mod generate;
 pub mod metrics;
 pub mod openai;
 pub mod policy;
+pub mod request_limits;
 pub mod routes;
+pub mod serve_args;
 pub mod server;
 pub mod tokenizer;
 pub mod tools;

@@ -1,5 +1,8 @@
 //! Prometheus metrics, served as text at `GET /metrics`.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -143,6 +146,80 @@ impl Metrics {
         // Encoding our own registry into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Counts one HTTP request in `saw_requests_total` when dropped: with its status once the response
+/// is ready, or as 499 (nginx's "client closed request") when the client left before that.
+pub struct RequestCount {
+    metrics: Arc<Metrics>,
+    endpoint: &'static str,
+    pub status: Option<axum::http::StatusCode>,
+}
+
+impl RequestCount {
+    pub fn new(metrics: Arc<Metrics>, endpoint: &'static str) -> Self {
+        RequestCount { metrics, endpoint, status: None }
+    }
+}
+
+impl Drop for RequestCount {
+    fn drop(&mut self) {
+        let status = self.status.as_ref().map_or("499", |s| s.as_str());
+        self.metrics.requests.with_label_values(&[self.endpoint, status]).inc();
+    }
+}
+
+/// Records one generation in the latency and token metrics however it ends: with its finish reason,
+/// or as `abort` when it is dropped first (client gone, worker failed or stalled, shutdown), with
+/// the tokens it had by then.
+pub struct GenerationRecord {
+    metrics: Arc<Metrics>,
+    started: Instant,
+    /// The prompt counts once a worker has processed it (sent a first chunk).
+    prompt_tokens: u64,
+    generated_tokens: u64,
+    recorded: bool,
+}
+
+impl GenerationRecord {
+    pub fn new(metrics: Arc<Metrics>, started: Instant) -> Self {
+        GenerationRecord { metrics, started, prompt_tokens: 0, generated_tokens: 0, recorded: false }
+    }
+
+    pub fn prompt_started(&mut self, prompt_tokens: usize) {
+        self.prompt_tokens = prompt_tokens as u64;
+    }
+
+    pub fn generated(&mut self, tokens: usize) {
+        self.generated_tokens += tokens as u64;
+    }
+
+    /// The request was refused (an error status), so there is no generation to record.
+    pub fn refused(&mut self) {
+        self.recorded = true;
+    }
+
+    /// The worker finished it; its own counts replace ours.
+    pub fn finish(&mut self, reason: &str, prompt_tokens: u32, completion_tokens: u32) {
+        (self.prompt_tokens, self.generated_tokens) = (prompt_tokens.into(), completion_tokens.into());
+        self.record(reason);
+    }
+
+    fn record(&mut self, reason: &str) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let m = &self.metrics;
+        m.e2e.with_label_values(&[reason]).observe(self.started.elapsed().as_secs_f64());
+        m.prompt_tokens.inc_by(self.prompt_tokens);
+        m.generation_tokens.inc_by(self.generated_tokens);
+    }
+}
+
+impl Drop for GenerationRecord {
+    fn drop(&mut self) {
+        self.record("abort");
     }
 }
 

@@ -1,6 +1,5 @@
 //! Startup and shutdown: workers up, wait until ready, serve HTTP, drain, workers down.
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,13 +10,17 @@ use tokio::sync::watch;
 use crate::admission::Admission;
 use crate::app::{app, AppState, Model};
 use crate::cli::{Args, Device};
+use crate::conn::{self, ConnectionLimits};
 use crate::metrics::Metrics;
 use crate::tokenizer::ModelTokenizer;
 use crate::worker::supervisor::{self, LaunchSpec};
+use crate::worker::token::{WorkerToken, TOKEN_ENV};
 use crate::worker::{health, Worker};
 
 /// In-flight requests get this long to finish after SIGINT/SIGTERM (a second signal cuts it short).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// After the drain, the streams still open get this long to send their shutdown error and close.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(args: Args, python: String) -> Result<(), String> {
@@ -27,21 +30,23 @@ pub async fn run(args: Args, python: String) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}:{}: {e}", args.host, args.port))?;
     let metrics = Arc::new(Metrics::new());
+    let api_key = args.serve.api_key(args.api_key.as_deref(), |k| std::env::var(k).ok())?;
     let (workers, launches) = plan_workers(&args, &python)?;
-    let state = Arc::new(AppState {
-        model: Default::default(),
+    let admission = Admission::new(
+        args.max_concurrent_requests,
+        args.queue_size,
+        Duration::from_secs(args.queue_timeout_secs),
+        metrics.queue_depth.clone(),
+    );
+    let state = Arc::new(AppState::new(
         workers,
-        policy: crate::policy::from_kind(args.policy),
-        admission: Admission::new(
-            args.max_concurrent_requests,
-            args.queue_size,
-            Duration::from_secs(args.queue_timeout_secs),
-            metrics.queue_depth.clone(),
-        ),
+        crate::policy::from_kind(args.policy),
+        admission,
         metrics,
-        api_key: args.api_key.clone(),
-        created: crate::routes::unix_now(),
-    });
+        api_key,
+        args.serve.request_limits(),
+        args.serve.health(),
+    ));
 
     let (stop_workers, stop_rx) = watch::channel(false);
     let mut tasks: Vec<_> = launches
@@ -67,14 +72,16 @@ pub async fn run(args: Args, python: String) -> Result<(), String> {
             _ = signalled(interrupted, 1) => Ok(()),
         }
     };
-    let (ready, served) = tokio::join!(startup, serve(listener, state.clone(), signals, startup_failed_rx));
+    let limits = args.serve.connection_limits();
+    let (ready, ()) =
+        tokio::join!(startup, serve(listener, state.clone(), &limits, signals, startup_failed_rx));
 
     eprintln!("saw-router: stopping workers");
     let _ = stop_workers.send(true);
     for task in tasks {
         let _ = task.await;
     }
-    ready.and(served)
+    ready
 }
 
 /// Counts SIGINT/SIGTERM deliveries.
@@ -99,40 +106,38 @@ async fn signalled(mut signals: watch::Receiver<u32>, count: u32) {
 }
 
 /// Serves until a signal (or a failed startup), then drains: open requests get `DRAIN_TIMEOUT`
-/// to finish, a second signal cuts that short.
+/// to finish (a second signal cuts that short); the generations still running then end with a
+/// "the server is shutting down" error.
 async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
+    limits: &ConnectionLimits,
     signals: watch::Receiver<u32>,
     mut startup_failed: watch::Receiver<bool>,
-) -> Result<(), String> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stop_trigger = async move {
-        tokio::select! {
-            _ = signalled(signals.clone(), 1) => {
-                eprintln!("saw-router: shutting down: no new connections, draining requests");
-            }
-            _ = startup_failed.wait_for(|&failed| failed) => {}
-        }
-        let _ = stop_tx.send(true);
-        tokio::select! {
-            _ = tokio::time::sleep(DRAIN_TIMEOUT) => {}
-            _ = signalled(signals, 2) => {}
-        }
-    };
-    let graceful = {
-        let mut stop_rx = stop_rx.clone();
+) {
+    let stop = {
+        let signals = signals.clone();
         async move {
-            let _ = stop_rx.wait_for(|&stop| stop).await;
+            tokio::select! {
+                _ = signalled(signals, 1) => {
+                    eprintln!("saw-router: shutting down: no new connections, draining requests");
+                }
+                _ = startup_failed.wait_for(|&failed| failed) => {}
+            }
         }
     };
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(graceful);
+    let connections = conn::serve(listener, app(state.clone()), limits, stop).await;
+    let drained = connections.shutdown();
+    tokio::pin!(drained);
     tokio::select! {
-        served = server.into_future() => served.map_err(|e| format!("server error: {e}")),
-        _ = stop_trigger => {
-            eprintln!("saw-router: closing the connections still open");
-            Ok(())
-        }
+        _ = &mut drained => return,
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => {}
+        _ = signalled(signals, 2) => {}
+    }
+    eprintln!("saw-router: ending the requests still open");
+    state.stop_generations.send_replace(true);
+    if tokio::time::timeout(FINAL_FLUSH, &mut drained).await.is_err() {
+        eprintln!("saw-router: closing the connections still open");
     }
 }
 
@@ -215,13 +220,14 @@ type Launch = (Arc<Worker>, LaunchSpec);
 /// Remote workers from `--worker-url`, or `--workers` local ones with how to start each.
 fn plan_workers(args: &Args, python: &str) -> Result<(Vec<Arc<Worker>>, Vec<Launch>), String> {
     if !args.worker_urls.is_empty() {
+        let token = args.serve.remote_worker_token(|k| std::env::var(k).ok())?;
         let workers = args
             .worker_urls
             .iter()
             .enumerate()
             .map(|(i, url)| {
                 let url = if url.contains("://") { url.clone() } else { format!("http://{url}") };
-                Worker::new(i, &url).map(Arc::new)
+                Worker::new(i, &url, token.as_ref()).map(Arc::new)
             })
             .collect::<Result<Vec<_>, _>>()?;
         return Ok((workers, vec![]));
@@ -243,6 +249,8 @@ fn plan_workers(args: &Args, python: &str) -> Result<(Vec<Arc<Worker>>, Vec<Laun
         );
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Local workers accept only calls with this start's token (passed in their environment).
+    let token = WorkerToken::generate()?;
     let mut base = vec!["-m".to_string(), "saw_worker".to_string()];
     base.extend(args.worker_flags());
     base.extend(["--device".to_string(), if cuda { "cuda" } else { "cpu" }.to_string()]);
@@ -252,7 +260,7 @@ fn plan_workers(args: &Args, python: &str) -> Result<(Vec<Arc<Worker>>, Vec<Laun
             Some(base) => base.checked_add(i as u16).ok_or("--worker-base-port too high")?,
             None => free_port()?,
         };
-        let mut env = Vec::new();
+        let mut env = vec![(TOKEN_ENV.to_string(), token.as_str().to_string())];
         if cuda && !gpus.is_empty() {
             env.push(("CUDA_VISIBLE_DEVICES".to_string(), gpus[i % gpus.len()].clone()));
         }
@@ -260,7 +268,7 @@ fn plan_workers(args: &Args, python: &str) -> Result<(Vec<Arc<Worker>>, Vec<Laun
             // CPU workers share the cores instead of each spinning a thread per core.
             env.push(("OMP_NUM_THREADS".to_string(), (cores / args.workers).max(1).to_string()));
         }
-        let worker = Arc::new(Worker::new(i, &format!("http://127.0.0.1:{port}"))?);
+        let worker = Arc::new(Worker::new(i, &format!("http://127.0.0.1:{port}"), Some(&token))?);
         let spec = LaunchSpec { python: python.to_string(), args: base.clone(), port, env };
         launches.push((worker, spec));
     }

@@ -8,6 +8,7 @@ use crate::error::ApiError;
 use crate::openai::{ChatCompletionRequest, CompletionRequest, Prompt, SamplingFields, StopSpec};
 use crate::proto::grammar::Kind;
 use crate::proto::{Grammar, SamplingParams};
+use crate::request_limits::RequestLimits;
 use crate::tokenizer::ModelTokenizer;
 use crate::tools::{self, Tools};
 
@@ -53,6 +54,7 @@ pub struct GenParams {
 pub fn chat(
     req: &ChatCompletionRequest,
     tok: &ModelTokenizer,
+    request_limits: &RequestLimits,
 ) -> Result<(GenParams, Option<Tools>), ApiError> {
     refuse_other_fields(&req.other)?;
     if req.messages.is_empty() {
@@ -74,6 +76,7 @@ pub fn chat(
     let text = tok
         .render_chat(&messages, template_tools, req.chat_template_kwargs.as_ref())
         .map_err(ApiError::bad_request)?;
+    check_prompt_bytes(&text, tok, request_limits, "messages")?;
     let input_ids = tok.encode_chat(&text).map_err(ApiError::bad_request)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(k)) if k > 0 => {
@@ -112,7 +115,11 @@ fn add_system_text(messages: &mut Vec<Value>, text: &str) {
 }
 
 /// The validated request and the prompt as text (for `echo`).
-pub fn completion(req: &CompletionRequest, tok: &ModelTokenizer) -> Result<(GenParams, String), ApiError> {
+pub fn completion(
+    req: &CompletionRequest,
+    tok: &ModelTokenizer,
+    request_limits: &RequestLimits,
+) -> Result<(GenParams, String), ApiError> {
     refuse_other_fields(&req.other)?;
     let one = |n: usize| {
         if n == 1 {
@@ -124,11 +131,15 @@ pub fn completion(req: &CompletionRequest, tok: &ModelTokenizer) -> Result<(GenP
             ))
         }
     };
+    let encode = |text: &str| {
+        check_prompt_bytes(text, tok, request_limits, "prompt")?;
+        tok.encode_prompt(text).map_err(ApiError::bad_request)
+    };
     let (input_ids, text) = match &req.prompt {
-        Prompt::Text(text) => (tok.encode_prompt(text).map_err(ApiError::bad_request)?, text.clone()),
+        Prompt::Text(text) => (encode(text)?, text.clone()),
         Prompt::Texts(texts) => {
             one(texts.len())?;
-            (tok.encode_prompt(&texts[0]).map_err(ApiError::bad_request)?, texts[0].clone())
+            (encode(&texts[0])?, texts[0].clone())
         }
         Prompt::Tokens(ids) => (ids.clone(), tok.decode(ids)),
         Prompt::TokenLists(lists) => {
@@ -204,15 +215,13 @@ fn common(
     let prompt_len = input_ids.len() as u64;
     let context = u64::from(limits.context_length);
     if context > 0 && prompt_len >= context {
-        let mut e = ApiError::invalid_param(
+        return Err(ApiError::context_length_exceeded(
             limits.prompt_field,
             format!(
                 "This model's maximum context length is {context} tokens. However, your prompt has {prompt_len} \
                  tokens; shorten it."
             ),
-        );
-        e.code = Some("context_length_exceeded");
-        return Err(e);
+        ));
     }
     let room = if context > 0 { context - prompt_len } else { u64::from(u32::MAX) };
     let max_new = match max_tokens {
@@ -222,16 +231,14 @@ fn common(
             return Err(ApiError::invalid_param("max_tokens", "max_tokens must be at least 1"))
         }
         Some(n) if n as u64 > room => {
-            let mut e = ApiError::invalid_param(
+            return Err(ApiError::context_length_exceeded(
                 "max_tokens",
                 format!(
-                    "This model's maximum context length is {context} tokens. However, you requested {} tokens \
+                "This model's maximum context length is {context} tokens. However, you requested {} tokens \
                      ({prompt_len} in the prompt, {n} for the completion); reduce the prompt or max_tokens.",
-                    prompt_len + n as u64
-                ),
-            );
-            e.code = Some("context_length_exceeded");
-            return Err(e);
+                prompt_len + n as u64
+            ),
+            ))
         }
         Some(n) => n as u64,
     };
@@ -382,6 +389,29 @@ fn refuse_other_fields(other: &Map<String, Value>) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// Refuses a prompt with more bytes than the context could hold tokens of, before tokenizing it
+/// (which costs about a second of CPU per megabyte).
+fn check_prompt_bytes(
+    text: &str,
+    tok: &ModelTokenizer,
+    limits: &RequestLimits,
+    field: &str,
+) -> Result<(), ApiError> {
+    let (context_length, bytes_per_token) = (tok.context_length, limits.max_prompt_bytes_per_token);
+    let max_bytes = limits.max_prompt_bytes(context_length);
+    if context_length == 0 || text.len() <= max_bytes {
+        return Ok(());
+    }
+    Err(ApiError::context_length_exceeded(
+        field,
+        format!(
+            "This model's maximum context length is {context_length} tokens. However, your prompt has {} bytes, \
+             more than {max_bytes} ({bytes_per_token} per token) could fit; shorten it.",
+            text.len()
+        ),
+    ))
 }
 
 fn top_logprobs(field: &str, k: i64) -> Result<u32, ApiError> {

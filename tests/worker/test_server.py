@@ -162,3 +162,33 @@ def test_a_model_that_cannot_load_ends_the_worker_with_a_clear_error(tmp_path: P
                            "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "saw_worker: error:" in done.stderr and "missing" in done.stderr
+
+
+def test_sigterm_to_the_process_group_stops_the_worker_quietly(tmp_path: Path) -> None:
+    """The router stops a worker with SIGTERM to its process group, which the engine process gets too: the
+    worker still shuts down in order and exits 0, without errors or tracebacks. The token it was given in
+    SAW_WORKER_TOKEN guards its port meanwhile."""
+    port, log = free_port(), tmp_path / "worker.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), SAW_WORKER_TOKEN="t0k")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "saw_worker", "--model", "smollm2-135m", "--kv", "int4-bdr",
+                                 "--kv-cache-memory", "64MiB", "--port", str(port)], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "ready:" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = Client(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                client.info(saw_pb2.InfoRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert client.info(saw_pb2.InfoRequest(), timeout=5, metadata=(("authorization", "Bearer t0k"),))
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Traceback" not in text and " ERROR " not in text and "error:" not in text, text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import signal
 import threading
 import traceback
 from collections.abc import Callable
@@ -56,12 +57,14 @@ class ProcessEngine:
         self._sinks_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="saw-engine-events", daemon=True)
         self.dead = False
+        self._stopping = False
         self.on_death: Callable[[], None] | None = None  # e.g. stop the server, so a supervisor restarts it
 
     def start(self) -> None:
         self._reader.start()
 
     def shutdown(self) -> None:
+        self._stopping = True  # the reader then takes the child's exit for the end it is, not a crash
         self._send(("stop", None))
         self._proc.join(timeout=15)
         if self._proc.is_alive():
@@ -118,7 +121,7 @@ class ProcessEngine:
             sinks, self._sinks = self._sinks, {}
         for sink in sinks.values():
             sink(Event(finish=Finish.ABORT, error=f"the engine process exited (code {code})"))
-        if code != 0:
+        if code != 0 and not self._stopping:
             log.error("engine process exited with code %s; %d requests failed", code, len(sinks))
             if self.on_death is not None:
                 self.on_death()
@@ -134,6 +137,11 @@ def _child_main(options: WorkerOptions, conn: Connection, log_level: int) -> Non
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         log.debug("%s", traceback.format_exc())
         return
+    # Once serving, the server process ends this one ("stop", or the pipe closing when it dies). A SIGTERM
+    # or SIGINT sent to the whole process group (the router stopping its worker, Ctrl-C) must not kill it
+    # first: the server would take that for an engine crash and fail its requests with it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     outbox: list[tuple[str, Event]] = []
     lock = threading.Lock()
     last_load = engine.load()

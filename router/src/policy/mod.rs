@@ -43,5 +43,5 @@ pub(crate) fn test_workers(n: usize) -> Vec<Arc<Worker>> {
     // A lazy gRPC channel spawns its connection task, so it needs a runtime around.
     static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     let _guard = RUNTIME.get_or_init(|| tokio::runtime::Runtime::new().unwrap()).enter();
-    (0..n).map(|i| Arc::new(Worker::new(i, &format!("http://127.0.0.1:{}", 1 + i)).unwrap())).collect()
+    (0..n).map(|i| Arc::new(Worker::new(i, &format!("http://127.0.0.1:{}", 1 + i), None).unwrap())).collect()
 }

@@ -25,10 +25,10 @@ pub async fn chat_completions(
     let model = state.model()?;
     model.check_name(req.model.as_deref())?;
     // Templating and tokenizing long prompts is CPU work: keep it off the async threads.
-    let (req, params) = super::blocking({
-        let model = model.clone();
+    let (req, params) = super::blocking(&state, {
+        let (model, limits) = (model.clone(), state.limits.clone());
         move || {
-            let params = validate::chat(&req, &model.tokenizer);
+            let params = validate::chat(&req, &model.tokenizer, &limits);
             (req, params)
         }
     })

@@ -22,10 +22,10 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let model = state.model()?;
     model.check_name(req.model.as_deref())?;
-    let (req, validated) = super::blocking({
-        let model = model.clone();
+    let (req, validated) = super::blocking(&state, {
+        let (model, limits) = (model.clone(), state.limits.clone());
         move || {
-            let validated = validate::completion(&req, &model.tokenizer);
+            let validated = validate::completion(&req, &model.tokenizer, &limits);
             (req, validated)
         }
     })

@@ -66,8 +66,14 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }
 
-/// Runs CPU-bound request preparation (templating, tokenizing) on the blocking pool.
-pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+/// Runs CPU-bound request preparation (templating, tokenizing) on the blocking pool, at most
+/// `--max-concurrent-tokenizations` at once.
+pub async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    // The semaphore is never closed, so acquiring only waits.
+    let _slot = state.tokenize_slots.acquire().await.map_err(|e| ApiError::internal(e.to_string()))?;
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| ApiError::internal(format!("request preparation failed: {e}")))
