@@ -336,6 +336,24 @@ def test_tool_calls_forced_streamed_and_round_tripped(router: Router) -> None:
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
 
 
+def test_n_choices_and_batched_prompts(router: Router) -> None:
+    """n = 3 gives three choices of one prompt, counted once in usage (the copies start once the first has
+    its first token, and take the prompt's pages from the prefix cache); a list of prompts (lm-eval's
+    batches) gives one choice per prompt, in order."""
+    client = router.client()
+    one = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0)
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, n=3, temperature=1.0,
+                                           seed=11)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert reply.usage.prompt_tokens == one.usage.prompt_tokens
+    prompts = ["The capital of France is", "Two plus two is", "The sky is"]
+    batch = client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0)
+    singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0) for p in prompts]
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == [s.choices[0].text for s in singles]
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+
+
 def test_unknown_fields_and_models_are_refused(router: Router) -> None:
     client = router.client()
     with pytest.raises(openai.BadRequestError) as bad:
@@ -462,7 +480,7 @@ def test_disconnect_frees_the_worker(router: Router) -> None:
         ("/v1/chat/completions", "{not json", 400),
         ("/v1/chat/completions", json.dumps({"messages": "hi"}), 400),
         ("/v1/chat/completions", json.dumps({"messages": QUESTION, "temperature": 9}), 400),
-        ("/v1/chat/completions", json.dumps({"messages": QUESTION, "n": 3}), 400),
+        ("/v1/chat/completions", json.dumps({"messages": QUESTION, "n": 17}), 400),
         ("/v1/completions", json.dumps({"prompt": "hello " * 10000}), 400),
         ("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": -1}), 400),
         ("/v1/nothing", "{}", 404),

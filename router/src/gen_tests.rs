@@ -109,6 +109,69 @@ async fn sampling_options_and_grammars_reach_the_worker() {
 }
 
 #[tokio::test]
+async fn n_choices_share_the_prompt_and_batched_prompts_answer_in_order() {
+    let (worker, seen) = ready_worker(0, answer(0)).await;
+    let state = state_with(vec![worker], None);
+    let body =
+        json!({"messages": [{"role": "user", "content": "Hello"}], "n": 3, "seed": 7, "temperature": 1});
+    let (status, v) = post_json(&state, "/v1/chat/completions", body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let indices: Vec<u64> =
+        v["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    assert_eq!(indices, [0, 1, 2]);
+    assert_eq!(
+        (v["usage"]["prompt_tokens"].as_u64(), v["usage"]["completion_tokens"].as_u64()),
+        (Some(6), Some(15))
+    );
+    let seeds: Vec<_> =
+        seen.requests.lock().unwrap().iter().map(|r| r.sampling.clone().unwrap().seed).collect();
+    assert_eq!(seeds[0], Some(7));
+    let mut rest = seeds[1..].to_vec();
+    rest.sort();
+    assert_eq!(rest, [Some(8), Some(9)]);
+    // two prompts x n = 2: choices prompt by prompt, usage counting each prompt once
+    let body = json!({"prompt": ["Hello", "The capital"], "n": 2, "max_tokens": 5});
+    let (status, v) = post_json(&state, "/v1/completions", body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 4);
+    assert!(v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(0..)
+        .all(|(c, i)| c["index"] == i && c["text"] == ANSWER_TEXT));
+    assert_eq!(v["usage"]["completion_tokens"], 20);
+    let prompts: Vec<usize> = seen.requests.lock().unwrap()[3..].iter().map(|r| r.input_ids.len()).collect();
+    assert_eq!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        prompts.iter().max().unwrap() + prompts.iter().min().unwrap()
+    );
+    // streamed: every choice's chunks, then one usage chunk for all, then [DONE]
+    let body = json!({"prompt": "Hello", "n": 2, "max_tokens": 5, "stream": true, "stream_options": {"include_usage": true}});
+    let (status, text) = call(&state, "POST", "/v1/completions", Some(&body.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    let data = sse_data(&text);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> =
+        data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let usage = &chunks.last().unwrap()["usage"];
+    let prompt_len = seen.requests.lock().unwrap().last().unwrap().input_ids.len() as u64;
+    assert_eq!(
+        (usage["prompt_tokens"].as_u64(), usage["completion_tokens"].as_u64()),
+        (Some(prompt_len), Some(10))
+    );
+    for i in 0..2 {
+        let text: String = chunks
+            .iter()
+            .flat_map(|c| c["choices"].as_array().unwrap().iter())
+            .filter(|c| c["index"] == i)
+            .map(|c| c["text"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(text, ANSWER_TEXT);
+    }
+}
+
+#[tokio::test]
 async fn chat_streaming_with_usage() {
     let (worker, _) = ready_worker(0, answer(0)).await;
     let state = state_with(vec![worker], None);

@@ -193,6 +193,52 @@ async fn interruption(state: &AppState, worker: &Worker) -> Interruption {
     }
 }
 
+/// One choice of a response: its generation, and whether its usage counts the prompt (its prompt's first
+/// choice does; the copies share that prompt).
+pub struct Choice {
+    pub generation: Generation,
+    pub counts_prompt: bool,
+}
+
+/// The choices of one request, `n` per prompt, in OpenAI's order (prompt by prompt). A prompt's first
+/// choice runs alone until its first token, so its full pages are in the worker's prefix cache when its
+/// copies start: the prompt is computed once. Prompts start together. Copy j draws with seed + j.
+pub async fn start_choices(
+    state: &Arc<AppState>,
+    model: &Arc<Model>,
+    prompts: Vec<GenParams>,
+) -> Result<Vec<Choice>, ApiError> {
+    let per_prompt = prompts.into_iter().map(|params| async move {
+        let copies: Vec<GenParams> = (1..params.n)
+            .map(|j| {
+                let mut copy = params.clone();
+                copy.sampling.seed = params.sampling.seed.map(|s| s.wrapping_add(u64::from(j)));
+                copy
+            })
+            .collect();
+        let first = start(state, model, params).await?;
+        let rest =
+            futures_util::future::try_join_all(copies.into_iter().map(|p| start(state, model, p))).await?;
+        let mut choices = vec![Choice { generation: first, counts_prompt: true }];
+        choices.extend(rest.into_iter().map(|generation| Choice { generation, counts_prompt: false }));
+        Ok::<_, ApiError>(choices)
+    });
+    Ok(futures_util::future::try_join_all(per_prompt).await?.into_iter().flatten().collect())
+}
+
+/// The usage of a whole response: completion tokens of every choice, prompt tokens once per prompt.
+pub fn total_usage(parts: impl IntoIterator<Item = (Usage, bool)>) -> Usage {
+    let (mut prompt, mut completion, mut cached) = (0, 0, 0);
+    for (usage, counts_prompt) in parts {
+        completion += usage.completion_tokens;
+        if counts_prompt {
+            prompt += usage.prompt_tokens;
+            cached += usage.prompt_tokens_details.map_or(0, |d| d.cached_tokens);
+        }
+    }
+    Usage::new(prompt, completion, cached)
+}
+
 fn request(id: &str, p: &GenParams) -> GenerateRequest {
     GenerateRequest {
         id: id.to_string(),

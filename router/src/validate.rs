@@ -15,6 +15,9 @@ use crate::tools::{self, Tools};
 const MAX_STOP_STRINGS: usize = 16;
 const MAX_TOP_LOGPROBS: i64 = 20;
 const MAX_LOGIT_BIAS: usize = 1024;
+const MAX_N: i64 = 16;
+/// Prompts in one completions request (lm-eval sends its batch as one).
+const MAX_PROMPTS: usize = 256;
 /// OpenAI fields that change nothing saw computes: accepted on purpose.
 const NO_EFFECT_FIELDS: &[&str] = &["user", "metadata", "store", "service_tier", "parallel_tool_calls"];
 /// OpenAI (and vLLM) fields saw does not implement: refused by name unless given their no-op value.
@@ -48,6 +51,8 @@ pub struct GenParams {
     pub prompt_logprobs: bool,
     /// What the output must match (structured output), if anything.
     pub grammar: Option<Grammar>,
+    /// Choices to generate from this prompt (OpenAI's `n`).
+    pub n: u32,
 }
 
 /// The validated request, and the tools whose calls the answer may hold.
@@ -114,54 +119,48 @@ fn add_system_text(messages: &mut Vec<Value>, text: &str) {
     }
 }
 
-/// The validated request and the prompt as text (for `echo`).
+/// One validated request per prompt (a list of prompts is a batch), each with its prompt as text (for `echo`).
 pub fn completion(
     req: &CompletionRequest,
     tok: &ModelTokenizer,
     request_limits: &RequestLimits,
-) -> Result<(GenParams, String), ApiError> {
+) -> Result<Vec<(GenParams, String)>, ApiError> {
     refuse_other_fields(&req.other)?;
-    let one = |n: usize| {
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(ApiError::invalid_param(
-                "prompt",
-                "send one prompt per request (batched prompts are not supported)",
-            ))
-        }
-    };
     let encode = |text: &str| {
         check_prompt_bytes(text, tok, request_limits, "prompt")?;
         tok.encode_prompt(text).map_err(ApiError::bad_request)
     };
-    let (input_ids, text) = match &req.prompt {
-        Prompt::Text(text) => (encode(text)?, text.clone()),
+    let prompts: Vec<(Vec<u32>, String)> = match &req.prompt {
+        Prompt::Text(text) => vec![(encode(text)?, text.clone())],
         Prompt::Texts(texts) => {
-            one(texts.len())?;
-            (encode(&texts[0])?, texts[0].clone())
+            texts.iter().map(|t| Ok((encode(t)?, t.clone()))).collect::<Result<_, ApiError>>()?
         }
-        Prompt::Tokens(ids) => (ids.clone(), tok.decode(ids)),
-        Prompt::TokenLists(lists) => {
-            one(lists.len())?;
-            (lists[0].clone(), tok.decode(&lists[0]))
-        }
+        Prompt::Tokens(ids) => vec![(ids.clone(), tok.decode(ids))],
+        Prompt::TokenLists(lists) => lists.iter().map(|ids| (ids.clone(), tok.decode(ids))).collect(),
     };
-    let vocab = tok.vocab_size;
-    if let Some(bad) = input_ids.iter().find(|&&id| vocab > 0 && id >= vocab) {
-        return Err(ApiError::invalid_param(
-            "prompt",
-            format!("token id {bad} is outside the vocabulary ({vocab})"),
-        ));
+    if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid_param("prompt", format!("send 1 to {MAX_PROMPTS} prompts")));
     }
+    let vocab = tok.vocab_size;
     let echo = req.echo.unwrap_or(false);
     let logprobs = req.logprobs.map(|k| top_logprobs("logprobs", k)).transpose()?;
     let limits =
         Limits { context_length: tok.context_length, allow_zero_max_tokens: echo, prompt_field: "prompt" };
-    let mut params = common(&req.sampling, req.sampling.max_tokens, input_ids, &limits, vocab)?;
-    params.logprobs = logprobs;
-    params.prompt_logprobs = echo && logprobs.is_some();
-    Ok((params, text))
+    prompts
+        .into_iter()
+        .map(|(input_ids, text)| {
+            if let Some(bad) = input_ids.iter().find(|&&id| vocab > 0 && id >= vocab) {
+                return Err(ApiError::invalid_param(
+                    "prompt",
+                    format!("token id {bad} is outside the vocabulary ({vocab})"),
+                ));
+            }
+            let mut params = common(&req.sampling, req.sampling.max_tokens, input_ids, &limits, vocab)?;
+            params.logprobs = logprobs;
+            params.prompt_logprobs = echo && logprobs.is_some();
+            Ok((params, text))
+        })
+        .collect()
 }
 
 struct Limits {
@@ -177,10 +176,9 @@ fn common(
     limits: &Limits,
     vocab_size: u32,
 ) -> Result<GenParams, ApiError> {
-    match s.n {
-        None | Some(1) => {}
-        Some(n) if n < 1 => return Err(ApiError::invalid_param("n", "n must be at least 1")),
-        Some(_) => return Err(ApiError::invalid_param("n", "n > 1 is not supported; send several requests")),
+    let n = s.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid_param("n", format!("n must be between 1 and {MAX_N}")));
     }
     if input_ids.is_empty() {
         return Err(ApiError::invalid_param(limits.prompt_field, "the prompt is empty"));
@@ -278,6 +276,7 @@ fn common(
         logprobs: None,
         prompt_logprobs: false,
         grammar,
+        n: n as u32,
     })
 }
 

@@ -35,36 +35,50 @@ pub async fn chat_completions(
     .await?;
     let (params, tools) = params?;
     let with_logprobs = params.logprobs.is_some();
-    let generation = generate::start(&state, &model, params).await?;
-    let writer = ChatWriter {
-        id: response_id("chatcmpl"),
-        created: unix_now(),
-        model,
+    let choices = generate::start_choices(&state, &model, vec![params]).await?;
+    let (id, created) = (response_id("chatcmpl"), unix_now());
+    let writer = |index: u32| ChatWriter {
+        id: id.clone(),
+        created,
+        model: model.clone(),
+        index,
         with_logprobs,
         calls: tools.is_some().then(CallHold::default),
     };
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        return Ok(sse::respond(generation, writer, include_usage));
+        let writers = choices.into_iter().zip(0..).map(|(c, i)| (c, writer(i))).collect();
+        return Ok(sse::respond(writers, include_usage.then(|| writer(0))));
     }
-    let out = generation.collect().await?;
-    let logprobs = with_logprobs.then(|| writer.logprobs(&out.tokens));
-    let (content, calls) =
-        if writer.calls.is_some() { tools::parse_calls(&out.text) } else { (Some(out.text), vec![]) };
-    let finish_reason = if calls.is_empty() { out.reason } else { "tool_calls" };
-    let tool_calls = calls.into_iter().map(|c| tool_call_out(c, None)).collect();
+    let counts: Vec<bool> = choices.iter().map(|c| c.counts_prompt).collect();
+    let outs =
+        futures_util::future::try_join_all(choices.into_iter().map(|c| c.generation.collect())).await?;
+    let usage = generate::total_usage(outs.iter().map(|o| o.usage).zip(counts));
+    let choices = outs
+        .into_iter()
+        .zip(0..)
+        .map(|(out, index)| {
+            let w = writer(index);
+            let logprobs = with_logprobs.then(|| w.logprobs(&out.tokens));
+            let (content, calls) =
+                if w.calls.is_some() { tools::parse_calls(&out.text) } else { (Some(out.text), vec![]) };
+            let finish_reason = if calls.is_empty() { out.reason } else { "tool_calls" };
+            let tool_calls = calls.into_iter().map(|c| tool_call_out(c, None)).collect();
+            ChatChoice {
+                index,
+                message: ChatMessageOut { role: "assistant", content, tool_calls },
+                logprobs,
+                finish_reason,
+            }
+        })
+        .collect();
     Ok(Json(ChatCompletion {
-        id: writer.id.clone(),
+        id,
         object: "chat.completion",
-        created: writer.created,
-        model: writer.model.name.clone(),
-        choices: vec![ChatChoice {
-            index: 0,
-            message: ChatMessageOut { role: "assistant", content, tool_calls },
-            logprobs,
-            finish_reason,
-        }],
-        usage: out.usage,
+        created,
+        model: model.name.clone(),
+        choices,
+        usage,
     })
     .into_response())
 }
@@ -82,6 +96,8 @@ struct ChatWriter {
     id: String,
     created: u64,
     model: Arc<Model>,
+    /// The choice's index.
+    index: u32,
     with_logprobs: bool,
     /// With tools: the streamed text held back while it may be a tool call.
     calls: Option<CallHold>,
@@ -134,7 +150,7 @@ impl ChatWriter {
         logprobs: Option<ChatLogprobs>,
         finish: Option<&'static str>,
     ) -> String {
-        let choice = ChatChunkChoice { index: 0, delta, logprobs, finish_reason: finish };
+        let choice = ChatChunkChoice { index: self.index, delta, logprobs, finish_reason: finish };
         self.to_json(vec![choice], None)
     }
 

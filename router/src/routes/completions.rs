@@ -30,45 +30,68 @@ pub async fn completions(
         }
     })
     .await?;
-    let (params, prompt_text) = validated?;
-    let echo = req.echo.unwrap_or(false).then(|| (prompt_text, params.input_ids.clone()));
-    let with_logprobs = params.logprobs.is_some();
-    let generation = generate::start(&state, &model, params).await?;
-    let mut writer = CompletionWriter {
-        id: response_id("cmpl"),
-        created: unix_now(),
-        model,
-        echo,
+    let prompts = validated?;
+    let n = prompts[0].0.n as usize;
+    let with_logprobs = prompts[0].0.logprobs.is_some();
+    let echo = req.echo.unwrap_or(false);
+    // choice i answers prompt i / n (OpenAI's order)
+    let echoes: Vec<Option<(String, Vec<u32>)>> =
+        prompts.iter().map(|(p, text)| echo.then(|| (text.clone(), p.input_ids.clone()))).collect();
+    let choices =
+        generate::start_choices(&state, &model, prompts.into_iter().map(|(p, _)| p).collect()).await?;
+    let (id, created) = (response_id("cmpl"), unix_now());
+    let writer = |index: usize| CompletionWriter {
+        id: id.clone(),
+        created,
+        model: model.clone(),
+        index: index as u32,
+        echo: echoes[index / n].clone(),
         logprobs: with_logprobs.then(LegacyLogprobs::default),
     };
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        return Ok(sse::respond(generation, writer, include_usage));
+        let writers = choices.into_iter().enumerate().map(|(i, c)| (c, writer(i))).collect();
+        return Ok(sse::respond(writers, include_usage.then(|| writer(0))));
     }
-    let mut text = String::new();
-    if let Some((prompt, ids)) = &writer.echo {
-        text.push_str(prompt);
-        if let Some(lp) = writer.logprobs.as_mut() {
-            lp.push_prompt(&writer.model, ids, &generation.prompt_logprobs);
+    let counts: Vec<bool> = choices.iter().map(|c| c.counts_prompt).collect();
+    let mut out_choices = Vec::new();
+    let mut usages = Vec::new();
+    let collected = futures_util::future::try_join_all(choices.into_iter().enumerate().map(|(i, choice)| {
+        let mut w = writer(i);
+        async move {
+            let mut text = String::new();
+            if let Some((prompt, ids)) = &w.echo {
+                text.push_str(prompt);
+                if let Some(lp) = w.logprobs.as_mut() {
+                    lp.push_prompt(&w.model, ids, &choice.generation.prompt_logprobs);
+                }
+            }
+            let out = choice.generation.collect().await?;
+            text.push_str(&out.text);
+            if let Some(lp) = w.logprobs.as_mut() {
+                lp.push_tokens(&w.model, &out.tokens);
+            }
+            let choice = CompletionChoice {
+                index: w.index,
+                text,
+                logprobs: w.logprobs.map(|lp| lp.all),
+                finish_reason: Some(out.reason),
+            };
+            Ok::<_, ApiError>((choice, out.usage))
         }
-    }
-    let out = generation.collect().await?;
-    text.push_str(&out.text);
-    if let Some(lp) = writer.logprobs.as_mut() {
-        lp.push_tokens(&writer.model, &out.tokens);
+    }))
+    .await?;
+    for ((choice, usage), counts_prompt) in collected.into_iter().zip(counts) {
+        out_choices.push(choice);
+        usages.push((usage, counts_prompt));
     }
     Ok(Json(Completion {
-        id: writer.id,
+        id,
         object: "text_completion",
-        created: writer.created,
-        model: writer.model.name.clone(),
-        choices: vec![CompletionChoice {
-            index: 0,
-            text,
-            logprobs: writer.logprobs.map(|lp| lp.all),
-            finish_reason: Some(out.reason),
-        }],
-        usage: Some(out.usage),
+        created,
+        model: model.name.clone(),
+        choices: out_choices,
+        usage: Some(generate::total_usage(usages)),
     })
     .into_response())
 }
@@ -134,6 +157,8 @@ struct CompletionWriter {
     id: String,
     created: u64,
     model: Arc<Model>,
+    /// The choice's index.
+    index: u32,
     /// The prompt text and ids, when `echo` is on.
     echo: Option<(String, Vec<u32>)>,
     logprobs: Option<LegacyLogprobs>,
@@ -146,7 +171,7 @@ impl CompletionWriter {
         logprobs: Option<CompletionLogprobs>,
         finish: Option<&'static str>,
     ) -> String {
-        let choice = CompletionChoice { index: 0, text, logprobs, finish_reason: finish };
+        let choice = CompletionChoice { index: self.index, text, logprobs, finish_reason: finish };
         self.to_json(vec![choice], None)
     }
 
