@@ -37,7 +37,7 @@ def test_every_field_has_a_flag() -> None:
         PoolOptions(0.5, 64 << 20, 8),
         SchedulerOptions(4, 32, 0, False),
         DecodeOptions(cuda_graphs=False, overlap=False),
-        ServerOptions("0.0.0.0", 1, "s", "debug"),
+        ServerOptions("0.0.0.0", 1, "s", "debug", "t"),
     )
     groups = [f.default_factory for f in dataclasses.fields(WorkerOptions)]
     given = {a.split("=")[0].replace("--no-", "--") for a in argv if a.startswith("--")}
