@@ -30,7 +30,7 @@ def test_every_field_has_a_flag() -> None:
             "--mem-fraction", "0.5", "--kv-cache-memory", "64MiB", "--page-size", "8",
             "--max-running-requests", "4", "--max-prefill-tokens", "32", "--reserve-decode-tokens", "0",
             "--no-prefix-cache", "--disable-cuda-graph", "--overlap", "no",
-            "--host", "0.0.0.0", "--port", "1", "--unix-socket", "s", "--log-level", "debug"]
+            "--host", "0.0.0.0", "--port", "1", "--unix-socket", "s", "--log-level", "debug", "--token-file", "t"]
     assert options_from_argv(argv, {}) == WorkerOptions(
         ModelOptions("m", "dummy", "cpu", 64),
         KVOptions("int4", 64, True, False, False, 0.25, 8, 2, frozenset({0, 1}), "f"),
