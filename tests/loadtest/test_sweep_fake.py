@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from fake_server import FakeOptions, FakeServer
 
 from saw_loadtest.report import PAPER_COLUMNS
@@ -103,3 +104,13 @@ def test_sigterm_stops_the_router(tmp_path):
     if alive:
         os.kill(router_pid, signal.SIGKILL)
     assert not alive, "the router outlived saw-bench"
+
+
+def test_saw_bench_without_its_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "locust" else real(name))
+    assert main(["--scenario", "D(16,16)"]) == 2
+    assert "pip install 'saw[bench]'" in capsys.readouterr().err
