@@ -25,7 +25,7 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 from saw_kernels import Ring, decode_attention, extend_attention, write_kv, write_window  # noqa: E402
-from saw_worker.kv.formats import KVFormat, encode_q  # noqa: E402
+from saw_kv.formats import KVFormat, encode_q  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HQ, HKV, D, PS = 32, 8, 128, 16  # Qwen3-8B attention, engine page size

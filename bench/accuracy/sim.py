@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from saw_kv.formats import EPS, rotate
 from saw_worker.kv.calibration import k_scale_from_stats
-from saw_worker.kv.formats import EPS, rotate
 
 FP8_MAX = 448.0
 

@@ -44,7 +44,7 @@ from saw_kernels.decode_int4_warp import (
     warp_programs,
 )
 from saw_kernels.window import Ring, flat_slots, ring_tile
-from saw_worker.kv.formats import KVFormat
+from saw_kv.formats import KVFormat
 
 
 @triton.jit

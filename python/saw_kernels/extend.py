@@ -27,7 +27,7 @@ import triton.language as tl
 from saw_kernels._common import INTERPRET, LOG2E, load_hmat, page_slots, rotate_halves, store_halves
 from saw_kernels.decode import attend_block, format_args, load_kv_block
 from saw_kernels.window import Ring, ring_tile
-from saw_worker.kv.formats import KVFormat
+from saw_kv.formats import KVFormat
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from saw_kernels._common import INTERPRET, load_hmat, rotate_halves, rotation_args
-from saw_worker.kv.formats import rotate
+from saw_kv.formats import rotate
 
 try:  # optional extra: `pip install fast-hadamard-transform`
     from fast_hadamard_transform import hadamard_transform as _fht

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from saw_kernels._common import EPS, INTERPRET, half_hadamard, load_hmat, mma, rotate_halves, store_halves
 from saw_kernels.decode import format_args
-from saw_worker.kv.formats import KVFormat
+from saw_kv.formats import KVFormat
 
 
 @triton.jit

@@ -9,13 +9,13 @@ import time
 import tokenizers
 import torch
 
+from saw_kv.formats import KVFormat, default_kv_options
 from saw_worker.engine.engine import LocalEngine
 from saw_worker.engine.interface import EngineInfo
 from saw_worker.engine.model_runner import ModelRunner
 from saw_worker.engine.scheduler import Scheduler
 from saw_worker.kv import calibration
 from saw_worker.kv.backend import PagedAttention
-from saw_worker.kv.formats import KVFormat, default_kv_options
 from saw_worker.kv.pool import KVPool, bytes_per_token, window_bytes_per_request
 from saw_worker.loader import load_model
 from saw_worker.options import CPU_KV_CACHE_BYTES, KVOptions, PoolOptions, WorkerOptions

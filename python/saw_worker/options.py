@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from saw_kv.formats import DEFAULT_K_SCALE_ALPHA, DEFAULT_SINKS, DEFAULT_WINDOW, HADAMARD_ORDERS, KV_FORMATS
 from saw_worker.flags import flag, parse_bytes, parse_layers
-from saw_worker.kv.formats import DEFAULT_K_SCALE_ALPHA, DEFAULT_SINKS, DEFAULT_WINDOW, HADAMARD_ORDERS, KV_FORMATS
 
 CPU_KV_CACHE_BYTES = 1 << 30  # on CPU "free memory" is the whole machine's; take a fixed slice
 GPU_PREFILL_TOKENS = 8192

@@ -40,9 +40,9 @@ def _synthetic_kl(kv: str) -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker"))
     from engine_util import TINY
 
+    from saw_kv.formats import KVFormat
     from saw_worker.engine.model_runner import ModelRunner
     from saw_worker.kv.backend import PagedAttention
-    from saw_worker.kv.formats import KVFormat
     from saw_worker.kv.pool import KVPool
     from saw_worker.models import DecoderLM
 

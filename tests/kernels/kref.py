@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saw_worker.kv.formats import KVFormat, decode_o, dequantize_int4, encode_q, rotate
+from saw_kv.formats import KVFormat, decode_o, dequantize_int4, encode_q, rotate
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

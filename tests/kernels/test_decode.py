@@ -8,7 +8,7 @@ from kref import DEV, decode_ref, default_scale, empty_cache, make_pages, rand_k
 
 from saw_kernels import decode_attention, write_kv
 from saw_kernels.decode_int4_warp import pair_counters
-from saw_worker.kv.formats import KVFormat, rotate
+from saw_kv.formats import KVFormat, rotate
 
 TOL = 6e-3  # bf16 output rounding (~2e-3) plus fp16 q / P (INT4) or bf16 P pieces; the CPU interpreter
 # truncates to bf16 where the GPU rounds: measured there ~3.5e-3, on the H100 ~1.8e-3

@@ -7,7 +7,7 @@ import torch
 from kref import DEV, default_scale, empty_cache, extend_ref, make_pages, rand_kv, rel_err
 
 from saw_kernels import extend_attention, write_kv
-from saw_worker.kv.formats import KVFormat
+from saw_kv.formats import KVFormat
 
 TOL = 1.5e-2  # bf16 q and P on the tensor cores (as flash attention), bf16 output
 

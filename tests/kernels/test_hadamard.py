@@ -7,7 +7,7 @@ import torch
 from kref import DEV, rel_err
 
 from saw_kernels import fast_hadamard_available, hadamard
-from saw_worker.kv.formats import HADAMARD_ORDERS, rotate
+from saw_kv.formats import HADAMARD_ORDERS, rotate
 
 CASES = [(d, b) for d in (64, 128) for b in HADAMARD_ORDERS if b <= d]
 

@@ -22,7 +22,7 @@ from kref import (
 
 from saw_kernels import Ring, decode_attention, extend_attention, write_kv, write_window
 from saw_kernels.decode_int4_warp import pair_counters
-from saw_worker.kv.formats import KVFormat, encode_q
+from saw_kv.formats import KVFormat, encode_q
 
 DECODE_TOL = 6e-3  # as test_decode.py
 EXTEND_TOL = 1.5e-2  # as test_extend.py

@@ -11,7 +11,7 @@ from kref import DEV, empty_cache, rand_kv
 from saw_kernels import write_kv
 from saw_kernels._common import half_hadamard
 from saw_kernels.write import mean_pieces
-from saw_worker.kv.formats import HADAMARD_ORDERS, KVFormat, encode_k, encode_v, quantize_int4, rotate
+from saw_kv.formats import HADAMARD_ORDERS, KVFormat, encode_k, encode_v, quantize_int4, rotate
 
 TIE = 2e-3  # |frac((x - lo) / scale) - 0.5| below this: rounding may go either way for rotated rows
 TIE_EXACT = 1e-5  # unrotated rows: only the reciprocal's ~2 ulp separate kernel and reference

@@ -6,6 +6,7 @@ import threading
 
 import torch
 
+from saw_kv.formats import KVFormat
 from saw_worker.config import ModelConfig, TokenizerInfo
 from saw_worker.engine.engine import LocalEngine
 from saw_worker.engine.interface import EngineInfo
@@ -13,7 +14,6 @@ from saw_worker.engine.model_runner import ModelRunner
 from saw_worker.engine.request import Event, GenerateParams
 from saw_worker.engine.scheduler import Scheduler
 from saw_worker.kv.backend import PagedAttention
-from saw_worker.kv.formats import KVFormat
 from saw_worker.kv.pool import KVPool
 from saw_worker.models import DecoderLM
 from saw_worker.options import SchedulerOptions

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from saw_worker.kv.formats import (
+from saw_kv.formats import (
     DEFAULT_SINKS,
     DEFAULT_WINDOW,
     KVDefaults,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from engine_util import Collector, prompt, run, tiny_engine
 
+from saw_kv.formats import KVFormat
 from saw_worker.engine.request import GenerateParams
-from saw_worker.kv.formats import KVFormat
 from saw_worker.kv.pool import KVPool
 from saw_worker.kv.prefix_cache import PrefixCache
 

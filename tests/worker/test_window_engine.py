@@ -9,12 +9,12 @@ import pytest
 import torch
 from engine_util import Collector, prompt, run, tiny_engine
 
+from saw_kv.formats import KVFormat, decode_k, decode_o, dequantize_int4, encode_k, quantize_int4
 from saw_worker.engine.engine import LocalEngine
 from saw_worker.engine.model_runner import HostBatch, host_batch
 from saw_worker.engine.request import GenerateParams, Sequence
 from saw_worker.engine.scheduler import Batch, Chunk
 from saw_worker.kv.backend import PagedAttention, StepLayout
-from saw_worker.kv.formats import KVFormat, decode_k, decode_o, dequantize_int4, encode_k, quantize_int4
 from saw_worker.kv.pool import KVPool
 from saw_worker.kv.reference import WindowLayout
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from saw_kv.formats import DEFAULT_K_SCALE_ALPHA
 from saw_worker.engine.model_runner import ModelRunner
-from saw_worker.kv.formats import DEFAULT_K_SCALE_ALPHA
 
 # Prose and code, since served traffic mixes both; a few hundred tokens settle the mean.
 CALIBRATION_TEXT = """\

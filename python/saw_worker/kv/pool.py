@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saw_worker.kv.formats import PARAM_DTYPE, KVFormat
+from saw_kv.formats import PARAM_DTYPE, KVFormat
 
 
 @dataclass

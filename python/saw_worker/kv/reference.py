@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saw_worker.kv.formats import (
+from saw_kv.formats import (
     KVFormat,
     decode_k,
     decode_o,
