@@ -1,4 +1,4 @@
-"""Our serving sweeps against the paper's SGLang table (issue 7, ARCHITECTURE.md §1): one Markdown
+"""Our serving sweeps against the paper's SGLang table (its rows are PAPER below): one Markdown
 table with the ratios and target checks, and one PNG per scenario (ours solid, paper dashed).
 
     python bench/compare_paper.py bench/results/serving-h100-2026-11-23-D256/summary.csv \\

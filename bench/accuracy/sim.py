@@ -16,7 +16,7 @@ Window W and sinks S: query i reads positions [i - W, i] and [0, S) at bf16, eve
 dequantized, so each query sees what a decode step at position i sees in the worker. The dequantized
 rows are put back in the original space (mu added back) so that bf16 and INT4 keys meet a query
 with the same logit offset; with every key dequantized, adding mu back is the constant shift q . mu
-that softmax ignores (ARCHITECTURE §3). `window_unshifted` leaves the INT4 keys centered (logits
+that softmax ignores. `window_unshifted` leaves the INT4 keys centered (logits
 short by q . mu against the bf16 ones) to show what a worker that forgets this would get.
 
 Comparison formats: `int8` = token-wise asymmetric min/max INT8 of K and V (fp16 scale, lo), no

@@ -1,4 +1,4 @@
-"""Triton kernels of the paged KV cache (ARCHITECTURE.md section 4): write, decode, extend, the bf16 window
+"""Triton kernels of the paged KV cache (docs/kernels.md): write, decode, extend, the bf16 window
 ring, Hadamard; and the small fused kernels of a decoder layer (q/k norm + RoPE, SiLU-and-mul, add + RMSNorm)."""
 
 from saw_kernels.decode import choose_num_splits, decode_attention

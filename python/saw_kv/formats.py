@@ -1,4 +1,4 @@
-"""Reference definition of the KV-cache formats (ARCHITECTURE.md section 3).
+"""Reference definition of the KV-cache formats.
 
 This module *is* the spec the Triton kernels are tested against: plain torch, runs on CPU,
 math in fp32. A row is one (token, KV head) vector of length D.

@@ -1,4 +1,4 @@
-"""Per-point aggregation with genai-bench's definitions (ARCHITECTURE.md section 8).
+"""Per-point aggregation with genai-bench's definitions (docs/loadtest.md, Metric definitions).
 
 TTFT = first non-empty content chunk - send; E2E = usage chunk - send;
 TPOT = (E2E - TTFT) / (out - 1); mean_output_tps(req) = mean of 1/TPOT;
