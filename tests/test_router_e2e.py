@@ -250,10 +250,10 @@ def test_logit_bias_and_penalties_steer_the_output(router: Router) -> None:
         ids = tok.encode(text, add_special_tokens=False).ids
         return max(ids.count(i) for i in ids)
 
-    # 24 greedy tokens of a 135M model past its answer repeat themselves; the penalties make it say new ones
-    plain = chat("List some fruits.", ignore_eos=True)
+    # negative penalties make a token more likely each time it is said, positive ones less
+    encouraged = chat("List some fruits.", ignore_eos=True, frequency_penalty=-2.0, presence_penalty=-2.0)
     penalized = chat("List some fruits.", ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0)
-    assert most_repeated(penalized) < most_repeated(plain), (plain, penalized)
+    assert most_repeated(penalized) < most_repeated(encouraged), (encouraged, penalized)
 
 
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},

