@@ -6,10 +6,9 @@ the same tokens whatever else is in the batch; the draw itself (inverse CDF) is 
 
 Logit bias and the penalties (OpenAI's frequency and presence, vLLM's repetition) change the logits that
 greedy and sampling choose from, in that order, as vLLM does, and a grammar (grammar.py) masks what it does
-not allow; logprobs stay those of the model. The
-penalties' token counts live on the device (PenaltyState) and the sampler adds each drawn token to them,
-so a launched step's token never has to reach the host first (overlapped decode). Requests without these
-options cost nothing extra.
+not allow; logprobs stay those of the model. The penalties' token counts live on the device (PenaltyState)
+and the sampler adds each drawn token to them, so a launched step's token never has to reach the host first
+(overlapped decode). Requests without these options cost nothing extra.
 """
 
 from __future__ import annotations
@@ -39,10 +38,6 @@ def _filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < top + min_p.log()[:, None], float("-inf"))
 
 
-def _rows(want: list[bool], device: torch.device) -> torch.Tensor:
-    return torch.tensor([i for i, w in enumerate(want) if w], dtype=torch.int64).to(device, non_blocking=True)
-
-
 def _penalty_states(seqs: list[Sequence], vocab: int, device: torch.device) -> list[PenaltyState]:
     """Each request's state, made at its first sample from its prompt (and the outputs a recompute after
     preemption already holds are in it from their samples)."""
@@ -55,7 +50,7 @@ def _penalty_states(seqs: list[Sequence], vocab: int, device: torch.device) -> l
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: torch.Tensor) -> torch.Tensor:
-    """Penalized logits of rows (ordered as seqs), and their stacked output counts."""
+    """Penalizes rows (ordered as seqs) of logits in place; returns their output counts, stacked [rows, V]."""
     dev = logits.device
     states = _penalty_states(seqs, logits.shape[-1], dev)
     params = [s.params.sampling for s in seqs]
@@ -66,41 +61,48 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence], rows: torch.Ten
     x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
     freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
     presence = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
-    return x - freq * counts - presence * (counts > 0)
+    logits[rows] = x - freq * counts - presence * (counts > 0)
+    return counts
 
 
-def _count_drawn(seqs: list[Sequence], tokens: torch.Tensor) -> None:
-    """Add each request's drawn token to its output counts, on the device."""
-    counts = [s.penalty_state.output_counts for s in seqs]  # type: ignore[union-attr]
-    stacked = torch.stack(counts)
-    stacked.scatter_add_(1, tokens[:, None].to(torch.int64), torch.ones_like(stacked[:, :1]))
-    torch._foreach_copy_(counts, list(stacked.unbind(0)))
+def _count_drawn(seqs: list[Sequence], counts: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Add each penalized request's drawn token to its output counts (counts: theirs, stacked), on the device."""
+    counts.scatter_add_(1, tokens[:, None].to(torch.int64), torch.ones_like(counts[:, :1]))
+    torch._foreach_copy_([s.penalty_state.output_counts for s in seqs], list(counts.unbind(0)))  # type: ignore
 
 
-def adjust_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """logits with each request's logit bias, penalties and grammar mask applied (a copy; logits is kept)."""
+def _adjust(logits: torch.Tensor, seqs: list[Sequence]
+            ) -> tuple[torch.Tensor, tuple[list[Sequence], torch.Tensor, torch.Tensor] | None]:
+    """adjust_logits, and for the penalized requests (seqs, rows, stacked counts) to count the drawn tokens."""
     dev = logits.device
     biased = [bool(s.params.sampling.logit_bias) for s in seqs]
     penalized = [s.params.sampling.penalizes for s in seqs]
     if not any(biased) and not any(penalized) and all(s.matcher is None for s in seqs):
-        return logits
+        return logits, None
     logits = logits.clone()
     if any(biased):
         pairs = [(i, t, b) for i, s in enumerate(seqs) for t, b in s.params.sampling.logit_bias]
         row, token, bias = zip(*pairs, strict=True)
         index = torch.tensor([row, token], dtype=torch.int64).to(dev, non_blocking=True)
         logits.index_put_((index[0], index[1]), torch.tensor(bias, dtype=logits.dtype).to(dev), accumulate=True)
+    counted = None
     if any(penalized):
-        rows = _rows(penalized, dev)
-        logits[rows] = _apply_penalties(logits, [s for s, w in zip(seqs, penalized, strict=True) if w], rows)
+        rows = torch.tensor([i for i, w in enumerate(penalized) if w], dtype=torch.int64).to(dev, non_blocking=True)
+        pen_seqs = [s for s, w in zip(seqs, penalized, strict=True) if w]
+        counted = pen_seqs, rows, _apply_penalties(logits, pen_seqs, rows)
     mask_logits(logits, seqs)
-    return logits
+    return logits, counted
+
+
+def adjust_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits with each request's logit bias, penalties and grammar mask applied (a copy; logits is kept)."""
+    return _adjust(logits, seqs)[0]
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logits [B, V] float32 -> token ids [B] (int64, same device)."""
     params = [s.params.sampling for s in seqs]
-    logits = adjust_logits(logits, seqs)
+    logits, counted = _adjust(logits, seqs)
     greedy = logits.argmax(-1)
     if all(p.temperature == 0 for p in params):
         tokens = greedy
@@ -118,10 +120,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp(max=logits.shape[-1] - 1)
         is_greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
         tokens = torch.where(is_greedy, greedy, drawn)
-    penalized = [p.penalizes for p in params]
-    if any(penalized):
-        rows = _rows(penalized, logits.device)
-        _count_drawn([s for s, w in zip(seqs, penalized, strict=True) if w], tokens[rows])
+    if counted is not None:
+        pen_seqs, rows, counts = counted
+        _count_drawn(pen_seqs, counts, tokens[rows])
     accept_tokens(seqs, tokens)
     return tokens
 
