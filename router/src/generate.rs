@@ -200,6 +200,13 @@ pub struct Choice {
     pub counts_prompt: bool,
 }
 
+impl Choice {
+    /// The whole choice (non-streaming replies), with whether its usage counts the prompt.
+    pub async fn collect(self) -> Result<(Collected, bool), ApiError> {
+        Ok((self.generation.collect().await?, self.counts_prompt))
+    }
+}
+
 /// The choices of one request, `n` per prompt, in OpenAI's order (prompt by prompt). A prompt's first
 /// choice runs alone until its first token, so its full pages are in the worker's prefix cache when its
 /// copies start: the prompt is computed once. Prompts start together. Copy j draws with seed + j.

@@ -50,14 +50,12 @@ pub async fn chat_completions(
         let writers = choices.into_iter().zip(0..).map(|(c, i)| (c, writer(i))).collect();
         return Ok(sse::respond(writers, include_usage.then(|| writer(0))));
     }
-    let counts: Vec<bool> = choices.iter().map(|c| c.counts_prompt).collect();
-    let outs =
-        futures_util::future::try_join_all(choices.into_iter().map(|c| c.generation.collect())).await?;
-    let usage = generate::total_usage(outs.iter().map(|o| o.usage).zip(counts));
+    let outs = futures_util::future::try_join_all(choices.into_iter().map(generate::Choice::collect)).await?;
+    let usage = generate::total_usage(outs.iter().map(|(out, counts_prompt)| (out.usage, *counts_prompt)));
     let choices = outs
         .into_iter()
         .zip(0..)
-        .map(|(out, index)| {
+        .map(|((out, _), index)| {
             let w = writer(index);
             let logprobs = with_logprobs.then(|| w.logprobs(&out.tokens));
             let (content, calls) =
@@ -199,11 +197,13 @@ impl ChunkWriter for ChatWriter {
     }
 
     fn text(&mut self, text: String, tokens: &[TokenOut]) -> Option<String> {
-        let (text, tokens) = match self.calls.as_mut() {
-            Some(hold) => hold.push(&text, tokens)?,
-            None => (text, tokens.to_vec()),
-        };
-        Some(self.content_chunk(text, &tokens))
+        match self.calls.as_mut() {
+            Some(hold) => {
+                let (text, tokens) = hold.push(&text, tokens)?;
+                Some(self.content_chunk(text, &tokens))
+            }
+            None => Some(self.content_chunk(text, tokens)),
+        }
     }
 
     fn finish(&mut self, reason: &'static str) -> Vec<String> {
@@ -211,7 +211,7 @@ impl ChunkWriter for ChatWriter {
         let mut reason = reason;
         if let Some(hold) = self.calls.take() {
             let (content, calls) =
-                if hold.all { tools::parse_calls(&hold.held) } else { (Some(hold.held.clone()), vec![]) };
+                if hold.all { tools::parse_calls(&hold.held) } else { (Some(hold.held), vec![]) };
             if let Some(text) = content.filter(|t| !t.is_empty()) {
                 frames.push(self.content_chunk(text, &hold.tokens));
             }

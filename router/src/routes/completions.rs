@@ -53,9 +53,6 @@ pub async fn completions(
         let writers = choices.into_iter().enumerate().map(|(i, c)| (c, writer(i))).collect();
         return Ok(sse::respond(writers, include_usage.then(|| writer(0))));
     }
-    let counts: Vec<bool> = choices.iter().map(|c| c.counts_prompt).collect();
-    let mut out_choices = Vec::new();
-    let mut usages = Vec::new();
     let collected = futures_util::future::try_join_all(choices.into_iter().enumerate().map(|(i, choice)| {
         let mut w = writer(i);
         async move {
@@ -66,7 +63,7 @@ pub async fn completions(
                     lp.push_prompt(&w.model, ids, &choice.generation.prompt_logprobs);
                 }
             }
-            let out = choice.generation.collect().await?;
+            let (out, counts_prompt) = choice.collect().await?;
             text.push_str(&out.text);
             if let Some(lp) = w.logprobs.as_mut() {
                 lp.push_tokens(&w.model, &out.tokens);
@@ -77,14 +74,11 @@ pub async fn completions(
                 logprobs: w.logprobs.map(|lp| lp.all),
                 finish_reason: Some(out.reason),
             };
-            Ok::<_, ApiError>((choice, out.usage))
+            Ok::<_, ApiError>((choice, (out.usage, counts_prompt)))
         }
     }))
     .await?;
-    for ((choice, usage), counts_prompt) in collected.into_iter().zip(counts) {
-        out_choices.push(choice);
-        usages.push((usage, counts_prompt));
-    }
+    let (out_choices, usages): (Vec<_>, Vec<_>) = collected.into_iter().unzip();
     Ok(Json(Completion {
         id,
         object: "text_completion",
