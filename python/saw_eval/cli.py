@@ -52,6 +52,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     pp.add_argument("--tokenizer", help="alias, .gguf or tokenizer.json (default: --model)")
     pp.add_argument("--reference", help="a bf16 logprob dump (.json.gz) to compute KL against")
     pp.add_argument("--dump-dir", help="write each run's raw logprobs here (reuse with --reference)")
+    pp.add_argument("--concurrency", type=int, default=8, help="windows in flight at once")
     he = sub.add_parser("humaneval", help="HumanEval pass@1 (greedy, chat template)")
     he.add_argument("--subset", help='problem indices "0-19", "0,3,9" or "first:N" (default: all 164)')
     he.add_argument("--max-tokens", type=int, default=512)
@@ -104,7 +105,7 @@ def run_ppl(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     with _servers(args) as servers:
         for label, client in servers:
-            dump = collect(client, wins, args.top_k, label)
+            dump = collect(client, wins, args.top_k, label, args.concurrency)
             if args.dump_dir:
                 save_dump(Path(args.dump_dir) / f"{label.replace(' ', '_')}.json.gz", dump)
             if ref is None and label.split()[0] == "bf16":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,18 @@ def load_tokenizer(spec: str):  # noqa: ANN201 - tokenizers.Tokenizer
     return tokenizers.Tokenizer.from_str(tokenizer_from_gguf(open_gguf(path).meta).tokenizer_json)
 
 
-def collect(client: Client, wins: list[list[int]], top_k: int, label: str) -> Dump:
-    out: Dump = []
-    for ids in tqdm(wins, desc=f"ppl {label}", unit="win"):
+def collect(client: Client, wins: list[list[int]], top_k: int, label: str, concurrency: int = 1) -> Dump:
+    """Each window's prompt logprobs, in window order; `concurrency` windows in flight (the server batches
+    them, which matters when every position is its own step: --max-prefill-tokens 1)."""
+
+    def one(ids: list[int]) -> dict[str, Any]:
         lp = client.prompt_logprobs(ids, top_k)
         n = len(ids)
-        out.append({"tokens": lp["tokens"][:n], "token_logprobs": lp["token_logprobs"][:n],
-                    "top_logprobs": lp["top_logprobs"][:n]})
-    return out
+        return {"tokens": lp["tokens"][:n], "token_logprobs": lp["token_logprobs"][:n],
+                "top_logprobs": lp["top_logprobs"][:n]}
+
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        return list(tqdm(pool.map(one, wins), total=len(wins), desc=f"ppl {label}", unit="win"))
 
 
 def summarize(run: Dump, ref: Dump | None) -> dict[str, Any]:
