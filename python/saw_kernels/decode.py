@@ -10,9 +10,10 @@ tensor cores as exact small integers, with
   q . k_hat = s (q . c) + lo sum(q)   and   sum_n p_n v_hat_n = (p s_v) @ c_v + sum_n p_n lo_n.
 For int4-bdr, R q . R k = q . k: the engine passes q already rotated (write_kv rotates it in the same
 launch, once per step); given plain q, each program rotates it. With rotate_v the output is rotated
-back once per head (in the reduce, or at the end when there is one split). With the bf16 window the
-reduce always runs: it attends the ring's valid slots (sinks and window) and the new token and merges
-them with the INT4 partials, which skip the sinks (window.py).
+back once per head (in the reduce, or at the end when there is one split). With the bf16 window a first
+launch (`_window_piece_kernel`) attends the ring's valid slots (sinks and window) and the new token and
+leaves one more partial, which the warp kernel's combine (or the reduce) merges with the INT4 ones; those
+skip the sinks (window.py).
 """
 
 from __future__ import annotations
@@ -229,18 +230,44 @@ def _attend_window(qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, e
 
 
 @triton.jit
-def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqrt_b,
-                   qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, sinks_ptr, mean_ptr, keep_ptr,
-                   s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale,
+def _window_piece_kernel(wo_ptr, wl_ptr, qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, sinks_ptr,
+                         mean_ptr, keep_ptr, s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale,
+                         HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+                         W: tl.constexpr, BLOCK_W: tl.constexpr, SHIFT: tl.constexpr, KEEP: tl.constexpr):
+    """The bf16 rows' partial of (request b, KV head kh) (_attend_window): o [B, Hq, D] fp32, normalized, and
+    lse [B, Hq] (log2), one more piece for the warp kernel's combine or _reduce_kernel. It reads nothing the
+    INT4 kernels write, so it runs before them. With KEEP the new token then goes into the ring at flat slot
+    keep_ptr[b] (only this program reads row b's head kh, so the write after its reads needs no other
+    ordering)."""
+    D2: tl.constexpr = D // 2
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    m_w, l_w, aw_lo, aw_hi = _attend_window(
+        qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, sinks_ptr, mean_ptr, b, kh,
+        s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale, G, GP, D2, S, W, BLOCK_W, SHIFT)
+    g = tl.arange(0, GP)
+    gm = g < G
+    row = b.to(tl.int64) * HQ + kh * G + g
+    inv = 1.0 / l_w  # l_w >= 1: the new token is always there
+    store_halves(wo_ptr, row * D, tl.arange(0, D2), aw_lo * inv[:, None], aw_hi * inv[:, None], gm, D2)
+    tl.store(wl_ptr + row, m_w + tl.log2(l_w), mask=gm)
+    if KEEP:
+        tl.debug_barrier()  # every thread's ring reads are done before the slot may be overwritten
+        d = tl.arange(0, D)
+        dst = tl.load(keep_ptr + b) * s_rs + kh * s_rh + d
+        tl.store(rk_ptr + dst, tl.load(kn_ptr + b.to(tl.int64) * s_knb + kh * s_knh + d))
+        tl.store(rv_ptr + dst, tl.load(vn_ptr + b.to(tl.int64) * s_vnb + kh * s_vnh + d))
+
+
+@triton.jit
+def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqrt_b, wo_ptr, wl_ptr,
                    HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                    SP2: tl.constexpr, PIECES: tl.constexpr, ROT_V: tl.constexpr, FULL: tl.constexpr,
-                   WINDOW: tl.constexpr, S: tl.constexpr, W: tl.constexpr, BLOCK_W: tl.constexpr,
-                   SHIFT: tl.constexpr, KEEP: tl.constexpr):
+                   WINDOW: tl.constexpr):
     """out of (request, KV head) from its partials: SPLITS rows per query at (b Hq + query) SPLITS, or
     with PIECES the warp kernel's pieces, rows (first + i) G + group member, (first, count) in meta.
-    With WINDOW the raw bf16 rows (_attend_window) are one more partial, added after the INT4 ones are
-    rotated back (ROT_V); with KEEP the new token then goes into the ring at flat slot keep_ptr[b] (only
-    this program reads row b's head kh, so the write after its reads needs no other ordering)."""
+    With WINDOW the bf16 rows' partial (_window_piece_kernel, rows b Hq + query) is one more, added after
+    the INT4 ones are rotated back (ROT_V)."""
     D2: tl.constexpr = D // 2
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -262,10 +289,8 @@ def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqr
                   other=float("-inf"))
     m = tl.max(lse, 1)
     if WINDOW:
-        m_w, l_w, aw_lo, aw_hi = _attend_window(
-            qp_ptr, kn_ptr, vn_ptr, rk_ptr, rv_ptr, rows_ptr, rlen_ptr, end_ptr, sinks_ptr, mean_ptr, b, kh,
-            s_qpb, s_qph, s_knb, s_knh, s_vnb, s_vnh, s_rr, s_rs, s_rh, qk_scale, G, GP, D2, S, W, BLOCK_W, SHIFT)
-        lse_w = m_w + tl.log2(l_w)  # l_w >= 1: the new token is always there
+        w_row = b.to(tl.int64) * HQ + qh
+        lse_w = tl.load(wl_ptr + w_row, mask=gm, other=float("-inf"))
         m = tl.maximum(m, lse_w)
     m = tl.where(m == float("-inf"), 0.0, m)
     w_all = tl.exp2(lse - m[:, None])
@@ -283,19 +308,14 @@ def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqr
             o_hi += w[:, None] * tl.load(po_ptr + row[:, None] * D + D2 + c[None, :], mask=use, other=0.0)
     if ROT_V:  # R is linear: the weighted sum is rotated back before any raw value joins it
         o_lo, o_hi = rotate_halves(o_lo, o_hi, load_hmat(h_ptr, D2), inv_sqrt_b, FULL, 2)
-    if WINDOW:  # its weight exp2(lse_w - m) times its o = acc / l_w
-        denom += tl.exp2(lse_w - m)
-        o_lo += tl.exp2(m_w - m)[:, None] * aw_lo
-        o_hi += tl.exp2(m_w - m)[:, None] * aw_hi
+    if WINDOW:
+        ww = tl.exp2(lse_w - m)
+        denom += ww
+        o_lo += ww[:, None] * tl.load(wo_ptr + w_row[:, None] * D + c[None, :], mask=gm[:, None], other=0.0)
+        o_hi += ww[:, None] * tl.load(wo_ptr + w_row[:, None] * D + D2 + c[None, :], mask=gm[:, None], other=0.0)
     inv = 1.0 / tl.where(denom > 0, denom, 1.0)
     store_halves(out_ptr, b.to(tl.int64) * s_ob + qh * s_oh, c, (o_lo * inv[:, None]).to(tl.bfloat16),
                  (o_hi * inv[:, None]).to(tl.bfloat16), gm, D2)
-    if KEEP:
-        tl.debug_barrier()  # every thread's ring reads are done before the slot may be overwritten
-        d = tl.arange(0, D)
-        dst = tl.load(keep_ptr + b) * s_rs + kh * s_rh + d
-        tl.store(rk_ptr + dst, tl.load(kn_ptr + b.to(tl.int64) * s_knb + kh * s_knh + d))
-        tl.store(rv_ptr + dst, tl.load(vn_ptr + b.to(tl.int64) * s_vnb + kh * s_vnh + d))
 
 
 def params_as_words(k_params: torch.Tensor | None, v_params: torch.Tensor | None
@@ -339,13 +359,10 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     return max(1, min(want, most, 64))
 
 
-def _window_args(ring: Ring | None, q_plain: torch.Tensor | None, k_new: torch.Tensor | None,
-                 v_new: torch.Tensor | None, k_mean: torch.Tensor | None, keep_slots: torch.Tensor | None,
-                 fmt: KVFormat, unused: torch.Tensor) -> tuple[list, dict]:
-    """_reduce_kernel's window arguments: pointers and strides, then its constexprs (unused stands in for
-    the tensors of a step without window, or of an option the format has off)."""
-    if ring is None:
-        return [unused] * 11 + [0] * 9, dict(WINDOW=False, S=0, W=1, BLOCK_W=16, SHIFT=False, KEEP=False)
+def _window_piece(ring: Ring, q_plain: torch.Tensor | None, k_new: torch.Tensor | None,
+                  v_new: torch.Tensor | None, k_mean: torch.Tensor | None, keep_slots: torch.Tensor | None,
+                  fmt: KVFormat, sm_scale: float, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 rows' partial (o [B, Hq, D], lse [B, Hq]) from _window_piece_kernel, ring stores included."""
     ring.check(fmt.window, fmt.sinks)
     if keep_slots is not None:
         assert flat_slots(ring.k) and keep_slots.dtype == torch.int64
@@ -353,14 +370,19 @@ def _window_args(ring: Ring | None, q_plain: torch.Tensor | None, k_new: torch.T
         raise ValueError("decode_attention(ring=...) needs q_plain, k_new and v_new (raw bf16) for the bf16 keys")
     assert q_plain.dtype == k_new.dtype == v_new.dtype == torch.bfloat16
     assert q_plain.stride(-1) == 1 and k_new.stride(-1) == 1 and v_new.stride(-1) == 1
+    bsz, hq, d = q_plain.shape
     shift = fmt.k_center and k_mean is not None  # as in write_kv: no mean, nothing was subtracted
-    mean = k_mean.float().contiguous() if shift else unused
+    wo = torch.empty(bsz, hq, d, dtype=torch.float32, device=q_plain.device)
+    wl = torch.empty(bsz, hq, dtype=torch.float32, device=q_plain.device)
     rows = ring.sink_slots + ring.window + 1  # and the new token
-    return ([q_plain, k_new, v_new, ring.k, ring.v, ring.rows, ring.lens, ring.ends, ring.int4_starts(), mean,
-             ring.rows if keep_slots is None else keep_slots, q_plain.stride(0), q_plain.stride(1), k_new.stride(0),
-             k_new.stride(1), v_new.stride(0), v_new.stride(1), *ring.strides()],
-            dict(WINDOW=True, S=ring.sink_slots, W=ring.window,
-                 BLOCK_W=min(64, max(16, triton.next_power_of_2(rows))), SHIFT=shift, KEEP=keep_slots is not None))
+    _window_piece_kernel[(bsz, hq // group)](
+        wo, wl, q_plain, k_new, v_new, ring.k, ring.v, ring.rows, ring.lens, ring.ends, ring.int4_starts(),
+        k_mean.float().contiguous() if shift else wo, ring.rows if keep_slots is None else keep_slots,
+        q_plain.stride(0), q_plain.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        *ring.strides(), sm_scale * LOG2E, HQ=hq, G=group, GP=max(16, triton.next_power_of_2(group)), D=d,
+        S=ring.sink_slots, W=ring.window, BLOCK_W=min(64, max(16, triton.next_power_of_2(rows))), SHIFT=shift,
+        KEEP=keep_slots is not None, num_warps=1)
+    return wo, wl
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_params: torch.Tensor | None,
@@ -402,7 +424,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device=q.device)
     window = ring is not None
-    win_args, win_consts = _window_args(ring, q_plain, k_new, v_new, k_mean, keep_slots, fmt, out)
     starts = ring.sinks if ring is not None else None  # INT4 reads begin after the bf16 sinks
     quant = fmt.quantized
     warp_fits = (not INTERPRET and q.is_cuda and warp_kernel_fits(page_size, d, group, bsz)
@@ -420,18 +441,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
     meta = pl = po = out
     ctx = max_context if max_context is not None else page_table.shape[1] * page_size
+    # the bf16 rows first: their partial is one more piece for whoever combines (no dependency on the INT4 launch)
+    wo, wl = (_window_piece(ring, q_plain, k_new, v_new, k_mean, keep_slots, fmt, sm_scale, group) if window
+              else (out, out))
     if warp:
         programs = bsz * hkv * num_splits if num_splits else warp_programs(q.device, bsz, hkv, ctx, d, gp, maxnreg)
-        # the kernel combines each pair's pieces itself, unless the output must be rotated back or a window joins
-        combine = not (fmt.rotate_v or window)
+        # the kernel combines each pair's pieces (and the window's) itself, unless the output must be rotated back
+        combine = not fmt.rotate_v
         po, pl, meta = launch_warp_decode(q, k_cache, v_cache, kp, vp, s_ps, s_ph, page_table, seq_lens, page_size,
-                                          sm_scale * LOG2E, out, combine, programs, gp, maxnreg, starts)
-        partials = 1 if combine else MAX_PIECES  # at most, per pair; the kernel records each one's count
+                                          sm_scale * LOG2E, out, combine, programs, gp, maxnreg, starts,
+                                          (wo, wl) if window else None)
+        partials = MAX_PIECES  # at most, per pair; the kernel records each one's count
+        reduce = not combine
     else:
         if num_splits is None:
             num_splits = choose_num_splits(bsz, hkv, ctx, q.device, block_n, quant)
         partials = num_splits
         final = num_splits == 1 and not window
+        reduce = not final
         if not final:
             po = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device)
             pl = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
@@ -451,11 +478,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                 q, k_cache, v_cache, page_table, seq_lens, out, po, pl, *strides, page_table.stride(0),
                 out.stride(0), out.stride(1), sm_scale * LOG2E, HQ=hq, G=group, GP=gp, D=d, PAGE=page_size,
                 SPLITS=num_splits, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
-    if partials > 1 or window:
+    if reduce:
         _reduce_kernel[(bsz, hkv)](
-            po, pl, meta, hmat, out, out.stride(0), out.stride(1), inv, *win_args, sm_scale * LOG2E,
-            HQ=hq, G=group, GP=max(16, gp) if window else gp, D=d, SPLITS=partials,
-            SP2=triton.next_power_of_2(partials), PIECES=warp, ROT_V=fmt.rotate_v, FULL=full, **win_consts,
-            num_warps=1 if window else 4,  # H200, 256 x 768 with the window: 112 us with 1 warp, 118 with 2 or 4
-        )
+            po, pl, meta, hmat, out, out.stride(0), out.stride(1), inv, wo, wl, HQ=hq, G=group, GP=gp, D=d,
+            SPLITS=partials, SP2=triton.next_power_of_2(partials), PIECES=warp, ROT_V=fmt.rotate_v, FULL=full,
+            WINDOW=window, num_warps=4)
     return out

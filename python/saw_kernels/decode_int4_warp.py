@@ -23,8 +23,8 @@ a KV head's steps across request boundaries, so a batch of ragged lengths keeps 
 end (splitting each request alike left the long ones running alone: 21-29 % slower on ragged batches).
 A run writes one partial (o, lse) per request it touches, and the piece of a (request, KV head) that lands
 last, by an arrival count, combines them into the output in the same launch (a separate reduce launch cost
-4-7 us more at 64 x 4k on the H100). With rotate_v or a bf16 window the pieces go to `_reduce_kernel`
-instead, which also rotates the output back and attends the window. The cut is computed on the GPU from
+4-7 us more at 64 x 4k on the H100), with the bf16 window's partial when there is one (an earlier launch
+attends it). With rotate_v the pieces go to `_reduce_kernel` instead, which also rotates the output back. The cut is computed on the GPU from
 the lengths, so a CUDA graph replays for any lengths.
 Needs mma.sync and cp.async (sm_80+); GPU only (Gluon does not run under the interpreter).
 """
@@ -195,24 +195,34 @@ def _query_operands(q_ptr, b, kh, s_qb, s_qh, qk_scale, G: gl.constexpr, GP: gl.
 
 
 @gluon.jit
-def _combine_pieces(po_ptr, pl_ptr, out_ptr, first_block, pieces, b, kh, s_ob, s_oh, G: gl.constexpr,
-                    GP: gl.constexpr, D: gl.constexpr, MAX_PIECES: gl.constexpr, lay_o: gl.constexpr,
-                    lay_s: gl.constexpr):
-    """out (bf16) of pair (b, kh) from its pieces' partials, rows (first_block + i) G + query. Loads go to L2
-    (.cg): other SMs wrote the partials during this launch, and L1 is not coherent."""
+def _combine_pieces(po_ptr, pl_ptr, wo_ptr, wl_ptr, out_ptr, first_block, pieces, b, kh, s_ob, s_oh,
+                    HQ: gl.constexpr, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr, MAX_PIECES: gl.constexpr,
+                    WINDOW: gl.constexpr, lay_o: gl.constexpr, lay_s: gl.constexpr):
+    """out (bf16) of pair (b, kh) from its pieces' partials, rows (first_block + i) G + query, and with WINDOW
+    the bf16 rows' partial (rows b HQ + query, from an earlier launch). Loads of the pieces go to L2 (.cg):
+    other SMs wrote them during this launch, and L1 is not coherent."""
     i = gl.arange(0, MAX_PIECES, layout=gl.SliceLayout(1, lay_s))
     qs = gl.arange(0, GP, layout=gl.SliceLayout(0, lay_s))
     lse = gl.load(pl_ptr + (first_block + i).to(gl.int64)[:, None] * G + qs[None, :],
                   mask=(i < pieces)[:, None] & (qs < G)[None, :], other=float("-inf"), cache_modifier=".cg")
     m = gl.max(lse, 0)
+    if WINDOW:
+        lse_w = gl.load(wl_ptr + b.to(gl.int64) * HQ + kh * G + qs, mask=qs < G, other=float("-inf"))
+        m = gl.maximum(m, lse_w)
     m = gl.where(m == float("-inf"), 0.0, m)
     denom = gl.sum(gl.exp2(lse - m[None, :]), 0)
+    if WINDOW:
+        denom += gl.exp2(lse_w - m)
     m = gl.convert_layout(m, gl.SliceLayout(0, lay_o))
     d = gl.arange(0, D, layout=gl.SliceLayout(1, lay_o))
     qn = gl.arange(0, GP, layout=gl.SliceLayout(0, lay_o))
     qm = qn < G
     row0 = first_block.to(gl.int64) * G + qn
     acc = gl.zeros([D, GP], gl.float32, layout=lay_o)
+    if WINDOW:
+        ww = gl.exp2(gl.convert_layout(lse_w, gl.SliceLayout(0, lay_o)) - m)
+        w_row = b.to(gl.int64) * HQ + kh * G + qn
+        acc += ww[None, :] * gl.load(wo_ptr + w_row[None, :] * D + d[:, None], mask=qm[None, :], other=0.0)
     for i0 in range(0, pieces, 2):  # two pieces' loads in flight (more would cost the main loop registers)
         for u in gl.static_range(2):
             row = row0 + (i0 + u) * G
@@ -227,13 +237,14 @@ def _combine_pieces(po_ptr, pl_ptr, out_ptr, first_block, pieces, b, kh, s_ob, s
 
 @gluon.jit
 def decode_int4_warp_kernel(
-    q_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, len_ptr, start_ptr, po_ptr, pl_ptr, meta_ptr, cnt_ptr, out_ptr, B,
+    q_ptr, kc_ptr, vc_ptr, kp_ptr, vp_ptr, pt_ptr, len_ptr, start_ptr, po_ptr, pl_ptr, meta_ptr, cnt_ptr, wo_ptr,
+    wl_ptr, out_ptr, B,
     s_qb, s_qh,
     s_ptb, s_ob, s_oh, qk_scale, S_KCS: gl.constexpr, S_KCH: gl.constexpr, S_VCS: gl.constexpr, S_VCH: gl.constexpr,
     S_PS: gl.constexpr, S_PH: gl.constexpr, HQ: gl.constexpr, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr,
     PAGE: gl.constexpr, STEP: gl.constexpr, MIN_STEPS: gl.constexpr, MAX_PIECES: gl.constexpr, BP: gl.constexpr,
-    COMBINE: gl.constexpr, START: gl.constexpr, mma: gl.constexpr, lay_k3: gl.constexpr, lay_v3: gl.constexpr,
-    lay_vw: gl.constexpr,
+    COMBINE: gl.constexpr, START: gl.constexpr, WINDOW: gl.constexpr, mma: gl.constexpr, lay_k3: gl.constexpr,
+    lay_v3: gl.constexpr, lay_vw: gl.constexpr,
     lay_q: gl.constexpr, lay_b: gl.constexpr, lay_o: gl.constexpr, lay_s: gl.constexpr, sh_k: gl.constexpr,
     sh_v: gl.constexpr,
 ):
@@ -383,8 +394,8 @@ def decode_int4_warp_kernel(
             if pieces > 1:
                 landed = gl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel", scope="gpu") + 1
             if landed == pieces:
-                _combine_pieces(po_ptr, pl_ptr, out_ptr, block + first_r, pieces, b, kh, s_ob, s_oh, G, GP, D,
-                                MAX_PIECES, lay_o, lay_s)
+                _combine_pieces(po_ptr, pl_ptr, wo_ptr, wl_ptr, out_ptr, block + first_r, pieces, b, kh, s_ob, s_oh,
+                                HQ, G, GP, D, MAX_PIECES, WINDOW, lay_o, lay_s)
                 if pieces > 1:
                     gl.store(cnt_ptr + pair, 0)
         else:
@@ -495,12 +506,14 @@ def pair_counters(device: torch.device) -> torch.Tensor:
 def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kp: torch.Tensor,
                        vp: torch.Tensor, s_ps: int, s_ph: int, page_table: torch.Tensor, seq_lens: torch.Tensor,
                        page_size: int, qk_scale: float, out: torch.Tensor, combine: bool, programs: int,
-                       group_rows: int, maxnreg: int | None = None, starts: torch.Tensor | None = None
+                       group_rows: int, maxnreg: int | None = None, starts: torch.Tensor | None = None,
+                       window: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention of q [B, Hq, D] (plain, or already rotated) over uint8 pages [slots, Hkv, D/2] (read as int32
     words) and (scale, lo) words kp / vp, from `programs` warps, request b over tokens [starts[b], seq_lens[b])
-    (from 0 without starts). With combine, each pair's last piece writes out; otherwise the pieces are left in
-    the returned workspace (warp_workspace) for _reduce_kernel."""
+    (from 0 without starts). With combine, each pair's last piece writes out, merging window's partial (o
+    [B, Hq, D] fp32, lse [B, Hq]) if given; otherwise the pieces are left in the returned workspace
+    (warp_workspace) for _reduce_kernel."""
     bsz, hq, d = q.shape
     hkv = k_cache.shape[1]
     assert hkv <= MAX_KV_HEADS
@@ -509,11 +522,11 @@ def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     batch_pad = max(32, 1 << (bsz - 1).bit_length())
     compiled = decode_int4_warp_kernel[(programs,)](
         q, kw, vw, kp, vp, page_table, seq_lens, seq_lens if starts is None else starts, po, pl, meta,
-        pair_counters(q.device), out, bsz, q.stride(0),
+        pair_counters(q.device), *(window or (out, out)), out, bsz, q.stride(0),
         q.stride(1), page_table.stride(0), out.stride(0), out.stride(1), qk_scale, S_KCS=kw.stride(0),
         S_KCH=kw.stride(1), S_VCS=vw.stride(0), S_VCH=vw.stride(1), S_PS=s_ps, S_PH=s_ph, HQ=hq, G=hq // hkv,
         GP=group_rows, D=d, PAGE=page_size, STEP=STEP, MIN_STEPS=MIN_STEPS, MAX_PIECES=MAX_PIECES, BP=batch_pad,
-        COMBINE=combine, START=starts is not None, **warp_layouts(STEP, d, batch_pad), num_warps=1, maxnreg=maxnreg)
+        COMBINE=combine, START=starts is not None, WINDOW=window is not None, **warp_layouts(STEP, d, batch_pad), num_warps=1, maxnreg=maxnreg)
     # each of an SM's 4 schedulers has 16k registers, given out in units of 256 per warp
     regs_per_warp = math.ceil(compiled.n_regs * 32 / 256) * 256
     _RESIDENT[(q.device.index, d, group_rows, maxnreg)] = min(32, 4 * (16384 // regs_per_warp))

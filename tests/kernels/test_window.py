@@ -212,9 +212,9 @@ def test_write_window() -> None:
         assert flat[untouched].isnan().all()
 
 
-# GPU: the warp kernel (pieces left to the reduce, which adds the window) at page sizes 16..64, GQA 1..8, and
-# full shapes with the engine's default options as the kernels see them (k_center, window 16, 4 sinks; the K
-# scale is applied to q and k before these kernels).
+# GPU: the warp kernel (its combine adds the window's partial; with rotate_v the reduce does) at page sizes
+# 16..64, GQA 1..8, and full shapes with the engine's default options as the kernels see them (k_center,
+# window 16, 4 sinks; the K scale is applied to q and k before these kernels).
 WARP_CASES = [c for c in DECODE_CASES if c[2] >= 16]
 DEFAULT_FMTS = [KVFormat("int4-bdr", 128, 128, k_center=True, window=16, sinks=4),
                 KVFormat("int4", 128, k_center=True, window=16, sinks=4)]
