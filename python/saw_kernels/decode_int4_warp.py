@@ -24,8 +24,8 @@ end (splitting each request alike left the long ones running alone: 21-29 % slow
 A run writes one partial (o, lse) per request it touches, and the piece of a (request, KV head) that lands
 last, by an arrival count, combines them into the output in the same launch (a separate reduce launch cost
 4-7 us more at 64 x 4k on the H100), with the bf16 window's partial when there is one (an earlier launch
-attends it). With rotate_v the pieces go to `_reduce_kernel` instead, which also rotates the output back. The cut is computed on the GPU from
-the lengths, so a CUDA graph replays for any lengths.
+attends it). With rotate_v the pieces go to `_reduce_kernel` instead, which also rotates the output back.
+The cut is computed on the GPU from the lengths, so a CUDA graph replays for any lengths.
 Needs mma.sync and cp.async (sm_80+); GPU only (Gluon does not run under the interpreter).
 """
 
@@ -526,7 +526,8 @@ def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         q.stride(1), page_table.stride(0), out.stride(0), out.stride(1), qk_scale, S_KCS=kw.stride(0),
         S_KCH=kw.stride(1), S_VCS=vw.stride(0), S_VCH=vw.stride(1), S_PS=s_ps, S_PH=s_ph, HQ=hq, G=hq // hkv,
         GP=group_rows, D=d, PAGE=page_size, STEP=STEP, MIN_STEPS=MIN_STEPS, MAX_PIECES=MAX_PIECES, BP=batch_pad,
-        COMBINE=combine, START=starts is not None, WINDOW=window is not None, **warp_layouts(STEP, d, batch_pad), num_warps=1, maxnreg=maxnreg)
+        COMBINE=combine, START=starts is not None, WINDOW=window is not None, **warp_layouts(STEP, d, batch_pad),
+        num_warps=1, maxnreg=maxnreg)
     # each of an SM's 4 schedulers has 16k registers, given out in units of 256 per warp
     regs_per_warp = math.ceil(compiled.n_regs * 32 / 256) * 256
     _RESIDENT[(q.device.index, d, group_rows, maxnreg)] = min(32, 4 * (16384 // regs_per_warp))
