@@ -16,7 +16,7 @@ from saw_worker.engine.model_runner import ModelRunner
 from saw_worker.engine.scheduler import Scheduler
 from saw_worker.kv import calibration
 from saw_worker.kv.backend import PagedAttention
-from saw_worker.kv.pool import KVPool, bytes_per_token, window_bytes_per_request
+from saw_worker.kv.pool import KVPool, bytes_per_token, ring_row_bytes
 from saw_worker.loader import load_model
 from saw_worker.options import CPU_KV_CACHE_BYTES, KVOptions, PoolOptions, WorkerOptions
 
@@ -93,9 +93,9 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
         log.warning("the KV budget holds bf16 windows for %d requests, fewer than --max-running-requests + 1: no "
                     "more hold KV at once (--window 0 or more memory lifts this)", pool.window_rows)
     token_bytes = bytes_per_token(fmt, cfg.num_layers, cfg.num_kv_heads, opts.kv.bf16_layers)
-    window_bytes = window_bytes_per_request(fmt, cfg.num_layers, cfg.num_kv_heads, opts.kv.bf16_layers)
-    log.info("KV pool: %s, %d tokens in %.1f MiB (%d B/token, %d B of bf16 window per request)", fmt.describe(),
-             pool.capacity_tokens, budget / 2**20, token_bytes, window_bytes)
+    window_bytes = ring_row_bytes(fmt, cfg.num_layers, cfg.num_kv_heads, pool.page_size, opts.kv.bf16_layers)
+    log.info("KV pool: %s, %d tokens in %.1f MiB (%d B/token, %d B of bf16 ring and sink store per request)",
+             fmt.describe(), pool.capacity_tokens, budget / 2**20, token_bytes, window_bytes)
 
     if fmt.k_center or fmt.k_scale:
         started = time.perf_counter()

@@ -85,8 +85,10 @@ def wait_idle(client: Client) -> saw_pb2.LoadReply:
 def test_info_describes_model_and_cache(worker: Client) -> None:
     info = worker.info(saw_pb2.InfoRequest())
     assert info.model_id == "smollm2-135m" and info.kv_format == "int4-bdr:b32+center+scale+s4+w16"
-    # 30 layers x 3 KV heads x (32 + 4) bytes for K and for V; the ring: 4 sinks + 16 bf16 tokens of K and V each
-    assert info.kv_bytes_per_token == 30 * 3 * 72 and info.kv_window_bytes_per_request == 30 * 3 * 2 * 20 * 64 * 2
+    # 30 layers x 3 KV heads x (32 + 4) bytes for K and for V; the ring: 4 sinks + 16 bf16 tokens of K and V each,
+    # and the sink store's entry (4 more) that comes with it
+    assert info.kv_bytes_per_token == 30 * 3 * 72
+    assert info.kv_window_bytes_per_request == 30 * 3 * 2 * (20 + 4) * 64 * 2
     assert '"model"' in info.tokenizer_json and "im_start" in info.chat_template
     assert info.kv_capacity_tokens > 1000 and info.page_size == 16 and info.context_length >= 2048
     assert list(info.eos_token_ids)

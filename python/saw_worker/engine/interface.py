@@ -28,7 +28,7 @@ class EngineInfo:
     page_size: int
     device: str
     kv_bytes_per_token: int = 0  # K + V of one token over all layers and KV heads
-    kv_window_bytes_per_request: int = 0  # the bf16 window's ring row, per running request
+    kv_window_bytes_per_request: int = 0  # the bf16 ring row and sink-store entry, per running request
 
 
 @dataclass(frozen=True)
