@@ -89,8 +89,8 @@ def decode_step(engine: LocalEngine, batch: int) -> None:
     sched = engine.scheduler
     b = sched.schedule()
     assert b is not None and b.is_decode and len(b.chunks) == batch, "expected a full decode batch"
-    for chunk, result in zip(b.chunks, engine.runner.run(b), strict=True):
-        assert sched.commit(chunk, result.token) is None, "a request finished early"
+    finishes = sched.on_ran(b, [r.token for r in engine.runner.run(b)])
+    assert not any(finishes), "a request finished early"
 
 
 def fill(engine: LocalEngine, batch: int, context: int, warm_steps: int, tag: str) -> tuple[list[Sequence], float]:
@@ -110,8 +110,7 @@ def fill(engine: LocalEngine, batch: int, context: int, warm_steps: int, tag: st
     while sched.waiting:  # prefill has priority, so every step here is a prefill chunk batch
         b = sched.schedule()
         assert b is not None and not b.is_decode, "prefill could not be scheduled (KV pool too small?)"
-        for chunk, result in zip(b.chunks, runner.run(b), strict=True):
-            sched.commit(chunk, result.token)
+        sched.on_ran(b, [r.token for r in runner.run(b)])
     sync(runner.device)
     prefill_s = time.perf_counter() - started
     assert len(sched.running) == batch
@@ -122,7 +121,7 @@ def fill(engine: LocalEngine, batch: int, context: int, warm_steps: int, tag: st
 
 def release(engine: LocalEngine, seqs: list[Sequence]) -> None:
     for s in seqs:
-        engine.scheduler.remove(s.id)
+        engine.scheduler.on_abort(s.id)
 
 
 # --- profiler labels around model scopes (profiled steps only) ----------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from engine_util import VOCAB, Collector, prompt, run, tiny_engine
 
-from saw_worker.engine.request import Finish, GenerateParams, RequestError, SamplingOptions
+from saw_worker.engine.request import Finish, GenerateParams, RequestError, SamplingOptions, Sequence
 
 
 def greedy(rid: str, ids: list[int], n: int = 12, **kw: object) -> GenerateParams:
@@ -79,6 +79,71 @@ def test_overlapped_steps_match_synchronous_ones() -> None:
             engine.shutdown()
     assert outcomes[True] == outcomes[False]
     assert all(n == len(tokens) for tokens, _, n in outcomes[True].values())
+
+
+def test_a_launched_token_is_sequence_state_until_it_reaches_the_host() -> None:
+    """The loop's overlap calls by hand: a launched step's token is known on the device only (launched_row) and never
+    stands in token_ids; the next step reads it there; an abort meanwhile names only host-known pages, and its
+    in-flight token is dropped."""
+    sync = tiny_engine("int4-bdr", overlap=False)
+    try:
+        want = run(sync, [greedy("s0", prompt(0, 9), n=3)])["s0"]
+    finally:
+        sync.shutdown()
+    engine = tiny_engine("int4-bdr", num_pages=16)
+    engine.shutdown()  # the loop stops; the scheduler and runner stay
+    sched, runner = engine.scheduler, engine.runner
+    seqs = [Sequence(greedy(f"s{i}", prompt(i, 9), n=20), sink=lambda ev: None, order=i + 1) for i in range(2)]
+    for seq in seqs:
+        sched.add(seq)
+    prefill = sched.schedule()
+    assert prefill is not None and not prefill.is_decode
+    assert sched.on_ran(prefill, [r.token for r in runner.run(prefill)]) == [None, None]
+    first = sched.schedule()
+    assert first is not None and runner.can_launch(first)
+    step1 = runner.launch(first, None)
+    sched.on_launched(first)
+    for row, seq in enumerate(seqs):  # the next token is on the device only; its position is taken
+        assert (seq.launched_row, len(seq.token_ids), seq.num_tokens, seq.cached) == (row, 10, 11, 10)
+    second = sched.schedule()
+    assert second is not None and [(c.start, c.end) for c in second.chunks] == [(10, 11)] * 2
+    step2 = runner.launch(second, step1)  # before step 1's tokens reach the host
+    arrived = sched.on_tokens(first, runner.collect(step1))
+    assert [(seq, finish) for seq, _, finish in arrived] == [(seqs[0], None), (seqs[1], None)]
+    assert all(seq.launched_row is None and len(seq.token_ids) == 11 for seq in seqs)
+    sched.on_launched(second)
+    assert sched.on_abort("s1") is seqs[1] and seqs[1].finished and not seqs[1].pages
+    assert len(sched.pages.match(seqs[1].token_ids)) == 2  # its computed full pages, all known tokens
+    arrived = sched.on_tokens(second, runner.collect(step2))
+    assert [seq for seq, _, _ in arrived] == [seqs[0]]  # the aborted request's token goes nowhere
+    assert seqs[0].token_ids[9:] == want and seqs[1].num_output == 2
+    assert sched.on_abort("s0") is seqs[0] and not sched.has_work()
+
+
+def test_a_failed_overlapped_step_fails_its_requests_and_the_engine_keeps_serving() -> None:
+    engine = tiny_engine("int4")
+    launch, calls = engine.runner.launch, []
+
+    def failing_launch(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:  # a step launched and not yet collected: both steps' requests fail
+            raise RuntimeError("boom")
+        return launch(*args)
+
+    engine.runner.launch = failing_launch  # type: ignore[method-assign]
+    try:
+        sinks = {f"f{i}": Collector() for i in range(3)}
+        for rid, sink in sinks.items():
+            engine.submit(greedy(rid, prompt(int(rid[1]), 6), n=50), sink)
+        for sink in sinks.values():
+            sink.wait()
+            assert sink.last.finish is Finish.ABORT and "boom" in (sink.last.error or "")
+            assert sink.last.completion_tokens == len([t for ev in sink.events for t in ev.token_ids])
+        pages = engine.scheduler.pages
+        assert pages.free_pages == engine.scheduler.pool.num_pages - 1 and not engine.scheduler.has_work()
+        assert run(engine, [greedy("ok", [5, 6], n=4)])["ok"]
+    finally:
+        engine.shutdown()
 
 
 def test_bf16_layers_keep_those_layers_exact() -> None:

@@ -12,7 +12,7 @@ from saw_worker.engine.grammar import Grammars
 from saw_worker.engine.interface import EngineInfo, LoadStats
 from saw_worker.engine.model_runner import ChunkResult, LaunchedStep, ModelRunner
 from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sequence, Sink
-from saw_worker.engine.scheduler import Chunk, Scheduler
+from saw_worker.engine.scheduler import Batch, Scheduler
 from saw_worker.engine.stats import StepStats, StepTotals
 
 log = logging.getLogger("saw_worker.engine")
@@ -95,7 +95,7 @@ class LocalEngine:
         """One scheduling round: a forward pass when there is work, else a short wait for some."""
         self._take_inbox()
         if not self.scheduler.has_work():
-            self._resolve_launched()
+            self._collect_launched()
             self._publish_load()
             self._wake.wait(0.5)
             self._wake.clear()
@@ -103,31 +103,26 @@ class LocalEngine:
         started = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is None:  # waiting requests cannot fit yet and nothing runs: cannot happen, but never spin
-            self._resolve_launched()
+            self._collect_launched()
             self._wake.wait(0.01)
             return
         try:
             forward_started = time.perf_counter()
             if self.overlap and self.runner.can_launch(batch):
-                launched = self.runner.launch(batch, self._launched)
-                self._resolve_launched()
-                for chunk in batch.chunks:
-                    if not chunk.seq.finished:
-                        self.scheduler.advance(chunk)
+                launched = self.runner.launch(batch, self._launched)  # takes the previous step's tokens on the device
+                self._collect_launched()  # while it runs: the previous step's tokens reach the host and the clients
+                self.scheduler.on_launched(batch)
                 self._launched = launched
             else:
-                self._resolve_launched()
-                for chunk, result in zip(batch.chunks, self.runner.run(batch), strict=True):
-                    self._commit(chunk, result)
+                self._collect_launched()
+                self._send_ran(batch, self.runner.run(batch))
             forward_s = time.perf_counter() - forward_started
         except Exception as exc:  # a bug must fail these requests, not the worker
             log.exception("forward pass failed")
-            failed = [c.seq for c in batch.chunks] + ([c.seq for c in self._launched.batch.chunks]
-                                                       if self._launched is not None else [])
+            batches = [batch] + ([self._launched.batch] if self._launched is not None else [])
             self._launched = None
-            for seq in failed:
-                if not seq.finished:
-                    self._end(seq, Event(finish=Finish.ABORT, error=f"engine error: {exc}"), remove=True)
+            for seq in self.scheduler.on_failed(*batches):
+                self._end(seq, Event(finish=Finish.ABORT, error=f"engine error: {exc}"))
             return
         rows = len(batch.chunks) if batch.is_decode else sum(c.end - c.start for c in batch.chunks)
         self._stats.record(batch.is_decode, rows, time.perf_counter() - started, forward_s)
@@ -140,43 +135,41 @@ class LocalEngine:
         for seq in incoming:
             self.scheduler.add(seq)
         for request_id in aborts:
-            seq = self.scheduler.remove(request_id)
+            seq = self.scheduler.on_abort(request_id)
             if seq is not None:
-                self._end(seq, Event(finish=Finish.ABORT), remove=False)
+                self._end(seq, Event(finish=Finish.ABORT))
 
-    def _resolve_launched(self) -> None:
-        """Wait for the launched decode step, if any, and deliver its tokens."""
+    def _collect_launched(self) -> None:
+        """Wait for the launched decode step, if any, and send its tokens."""
         step, self._launched = self._launched, None
-        if step is None:
-            return
-        for chunk, token in zip(step.batch.chunks, self.runner.collect(step), strict=True):
-            if not chunk.seq.finished:  # aborted meanwhile, or its previous token ended it
-                self._deliver(chunk.seq, Event(token_ids=[token], finish=self.scheduler.resolve(chunk, token)))
+        if step is not None:
+            for seq, token, finish in self.scheduler.on_tokens(step.batch, self.runner.collect(step)):
+                self._send(seq, Event(token_ids=[token], finish=finish))
 
-    def _commit(self, chunk: Chunk, result: ChunkResult) -> None:
-        seq = chunk.seq
-        if seq.prompt_logprobs is not None and result.prompt_logprobs:
-            seq.prompt_logprobs += result.prompt_logprobs
-        finish = self.scheduler.commit(chunk, result.token)
-        if result.token is None:
-            return
-        ev = Event(token_ids=[result.token], finish=finish)
-        if result.logprob is not None:
-            ev.logprobs = [result.logprob]
-        if seq.prompt_logprobs and seq.num_output == 1:
-            ev.prompt_logprobs = seq.prompt_logprobs
-        self._deliver(seq, ev)
+    def _send_ran(self, batch: Batch, results: list[ChunkResult]) -> None:
+        """Send what a synchronous step gave: sampled tokens, their logprobs, and prompt logprobs with the first."""
+        finishes = self.scheduler.on_ran(batch, [r.token for r in results])
+        for chunk, result, finish in zip(batch.chunks, results, finishes, strict=True):
+            seq = chunk.seq
+            if seq.prompt_logprobs is not None and result.prompt_logprobs:
+                seq.prompt_logprobs += result.prompt_logprobs
+            if result.token is None:
+                continue
+            ev = Event(token_ids=[result.token], finish=finish)
+            if result.logprob is not None:
+                ev.logprobs = [result.logprob]
+            if seq.prompt_logprobs and seq.num_output == 1:
+                ev.prompt_logprobs = seq.prompt_logprobs
+            self._send(seq, ev)
 
-    def _deliver(self, seq: Sequence, ev: Event) -> None:
+    def _send(self, seq: Sequence, ev: Event) -> None:
         if ev.finish is None:
             seq.sink(ev)
         else:
-            self._end(seq, ev, remove=False)
+            self._end(seq, ev)
 
-    def _end(self, seq: Sequence, ev: Event, remove: bool) -> None:
-        if remove:
-            self.scheduler.remove(seq.id)
-        seq.finished = True
+    def _end(self, seq: Sequence, ev: Event) -> None:
+        """The last event of a request the scheduler has let go of: with its usage."""
         ev.prompt_tokens = seq.num_prompt
         ev.completion_tokens = seq.num_output
         ev.cached_tokens = seq.cached_prompt

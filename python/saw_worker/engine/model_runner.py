@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saw_worker.engine.cuda_graphs import DecodeGraphs
-from saw_worker.engine.request import PENDING, GenerateParams, Sequence, TokenLogprob
+from saw_worker.engine.request import GenerateParams, Sequence, TokenLogprob
 from saw_worker.engine.sampler import sample, token_logprobs
 from saw_worker.engine.scheduler import Batch, Chunk
 from saw_worker.kv.backend import PagedAttention, StepLayout
@@ -30,7 +30,6 @@ class LaunchedStep:
     tokens: torch.Tensor  # device [rows]: sampled tokens, the next step's inputs
     host_tokens: torch.Tensor  # the same, copied to (pinned) host memory when `done`
     done: torch.cuda.Event | None  # None on CPU, where the step already ran
-    rows: dict[int, int]  # id(seq) -> its row in tokens
 
 
 @dataclass
@@ -57,7 +56,8 @@ def host_batch(batch: Batch, pool: KVPool) -> HostBatch:
     h = HostBatch([], [], [], [0], [], [], [])
     for c in batch.chunks:
         seq, pages = c.seq, c.seq.pages
-        h.ids += seq.token_ids[c.start:c.end]
+        known = seq.token_ids[c.start:c.end]
+        h.ids += known + [0] * (c.end - c.start - len(known))  # a launched token: launch() reads it on the device
         h.positions += range(c.start, c.end)
         h.slots += [pages[p // page] * page + p % page for p in range(c.start, c.end)]
         h.cu.append(h.cu[-1] + c.end - c.start)
@@ -131,15 +131,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: Batch, previous: LaunchedStep | None) -> LaunchedStep:
-        """Queue a decode step without waiting for it. A row whose last token is still PENDING (the
-        previous step's sample, not yet on the host) takes it from previous.tokens on the device."""
+        """Queue a decode step without waiting for it. A request whose input token is not on the host yet (it has a
+        launched_row: the previous step sampled it) takes it from previous.tokens on the device."""
         h = host_batch(batch, self.pool)
         ids = None
-        if previous is not None:
-            source = [previous.rows[id(c.seq)] if c.seq.token_ids[c.start] == PENDING else -1 for c in batch.chunks]
-            src = self._tensor(source, torch.int64)
-            known = self._tensor([max(t, 0) for t in h.ids], torch.int64)
-            ids = torch.where(src >= 0, previous.tokens[src.clamp(min=0)], known)
+        rows = [c.seq.launched_row for c in batch.chunks]
+        if any(r is not None for r in rows):
+            assert previous is not None, "a launched token without its launched step"
+            src = self._tensor([-1 if r is None else r for r in rows], torch.int64)
+            ids = torch.where(src >= 0, previous.tokens[src.clamp(min=0)], self._tensor(h.ids, torch.int64))
         hidden = self._forward(batch, h, ids)
         seqs = [c.seq for c in batch.chunks]
         tokens = sample(self.model.compute_logits(hidden), seqs)
@@ -151,7 +151,7 @@ class ModelRunner:
             done.record()
         else:
             host = tokens
-        return LaunchedStep(batch, tokens, host, done, {id(s): i for i, s in enumerate(seqs)})
+        return LaunchedStep(batch, tokens, host, done)
 
     @staticmethod
     def collect(step: LaunchedStep) -> list[int]:

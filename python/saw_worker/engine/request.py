@@ -13,8 +13,6 @@ import torch
 if TYPE_CHECKING:
     from xgrammar import GrammarMatcher
 
-PENDING = -1  # a token id placeholder: sampled by a launched step, not yet on the host
-
 
 class RequestError(ValueError):
     """A request the engine refuses; the message goes back to the client as is."""
@@ -148,8 +146,10 @@ class PenaltyState:
 
 
 class Sequence:
-    """A request inside the engine. token_ids holds prompt and output; `cached` counts the leading
-    tokens whose K/V are in the pool. Running sequences keep cached == len(token_ids) - 1."""
+    """A request inside the engine. token_ids holds prompt and output tokens known on the host; `cached` counts
+    the leading tokens whose K/V are in the pool. With overlapped decode the next token can exist on the device
+    only: sampled by the launched step, in its row `launched_row`, until that step's tokens reach the host.
+    num_tokens counts it; running sequences keep cached == num_tokens - 1."""
 
     def __init__(self, params: GenerateParams, sink: Sink, order: int) -> None:
         self.params = params
@@ -163,7 +163,8 @@ class Sequence:
         self.window_start = 0  # first position this admission computed: the ring's window holds nothing before it
         self.restored_sinks = False  # the prefix cache put this admission's bf16 sinks into its ring row
         self.cached_prompt = 0  # prompt tokens found in the prefix cache at the first admission
-        self.finished = False  # the last event was sent
+        self.launched_row: int | None = None  # row of the launched step that sampled the next token, not yet here
+        self.finished = False  # out of the scheduler (finished, aborted or failed); its last event goes out at once
         self.prompt_logprobs: list[TokenLogprob] | None = [] if params.prompt_logprobs else None
         self.generator: torch.Generator | None = None
         if params.sampling.seed is not None:
@@ -176,9 +177,14 @@ class Sequence:
         return self.params.request_id
 
     @property
+    def num_tokens(self) -> int:
+        """Prompt and output tokens, the one a launched step sampled included (its position is taken)."""
+        return len(self.token_ids) + (self.launched_row is not None)
+
+    @property
     def num_output(self) -> int:
         """Output tokens known on the host (a launched step's token counts once it arrives)."""
-        return len(self.token_ids) - self.num_prompt - (self.token_ids[-1] == PENDING)
+        return len(self.token_ids) - self.num_prompt
 
     @property
     def ring_holds_sinks(self) -> bool:
@@ -193,4 +199,4 @@ class Sequence:
 
     def remaining_tokens(self) -> int:
         """Tokens still to prefill plus outputs still to come: the load this request puts on a worker."""
-        return len(self.token_ids) - self.cached + self.params.max_new_tokens - self.num_output
+        return self.num_tokens - self.cached + self.params.max_new_tokens - self.num_output

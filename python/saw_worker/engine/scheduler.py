@@ -8,6 +8,11 @@ is recomputed from scratch). When decode still runs out of pages the newest requ
 and later recomputed from its tokens. Pages come from the prefix cache: a request admitted with no
 pages starts from the longest run of cached full pages that its tokens begin with. With a bf16
 window, a request holding pages also holds a ring row of the pool (one per admitted request).
+
+The engine reports what happened to the scheduled work through one entry point per outcome:
+`on_ran` (a synchronous step computed its chunks and sampled), `on_launched` (a decode step is queued on the
+device, its tokens not yet on the host), `on_tokens` (a launched step's tokens arrived), `on_abort` and
+`on_failed`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from saw_worker.engine.request import PENDING, Finish, Sequence
+from saw_worker.engine.request import Finish, Sequence
 from saw_worker.kv.pool import KVPool
 from saw_worker.kv.prefix_cache import PrefixCache
 from saw_worker.options import SchedulerOptions
@@ -30,7 +35,7 @@ class Chunk:
     @property
     def samples(self) -> bool:
         """The chunk reaches the sequence's last token, so its logits give the next token."""
-        return self.end == len(self.seq.token_ids)
+        return self.end == self.seq.num_tokens
 
 
 @dataclass
@@ -61,16 +66,6 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def remove(self, request_id: str) -> Sequence | None:
-        """Take a request out wherever it is and free its pages."""
-        for queue in (self.waiting, self.running):
-            for seq in queue:
-                if seq.id == request_id:
-                    queue.remove(seq)
-                    self._free(seq)
-                    return seq
-        return None
-
     def schedule(self) -> Batch | None:
         prefill = self._schedule_prefill()
         if prefill:
@@ -78,7 +73,7 @@ class Scheduler:
         self._reserve_decode_pages()
         if not self.running:
             return None
-        return Batch([Chunk(s, len(s.token_ids) - 1, len(s.token_ids)) for s in self.running], is_decode=True)
+        return Batch([Chunk(s, s.num_tokens - 1, s.num_tokens) for s in self.running], is_decode=True)
 
     def _schedule_prefill(self) -> list[Chunk]:
         chunks: list[Chunk] = []
@@ -91,7 +86,7 @@ class Scheduler:
             # prompt logprobs need every position's logits, so such a request computes its whole prompt
             matched = [] if seq.pages or seq.wants_prompt_logprobs else self.pages.match(seq.token_ids)
             cached = seq.cached + len(matched) * self.pool.page_size
-            n = min(len(seq.token_ids) - cached, budget)
+            n = min(seq.num_tokens - cached, budget)
             need = self.pool.pages_for(cached + n) - len(seq.pages) - len(matched)
             footprint = max(self._pages_still_needed(seq) - len(matched), need)
             free = self.pages.free_pages - self.pages.idle_among(matched)  # matched idle pages stop being free
@@ -121,12 +116,12 @@ class Scheduler:
         """Pages seq needs beyond those it holds: the rest of its tokens and its reserved outputs
         (at least the next one)."""
         outputs = min(seq.params.max_new_tokens - seq.num_output, max(self.reserve_decode_tokens, 1))
-        return max(0, self.pool.pages_for(len(seq.token_ids) + outputs) - len(seq.pages))
+        return max(0, self.pool.pages_for(seq.num_tokens + outputs) - len(seq.pages))
 
     def _reserve_decode_pages(self) -> None:
         """Give every running request a slot for its next token, preempting the newest if needed."""
         for seq in sorted(self.running, key=lambda s: s.order):
-            while seq in self.running and len(seq.token_ids) > len(seq.pages) * self.pool.page_size:
+            while seq in self.running and seq.num_tokens > len(seq.pages) * self.pool.page_size:
                 pages = self.pages.allocate(1)
                 if pages:
                     seq.pages += pages
@@ -157,8 +152,56 @@ class Scheduler:
         if seq.ring_holds_sinks and seq.pages:
             self.pages.keep_sinks(seq.pages[0], seq.window_row)
 
-    def commit(self, chunk: Chunk, token: int | None) -> Finish | None:
-        """Record a finished forward for one chunk; token is the sampled next token when chunk.samples."""
+    # --- what happened: the engine reports each outcome of a step through one of these ---------------------------
+
+    def on_ran(self, batch: Batch, tokens: list[int | None]) -> list[Finish | None]:
+        """A step ran to the end: every chunk's K/V are in the pool, and tokens[i] is the token sampled for chunk i
+        when it reached its sequence's end (else None). Returns how each chunk's request finished, if it did."""
+        return [self._commit(chunk, token) for chunk, token in zip(batch.chunks, tokens, strict=True)]
+
+    def on_launched(self, batch: Batch) -> None:
+        """A decode step for batch is queued on the device (reported after the previous launched step's tokens
+        arrived): each running request's next token exists there only, in its row of the step, and the next step
+        can already be scheduled (`ModelRunner.launch` takes those tokens from the device)."""
+        for row, chunk in enumerate(batch.chunks):
+            seq = chunk.seq
+            if not seq.finished:  # else a wasted row: its previous token ended it, or it was aborted
+                seq.cached = chunk.end
+                seq.launched_row = row
+
+    def on_tokens(self, batch: Batch, tokens: list[int]) -> list[tuple[Sequence, int, Finish | None]]:
+        """The launched step's tokens (one per row of batch) reached the host. Returns, for each request still
+        running (or preempted meanwhile), its new token and how it finished, if it did."""
+        out = []
+        for chunk, token in zip(batch.chunks, tokens, strict=True):
+            seq = chunk.seq
+            if seq.finished:
+                continue
+            seq.launched_row = None
+            seq.token_ids.append(token)
+            out.append((seq, token, self._check_finish(seq, token)))
+        return out
+
+    def on_abort(self, request_id: str) -> Sequence | None:
+        """The client gave up on a request: take it out wherever it is and free its pages."""
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.id == request_id:
+                    self._end(seq)
+                    return seq
+        return None
+
+    def on_failed(self, *batches: Batch) -> list[Sequence]:
+        """A forward pass for these batches raised: their requests end. Returns those that had not ended yet."""
+        failed = []
+        for batch in batches:
+            for chunk in batch.chunks:
+                if not chunk.seq.finished:
+                    self._end(chunk.seq)
+                    failed.append(chunk.seq)
+        return failed
+
+    def _commit(self, chunk: Chunk, token: int | None) -> Finish | None:
         seq = chunk.seq
         seq.cached = chunk.end
         if chunk.start < seq.num_prompt:  # a prefill chunk: its full pages can serve requests alike at once
@@ -171,25 +214,21 @@ class Scheduler:
         seq.token_ids.append(token)
         return self._check_finish(seq, token)
 
-    def advance(self, chunk: Chunk) -> None:
-        """A decode step for chunk was launched: its token is PENDING until resolve(), but the next
-        step can already be scheduled (and take the token from the device)."""
-        chunk.seq.cached = chunk.end
-        chunk.seq.token_ids.append(PENDING)
-
-    def resolve(self, chunk: Chunk, token: int) -> Finish | None:
-        """The launched step's token for chunk arrived: put it in place of PENDING."""
-        seq = chunk.seq
-        seq.token_ids[chunk.end] = token
-        return self._check_finish(seq, token)
-
     def _check_finish(self, seq: Sequence, token: int) -> Finish | None:
         finish = self._finish_reason(seq, token)
         if finish is not None:
-            # A preempted request may sit in waiting while its last launched step resolves.
-            (self.running if seq in self.running else self.waiting).remove(seq)
-            self._free(seq)
+            self._end(seq)
         return finish
+
+    def _end(self, seq: Sequence) -> None:
+        """seq leaves the scheduler: no step runs it again, and its pages are freed (named ones kept)."""
+        # A preempted request may sit in waiting while its last launched step's token arrives.
+        for queue in (self.running, self.waiting):
+            if seq in queue:
+                queue.remove(seq)
+                break
+        self._free(seq)
+        seq.finished = True
 
     def _finish_reason(self, seq: Sequence, token: int) -> Finish | None:
         p = seq.params
@@ -197,7 +236,7 @@ class Scheduler:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
                 return Finish.STOP
         # The last clause stops a request that would not fit even with the whole pool to itself.
-        if (seq.num_output >= p.max_new_tokens or len(seq.token_ids) >= self.context_length
-                or len(seq.token_ids) >= self.pool.capacity_tokens):
+        if (seq.num_output >= p.max_new_tokens or seq.num_tokens >= self.context_length
+                or seq.num_tokens >= self.pool.capacity_tokens):
             return Finish.LENGTH
         return None

@@ -88,9 +88,12 @@ class PrefixCache:
 
     def name_pages(self, token_ids: list[int], pages: list[int], computed: int) -> None:
         """Name the full pages among the first `computed` tokens of a request holding `pages` (from its first
-        page on), so that later requests can match them. A page whose name another page has stays private."""
+        page on), so that later requests can match them. A page whose name another page has stays private.
+        token_ids holds the tokens known on the host, and `computed` never reaches past them (a launched step's
+        token, on the device only, is not computed yet)."""
         if not self.enabled:
             return
+        assert computed <= len(token_ids), "computed tokens the host does not know"
         size = self.pool.page_size
         name = ROOT
         for i in range(computed // size):
@@ -99,8 +102,6 @@ class PrefixCache:
                 name = self._named[page][0]
                 continue
             tokens = tuple(token_ids[i * size:(i + 1) * size])
-            if min(tokens) < 0:  # a launched step's token, not yet known on the host
-                return
             previous, name = name, hash((name, tokens))
             if name not in self._page_of:
                 self._page_of[name] = page
