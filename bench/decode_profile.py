@@ -4,7 +4,7 @@
 
 For each KV format an engine is built as bench/offline_throughput.py does (but without CUDA graphs
 and without starting its thread); for each batch size B requests of --context random tokens are
-prefilled and decoded a few steps by hand (scheduler.schedule -> runner.run -> scheduler.commit),
+prefilled and decoded a few steps by hand (scheduler.schedule -> runner.run -> scheduler.on_ran),
 then --steps decode steps run under torch.profiler. Printed per (format, batch):
 
 - CUDA kernel time per step by category (GEMM, attention, KV write, norm, rope, activation, ...),
