@@ -1,0 +1,94 @@
+"""One table and one plot of saw-bench runs of several engines at one scenario (bench/peer/race_gpu.sh).
+
+Each run folder holds saw-bench's summary.json and the servers' logs (logs/*.log), from which the KV capacity
+is read: vLLM's "GPU KV cache size: N tokens", saw's "KV pool: ..., N tokens". Rows are labelled by saw-bench's
+labels (vllm-<kv-cache-dtype>, saw's --kv); the ratio column compares each row with the fastest vLLM row.
+
+  python bench/peer/table.py --out OUT_PREFIX RUN_DIR...   -> OUT_PREFIX.md, .json, .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+CAPACITY = [re.compile(r"GPU KV cache size: ([\d,]+) tokens"), re.compile(r"KV pool: [^,]+, (\d+) tokens")]
+
+
+def capacities(run: Path) -> dict[str, int]:
+    """KV tokens per label, from the run's logs (saw: logs/router_<kv>.log; a --url run: its one label)."""
+    found: dict[str, int] = {}
+    for log in sorted((run / "logs").glob("*.log")):
+        text = log.read_text(errors="replace")
+        for pattern in CAPACITY:
+            m = pattern.search(text)
+            if m:
+                found[log.stem.removeprefix("router_")] = int(m.group(1).replace(",", ""))
+                break
+    return found
+
+
+def rows(runs: list[Path]) -> list[dict]:
+    out = []
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        caps = capacities(run)
+        for p in summary["points"]:
+            cap = caps.get(p["label"], next(iter(caps.values())) if len(caps) == 1 else None)
+            engine = p["label"] if p["label"].startswith("vllm") else f"saw-{p['label']}"
+            out.append({"label": engine, "conc": p["conc"], "scenario": p["scenario"],
+                        "output_tps_job": p["output_tps_job"], "mean_ttft_ms": p["mean_ttft_ms"],
+                        "ok": p["requests_ok"], "failed": p["requests_failed"], "kv_tokens": cap,
+                        "date": summary["meta"]["date"]})
+    best_peer = max((r["output_tps_job"] for r in out if r["label"].startswith("vllm")), default=None)
+    for r in out:
+        r["vs_best_vllm"] = round(r["output_tps_job"] / best_peer, 3) if best_peer else None
+    return out
+
+
+def _tokens(n: int | None) -> str:
+    return f"{n:,}" if n else "?"
+
+
+def markdown(table: list[dict]) -> str:
+    head = "| engine / KV | conc | KV tokens | output_tps(job) | vs best vLLM | mean TTFT ms | ok / failed |\n"
+    head += "|---|---|---:|---:|---:|---:|---|\n"
+    lines = [f"| {r['label']} | {r['conc']} | {_tokens(r['kv_tokens'])} | {r['output_tps_job']:,.1f} | "
+             f"{r['vs_best_vllm'] or '–'} | {r['mean_ttft_ms']:,.0f} | {r['ok']} / {r['failed']} |" for r in table]
+    return f"# {table[0]['scenario']} ({table[0]['date']})\n\n" + head + "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{r['label']}\nc={r['conc']}" for r in table]
+    colors = ["#999999" if r["label"].startswith("vllm") else "#2a7ab9" for r in table]
+    ax.bar(labels, [r["output_tps_job"] for r in table], color=colors)
+    ax.set_ylabel("output tokens/s (job)")
+    ax.set_title(f"{table[0]['scenario']}: vLLM (grey) and saw (blue), same GPU and prompts")
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="prefix of the .md, .json and .png written")
+    ap.add_argument("runs", type=Path, nargs="+")
+    args = ap.parse_args()
+    table = rows(args.runs)
+    text = markdown(table)
+    args.out.with_suffix(".md").write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(table, indent=1))
+    plot(table, args.out.with_suffix(".png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
