@@ -1,7 +1,7 @@
 """Fused KV write (write_kv) on the GPU: copy bandwidth, then CUDA-graph medians per format and config.
 
     git show 7d51d14:python/saw_kernels/write.py > write_head.py   # the "before" (run 3)
-    PYTHONPATH=python python3 bench/results/kernels-h100-2026-11-24-s8/write_sweep.py [--head write_head.py]
+    PYTHONPATH=python python3 bench/sweeps/kernels-h100-2026-11-24-s8/write_sweep.py [--head write_head.py]
         [--sweep CFGS] [--no-table]
 
 The table times every format at T = 8192 and 32768 with the current write_kv defaults (the "after") and,
