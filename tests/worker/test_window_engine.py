@@ -156,7 +156,9 @@ def _generate(engine: LocalEngine, ids: list[int]) -> tuple[list[float], list[in
 
 
 def _close(a: list[float], b: list[float]) -> bool:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
+    """Equal up to fp32 summation order (~1e-4 after the tiny model's layers), ten times below what reading the
+    sinks from INT4 moves them by."""
+    return max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-3
 
 
 @pytest.mark.parametrize("prompt_len", [5, 3])  # the first page is named at prefill, or when the request ends
