@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from saw_kv.cache import LayerCache
 from saw_kv.formats import (
     KVFormat,
     decode_k,
@@ -24,7 +25,6 @@ from saw_kv.formats import (
     encode_v,
     quantize_int4,
 )
-from saw_worker.kv.pool import LayerCache
 
 
 @dataclass
