@@ -170,10 +170,10 @@ class ExtendTuning:
     """extend_attention's launch knobs; None: chosen per platform.
 
     block_m: query rows (queries x padded group) per program (default 128, 16 under the interpreter; at least
-    the padded group); block_n: keys per tile (default 128, 16 under the interpreter; H100: 128 took 8 x (16k +
-    2k) from 18.0 to 14.6 ms, SDPA 13.5 ms); num_warps (default 8, 4 under the interpreter); num_stages;
-    deq: how prefix tiles of INT4 enter the tensor cores, 4 as bf16 values s c + lo, 3 as codes with the affine
-    terms on every score, 0 as codes via fp32 (module docstring).
+    the padded group); block_n: keys per tile (default 128, 16 under the interpreter); num_warps (default 8, 4
+    under the interpreter); num_stages. deq: how INT4 prefix tiles enter the tensor cores (load_kv_block): 4 as
+    bf16 values s c + lo, 3 as signed codes made in PTX (0 under the interpreter), 0 as the same codes made via
+    fp32, both with the affine terms on every score (module docstring).
     """
 
     block_m: int | None = None
