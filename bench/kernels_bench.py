@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,7 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from saw_kernels import Ring, decode_attention, extend_attention, write_kv, write_window  # noqa: E402
+from saw_kernels import (  # noqa: E402
+    DecodeTuning,
+    ExtendTuning,
+    Ring,
+    WriteTuning,
+    decode_attention,
+    extend_attention,
+    write_kv,
+    write_window,
+)
+from saw_kv.cache import LayerCache  # noqa: E402
 from saw_kv.formats import KVFormat, encode_q  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,26 +76,25 @@ def make_fmt(kv: str) -> KVFormat:
                     sinks=number("s", 0))
 
 
-def make_ring(fmt: KVFormat, batch: int, ends: int) -> Ring:
-    """Full sinks and a full window for each request (its W tokens before position `ends`), rows in order."""
+def make_ring(fmt: KVFormat, batch: int, ends: int) -> tuple[Ring, dict[str, torch.Tensor]]:
+    """Full sinks and a full window for each request (its W tokens before position `ends`), rows in order: the
+    step's Ring and the ring tensors of the cache (LayerCache fields ring_k, ring_v)."""
     k = torch.randn(batch, fmt.ring_slots, HKV, D, device=DEV, dtype=torch.bfloat16)
     full = torch.full((batch,), fmt.window, dtype=torch.int32, device=DEV)
     sinks = torch.full_like(full, fmt.sinks) if fmt.sinks else None
-    return Ring(k, torch.randn_like(k), torch.arange(batch, dtype=torch.int32, device=DEV), full,
-                torch.full_like(full, ends), sinks, fmt.sinks)
+    ring = Ring(torch.arange(batch, dtype=torch.int32, device=DEV), full, torch.full_like(full, ends), sinks)
+    return ring, dict(ring_k=k, ring_v=torch.randn_like(k))
 
 
-Cache = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
-
-
-def alloc_cache(fmt: KVFormat, slots: int) -> Cache:
+def alloc_cache(fmt: KVFormat, slots: int) -> LayerCache:
+    """Random pages (and params) of slots tokens; k_mean and the ring are added with dataclasses.replace."""
     if fmt.quantized:
         k = torch.randint(0, 256, (slots, HKV, D // 2), dtype=torch.uint8, device=DEV)
         p = torch.rand(slots, HKV, 2, device=DEV).to(torch.float16) * 0.1
         p[..., 1] -= 0.5
-        return k, k.clone(), p, p.clone()
+        return LayerCache(k, k.clone(), fmt, PS, p, p.clone())
     k = torch.randn(slots, HKV, D, device=DEV, dtype=torch.bfloat16)
-    return k, k.clone(), None, None
+    return LayerCache(k, k.clone(), fmt, PS)
 
 
 def paged_table(batch: int, ctx: int) -> torch.Tensor:
@@ -101,11 +111,13 @@ def run_write(t: int, kv: str, copy: float, cfg: dict | None = None, with_q: boo
     v = torch.randn(t, HKV, D, device=DEV, dtype=torch.bfloat16)
     k[:, :, 7] += 10
     slots = (paged_table(1, t).long().view(-1, 1) * PS + torch.arange(PS, device=DEV)).view(-1)
-    kc, vc, kp, vp = alloc_cache(fmt, (t // PS + 1) * PS)
+    cache = alloc_cache(fmt, (t // PS + 1) * PS)
     mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
+    cache = replace(cache, k_mean=mean)
     q = torch.randn(t, HQ, D, device=DEV, dtype=torch.bfloat16) if with_q else None
     cfg = cfg or {}
-    us = bench(lambda: write_kv(k, v, slots, kc, vc, kp, vp, fmt, mean, q=q, **cfg))
+    tuning = WriteTuning(**cfg)
+    us = bench(lambda: write_kv(k, v, slots, cache, q, tuning=tuning))
     nbytes = 2 * k.numel() * 2 + slots.numel() * 8 + t * HKV * fmt.bytes_per_token_head()
     if with_q and fmt.rotated:
         nbytes += q.numel() * (2 + 4)
@@ -116,9 +128,10 @@ def run_write_window(t: int, copy: float) -> dict:
     """A decode step's ring write (write_window): K and V of t tokens, V a slice of a fused qkv row."""
     fmt = make_fmt(DEFAULT_KV)
     kv = torch.randn(t, 2, HKV, D, device=DEV, dtype=torch.bfloat16)
-    ring = make_ring(fmt, t, 0)
+    rk = torch.randn(t, fmt.ring_slots, HKV, D, device=DEV, dtype=torch.bfloat16)
+    rv = torch.randn_like(rk)
     slots = torch.arange(t, device=DEV) * fmt.ring_slots + 5
-    us = bench(lambda: write_window(kv[:, 0], kv[:, 1], slots, ring.k, ring.v))
+    us = bench(lambda: write_window(kv[:, 0], kv[:, 1], slots, rk, rv))
     return row("write-window", DEFAULT_KV, f"T={t},Hkv={HKV},D={D}", us, 2 * 2 * kv.numel() + slots.numel() * 8, copy)
 
 
@@ -128,30 +141,33 @@ def run_decode(batch: int, ctx: int, kv: str, copy: float, kernel: str = "decode
     more bf16 (the ring, full: the sinks before the INT4 ones, the window after), plus the new token."""
     fmt = make_fmt(kv)
     table = paged_table(batch, ctx + PS * (fmt.sinks > 0))
-    kc, vc, kp, vp = alloc_cache(fmt, (table.numel() + 1) * PS)
+    cache = alloc_cache(fmt, (table.numel() + 1) * PS)
     q = torch.randn(batch, HQ, D, device=DEV, dtype=torch.bfloat16)
     lens = torch.full((batch,), ctx + fmt.sinks, dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
     cfg = dict(cfg or {})
     q_rotated = cfg.pop("q_rotated", fmt.rotated)
     mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
+    cache = replace(cache, k_mean=mean)
     q_in = encode_q(q, fmt) if q_rotated else q
     win: dict = {}
     nbytes = batch * ctx * HKV * fmt.bytes_per_token_head() + 2 * q.numel() * 2 + table.numel() * 4
     if fmt.window:
         kv_new = torch.randn(batch, 2, HKV, D, device=DEV, dtype=torch.bfloat16)
-        win = dict(ring=make_ring(fmt, batch, ctx + fmt.ring_slots), q_plain=q, k_new=kv_new[:, 0],
-                   v_new=kv_new[:, 1])
+        ring, ring_tensors = make_ring(fmt, batch, ctx + fmt.ring_slots)
+        cache = replace(cache, **ring_tensors)
+        win = dict(ring=ring, q_plain=q, k_new=kv_new[:, 0], v_new=kv_new[:, 1])
         nbytes += batch * HKV * (fmt.window_bytes_per_head() + 2 * D * 2)
-    us = bench(lambda: decode_attention(q_in, kc, vc, kp, vp, table, lens, PS, fmt, D ** -0.5, out=out,
-                                        q_rotated=q_rotated, k_mean=mean, **win, **cfg))
+    tuning = DecodeTuning(**cfg)
+    us = bench(lambda: decode_attention(q_in, cache, table, lens, D ** -0.5, out=out, q_rotated=q_rotated, **win,
+                                        tuning=tuning))
     return row(kernel, kv, f"B={batch},ctx={ctx},Hq={HQ},Hkv={HKV},D={D}", us, nbytes, copy, cfg)
 
 
 def run_extend(batch: int, prefix: int, new: int, kv: str, copy: float, cfg: dict | None = None) -> list[dict]:
     fmt = make_fmt(kv)
     table = paged_table(batch, prefix + new)
-    kc, vc, kp, vp = alloc_cache(fmt, (batch * (prefix + new) // PS + 1) * PS)
+    cache = alloc_cache(fmt, (batch * (prefix + new) // PS + 1) * PS)
     tn = batch * new
     q = torch.randn(tn, HQ, D, device=DEV, dtype=torch.bfloat16)
     k = torch.randn(tn, HKV, D, device=DEV, dtype=torch.bfloat16)
@@ -159,15 +175,20 @@ def run_extend(batch: int, prefix: int, new: int, kv: str, copy: float, cfg: dic
     cu = torch.arange(0, tn + 1, new, dtype=torch.int32, device=DEV)
     pre = torch.full((batch,), prefix, dtype=torch.int32, device=DEV)
     mean = torch.randn(HKV, D, device=DEV) if fmt.k_center else None
+    cache = replace(cache, k_mean=mean)
     # with a window: prefix INT4 tokens, then W bf16 ones (a first chunk has neither)
-    ring = make_ring(fmt, batch, prefix + fmt.window) if fmt.window and prefix else None
+    ring = None
+    if fmt.window and prefix:
+        ring, ring_tensors = make_ring(fmt, batch, prefix + fmt.window)
+        cache = replace(cache, **ring_tensors)
     w = fmt.ring_slots if ring else 0
 
     cfg = cfg or {}
+    tuning = ExtendTuning(**cfg)
 
     def fn() -> None:
-        extend_attention(q, k, v, cu, pre, kc, vc, kp, vp, table, PS, fmt, D ** -0.5, max_new_len=new, k_mean=mean,
-                         max_prefix_len=prefix, ring=ring, **cfg)  # the host knows the prefixes
+        extend_attention(q, k, v, cu, pre, cache, table, D ** -0.5, max_new_len=new, max_prefix_len=prefix,
+                         ring=ring, tuning=tuning)  # the host knows the prefixes
 
     us = bench(fn, graph=False)
     flops = 4 * batch * HQ * D * (new * (prefix + w) + new * (new + 1) / 2)

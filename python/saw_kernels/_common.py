@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from saw_kv.cache import LayerCache
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter multiplies bf16 operands as their raw uint16 bits (triton 3.9): upcast there.
@@ -46,6 +50,50 @@ def half_hadamard(head_dim: int, order: int, device: torch.device) -> torch.Tens
 def rotation_args(fmt_order: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, bool, float]:
     """(M, FULL, 1/sqrt(b)) for a kernel that rotates."""
     return half_hadamard(head_dim, fmt_order, device), fmt_order == head_dim, 1.0 / math.sqrt(fmt_order)
+
+
+class CacheArgs(NamedTuple):
+    """What every cache kernel takes for a layer's cache, derived once per LayerCache object (cache_args)."""
+
+    kp: torch.Tensor  # (scale, lo) fp16 pairs viewed as int32 [slots, Hkv]; the K pages stand in for bf16
+    vp: torch.Tensor
+    s_ps: int  # their (slot, head) strides, shared by K and V (0 for bf16)
+    s_ph: int
+    hmat: torch.Tensor  # rotation: M (half_hadamard), FULL, 1/sqrt(b); the K pages, False, 1.0 unrotated
+    full: bool
+    inv: float
+
+
+def params_as_words(k_params: torch.Tensor | None, v_params: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """fp16 (scale, lo) [slots, Hkv, 2] viewed as int32 [slots, Hkv]: one 4-byte access per row."""
+    assert k_params is not None and v_params is not None and k_params.stride() == v_params.stride()
+    assert k_params.stride(-1) == 1 and k_params.stride(1) == 2
+    kw, vw = k_params.view(torch.int32).squeeze(-1), v_params.view(torch.int32).squeeze(-1)
+    return kw, vw, kw.stride(0), kw.stride(1)
+
+
+_CACHE_ARGS: weakref.WeakKeyDictionary[LayerCache, CacheArgs] = weakref.WeakKeyDictionary()
+
+
+def cache_args(cache: LayerCache) -> CacheArgs:
+    """The (scale, lo) words and their strides, then the rotation arguments (M, FULL, 1/sqrt(b)) of cache's
+    format, built at the first call for this cache object (LayerCache is frozen) and reused after."""
+    args = _CACHE_ARGS.get(cache)
+    if args is None:
+        fmt, k_cache = cache.fmt, cache.k
+        assert k_cache.stride(-1) == 1 and cache.v.stride(-1) == 1
+        if fmt.quantized:
+            kp, vp, s_ps, s_ph = params_as_words(cache.k_params, cache.v_params)
+        else:
+            kp = vp = k_cache
+            s_ps = s_ph = 0
+        if fmt.rotated:
+            hmat, full, inv = rotation_args(fmt.hadamard_order, fmt.head_dim, k_cache.device)
+        else:
+            hmat, full, inv = k_cache, False, 1.0
+        args = _CACHE_ARGS[cache] = CacheArgs(kp, vp, s_ps, s_ph, hmat, full, inv)
+    return args
 
 
 def num_sms(device: torch.device) -> int:

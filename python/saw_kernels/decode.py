@@ -18,6 +18,8 @@ skip the sinks (window.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -26,13 +28,13 @@ from saw_kernels._common import (
     _INTERP,
     INTERPRET,
     LOG2E,
+    cache_args,
     load_hmat,
     load_query_group,
     mma,
     num_sms,
     page_slots,
     rotate_halves,
-    rotation_args,
     split_bounds,
     store_halves,
     store_split_result,
@@ -44,8 +46,8 @@ from saw_kernels.decode_int4_warp import (
     warp_kernel_fits,
     warp_programs,
 )
-from saw_kernels.window import Ring, flat_slots, ring_tile
-from saw_kv.formats import KVFormat
+from saw_kernels.window import Ring, flat_slots, ring_args, ring_tile
+from saw_kv.cache import LayerCache
 
 
 @triton.jit
@@ -318,32 +320,6 @@ def _reduce_kernel(po_ptr, pl_ptr, meta_ptr, h_ptr, out_ptr, s_ob, s_oh, inv_sqr
                  (o_hi * inv[:, None]).to(tl.bfloat16), gm, D2)
 
 
-def params_as_words(k_params: torch.Tensor | None, v_params: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """fp16 (scale, lo) [slots, Hkv, 2] viewed as int32 [slots, Hkv]: one 4-byte access per row."""
-    assert k_params is not None and v_params is not None and k_params.stride() == v_params.stride()
-    assert k_params.stride(-1) == 1 and k_params.stride(1) == 2
-    kw, vw = k_params.view(torch.int32).squeeze(-1), v_params.view(torch.int32).squeeze(-1)
-    return kw, vw, kw.stride(0), kw.stride(1)
-
-
-def format_args(fmt: KVFormat, head_dim: int, k_cache: torch.Tensor, k_params: torch.Tensor | None,
-                v_params: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor, bool, float]:
-    """What every cache kernel takes for fmt: the (scale, lo) words and their strides, then the rotation
-    arguments (M, FULL, 1/sqrt(b)); k_cache stands in for tensors a format does not use."""
-    if fmt.quantized:
-        kp, vp, s_ps, s_ph = params_as_words(k_params, v_params)
-    else:
-        kp = vp = k_cache
-        s_ps = s_ph = 0
-    if fmt.rotated:
-        hmat, full, inv = rotation_args(fmt.hadamard_order, head_dim, k_cache.device)
-    else:
-        hmat, full, inv = k_cache, False, 1.0
-    return kp, vp, s_ps, s_ph, hmat, full, inv
-
-
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
                       block_n: int = 64, quantized: bool = False) -> int:
     """Splits per (request, KV head) of the bf16 and tile kernels, from shapes only (graph-safe).
@@ -359,13 +335,41 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     return max(1, min(want, most, 64))
 
 
-def _window_piece(ring: Ring, q_plain: torch.Tensor | None, k_new: torch.Tensor | None,
-                  v_new: torch.Tensor | None, k_mean: torch.Tensor | None, keep_slots: torch.Tensor | None,
-                  fmt: KVFormat, sm_scale: float, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class DecodeTuning:
+    """decode_attention's launch knobs; None: chosen from the shapes and the format.
+
+    num_splits: splits per (request, KV head) of the bf16 and tile kernels (default from the shapes and
+    max_context: choose_num_splits); for the warp kernel, programs per (request, KV head) (default: one per warp
+    slot of the GPU, whatever the batch).
+    block_n (default 128 for INT4, 64 for bf16, 16 under the interpreter; measured on H100, docs/kernels.md),
+    num_warps and num_stages (default 3 for INT4, 2 for bf16) apply to "tile" and bf16.
+    maxnreg: registers per thread cap of the decode kernel (ptxas .maxnreg; GPU only, the interpreter ignores
+    it), e.g. 128 for 4 programs of 4 warps per SM.
+    impl: INT4 kernel, "warp" (decode_int4_warp.py: equal runs of 16-token steps, one warp each, operands in
+    registers; CUDA, pages of whole steps, q plain or already rotated) or "tile" (decode_int4.py, also under the
+    interpreter). Default: "warp" where it fits.
+    """
+
+    num_splits: int | None = None
+    block_n: int | None = None
+    num_warps: int = 4
+    num_stages: int | None = None
+    maxnreg: int | None = None
+    impl: str | None = None
+
+
+DEFAULT_DECODE = DecodeTuning()
+
+
+def _window_piece(cache: LayerCache, ring: Ring, q_plain: torch.Tensor | None, k_new: torch.Tensor | None,
+                  v_new: torch.Tensor | None, keep_slots: torch.Tensor | None, sm_scale: float, group: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The bf16 rows' partial (o [B, Hq, D], lse [B, Hq]) from _window_piece_kernel, ring stores included."""
-    ring.check(fmt.window, fmt.sinks)
+    fmt, k_mean = cache.fmt, cache.k_mean
+    win, win_strides = ring_args(cache, ring)
     if keep_slots is not None:
-        assert flat_slots(ring.k) and keep_slots.dtype == torch.int64
+        assert flat_slots(win[0]) and keep_slots.dtype == torch.int64
     if q_plain is None or k_new is None or v_new is None:
         raise ValueError("decode_attention(ring=...) needs q_plain, k_new and v_new (raw bf16) for the bf16 keys")
     assert q_plain.dtype == k_new.dtype == v_new.dtype == torch.bfloat16
@@ -374,58 +378,51 @@ def _window_piece(ring: Ring, q_plain: torch.Tensor | None, k_new: torch.Tensor 
     shift = fmt.k_center and k_mean is not None  # as in write_kv: no mean, nothing was subtracted
     wo = torch.empty(bsz, hq, d, dtype=torch.float32, device=q_plain.device)
     wl = torch.empty(bsz, hq, dtype=torch.float32, device=q_plain.device)
-    rows = ring.sink_slots + ring.window + 1  # and the new token
+    rows = fmt.sinks + fmt.window + 1  # and the new token
     _window_piece_kernel[(bsz, hq // group)](
-        wo, wl, q_plain, k_new, v_new, ring.k, ring.v, ring.rows, ring.lens, ring.ends, ring.int4_starts(),
+        wo, wl, q_plain, k_new, v_new, *win,
         k_mean.float().contiguous() if shift else wo, ring.rows if keep_slots is None else keep_slots,
         q_plain.stride(0), q_plain.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        *ring.strides(), sm_scale * LOG2E, HQ=hq, G=group, GP=max(16, triton.next_power_of_2(group)), D=d,
-        S=ring.sink_slots, W=ring.window, BLOCK_W=min(64, max(16, triton.next_power_of_2(rows))), SHIFT=shift,
+        *win_strides, sm_scale * LOG2E, HQ=hq, G=group, GP=max(16, triton.next_power_of_2(group)), D=d,
+        S=fmt.sinks, W=fmt.window, BLOCK_W=min(64, max(16, triton.next_power_of_2(rows))), SHIFT=shift,
         KEEP=keep_slots is not None, num_warps=1)
     return wo, wl
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_params: torch.Tensor | None,
-                     v_params: torch.Tensor | None, page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                     fmt: KVFormat, sm_scale: float, out: torch.Tensor | None = None, num_splits: int | None = None,
-                     max_context: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                     num_stages: int | None = None, q_rotated: bool = False, maxnreg: int | None = None,
-                     impl: str | None = None, ring: Ring | None = None, q_plain: torch.Tensor | None = None,
+def decode_attention(q: torch.Tensor, cache: LayerCache, page_table: torch.Tensor, seq_lens: torch.Tensor,
+                     sm_scale: float, *, out: torch.Tensor | None = None, q_rotated: bool = False,
+                     max_context: int | None = None, ring: Ring | None = None, q_plain: torch.Tensor | None = None,
                      k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
-                     k_mean: torch.Tensor | None = None, keep_slots: torch.Tensor | None = None) -> torch.Tensor:
-    """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens.
+                     keep_slots: torch.Tensor | None = None, tuning: DecodeTuning = DEFAULT_DECODE) -> torch.Tensor:
+    """o [B, Hq, D] bf16 of one new query per request over its seq_lens[b] cached tokens in cache (its pages,
+    params, format, page size; tuning: DecodeTuning).
 
     q_rotated: q (bf16 or fp32) is already R q for a rotated format (write_kv(q=...)), so the
     kernel does not rotate it again.
-    maxnreg: registers per thread cap of the decode kernel (ptxas .maxnreg; GPU only, the
-    interpreter ignores it), e.g. 128 for 4 programs of 4 warps per SM.
-    impl: INT4 kernel, "warp" (decode_int4_warp.py: equal runs of 16-token steps, one warp each, operands
-    in registers; CUDA, pages of whole steps, q plain or already rotated) or "tile" (decode_int4.py, also
-    under the interpreter). Default: "warp" where it fits. block_n, num_warps and num_stages apply to
-    "tile" and bf16.
-    num_splits: splits per (request, KV head) of the bf16 and tile kernels (default from the shapes and
-    max_context, which defaults to page_table width * page_size); for the warp kernel, programs per
-    (request, KV head) (default: one per warp slot of the GPU, whatever the batch).
+    max_context (default page_table width * page_size) bounds the lengths for the default splits / programs.
     ring (fmt.window): seq_lens[b] is the INT4 length P - ring.lens[b], read from ring.sinks[b] on (with sinks);
-    the query also attends to the valid ring slots (sinks and window) and to the new token itself (k_new,
-    v_new [B, Hkv, D]), raw bf16 rows met by q_plain (the raw bf16 query [B, Hq, D]); k_mean (the one write_kv
-    used) puts their scores in the INT4 ones' space.
+    the query also attends to the valid slots of cache's ring (sinks and window) and to the new token itself
+    (k_new, v_new [B, Hkv, D]), raw bf16 rows met by q_plain (the raw bf16 query [B, Hq, D]); cache.k_mean (the
+    one write_kv used) puts their scores in the INT4 ones' space.
     k_new, v_new and q_plain may be strided views. keep_slots (int64 [B], flat ring slots as write_window
     takes them): the same launch then stores each new token there, after reading the ring.
     No host reads of seq_lens: the grid depends on shapes only, so a CUDA graph captured for a batch
     size replays for any lengths; the split workspaces are allocated here (from the graph pool when
     capturing). Run it once outside a capture first (Triton compiles, Hadamard matrix is uploaded).
     """
+    fmt, page_size, k_cache, v_cache = cache.fmt, cache.page_size, cache.k, cache.v
     bsz, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
-    assert group * hkv == hq and d % 32 == 0 and page_size & (page_size - 1) == 0
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert group * hkv == hq and d % 32 == 0 and d == fmt.head_dim and page_size & (page_size - 1) == 0
+    assert q.stride(-1) == 1
     if out is None:
         out = torch.empty(bsz, hq, d, dtype=torch.bfloat16, device=q.device)
     window = ring is not None
     starts = ring.sinks if ring is not None else None  # INT4 reads begin after the bf16 sinks
     quant = fmt.quantized
+    num_splits, block_n, num_warps, num_stages, maxnreg, impl = (
+        tuning.num_splits, tuning.block_n, tuning.num_warps, tuning.num_stages, tuning.maxnreg, tuning.impl)
     warp_fits = (not INTERPRET and q.is_cuda and warp_kernel_fits(page_size, d, group, bsz)
                  and (q_rotated or not fmt.rotated))
     impl = impl or ("warp" if quant and warp_fits else "tile")
@@ -438,19 +435,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_stages is None:
         num_stages = 3 if quant else 2
     gp = query_rows(group) if quant else max(16, triton.next_power_of_2(group))
-    kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
+    kp, vp, s_ps, s_ph, hmat, full, inv = cache_args(cache)
     meta = pl = po = out
     ctx = max_context if max_context is not None else page_table.shape[1] * page_size
     # the bf16 rows first: their partial is one more piece for whoever combines (no dependency on the INT4 launch)
-    wo, wl = (_window_piece(ring, q_plain, k_new, v_new, k_mean, keep_slots, fmt, sm_scale, group) if window
-              else (out, out))
+    wo, wl = _window_piece(cache, ring, q_plain, k_new, v_new, keep_slots, sm_scale, group) if window else (out, out)
     if warp:
         programs = bsz * hkv * num_splits if num_splits else warp_programs(q.device, bsz, hkv, ctx, d, gp, maxnreg)
         # the kernel combines each pair's pieces (and the window's) itself, unless the output must be rotated back
         combine = not fmt.rotate_v
-        po, pl, meta = launch_warp_decode(q, k_cache, v_cache, kp, vp, s_ps, s_ph, page_table, seq_lens, page_size,
-                                          sm_scale * LOG2E, out, combine, programs, gp, maxnreg, starts,
-                                          (wo, wl) if window else None)
+        po, pl, meta = launch_warp_decode(q, cache, page_table, seq_lens, sm_scale * LOG2E, out, combine, programs,
+                                          gp, maxnreg, starts, (wo, wl) if window else None)
         partials = MAX_PIECES  # at most, per pair; the kernel records each one's count
         reduce = not combine
     else:

@@ -39,8 +39,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from saw_kernels._common import num_sms
+from saw_kernels._common import cache_args, num_sms
 from saw_kernels.decode_int4 import CODES_F16_ASM
+from saw_kv.cache import LayerCache
 
 # Two tokens' words A ($8) and B ($9): register i of each output pairs byte i of A (low half) with byte i
 # of B (high half); prmt puts them in bytes 0 and 2, the masks keep one nibble of each.
@@ -503,21 +504,21 @@ def pair_counters(device: torch.device) -> torch.Tensor:
     return counters
 
 
-def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kp: torch.Tensor,
-                       vp: torch.Tensor, s_ps: int, s_ph: int, page_table: torch.Tensor, seq_lens: torch.Tensor,
-                       page_size: int, qk_scale: float, out: torch.Tensor, combine: bool, programs: int,
-                       group_rows: int, maxnreg: int | None = None, starts: torch.Tensor | None = None,
+def launch_warp_decode(q: torch.Tensor, cache: LayerCache, page_table: torch.Tensor, seq_lens: torch.Tensor,
+                       qk_scale: float, out: torch.Tensor, combine: bool, programs: int, group_rows: int,
+                       maxnreg: int | None = None, starts: torch.Tensor | None = None,
                        window: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention of q [B, Hq, D] (plain, or already rotated) over uint8 pages [slots, Hkv, D/2] (read as int32
-    words) and (scale, lo) words kp / vp, from `programs` warps, request b over tokens [starts[b], seq_lens[b])
+    """Attention of q [B, Hq, D] (plain, or already rotated) over cache's uint8 pages [slots, Hkv, D/2] (read as
+    int32 words) and (scale, lo) words, from `programs` warps, request b over tokens [starts[b], seq_lens[b])
     (from 0 without starts). With combine, each pair's last piece writes out, merging window's partial (o
     [B, Hq, D] fp32, lse [B, Hq]) if given; otherwise the pieces are left in the returned workspace
     (warp_workspace) for _reduce_kernel."""
     bsz, hq, d = q.shape
-    hkv = k_cache.shape[1]
+    hkv = cache.k.shape[1]
     assert hkv <= MAX_KV_HEADS
-    kw, vw = k_cache.view(torch.int32), v_cache.view(torch.int32)
+    kw, vw = cache.k.view(torch.int32), cache.v.view(torch.int32)
+    kp, vp, s_ps, s_ph = cache_args(cache)[:4]
     po, pl, meta = workspace = warp_workspace(bsz, hq, hq // hkv, d, programs, q.device)
     batch_pad = max(32, 1 << (bsz - 1).bit_length())
     compiled = decode_int4_warp_kernel[(programs,)](
@@ -525,7 +526,7 @@ def launch_warp_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         pair_counters(q.device), *(window or (out, out)), out, bsz, q.stride(0),
         q.stride(1), page_table.stride(0), out.stride(0), out.stride(1), qk_scale, S_KCS=kw.stride(0),
         S_KCH=kw.stride(1), S_VCS=vw.stride(0), S_VCH=vw.stride(1), S_PS=s_ps, S_PH=s_ph, HQ=hq, G=hq // hkv,
-        GP=group_rows, D=d, PAGE=page_size, STEP=STEP, MIN_STEPS=MIN_STEPS, MAX_PIECES=MAX_PIECES, BP=batch_pad,
+        GP=group_rows, D=d, PAGE=cache.page_size, STEP=STEP, MIN_STEPS=MIN_STEPS, MAX_PIECES=MAX_PIECES, BP=batch_pad,
         COMBINE=combine, START=starts is not None, WINDOW=window is not None, **warp_layouts(STEP, d, batch_pad),
         num_warps=1, maxnreg=maxnreg)
     # each of an SM's 4 schedulers has 16k registers, given out in units of 256 per warp

@@ -20,14 +20,16 @@ The phases live in different spaces, and the kernel brings them together:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from saw_kernels._common import INTERPRET, LOG2E, load_hmat, page_slots, rotate_halves, store_halves
-from saw_kernels.decode import attend_block, format_args, load_kv_block
-from saw_kernels.window import Ring, ring_tile
-from saw_kv.formats import KVFormat
+from saw_kernels._common import INTERPRET, LOG2E, cache_args, load_hmat, page_slots, rotate_halves, store_halves
+from saw_kernels.decode import attend_block, load_kv_block
+from saw_kernels.window import Ring, ring_args, ring_tile
+from saw_kv.cache import LayerCache
 
 
 @triton.jit
@@ -163,30 +165,49 @@ def _extend_kernel(
                  (acc_hi * inv_l[:, None]).to(tl.bfloat16), im, D2)
 
 
-def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     prefix_lens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     k_params: torch.Tensor | None, v_params: torch.Tensor | None, page_table: torch.Tensor,
-                     page_size: int, fmt: KVFormat, sm_scale: float, max_new_len: int | None = None,
-                     k_mean: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                     max_prefix_len: int | None = None, block_m: int | None = None, block_n: int | None = None,
-                     num_warps: int | None = None, num_stages: int = 2, deq: int = 4,
-                     ring: Ring | None = None) -> torch.Tensor:
-    """o [Tn, Hq, D] bf16: new query i of request b attends to its prefix_lens[b] cached tokens and to
-    new tokens 0..i of its own rows cu_seqlens[b]:cu_seqlens[b+1] (positions prefix_lens[b] + i).
+@dataclass(frozen=True)
+class ExtendTuning:
+    """extend_attention's launch knobs; None: chosen per platform.
 
-    k_mean must be the K mean the cache was written with when fmt.k_center is on (the prefix logits
+    block_m: query rows (queries x padded group) per program (default 128, 16 under the interpreter; at least
+    the padded group); block_n: keys per tile (default 128, 16 under the interpreter); num_warps (default 8, 4
+    under the interpreter); num_stages. deq: how INT4 prefix tiles enter the tensor cores (load_kv_block): 4 as
+    bf16 values s c + lo, 3 as signed codes made in PTX (0 under the interpreter), 0 as the same codes made via
+    fp32, both with the affine terms on every score (module docstring).
+    """
+
+    block_m: int | None = None
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int = 2
+    deq: int = 4
+
+
+DEFAULT_EXTEND = ExtendTuning()
+
+
+def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     prefix_lens: torch.Tensor, cache: LayerCache, page_table: torch.Tensor, sm_scale: float, *,
+                     max_new_len: int | None = None, max_prefix_len: int | None = None, out: torch.Tensor | None = None,
+                     ring: Ring | None = None, tuning: ExtendTuning = DEFAULT_EXTEND) -> torch.Tensor:
+    """o [Tn, Hq, D] bf16: new query i of request b attends to its prefix_lens[b] tokens cached in cache (its
+    pages, params, format, page size) and to new tokens 0..i of its own rows cu_seqlens[b]:cu_seqlens[b+1]
+    (positions prefix_lens[b] + i); tuning: ExtendTuning.
+
+    cache.k_mean must be the K mean the cache was written with when fmt.k_center is on (the prefix logits
     are shifted by -q.mu, the raw ones are not; None = no centering, as in write_kv). max_new_len
     avoids a host read of cu_seqlens; max_prefix_len = 0 (no request has cached tokens in the pages)
     runs a kernel without the prefix phase.
     ring (fmt.window): prefix_lens[b] is the INT4 length P - ring.lens[b] (P = ring.ends[b]), read from
-    ring.sinks[b] on (with sinks); the queries also attend to the ring's valid slots (sinks, window) at bf16,
-    between the prefix and the new tokens.
+    ring.sinks[b] on (with sinks); the queries also attend to the valid slots of cache's ring (sinks, window) at
+    bf16, between the prefix and the new tokens.
     """
+    fmt, page_size, k_cache, v_cache, k_mean = cache.fmt, cache.page_size, cache.k, cache.v, cache.k_mean
     tn, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     bsz = cu_seqlens.numel() - 1
-    assert group * hkv == hq and d % 32 == 0 and page_size & (page_size - 1) == 0
+    assert group * hkv == hq and d % 32 == 0 and d == fmt.head_dim and page_size & (page_size - 1) == 0
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     if out is None:
         out = torch.empty(tn, hq, d, dtype=torch.bfloat16, device=q.device)
@@ -195,7 +216,9 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if max_new_len is None:
         max_new_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     quant = fmt.quantized
-    kp, vp, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
+    block_m, block_n, num_warps, num_stages, deq = (tuning.block_m, tuning.block_n, tuning.num_warps,
+                                                    tuning.num_stages, tuning.deq)
+    kp, vp, s_ps, s_ph, hmat, full, inv = cache_args(cache)
     center = quant and fmt.k_center and k_mean is not None  # as in write_kv: no mean, nothing was subtracted
     mean = k_mean.float().contiguous() if center else k_cache
     if block_m is None:
@@ -209,9 +232,8 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if ring is None:
         win, win_strides, w, sinks = [k_cache] * 6, (0, 0, 0), 0, 0
     else:
-        ring.check(fmt.window, fmt.sinks)
-        win = [ring.k, ring.v, ring.rows, ring.lens, ring.ends, ring.int4_starts()]
-        win_strides, w, sinks = ring.strides(), ring.window, ring.sink_slots
+        win, win_strides = ring_args(cache, ring)
+        w, sinks = fmt.window, fmt.sinks
     grid = (triton.cdiv(max(max_new_len, 1), block_m // gp), hkv, bsz)
     _extend_kernel[grid](
         q, k, v, cu_seqlens, prefix_lens, k_cache, v_cache, kp, vp, page_table, hmat, mean, out, *win,

@@ -19,38 +19,40 @@ import triton
 import triton.language as tl
 
 from saw_kernels._common import INTERPRET
+from saw_kv.cache import LayerCache
 
 
 @dataclass(frozen=True)
 class Ring:
-    k: torch.Tensor  # bf16 [rows, W, Hkv, D]
-    v: torch.Tensor  # bf16 [rows, W, Hkv, D]
+    """A step's view of its requests' ring rows: which row each request holds and what that row holds before the
+    step. The ring tensors themselves are the layer cache's (LayerCache.ring_k / ring_v, bf16 [rows, S + W, Hkv,
+    D]), S and W its format's."""
+
     rows: torch.Tensor  # int32 [B]: each request's ring row
     lens: torch.Tensor  # int32 [B]: valid ring tokens before this step's new ones
     ends: torch.Tensor  # int32 [B]: P, the position of the step's first new token (= prefix_lens)
     # int32 [B]: sink tokens held (positions 0 .. sinks[b] - 1, in slots 0 ..), not read from the INT4 pages;
-    # None without sink slots
+    # None without sink slots (fmt.sinks == 0)
     sinks: torch.Tensor | None = None
-    sink_slots: int = 0  # S: the first S slots of each row hold the sinks, the other W the window
-
-    @property
-    def window(self) -> int:
-        return self.k.shape[1] - self.sink_slots
-
-    def check(self, window: int, sinks: int) -> None:
-        """The ring must hold the format's window and sinks (kernel constants)."""
-        if (self.window, self.sink_slots) != (window, sinks) or (sinks > 0) != (self.sinks is not None):
-            raise ValueError(f"the ring holds {self.sink_slots} sinks and a window of {self.window}, the format "
-                             f"{sinks} and {window}")
 
     def int4_starts(self) -> torch.Tensor:
         """Where each request's INT4 reads begin: after its sinks (rows stands in when there are none)."""
         return self.rows if self.sinks is None else self.sinks
 
-    def strides(self) -> tuple[int, int, int]:
-        """(row, slot, head) strides, shared by k and v."""
-        assert self.k.stride() == self.v.stride() and self.k.stride(-1) == 1
-        return self.k.stride(0), self.k.stride(1), self.k.stride(2)
+
+def ring_args(cache: LayerCache, ring: Ring) -> tuple[list[torch.Tensor], tuple[int, int, int]]:
+    """The ring kernels' tensors (ring K, ring V, rows, lens, ends, INT4 starts) and the ring's (row, slot, head)
+    strides, shared by K and V, after checking that cache holds a ring of its format's sinks and window and that
+    ring gives sinks exactly when the format has them."""
+    fmt, ring_k, ring_v = cache.fmt, cache.ring_k, cache.ring_v
+    if ring_k is None or ring_v is None:
+        raise ValueError("attention with a ring needs a cache with ring_k and ring_v")
+    if ring_k.shape[1] != fmt.ring_slots or (fmt.sinks > 0) != (ring.sinks is not None):
+        raise ValueError(f"the ring holds {ring_k.shape[1]} slots{' and sinks' if ring.sinks is not None else ''}, "
+                         f"the format {fmt.sinks} sinks and a window of {fmt.window}")
+    assert ring_k.stride() == ring_v.stride() and ring_k.stride(-1) == 1
+    return ([ring_k, ring_v, ring.rows, ring.lens, ring.ends, ring.int4_starts()],
+            (ring_k.stride(0), ring_k.stride(1), ring_k.stride(2)))
 
 
 def flat_slots(ring_k: torch.Tensor) -> bool:

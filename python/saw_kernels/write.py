@@ -15,14 +15,23 @@ differ by one where the quotient lies within ~1e-5 of a tie.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from saw_kernels._common import EPS, INTERPRET, half_hadamard, load_hmat, mma, rotate_halves, store_halves
-from saw_kernels.decode import format_args
-from saw_kv.formats import KVFormat
+from saw_kernels._common import (
+    EPS,
+    INTERPRET,
+    cache_args,
+    half_hadamard,
+    load_hmat,
+    mma,
+    rotate_halves,
+    store_halves,
+)
+from saw_kv.cache import LayerCache
 
 
 @triton.jit
@@ -211,26 +220,38 @@ def mean_pieces(k_mean: torch.Tensor, order: int) -> torch.Tensor:
     return _derived(k_mean, ("mean", order), build)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             k_params: torch.Tensor | None, v_params: torch.Tensor | None, fmt: KVFormat,
-             k_mean: torch.Tensor | None = None, q: torch.Tensor | None = None, block: int | None = None,
-             num_warps: int = 4, maxnreg: int | None = None) -> torch.Tensor | None:
-    """Store K, V [T, Hkv, D] at slots [T] (slot < 0: skipped) in the paged cache of format fmt.
+@dataclass(frozen=True)
+class WriteTuning:
+    """write_kv's launch configuration: block (rows per program; default 64 for rotated formats and bf16, 32 for
+    plain INT4, 16 under the interpreter), num_warps, maxnreg (registers per thread cap; default 128 for rotated
+    formats on the GPU, 0 = no cap)."""
 
-    block, num_warps, maxnreg (0: no cap): launch configuration; block and maxnreg default per format.
+    block: int | None = None
+    num_warps: int = 4
+    maxnreg: int | None = None
+
+
+DEFAULT_WRITE = WriteTuning()
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: LayerCache, q: torch.Tensor | None = None,
+             *, tuning: WriteTuning = DEFAULT_WRITE) -> torch.Tensor | None:
+    """Store K, V [T, Hkv, D] at slots [T] (slot < 0: skipped) in cache (its pages and params, in its format,
+    centered by cache.k_mean with fmt.k_center; None: nothing is subtracted).
 
     With q [T, Hq, D] given and a rotated format, the same launch also returns R q (fp32 [T, Hq, D],
     every row) for decode_attention(q_rotated=True); otherwise it returns q as given (None if not given).
     """
+    fmt, k_cache, v_cache, k_mean = cache.fmt, cache.k, cache.v, cache.k_mean
     t, hkv, d = k.shape
     rot_q = q is not None and fmt.rotated
     q_rot = torch.empty(q.shape, dtype=torch.float32, device=q.device) if rot_q else q
     if t == 0:
         return q_rot
-    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and d == fmt.head_dim
     quant = fmt.quantized
     center = quant and fmt.k_center and k_mean is not None
-    params_k, params_v, s_ps, s_ph, hmat, full, inv = format_args(fmt, d, k_cache, k_params, v_params)
+    params_k, params_v, s_ps, s_ph, hmat, full, inv = cache_args(cache)
     rot = fmt.rotated
     if center:
         mean = mean_pieces(k_mean, fmt.hadamard_order) if rot else k_mean.float().contiguous()
@@ -241,6 +262,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: tor
         q_in, q_out, hq, s_qt, s_qh = q, q_rot, q.shape[1], q.stride(0), q.stride(1)
     else:
         q_in, q_out, hq, s_qt, s_qh = k_cache, k_cache, hkv, 0, 0
+    block, num_warps, maxnreg = tuning.block, tuning.num_warps, tuning.maxnreg
     slots = slots.contiguous()
     n_rows, n_q_rows = t * hkv, (t * hq if rot_q else 0)
     if block is None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from saw_kv.cache import LayerCache
 from saw_kv.formats import KVFormat, decode_o, dequantize_int4, encode_q, rotate
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -21,34 +22,27 @@ def rand_kv(t: int, hkv: int, d: int, outliers: bool = True, gen: torch.Generato
     return x.to(DEV, torch.bfloat16)
 
 
-@dataclass
-class Cache:
-    k: torch.Tensor
-    v: torch.Tensor
-    kp: torch.Tensor | None
-    vp: torch.Tensor | None
-
-
-def empty_cache(fmt: KVFormat, slots: int, hkv: int) -> Cache:
+def empty_cache(fmt: KVFormat, slots: int, hkv: int, page_size: int, k_mean: torch.Tensor | None = None
+                ) -> LayerCache:
     """A poisoned cache: 0xFF bytes and NaN params / bf16 so unwritten reads show up."""
     d = fmt.head_dim
     if fmt.quantized:
         data = torch.full((slots, hkv, d // 2), 0xFF, dtype=torch.uint8, device=DEV)
         par = torch.full((slots, hkv, 2), float("nan"), dtype=torch.float16, device=DEV)
-        return Cache(data, data.clone(), par, par.clone())
+        return LayerCache(data, data.clone(), fmt, page_size, par, par.clone(), k_mean)
     data = torch.full((slots, hkv, d), float("nan"), dtype=torch.bfloat16, device=DEV)
-    return Cache(data, data.clone(), None, None)
+    return LayerCache(data, data.clone(), fmt, page_size, k_mean=k_mean)
 
 
-def stored(cache: Cache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def stored(cache: LayerCache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored K, V rows at slots (any shape) as float64, in the stored (centered / rotated) space."""
-    if cache.kp is None:
+    if cache.k_params is None:
         return cache.k[slots].double(), cache.v[slots].double()
-    return (dequantize_int4(cache.k[slots], cache.kp[slots]).double(),
-            dequantize_int4(cache.v[slots], cache.vp[slots]).double())
+    return (dequantize_int4(cache.k[slots], cache.k_params[slots]).double(),
+            dequantize_int4(cache.v[slots], cache.v_params[slots]).double())
 
 
-def raw_rows(cache: Cache, slots: torch.Tensor, fmt: KVFormat, k_mean: torch.Tensor | None
+def raw_rows(cache: LayerCache, slots: torch.Tensor, fmt: KVFormat, k_mean: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored K, V rows at slots as float64, taken back to the model's space: K = R x + mu, V = R x
     (each step where the format has it and its tensor is given, as formats.encode_k applies them)."""
@@ -99,7 +93,7 @@ def attention_ref(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sm_
     return torch.einsum("mhn,nhd->mhd", s.softmax(-1), vv)
 
 
-def decode_ref(q: torch.Tensor, cache: Cache, paged: Paged, lens: list[int], fmt: KVFormat,
+def decode_ref(q: torch.Tensor, cache: LayerCache, paged: Paged, lens: list[int], fmt: KVFormat,
                sm_scale: float) -> torch.Tensor:
     out = []
     for b, n in enumerate(lens):
@@ -109,7 +103,7 @@ def decode_ref(q: torch.Tensor, cache: Cache, paged: Paged, lens: list[int], fmt
     return torch.cat(out)
 
 
-def extend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int], prefix: list[int], cache: Cache,
+def extend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int], prefix: list[int], cache: LayerCache,
                paged: Paged, fmt: KVFormat, sm_scale: float, k_mean: torch.Tensor | None) -> torch.Tensor:
     """Prefix from the cache (stored space, logits shifted back by q.mu), new tokens raw, causal."""
     d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from kref import DEV, decode_ref, default_scale, empty_cache, make_pages, rand_kv, rel_err
 
-from saw_kernels import decode_attention, write_kv
+from saw_kernels import DecodeTuning, decode_attention, write_kv
 from saw_kernels.decode_int4_warp import pair_counters
 from saw_kv.formats import KVFormat, rotate
 
@@ -43,21 +43,22 @@ def case_id(case: tuple) -> str:
 
 
 def run_decode(fmt: KVFormat, group: int, page_size: int, lens: list[int], splits: int | None, hkv: int = 2,
-               seed: int = 0, q_scale: float = 0.5, q_rotated: bool = False, **kw: int | bool) -> float:
+               seed: int = 0, q_scale: float = 0.5, q_rotated: bool = False, **kw: int | str) -> float:
+    """kw: DecodeTuning fields (num_splits is splits)."""
     gen = torch.Generator().manual_seed(seed)
     d = fmt.head_dim
     paged = make_pages(lens, page_size, gen)
-    cache = empty_cache(fmt, paged.num_slots, hkv)
     slots = torch.cat([paged.slots(b, torch.arange(n, device=DEV)) for b, n in enumerate(lens)])
     k, v = rand_kv(slots.numel(), hkv, d, gen=gen), rand_kv(slots.numel(), hkv, d, gen=gen)
     k_mean = k.float().mean(0) if fmt.k_center else None
-    write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean)
+    cache = empty_cache(fmt, paged.num_slots, hkv, page_size, k_mean)
+    write_kv(k, v, slots, cache)
     q = (torch.randn(len(lens), hkv * group, d, generator=gen) * q_scale).to(DEV, torch.bfloat16)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out = torch.full_like(q, float("nan"))
     q_in = rotate(q.double(), fmt.hadamard_order).float() if q_rotated else q  # as write_kv(q=...) returns it
-    got = decode_attention(q_in, cache.k, cache.v, cache.kp, cache.vp, paged.page_table, seq_lens, page_size, fmt,
-                           default_scale(d), out=out, num_splits=splits, q_rotated=q_rotated, **kw)
+    got = decode_attention(q_in, cache, paged.page_table, seq_lens, default_scale(d), out=out, q_rotated=q_rotated,
+                           tuning=DecodeTuning(num_splits=splits, **kw))
     assert got.data_ptr() == out.data_ptr()
     return rel_err(out, decode_ref(q, cache, paged, lens, fmt, default_scale(d)))
 
@@ -140,18 +141,17 @@ def test_decode_cuda_graph_replays_new_lengths(impl: str) -> None:
     lens = [300, 1000]
     gen = torch.Generator().manual_seed(3)
     paged = make_pages([1024, 1024], ps, gen)
-    cache = empty_cache(fmt, paged.num_slots, hkv)
+    cache = empty_cache(fmt, paged.num_slots, hkv, ps)
     slots = torch.cat([paged.slots(b, torch.arange(1024, device=DEV)) for b in range(2)])
-    write_kv(rand_kv(2048, hkv, d, gen=gen), rand_kv(2048, hkv, d, gen=gen), slots, cache.k, cache.v, cache.kp,
-             cache.vp, fmt)
+    write_kv(rand_kv(2048, hkv, d, gen=gen), rand_kv(2048, hkv, d, gen=gen), slots, cache)
     q = torch.randn(2, hkv * group, d, device=DEV).bfloat16()
     q_rot = rotate(q.double(), fmt.hadamard_order).float()  # as the engine's write launch returns it
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
 
     def step() -> None:
-        decode_attention(q_rot, cache.k, cache.v, cache.kp, cache.vp, paged.page_table, seq_lens, ps, fmt, 0.09,
-                         out=out, q_rotated=True, impl=impl)
+        decode_attention(q_rot, cache, paged.page_table, seq_lens, 0.09, out=out, q_rotated=True,
+                         tuning=DecodeTuning(impl=impl))
 
     step()  # compile outside the capture
     torch.cuda.synchronize()

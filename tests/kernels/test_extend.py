@@ -6,7 +6,7 @@ import pytest
 import torch
 from kref import DEV, default_scale, empty_cache, extend_ref, make_pages, rand_kv, rel_err
 
-from saw_kernels import extend_attention, write_kv
+from saw_kernels import ExtendTuning, extend_attention, write_kv
 from saw_kv.formats import KVFormat
 
 TOL = 1.5e-2  # bf16 q and P on the tensor cores (as flash attention), bf16 output
@@ -52,17 +52,16 @@ def case_id(case: tuple) -> str:
 def run_extend(fmt: KVFormat, group: int, page_size: int, prefix: list[int], new: list[int], hkv: int = 2,
                seed: int = 0, **kw: int | None) -> float:
     """Relative error of extend_attention against the float64 reference; max_prefix_len is passed as the
-    engine does unless kw sets it."""
+    engine does unless kw sets it; the rest of kw are ExtendTuning fields."""
     gen = torch.Generator().manual_seed(seed)
     d = fmt.head_dim
     total = [p + n for p, n in zip(prefix, new, strict=True)]
     paged = make_pages(total, page_size, gen)
-    cache = empty_cache(fmt, paged.num_slots, hkv)
     k_mean = (torch.randn(hkv, d, generator=gen) * 3).to(DEV) if fmt.k_center else None
+    cache = empty_cache(fmt, paged.num_slots, hkv, page_size, k_mean)
     if sum(prefix):
         slots = torch.cat([paged.slots(b, torch.arange(p, device=DEV)) for b, p in enumerate(prefix)])
-        write_kv(rand_kv(slots.numel(), hkv, d, gen=gen), rand_kv(slots.numel(), hkv, d, gen=gen), slots, cache.k,
-                 cache.v, cache.kp, cache.vp, fmt, k_mean)
+        write_kv(rand_kv(slots.numel(), hkv, d, gen=gen), rand_kv(slots.numel(), hkv, d, gen=gen), slots, cache)
     tn = sum(new)
     cu = [0]
     for n in new:
@@ -70,10 +69,10 @@ def run_extend(fmt: KVFormat, group: int, page_size: int, prefix: list[int], new
     q = (torch.randn(tn, hkv * group, d, generator=gen) * 0.5).to(DEV, torch.bfloat16)
     k, v = rand_kv(tn, hkv, d, gen=gen), rand_kv(tn, hkv, d, gen=gen)
     out = torch.full_like(q, float("nan"))
+    max_prefix_len = kw.pop("max_prefix_len", max(prefix))
     extend_attention(q, k, v, torch.tensor(cu, dtype=torch.int32, device=DEV),
-                     torch.tensor(prefix, dtype=torch.int32, device=DEV), cache.k, cache.v, cache.kp, cache.vp,
-                     paged.page_table, page_size, fmt, default_scale(d), k_mean=k_mean, out=out,
-                     **{"max_prefix_len": max(prefix), **kw})
+                     torch.tensor(prefix, dtype=torch.int32, device=DEV), cache, paged.page_table, default_scale(d),
+                     out=out, max_prefix_len=max_prefix_len, tuning=ExtendTuning(**kw))
     return rel_err(out, extend_ref(q, k, v, cu, prefix, cache, paged, fmt, default_scale(d), k_mean))
 
 

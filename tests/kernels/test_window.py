@@ -4,13 +4,12 @@ raw), and write_window."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 from kref import (
     DEV,
-    Cache,
     Paged,
     attention_ref,
     default_scale,
@@ -20,8 +19,9 @@ from kref import (
     raw_rows,
 )
 
-from saw_kernels import Ring, decode_attention, extend_attention, write_kv, write_window
+from saw_kernels import DecodeTuning, ExtendTuning, Ring, decode_attention, extend_attention, write_kv, write_window
 from saw_kernels.decode_int4_warp import pair_counters
+from saw_kv.cache import LayerCache
 from saw_kv.formats import KVFormat, encode_q
 
 DECODE_TOL = 6e-3  # as test_decode.py
@@ -44,7 +44,7 @@ class Scenario:
     off: list[int]
     k: torch.Tensor
     v: torch.Tensor
-    cache: Cache
+    cache: LayerCache  # with the ring tensors
     paged: Paged
     k_mean: torch.Tensor | None
     ring: Ring
@@ -59,11 +59,11 @@ def scenario(fmt: KVFormat, page_size: int, P: list[int], lens: list[int], new: 
     total = [p + n for p, n in zip(P, new, strict=True)]
     off = [sum(total[:b]) for b in range(len(total))]
     paged = make_pages(total, page_size, gen)
-    cache = empty_cache(fmt, paged.num_slots, hkv)
     k, v = rand_kv(sum(total), hkv, d, gen=gen), rand_kv(sum(total), hkv, d, gen=gen)
     k_mean = k.float().mean(0) if fmt.k_center else None
+    cache = empty_cache(fmt, paged.num_slots, hkv, page_size, k_mean)
     slots = torch.cat([paged.slots(b, torch.arange(n, device=DEV)) for b, n in enumerate(total)])
-    write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean)
+    write_kv(k, v, slots, cache)
     # a spare row, rows out of order; unused slots poisoned with NaN and inf (they must never be read)
     ring_k = torch.full((len(P) + 1, n_sinks + w, hkv, d), float("nan"), dtype=torch.bfloat16, device=DEV)
     ring_k[:, ::3] = float("inf")
@@ -73,8 +73,9 @@ def scenario(fmt: KVFormat, page_size: int, P: list[int], lens: list[int], new: 
         assert n <= min(p, w)
         fill_ring(ring_k, ring_v, int(rows[b]), k, v, off[b], sinks[b], range(p - n, p), n_sinks)
     as_int32 = dict(dtype=torch.int32, device=DEV)
-    ring = Ring(ring_k, ring_v, rows.to(**as_int32), torch.tensor(lens, **as_int32), torch.tensor(P, **as_int32),
-                torch.tensor(sinks, **as_int32) if n_sinks else None, n_sinks)
+    ring = Ring(rows.to(**as_int32), torch.tensor(lens, **as_int32), torch.tensor(P, **as_int32),
+                torch.tensor(sinks, **as_int32) if n_sinks else None)
+    cache = replace(cache, ring_k=ring_k, ring_v=ring_v)
     return Scenario(fmt, P, lens, sinks, new, off, k, v, cache, paged, k_mean, ring)
 
 
@@ -121,13 +122,14 @@ def run_decode(fmt: KVFormat, group: int, page_size: int, P: list[int], lens: li
                        sc.v[[o + p for o, p in zip(sc.off, P, strict=True)]]], 1)  # strided k_new, v_new views
     out = torch.full_like(q, float("nan"))
     # the launch also keeps each new token in its window slot, as the engine asks
-    keep = (sc.ring.rows.long() * sc.ring.k.shape[1] + fmt.sinks + torch.tensor(P, device=DEV) % fmt.window)
-    ring_before = sc.ring.k.clone(), sc.ring.v.clone()
-    decode_attention(encode_q(q, fmt), sc.cache.k, sc.cache.v, sc.cache.kp, sc.cache.vp, sc.paged.page_table,
-                     torch.tensor(int4_lens, dtype=torch.int32, device=DEV), page_size, fmt, default_scale(d), out=out,
-                     num_splits=splits, q_rotated=fmt.rotated, k_mean=sc.k_mean, ring=sc.ring, q_plain=q,
-                     k_new=new[:, 0], v_new=new[:, 1], keep_slots=keep, **kw)
-    for ring, before, x in zip((sc.ring.k, sc.ring.v), ring_before, (new[:, 0], new[:, 1]), strict=True):
+    ring_k, ring_v = sc.cache.ring_k, sc.cache.ring_v
+    keep = (sc.ring.rows.long() * ring_k.shape[1] + fmt.sinks + torch.tensor(P, device=DEV) % fmt.window)
+    ring_before = ring_k.clone(), ring_v.clone()
+    decode_attention(encode_q(q, fmt), sc.cache, sc.paged.page_table,
+                     torch.tensor(int4_lens, dtype=torch.int32, device=DEV), default_scale(d), out=out,
+                     q_rotated=fmt.rotated, ring=sc.ring, q_plain=q, k_new=new[:, 0], v_new=new[:, 1],
+                     keep_slots=keep, tuning=DecodeTuning(num_splits=splits, **kw))
+    for ring, before, x in zip((ring_k, ring_v), ring_before, (new[:, 0], new[:, 1]), strict=True):
         flat, flat_before = ring.view(-1, *ring.shape[2:]), before.view(-1, *ring.shape[2:])
         assert torch.equal(flat[keep], x)
         flat_before[keep] = x
@@ -147,9 +149,8 @@ def run_extend(fmt: KVFormat, group: int, page_size: int, P: list[int], lens: li
     cu = torch.tensor([0] + [sum(new[:b + 1]) for b in range(len(new))], dtype=torch.int32, device=DEV)
     out = torch.full_like(q, float("nan"))
     extend_attention(q, sc.k[rows], sc.v[rows], cu, torch.tensor(int4_lens, dtype=torch.int32, device=DEV),
-                     sc.cache.k, sc.cache.v, sc.cache.kp, sc.cache.vp, sc.paged.page_table, page_size, fmt,
-                     default_scale(d), k_mean=sc.k_mean, ring=sc.ring, out=out,
-                     max_prefix_len=max(int4_lens), **kw)
+                     sc.cache, sc.paged.page_table, default_scale(d), ring=sc.ring, out=out,
+                     max_prefix_len=max(int4_lens), tuning=ExtendTuning(**kw))
     return rel_err_finite(out, reference(sc, q, int4_lens, default_scale(d)))
 
 
@@ -259,9 +260,8 @@ def test_decode_window_cuda_graph_replays_new_lengths(impl: str) -> None:
     out = torch.empty_like(q)
 
     def step() -> None:
-        decode_attention(q_enc, sc.cache.k, sc.cache.v, sc.cache.kp, sc.cache.vp, sc.paged.page_table, seq_lens, ps,
-                         fmt, 0.09, out=out, q_rotated=True, impl=impl, ring=sc.ring, q_plain=q, k_new=k_new,
-                         v_new=v_new, k_mean=sc.k_mean)
+        decode_attention(q_enc, sc.cache, sc.paged.page_table, seq_lens, 0.09, out=out, q_rotated=True,
+                         ring=sc.ring, q_plain=q, k_new=k_new, v_new=v_new, tuning=DecodeTuning(impl=impl))
 
     step()  # compile outside the capture
     torch.cuda.synchronize()
@@ -272,8 +272,8 @@ def test_decode_window_cuda_graph_replays_new_lengths(impl: str) -> None:
         sc.P[:], sc.lens[:], sc.sinks[:] = P, lens, sinks
         # the ring and the new tokens of the new P, lens, from the scenario's rows (all 1025 positions are in the pages)
         for b, (p, n) in enumerate(zip(P, lens, strict=True)):
-            fill_ring(sc.ring.k, sc.ring.v, int(sc.ring.rows[b]), sc.k, sc.v, sc.off[b], sinks[b], range(p - n, p),
-                      fmt.sinks)
+            fill_ring(sc.cache.ring_k, sc.cache.ring_v, int(sc.ring.rows[b]), sc.k, sc.v, sc.off[b], sinks[b],
+                      range(p - n, p), fmt.sinks)
             k_new[b], v_new[b] = sc.k[sc.off[b] + p], sc.v[sc.off[b] + p]
         sc.ring.lens.copy_(torch.tensor(lens, dtype=torch.int32))
         sc.ring.ends.copy_(torch.tensor(P, dtype=torch.int32))

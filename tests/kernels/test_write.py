@@ -63,9 +63,9 @@ def test_write_matches_reference(fmt: KVFormat, t: int) -> None:
         slots[torch.randperm(t, generator=gen)[: t // 5]] = -1  # padding rows are skipped
     slots = slots.to(DEV)
     k_mean = (torch.randn(hkv, d, generator=gen) * 3).to(DEV) if fmt.k_center else None
-    cache = empty_cache(fmt, num_slots, hkv)
+    cache = empty_cache(fmt, num_slots, hkv, 16, k_mean)
     q = rand_kv(t, 2 * hkv, d, gen=gen)
-    q_att = write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean, q)
+    q_att = write_kv(k, v, slots, cache, q)
     if fmt.rotated:  # every row, padding included: R q in fp32 for the decode kernel
         torch.testing.assert_close(q_att.double(), rotate(q.double(), fmt.hadamard_order), rtol=1e-5, atol=1e-5)
     else:
@@ -79,21 +79,21 @@ def test_write_matches_reference(fmt: KVFormat, t: int) -> None:
         assert torch.equal(cache.k[s], k[keep]) and torch.equal(cache.v[s], v[keep])
         assert cache.k[untouched].isnan().all() and cache.v[untouched].isnan().all()
         return
-    assert (cache.k[untouched] == 0xFF).all() and cache.kp[untouched].isnan().all()
-    assert (cache.v[untouched] == 0xFF).all() and cache.vp[untouched].isnan().all()
+    assert (cache.k[untouched] == 0xFF).all() and cache.k_params[untouched].isnan().all()
+    assert (cache.v[untouched] == 0xFF).all() and cache.v_params[untouched].isnan().all()
     kk, vv = k[keep], v[keep]
     xk = kk.double() - (k_mean.double() if k_mean is not None else 0.0)
     xk = rotate(xk, fmt.hadamard_order) if fmt.rotated else xk
     xv = rotate(vv.double(), fmt.hadamard_order) if fmt.rotate_v else vv.double()
-    check_rows(xk, encode_k(kk, fmt, k_mean), cache.k[s], cache.kp[s], exact=not fmt.rotated)
-    check_rows(xv, encode_v(vv, fmt), cache.v[s], cache.vp[s], exact=not fmt.rotate_v)
+    check_rows(xk, encode_k(kk, fmt, k_mean), cache.k[s], cache.k_params[s], exact=not fmt.rotated)
+    check_rows(xv, encode_v(vv, fmt), cache.v[s], cache.v_params[s], exact=not fmt.rotate_v)
 
 
 def test_write_empty_batch() -> None:
     fmt = KVFormat("int4-bdr", 64, 64)
-    cache = empty_cache(fmt, 8, 2)
+    cache = empty_cache(fmt, 8, 2, 16)
     z = torch.empty(0, 2, 64, dtype=torch.bfloat16, device=DEV)
-    write_kv(z, z, torch.empty(0, dtype=torch.int64, device=DEV), cache.k, cache.v, cache.kp, cache.vp, fmt)
+    write_kv(z, z, torch.empty(0, dtype=torch.int64, device=DEV), cache)
     assert (cache.k == 0xFF).all()
 
 
@@ -104,12 +104,12 @@ def test_write_sees_an_updated_k_mean() -> None:
     k, v = rand_kv(4, 2, 64, gen=gen), rand_kv(4, 2, 64, gen=gen)
     slots = torch.arange(4, device=DEV)
     k_mean = torch.zeros(2, 64, device=DEV)
-    cache = empty_cache(fmt, 8, 2)
-    write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean)
+    cache = empty_cache(fmt, 8, 2, 16, k_mean)
+    write_kv(k, v, slots, cache)
     k_mean.add_((torch.randn(2, 64, generator=gen) * 3).to(DEV))
-    write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean)
+    write_kv(k, v, slots, cache)
     _, ref_params = quantize_int4(encode_k(k, fmt, k_mean))
-    torch.testing.assert_close(cache.kp[slots].float(), ref_params.float(), rtol=2e-3, atol=1e-6)
+    torch.testing.assert_close(cache.k_params[slots].float(), ref_params.float(), rtol=2e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("order", [16, 128])
@@ -126,8 +126,8 @@ def test_write_k_center_eight_heads(order: int) -> None:
     assert pieces.shape == (32, 128) and not pieces[3 * hkv:].any()
     torch.testing.assert_close(pieces[: 3 * hkv].double().view(3, hkv, 128).sum(0), want, rtol=1e-7, atol=1e-6)
     slots = torch.arange(t, device=DEV)
-    cache = empty_cache(fmt, t, hkv)
-    write_kv(k, v, slots, cache.k, cache.v, cache.kp, cache.vp, fmt, k_mean)
+    cache = empty_cache(fmt, t, hkv, 16, k_mean)
+    write_kv(k, v, slots, cache)
     xk = rotate(k.double() - k_mean.double(), order)
-    check_rows(xk, encode_k(k, fmt, k_mean), cache.k, cache.kp, exact=False)
-    check_rows(v.double(), encode_v(v, fmt), cache.v, cache.vp, exact=True)
+    check_rows(xk, encode_k(k, fmt, k_mean), cache.k, cache.k_params, exact=False)
+    check_rows(v.double(), encode_v(v, fmt), cache.v, cache.v_params, exact=True)

@@ -74,20 +74,15 @@ class PagedAttention:
         fmt = cache.fmt
         ring = None
         if window is not None:
-            ring = kern.Ring(cache.ring_k, cache.ring_v, window.rows, window.lens, lay.prefix_lens,
-                             window.sinks if fmt.sinks else None, fmt.sinks)
+            ring = kern.Ring(window.rows, window.lens, lay.prefix_lens, window.sinks if fmt.sinks else None)
         # Decode steps hand q to the write launch: for int4-bdr it comes back rotated, once per step
         # instead of once per decode split.
-        q_dec = kern.write_kv(k, v, lay.slots, cache.k, cache.v, cache.k_params, cache.v_params, fmt, cache.k_mean,
-                              q if lay.is_decode else None)
+        q_dec = kern.write_kv(k, v, lay.slots, cache, q if lay.is_decode else None)
         if lay.is_decode:
             seq_lens = lay.seq_lens if window is None else window.quant_lens
-            return kern.decode_attention(q_dec, cache.k, cache.v, cache.k_params, cache.v_params, lay.page_table,
-                                         seq_lens, self.pool.page_size, fmt, self.sm_scale,
+            return kern.decode_attention(q_dec, cache, lay.page_table, seq_lens, self.sm_scale,
                                          q_rotated=fmt.rotated, ring=ring, q_plain=q, k_new=k, v_new=v,
-                                         k_mean=cache.k_mean, keep_slots=None if window is None else window.slots)
+                                         keep_slots=None if window is None else window.slots)
         prefix_lens = lay.prefix_lens if window is None else window.quant_lens
-        return kern.extend_attention(q, k, v, lay.cu_seqlens, prefix_lens, cache.k, cache.v, cache.k_params,
-                                     cache.v_params, lay.page_table, self.pool.page_size, fmt, self.sm_scale,
-                                     max_new_len=lay.max_new_len, k_mean=cache.k_mean,
-                                     max_prefix_len=lay.max_prefix_len, ring=ring)
+        return kern.extend_attention(q, k, v, lay.cu_seqlens, prefix_lens, cache, lay.page_table, self.sm_scale,
+                                     max_new_len=lay.max_new_len, max_prefix_len=lay.max_prefix_len, ring=ring)

@@ -19,27 +19,10 @@ page gets them back at bf16 (PrefixCache.keep_sinks / restore_sinks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from saw_kv.cache import LayerCache
 from saw_kv.formats import PARAM_DTYPE, KVFormat
-
-
-@dataclass
-class LayerCache:
-    """One layer's view of the pool, in the layout the kernels take."""
-
-    k: torch.Tensor  # bf16 [slots, Hkv, D] or uint8 [slots, Hkv, D/2]
-    v: torch.Tensor
-    k_params: torch.Tensor | None  # fp16 [slots, Hkv, 2] = (scale, lo); None for bf16
-    v_params: torch.Tensor | None
-    # fp32 [Hkv, D], subtracted from K before quantization (--k-center); with --k-scale the model hands the
-    # cache k / lambda (DecoderLayer.k_scale), and this is the mean of that
-    k_mean: torch.Tensor | None
-    ring_k: torch.Tensor | None  # bf16 [rows, S + W, Hkv, D] raw K of each request's sinks and newest tokens
-    ring_v: torch.Tensor | None
-    fmt: KVFormat  # this layer's format
 
 
 def layer_formats(fmt: KVFormat, num_layers: int, bf16_layers: frozenset[int]) -> list[KVFormat]:
@@ -146,8 +129,8 @@ class KVPool:
         ring_k = ring_v = None
         if self._ring is not None and fmt.window:
             ring_k, ring_v = self._ring[0][row], self._ring[1][row]
-        return LayerCache(k[row], v[row], None if kp is None else kp[row], None if vp is None else vp[row], k_mean,
-                          ring_k, ring_v, fmt)
+        return LayerCache(k[row], v[row], fmt, self.page_size, None if kp is None else kp[row],
+                          None if vp is None else vp[row], k_mean, ring_k, ring_v)
 
     @property
     def dump_row(self) -> int:

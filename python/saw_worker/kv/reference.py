@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from saw_kv.cache import LayerCache
 from saw_kv.formats import KVFormat, decode_o, encode_k, encode_v, quantize_int4, rotate
-from saw_worker.kv.pool import LayerCache
 
 
 @dataclass
