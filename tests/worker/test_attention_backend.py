@@ -29,11 +29,11 @@ def test_replay_buffers_hold_the_eager_metadata_and_padding(window: int, sinks: 
     backend = ReferenceBackend(pool, 0.125)
     h = decode_batch(pool, [5, 13, 2], [0, 6, 0])
     backend.prepare(h)
-    eager = backend._layout  # noqa: SLF001 (the metadata under test)
+    eager = backend.layout
     backend.allocate_graph_buffers(max_batch=8, max_pages=6)
     backend.prepare_for_replay(h, batch_size=4)
     backend.prepare_for_capture(batch_size=4)
-    graph = backend._layout  # noqa: SLF001
+    graph = backend.layout
     assert eager is not None and graph is not None and graph.is_decode and eager.is_decode
     n, width = 3, eager.page_table.shape[1]
     for name in ("slots", "seq_lens", "prefix_lens", "cu_seqlens"):

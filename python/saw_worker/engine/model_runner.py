@@ -43,7 +43,7 @@ class HostBatch:
     seq_lens: list[int]
     prefix_lens: list[int]
     tables: list[list[int]]
-    is_decode: bool = False
+    is_decode: bool = False  # one new token per request (Batch.is_decode)
     # the bf16 window (WindowLayout), empty without one
     window_rows: list[int] = field(default_factory=list)
     window_lens: list[int] = field(default_factory=list)

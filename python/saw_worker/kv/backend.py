@@ -75,6 +75,11 @@ class AttentionBackend:
         self._graph_inputs: PinnedInputs | None = None
         self._graph_cu: torch.Tensor | None = None
 
+    @property
+    def layout(self) -> StepLayout | None:
+        """The metadata the next forward reads: the last prepare() or prepare_for_capture()."""
+        return self._layout
+
     # --- the model's call ------------------------------------------------------------------
 
     def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
