@@ -77,7 +77,7 @@ def main() -> None:
         ppl_engine = float((-lp[:-1].gather(1, tgt[:, None]).mean()).exp())
         # The same window through the simulation, on the engine's own weights.
         model, real_att = runner.model, runner.model.attention
-        att = SimAttention(sim_fmt, runner.attention.sm_scale)
+        att = SimAttention(sim_fmt, runner.backend.sm_scale)
         if sim_fmt.k_center:
             att.k_mean = runner.pool.k_mean.cpu()
         model.attention = att

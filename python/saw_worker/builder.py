@@ -15,8 +15,9 @@ from saw_worker.engine.interface import EngineInfo
 from saw_worker.engine.model_runner import ModelRunner
 from saw_worker.engine.scheduler import Scheduler
 from saw_worker.kv import calibration
-from saw_worker.kv.backend import PagedAttention
+from saw_worker.kv.backend import AttentionBackend
 from saw_worker.kv.pool import KVPool, bytes_per_token, ring_row_bytes
+from saw_worker.kv.reference_backend import ReferenceBackend
 from saw_worker.loader import load_model
 from saw_worker.options import CPU_KV_CACHE_BYTES, KVOptions, PoolOptions, WorkerOptions
 
@@ -70,14 +71,24 @@ def model_dtype(choice: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native_bf16 else torch.float32
 
 
+def attention_backend(pool: KVPool, sm_scale: float, device: torch.device) -> AttentionBackend:
+    """The one place the attention implementation is chosen: the Triton kernels on CUDA, the torch reference
+    elsewhere."""
+    if device.type == "cuda":
+        from saw_worker.kv.triton_backend import TritonBackend  # imports saw_kernels: a GPU build of Triton
+
+        return TritonBackend(pool, sm_scale)
+    return ReferenceBackend(pool, sm_scale)
+
+
 def build_engine(opts: WorkerOptions) -> LocalEngine:
     device = resolve_device(opts.model.device)
     dtype = model_dtype(opts.model.dtype, device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-    # The pool needs the model's shape, so the model is loaded with a plain attention and then
-    # switched to the paged one.
+    # The pool is sized by the memory the weights leave and needs the model's shape, so the model is loaded with a
+    # placeholder attention and given the backend once the pool exists (its only attention change).
     loaded = load_model(opts.model.name, opts.model.load_format, device, dtype, _no_attention)
     cfg = loaded.config
     fmt = kv_format(opts.kv, cfg.head_dim)
@@ -86,9 +97,9 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
     rows = opts.scheduler.max_running_requests + 1
     pool = KVPool.from_budget(fmt, cfg.num_layers, cfg.num_kv_heads, budget, opts.pool.page_size, device,
                               opts.kv.bf16_layers, rows)
-    attention = PagedAttention(pool, cfg.head_dim ** -0.5, use_kernels=device.type == "cuda")
-    loaded.model.attention = attention
-    runner = ModelRunner(loaded.model, attention, pool, device)
+    backend = attention_backend(pool, cfg.head_dim ** -0.5, device)
+    loaded.model.attention = backend
+    runner = ModelRunner(loaded.model, backend, pool, device)
     if fmt.window and pool.window_rows < rows:
         log.warning("the KV budget holds bf16 windows for %d requests, fewer than --max-running-requests + 1: no "
                     "more hold KV at once (--window 0 or more memory lifts this)", pool.window_rows)
@@ -107,11 +118,11 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
             ids = tokenizers.Tokenizer.from_str(loaded.tokenizer.tokenizer_json).encode(
                 calibration.CALIBRATION_TEXT).ids
             cal = calibration.measure(runner, ids, fmt.k_center, fmt.k_scale, opts.kv.k_scale_alpha)
+        # the pool renews its per-layer views, which the backend reads each call (and the graphs capture after this)
         pool.k_mean = cal.k_mean.to(device) if fmt.k_center and cal.k_mean is not None else None
         if fmt.k_scale and cal.k_scale is not None:
             for layer, layer_fmt, lam in zip(loaded.model.layers, pool.formats, cal.k_scale.to(device), strict=True):
                 layer.k_scale = lam if layer_fmt.k_scale else None
-        attention.refresh()
         log.info("K calibration (%s) in %.2fs", opts.kv.k_mean_file or "measured on the built-in text",
                  time.perf_counter() - started)
 

@@ -42,15 +42,15 @@ def _synthetic_kl(kv: str) -> float:
 
     from saw_kv.formats import KVFormat
     from saw_worker.engine.model_runner import ModelRunner
-    from saw_worker.kv.backend import PagedAttention
     from saw_worker.kv.pool import KVPool
+    from saw_worker.kv.reference_backend import ReferenceBackend
     from saw_worker.models import DecoderLM
 
     def logprobs(fmt_name: str) -> torch.Tensor:
         fmt = KVFormat.make(fmt_name, TINY.head_dim)
         pool = KVPool(fmt, TINY.num_layers, TINY.num_kv_heads, 64, 4, torch.device("cpu"))
-        attention = PagedAttention(pool, TINY.head_dim ** -0.5, use_kernels=False)
-        model = DecoderLM(TINY, attention, device="cpu", dtype=torch.float32)
+        backend = ReferenceBackend(pool, TINY.head_dim ** -0.5)
+        model = DecoderLM(TINY, backend, device="cpu", dtype=torch.float32)
         model.init_random_(seed=1, std=0.1)
         d, nq = TINY.head_dim, TINY.num_heads
         with torch.no_grad():
@@ -59,7 +59,7 @@ def _synthetic_kl(kv: str) -> float:
                     for c in (3, 3 + d // 2, 11, 11 + d // 2):
                         layer.qkv_weight[(nq + h) * d + c] *= 30.0
         ids = torch.randint(4, TINY.vocab_size, (96,), generator=torch.Generator().manual_seed(0)).tolist()
-        return torch.log_softmax(ModelRunner(model, attention, pool, torch.device("cpu")).score(ids), -1)
+        return torch.log_softmax(ModelRunner(model, backend, pool, torch.device("cpu")).score(ids), -1)
 
     ref, cand = logprobs("bf16"), logprobs(kv)
     return float((ref.exp() * (ref - cand)).sum(-1).mean())

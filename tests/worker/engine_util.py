@@ -7,13 +7,13 @@ import threading
 import torch
 
 from saw_kv.formats import KVFormat
+from saw_worker.builder import attention_backend
 from saw_worker.config import ModelConfig, TokenizerInfo
 from saw_worker.engine.engine import LocalEngine
 from saw_worker.engine.interface import EngineInfo
-from saw_worker.engine.model_runner import ModelRunner
-from saw_worker.engine.request import Event, GenerateParams
-from saw_worker.engine.scheduler import Scheduler
-from saw_worker.kv.backend import PagedAttention
+from saw_worker.engine.model_runner import HostBatch, ModelRunner, host_batch
+from saw_worker.engine.request import Event, GenerateParams, Sequence
+from saw_worker.engine.scheduler import Batch, Chunk, Scheduler
 from saw_worker.kv.pool import KVPool
 from saw_worker.models import DecoderLM
 from saw_worker.options import SchedulerOptions
@@ -38,10 +38,10 @@ def tiny_engine(kv: str = "int4-bdr", num_pages: int = 64, page_size: int = 4, m
     on_gpu = dev.type == "cuda"
     fmt = KVFormat.make(kv, TINY.head_dim, **fmt_kw)  # type: ignore[arg-type]
     pool = KVPool(fmt, TINY.num_layers, TINY.num_kv_heads, num_pages, page_size, dev, bf16_layers, max_running + 1)
-    attention = PagedAttention(pool, TINY.head_dim ** -0.5, use_kernels=on_gpu)
-    model = DecoderLM(TINY, attention, device=dev, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    backend = attention_backend(pool, TINY.head_dim ** -0.5, dev)
+    model = DecoderLM(TINY, backend, device=dev, dtype=torch.bfloat16 if on_gpu else torch.float32)
     model.init_random_(seed=1, std=0.3)  # large enough that greedy choices are not near-ties
-    runner = ModelRunner(model, attention, pool, dev)
+    runner = ModelRunner(model, backend, pool, dev)
     if cuda_graphs:
         runner.capture_graphs(max_running, TINY.max_position_embeddings)
     options = SchedulerOptions(max_running_requests=max_running, max_prefill_tokens=prefill_budget,
@@ -88,3 +88,15 @@ def run(engine: LocalEngine, requests: list[GenerateParams]) -> dict[str, list[i
 def prompt(seed: int, n: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(4, VOCAB, (n,), generator=g).tolist()
+
+
+def decode_batch(pool: KVPool, lengths: list[int], window_starts: list[int] | None = None) -> HostBatch:
+    """A decode step of requests holding `lengths` tokens before it (pages and ring rows taken from pool)."""
+    chunks = []
+    for i, n in enumerate(lengths):
+        seq = Sequence(GenerateParams(f"r{i}", prompt(i, n + 1), max_new_tokens=4), sink=lambda ev: None, order=i)
+        seq.pages = pool.allocate(pool.pages_for(n + 1)) or []
+        seq.window_row = pool.allocate_row()
+        seq.window_start = (window_starts or [0] * len(lengths))[i]
+        chunks.append(Chunk(seq, n, n + 1))
+    return host_batch(Batch(chunks, is_decode=True), pool)

@@ -11,12 +11,11 @@ from engine_util import Collector, prompt, run, tiny_engine
 
 from saw_kv.formats import KVFormat, decode_k, decode_o, dequantize_int4, encode_k, quantize_int4
 from saw_worker.engine.engine import LocalEngine
-from saw_worker.engine.model_runner import HostBatch, host_batch
+from saw_worker.engine.model_runner import host_batch
 from saw_worker.engine.request import GenerateParams, Sequence
 from saw_worker.engine.scheduler import Batch, Chunk
-from saw_worker.kv.backend import PagedAttention, StepLayout
 from saw_worker.kv.pool import KVPool
-from saw_worker.kv.reference import WindowLayout
+from saw_worker.kv.reference_backend import ReferenceBackend
 
 
 def stored_raw(k: torch.Tensor, v: torch.Tensor, fmt: KVFormat, pool: KVPool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +55,7 @@ def test_each_step_attends_its_window_and_sinks_at_bf16_and_the_rest_from_int4(w
     fmt = KVFormat.make("int4-bdr", d, 32, k_center=True, window=window, sinks=sinks)
     pool = KVPool(fmt, 1, hkv, num_pages=16, page_size=page, device=torch.device("cpu"), window_rows=2)
     pool.k_mean = torch.randn(1, hkv, d)
-    attention = PagedAttention(pool, 1 / math.sqrt(d), use_kernels=False)
+    backend = ReferenceBackend(pool, 1 / math.sqrt(d))
     total = sum(chunks)
     seq = Sequence(GenerateParams("r", list(range(total)), max_new_tokens=1), sink=lambda ev: None, order=0)
     seq.pages = pool.allocate(pool.pages_for(total)) or []
@@ -71,9 +70,9 @@ def test_each_step_attends_its_window_and_sinks_at_bf16_and_the_rest_from_int4(w
         held = min(sinks, start)
         bf16_from = start - min(window, start - held)
         assert (h.window_sinks, h.window_lens, h.quant_lens) == ([held], [start - bf16_from], [bf16_from])
-        attention.layout = layout_of(h, pool)
+        backend.prepare(h)
         q = torch.randn(n, hq, d)
-        out = attention(0, q, keys[start:end], values[start:end])
+        out = backend(0, q, keys[start:end], values[start:end])
         k_src = torch.cat([keys[:held].bfloat16().float(), k_hat[held:bf16_from],
                            keys[bf16_from:end].bfloat16().float()])
         v_src = torch.cat([values[:held].bfloat16().float(), v_hat[held:bf16_from],
@@ -81,19 +80,6 @@ def test_each_step_attends_its_window_and_sinks_at_bf16_and_the_rest_from_int4(w
         want = expected(q, k_src, v_src, 1 / math.sqrt(d))
         assert (out.double() - want).abs().max() < 1e-4, (start, end)
         start = end
-
-
-def layout_of(h: HostBatch, pool: KVPool) -> StepLayout:
-    def t(x: list[int], dtype: torch.dtype = torch.int32) -> torch.Tensor:
-        return torch.tensor(x, dtype=dtype)
-
-    width = max(len(p) for p in h.tables)
-    return StepLayout(
-        slots=t(h.slots, torch.int64), cu_seqlens=t(h.cu), seq_lens=t(h.seq_lens), prefix_lens=t(h.prefix_lens),
-        page_table=t([p + [0] * (width - len(p)) for p in h.tables]), is_decode=False,
-        max_new_len=max(b - a for a, b in zip(h.cu, h.cu[1:], strict=False)), max_prefix_len=max(h.prefix_lens),
-        window=WindowLayout(t(h.window_rows), t(h.window_lens), t(h.quant_lens), t(h.window_slots, torch.int64),
-                            t(h.window_sinks)))
 
 
 def test_a_window_as_long_as_the_context_gives_the_bf16_tokens() -> None:

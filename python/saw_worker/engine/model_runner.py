@@ -10,9 +10,8 @@ from saw_worker.engine.cuda_graphs import DecodeGraphs
 from saw_worker.engine.request import GenerateParams, Sequence, TokenLogprob
 from saw_worker.engine.sampler import sample, token_logprobs
 from saw_worker.engine.scheduler import Batch, Chunk
-from saw_worker.kv.backend import PagedAttention, StepLayout
+from saw_worker.kv.backend import AttentionBackend
 from saw_worker.kv.pool import KVPool
-from saw_worker.kv.reference import WindowLayout
 
 
 @dataclass
@@ -43,6 +42,7 @@ class HostBatch:
     seq_lens: list[int]
     prefix_lens: list[int]
     tables: list[list[int]]
+    is_decode: bool = False  # one new token per request (Batch.is_decode)
     # the bf16 window (WindowLayout), empty without one
     window_rows: list[int] = field(default_factory=list)
     window_lens: list[int] = field(default_factory=list)
@@ -53,7 +53,7 @@ class HostBatch:
 
 def host_batch(batch: Batch, pool: KVPool) -> HostBatch:
     page, w, sinks, n_slots = pool.page_size, pool.window, pool.sinks, pool.fmt.ring_slots
-    h = HostBatch([], [], [], [0], [], [], [])
+    h = HostBatch([], [], [], [0], [], [], [], batch.is_decode)
     for c in batch.chunks:
         seq, pages = c.seq, c.seq.pages
         known = seq.token_ids[c.start:c.end]
@@ -82,9 +82,9 @@ def host_batch(batch: Batch, pool: KVPool) -> HostBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, attention: PagedAttention, pool: KVPool, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, backend: AttentionBackend, pool: KVPool, device: torch.device) -> None:
         self.model = model
-        self.attention = attention
+        self.backend = backend  # the model's attention: it prepares each step's metadata
         self.pool = pool
         self.device = device
         self._pin = device.type == "cuda"
@@ -92,7 +92,7 @@ class ModelRunner:
 
     def capture_graphs(self, max_batch: int, max_context: int) -> None:
         """Capture decode graphs (CUDA only) for batches up to max_batch and contexts up to max_context."""
-        self.graphs = DecodeGraphs(self.model, self.attention, max_batch, self.pool.pages_for(max_context),
+        self.graphs = DecodeGraphs(self.model, self.backend, max_batch, self.pool.pages_for(max_context),
                                    self.device)
         self.graphs.capture()
 
@@ -100,25 +100,8 @@ class ModelRunner:
         t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
         return t.to(self.device, non_blocking=True)
 
-    def _eager(self, h: HostBatch, is_decode: bool, ids: torch.Tensor | None = None) -> torch.Tensor:
-        width = max(len(t) for t in h.tables)
-        table = [x for t in h.tables for x in t + [0] * (width - len(t))]
-        window = None
-        if h.window_rows:
-            window = WindowLayout(self._tensor(h.window_rows, torch.int32), self._tensor(h.window_lens, torch.int32),
-                                  self._tensor(h.quant_lens, torch.int32), self._tensor(h.window_slots, torch.int64),
-                                  self._tensor(h.window_sinks, torch.int32))
-        self.attention.layout = StepLayout(
-            slots=self._tensor(h.slots, torch.int64),
-            cu_seqlens=self._tensor(h.cu, torch.int32),
-            seq_lens=self._tensor(h.seq_lens, torch.int32),
-            prefix_lens=self._tensor(h.prefix_lens, torch.int32),
-            page_table=self._tensor(table, torch.int32).view(len(h.tables), width),
-            is_decode=is_decode,
-            max_new_len=max(b - a for a, b in zip(h.cu, h.cu[1:], strict=False)),
-            max_prefix_len=max(h.prefix_lens),
-            window=window,
-        )
+    def _eager(self, h: HostBatch, ids: torch.Tensor | None = None) -> torch.Tensor:
+        self.backend.prepare(h)
         ids = self._tensor(h.ids, torch.int64) if ids is None else ids
         return self.model(ids, self._tensor(h.positions, torch.int64))
 
@@ -127,7 +110,7 @@ class ModelRunner:
         graphs = self.graphs
         if batch.is_decode and graphs is not None and graphs.fits(len(h.ids), max(len(t) for t in h.tables)):
             return graphs.run(h, ids)
-        return self._eager(h, batch.is_decode, ids)
+        return self._eager(h, ids)
 
     @torch.inference_mode()
     def launch(self, batch: Batch, previous: LaunchedStep | None) -> LaunchedStep:
@@ -205,7 +188,7 @@ class ModelRunner:
         seq.pages = pages
         try:
             batch = Batch([Chunk(seq, 0, len(token_ids))], is_decode=False)
-            return self.model.compute_logits(self._eager(host_batch(batch, self.pool), False))
+            return self.model.compute_logits(self._eager(host_batch(batch, self.pool)))
         finally:
             self.pool.release(pages)
 

@@ -1,19 +1,37 @@
-"""The attention the models call: writes new K/V into the paged pool, then attends over it.
+"""The attention backend the models call: it owns each step's attention metadata and the decode graphs' static
+metadata buffers, writes the step's new K/V into the paged pool and attends over it.
 
-The engine sets a StepLayout before each forward; models only see q, k, v. On CUDA the Triton
-kernels of saw_kernels do the work; elsewhere the torch reference does. A format's K scale is not
-applied here: the model hands over q lambda and k / lambda already (DecoderLayer.k_scale).
+The interface (shaped like SGLang's attention backends):
+
+- `prepare(h)`: an eager step's metadata (StepLayout) from the host batch: new-token slots, cu_seqlens,
+  seq_lens, prefix_lens, the page table and the bf16 window's layout.
+- `allocate_graph_buffers(max_batch, max_pages)`, `prepare_for_capture(batch_size)`,
+  `prepare_for_replay(h, batch_size)`: the static device buffers the decode CUDA graphs read
+  (engine/cuda_graphs.py), the metadata a capture records as views of them, and each replay's fill of them
+  (through double-buffered pinned host memory, engine/pinned_inputs.py).
+- `__call__(layer_id, q, k, v)`, what the model calls: `forward_decode` or `forward_extend` of the step.
+
+Two implementations share this metadata code: `TritonBackend` (kv/triton_backend.py, the saw_kernels
+kernels, CUDA) and `ReferenceBackend` (kv/reference_backend.py, the torch reference of kv/reference.py).
+builder.attention_backend picks one. A format's K scale is not applied here: the model hands over q lambda and
+k / lambda already (DecoderLayer.k_scale).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from saw_worker.kv.pool import KVPool, LayerCache
-from saw_worker.kv.reference import WindowLayout, paged_attention_ref, write_kv_ref, write_window_ref
+from saw_kv.cache import LayerCache
+from saw_worker.engine.pinned_inputs import PinnedInputs
+from saw_worker.kv.pool import KVPool
+from saw_worker.kv.reference import WindowLayout
+
+if TYPE_CHECKING:
+    from saw_worker.engine.model_runner import HostBatch
 
 
 @dataclass
@@ -30,59 +48,136 @@ class StepLayout:
     max_prefix_len: int | None = None  # host copy of prefix_lens.max(), when known
     window: WindowLayout | None = None  # set when the pool keeps a bf16 window
 
+    def window_of(self, cache: LayerCache) -> WindowLayout | None:
+        """The window layout for a layer that keeps a ring (bf16 layers of a windowed format do not)."""
+        return self.window if cache.ring_k is not None else None
 
-class PagedAttention:
-    def __init__(self, pool: KVPool, sm_scale: float, use_kernels: bool) -> None:
+
+# Per-request metadata a decode graph reads, by HostBatch field, with what padded rows hold: they write nowhere
+# (slot -1), attend to one token of page 0 (seq_lens 1: one INT4 token, no ring tokens, no sinks) and send their
+# token to the ring's dump row.
+_GRAPH_ROWS = ("slots", "seq_lens", "prefix_lens")
+_GRAPH_WINDOW_ROWS = ("window_rows", "window_lens", "quant_lens", "window_slots", "window_sinks")
+_INT64 = ("slots", "window_slots")
+
+
+class AttentionBackend:
+    """Writes each step's new K/V into the pool and attends over it; see the module docstring."""
+
+    supports_cuda_graphs = False  # whether forward_decode is capturable (no host reads of device values)
+
+    def __init__(self, pool: KVPool, sm_scale: float) -> None:
         self.pool = pool
         self.sm_scale = sm_scale
-        self.layout: StepLayout | None = None
         # sees each layer's new q and K (calibration)
         self.observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
-        self._kernels = None
-        if use_kernels:
-            import saw_kernels  # imported lazily: it needs a GPU build of Triton
+        self._layout: StepLayout | None = None
+        self._pin = pool.device.type == "cuda"
+        self._graph_inputs: PinnedInputs | None = None
+        self._graph_cu: torch.Tensor | None = None
 
-            self._kernels = saw_kernels
-        self.refresh()
+    @property
+    def layout(self) -> StepLayout | None:
+        """The metadata the next forward reads: the last prepare() or prepare_for_capture()."""
+        return self._layout
 
-    def refresh(self) -> None:
-        """Re-take per-layer views (after calibration sets the K means)."""
-        self._layers: list[LayerCache] = [self.pool.layer(i) for i in range(self.pool.num_layers)]
+    # --- the model's call ------------------------------------------------------------------
 
     def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        lay, cache = self.layout, self._layers[layer_id]
-        fmt = cache.fmt
-        assert lay is not None, "StepLayout not set"
+        lay = self._layout
+        assert lay is not None, "no step prepared: call prepare() or prepare_for_capture() first"
         if self.observer is not None:
             self.observer(layer_id, q, k)
-        window = lay.window if cache.ring_k is not None else None
-        kern = self._kernels
-        if kern is None:
-            write_kv_ref(k, v, lay.slots, cache, fmt)
-            out = paged_attention_ref(q, lay.cu_seqlens, lay.seq_lens, lay.page_table, self.pool.page_size, cache,
-                                      fmt, self.sm_scale, (k, v), window)
-        else:
-            out = self._kernel_attention(kern, q, k, v, lay, cache, window)
-        # after attention: the step read the ring as it was before its tokens (a decode kernel keeps them itself)
-        if window is not None and (kern is None or not lay.is_decode):
-            assert cache.ring_k is not None and cache.ring_v is not None
-            (write_window_ref if kern is None else kern.write_window)(k, v, window.slots, cache.ring_k, cache.ring_v)
-        return out
-
-    def _kernel_attention(self, kern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # noqa: ANN001
-                          lay: StepLayout, cache: LayerCache, window: WindowLayout | None) -> torch.Tensor:
-        fmt = cache.fmt
-        ring = None
-        if window is not None:
-            ring = kern.Ring(window.rows, window.lens, lay.prefix_lens, window.sinks if fmt.sinks else None)
-        # Decode steps hand q to the write launch: for int4-bdr it comes back rotated, once per step
-        # instead of once per decode split.
-        q_dec = kern.write_kv(k, v, lay.slots, cache, q if lay.is_decode else None)
+        cache = self.pool.layer(layer_id)
         if lay.is_decode:
-            seq_lens = lay.seq_lens if window is None else window.quant_lens
-            return kern.decode_attention(q_dec, cache, lay.page_table, seq_lens, self.sm_scale,
-                                         q_rotated=fmt.rotated, ring=ring, q_plain=q, k_new=k, v_new=v,
-                                         keep_slots=None if window is None else window.slots)
-        prefix_lens = lay.prefix_lens if window is None else window.quant_lens
-        return kern.extend_attention(q, k, v, lay.cu_seqlens, prefix_lens, cache, lay.page_table, self.sm_scale,
-                                     max_new_len=lay.max_new_len, max_prefix_len=lay.max_prefix_len, ring=ring)
+            return self.forward_decode(q, k, v, cache, lay)
+        return self.forward_extend(q, k, v, cache, lay)
+
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+                       lay: StepLayout) -> torch.Tensor:
+        """One new token per request: store k, v [B, Hkv, D] and attend q [B, Hq, D] -> o [B, Hq, D]."""
+        raise NotImplementedError
+
+    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+                       lay: StepLayout) -> torch.Tensor:
+        """Prefill chunks: store k, v [T, Hkv, D] and attend q [T, Hq, D] causally -> o [T, Hq, D]."""
+        raise NotImplementedError
+
+    # --- eager steps -----------------------------------------------------------------------
+
+    def prepare(self, h: HostBatch) -> None:
+        """This step's metadata from the host batch, for an eager forward."""
+        width = max(len(t) for t in h.tables)
+        table = [x for t in h.tables for x in t + [0] * (width - len(t))]
+        window = None
+        if h.window_rows:
+            window = WindowLayout(self._tensor(h.window_rows, torch.int32), self._tensor(h.window_lens, torch.int32),
+                                  self._tensor(h.quant_lens, torch.int32), self._tensor(h.window_slots, torch.int64),
+                                  self._tensor(h.window_sinks, torch.int32))
+        self._layout = StepLayout(
+            slots=self._tensor(h.slots, torch.int64),
+            cu_seqlens=self._tensor(h.cu, torch.int32),
+            seq_lens=self._tensor(h.seq_lens, torch.int32),
+            prefix_lens=self._tensor(h.prefix_lens, torch.int32),
+            page_table=self._tensor(table, torch.int32).view(len(h.tables), width),
+            is_decode=h.is_decode,
+            max_new_len=max(b - a for a, b in zip(h.cu, h.cu[1:], strict=False)),
+            max_prefix_len=max(h.prefix_lens),
+            window=window,
+        )
+
+    def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
+        return t.to(self.pool.device, non_blocking=True)
+
+    # --- decode CUDA graphs ----------------------------------------------------------------
+
+    def allocate_graph_buffers(self, max_batch: int, max_pages: int) -> None:
+        """Static device buffers for decode graphs of up to max_batch requests and max_pages pages each, holding
+        padded rows until a replay fills them."""
+        dev, pad = self.pool.device, self._graph_pad()
+        buffers = {name: torch.full((max_batch,), pad[name], dtype=torch.int64 if name in _INT64 else torch.int32,
+                                    device=dev) for name in self._graph_rows()}
+        buffers["page_table"] = torch.zeros(max_batch, max_pages, dtype=torch.int32, device=dev)
+        self._graph_inputs = PinnedInputs(buffers)
+        self._graph_cu = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)  # one new token per request
+
+    def prepare_for_capture(self, batch_size: int) -> None:
+        """The metadata of a decode graph for batch_size requests: views of the static buffers, which
+        prepare_for_replay fills before each replay."""
+        assert self._graph_inputs is not None and self._graph_cu is not None, "allocate_graph_buffers() first"
+        d = self._graph_inputs.device_buffers
+        window = None
+        if self.pool.window:
+            window = WindowLayout(*(d[name][:batch_size] for name in _GRAPH_WINDOW_ROWS))
+        self._layout = StepLayout(slots=d["slots"][:batch_size], cu_seqlens=self._graph_cu[:batch_size + 1],
+                                  seq_lens=d["seq_lens"][:batch_size], prefix_lens=d["prefix_lens"][:batch_size],
+                                  page_table=d["page_table"][:batch_size], is_decode=True, max_new_len=1,
+                                  window=window)
+
+    def prepare_for_replay(self, h: HostBatch, batch_size: int) -> None:
+        """Fill the static buffers of the batch_size graph with h's decode rows (the rest padded), through this
+        step's set of pinned host buffers; the copies are queued on the current stream, before the replay."""
+        assert self._graph_inputs is not None, "allocate_graph_buffers() first"
+        n, pad = len(h.seq_lens), self._graph_pad()
+        host = self._graph_inputs.fill()
+        rows = self._graph_rows()
+        for name in rows:
+            host[name][:n] = getattr(h, name)
+            host[name][n:batch_size] = pad[name]
+        table = host["page_table"]
+        for i, pages in enumerate(h.tables):
+            table[i, : len(pages)] = pages
+        table[n:batch_size, 0] = 0
+        width = max(len(p) for p in h.tables)
+        extents: dict[str, slice | tuple[slice, ...]] = {name: slice(0, batch_size) for name in rows}
+        extents["page_table"] = (slice(0, batch_size), slice(0, width))
+        self._graph_inputs.upload(extents)
+
+    def _graph_rows(self) -> tuple[str, ...]:
+        return _GRAPH_ROWS + (_GRAPH_WINDOW_ROWS if self.pool.window else ())
+
+    def _graph_pad(self) -> dict[str, int]:
+        pool = self.pool
+        return {"slots": -1, "seq_lens": 1, "prefix_lens": 0, "window_rows": pool.dump_row, "window_lens": 0,
+                "quant_lens": 1, "window_slots": pool.dump_slot, "window_sinks": 0}

@@ -70,11 +70,11 @@ def measure(runner: ModelRunner, token_ids: list[int], center: bool, scale: bool
         hkv = k.shape[1]
         q_max[layer_id] = q.float().abs().view(q.shape[0], hkv, -1, q.shape[-1]).amax((0, 2))
 
-    runner.attention.observer = observe
+    runner.backend.observer = observe
     try:
         runner.score(token_ids)
     finally:
-        runner.attention.observer = None
+        runner.backend.observer = None
     means, scales = [], []
     for i in range(runner.pool.num_layers):
         k = keys[i]

@@ -67,6 +67,7 @@ class KVPool:
         self.page_size = page_size
         self.num_pages = num_pages
         self.num_layers = num_layers
+        self.device = torch.device(device)
         slots, d = num_pages * page_size, fmt.head_dim
         # One tensor per (format, K or V) holding all layers of that format; _index maps a layer to its row.
         self._index: dict[int, int] = {}
@@ -85,7 +86,7 @@ class KVPool:
             else:
                 data = dict(size=(*shape, d), dtype=torch.bfloat16, device=device)
                 self._tensors[False] = (torch.zeros(**data), torch.zeros(**data), None, None)
-        self.k_mean: torch.Tensor | None = None  # [L, Hkv, D], set by calibration
+        self._k_mean: torch.Tensor | None = None
         self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
         if fmt.window and window_rows < 1:
             raise ValueError("a KV format with a window needs window_rows (one per request that may hold pages)")
@@ -104,6 +105,7 @@ class KVPool:
             shape = (sum(f.quantized for f in self.formats), self.sink_entries, fmt.sinks, num_kv_heads, d)
             self._sink_store = (torch.zeros(shape, dtype=torch.bfloat16, device=device),
                                 torch.zeros(shape, dtype=torch.bfloat16, device=device))
+        self._layers = [self._layer_view(i) for i in range(num_layers)]
 
     @classmethod
     def from_budget(cls, fmt: KVFormat, num_layers: int, num_kv_heads: int, budget_bytes: int, page_size: int,
@@ -121,7 +123,22 @@ class KVPool:
         return cls(fmt, num_layers, num_kv_heads, max(budget_bytes - rings, 0) // per_page, page_size, device,
                    bf16_layers, rows)
 
+    @property
+    def k_mean(self) -> torch.Tensor | None:
+        """fp32 [L, Hkv, D], set by calibration (--k-center); None before, or without centering."""
+        return self._k_mean
+
+    @k_mean.setter
+    def k_mean(self, value: torch.Tensor | None) -> None:
+        self._k_mean = value
+        self._layers = [self._layer_view(i) for i in range(self.num_layers)]  # the views carry each layer's mean
+
     def layer(self, i: int) -> LayerCache:
+        """Layer i's view of the pool (kept, so a step's attention calls do not rebuild it; setting k_mean
+        renews it)."""
+        return self._layers[i]
+
+    def _layer_view(self, i: int) -> LayerCache:
         fmt = self.formats[i]
         row = self._index[i]
         k, v, kp, vp = self._tensors[fmt.quantized]
