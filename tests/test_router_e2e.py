@@ -394,12 +394,15 @@ def test_chat_stream_with_usage(router: Router) -> None:
 def test_a_repeated_prompt_comes_from_the_prefix_cache(router: Router) -> None:
     client = router.client()
     messages = [{"role": "user", "content": "Name three colors of the rainbow, one per line, and nothing else."}]
-    first, second = (client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
-                     for _ in range(2))
+    first, second, third = (client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12,
+                                                           temperature=0) for _ in range(3))
     assert second.usage.prompt_tokens == first.usage.prompt_tokens > 16
     # every full 16-token page before the prompt's last token is shared
     assert second.usage.prompt_tokens_details.cached_tokens == (first.usage.prompt_tokens - 1) // 16 * 16
-    assert second.choices[0].message.content == first.choices[0].message.content
+    # two hits on the same pages compute the same thing (the first request may read less of its prompt from INT4:
+    # its own prefill attends at bf16, so its greedy text may differ in a late token)
+    assert third.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens_details.cached_tokens
+    assert third.choices[0].message.content == second.choices[0].message.content
 
 
 def test_completion_and_stop_string(router: Router) -> None:
