@@ -46,7 +46,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from saw_worker.builder import build_engine  # noqa: E402
-from saw_worker.engine import model_runner as model_runner_module  # noqa: E402
 from saw_worker.engine.engine import LocalEngine  # noqa: E402
 from saw_worker.engine.request import GenerateParams, Sequence  # noqa: E402
 from saw_worker.models import decoder as decoder_module  # noqa: E402
@@ -143,15 +142,16 @@ def scope_labels(engine: LocalEngine) -> Iterator[None]:
         if isinstance(m, decoder_module.RMSNorm):
             m.forward = labelled(m.forward, "qk_norm" if name.endswith(("q_norm", "k_norm")) else "norm")
             norms.append(m)
-    saved = (decoder_module.apply_rope, model.attention, model_runner_module.sample)
+    runner = engine.runner
+    saved = (decoder_module.apply_rope, model.attention, runner.sampler)
     decoder_module.apply_rope = labelled(decoder_module.apply_rope, "rope")
     model.attention = labelled(model.attention, "attention")
     model.compute_logits = labelled(model.compute_logits, "logits")
-    model_runner_module.sample = labelled(model_runner_module.sample, "sample")
+    runner.sampler = labelled(runner.sampler, "sample")
     try:
         yield
     finally:
-        decoder_module.apply_rope, model.attention, model_runner_module.sample = saved
+        decoder_module.apply_rope, model.attention, runner.sampler = saved
         del model.compute_logits
         for m in norms:
             del m.forward

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from saw_worker.engine.grammar import Grammars
 from saw_worker.engine.request import GenerateParams, GrammarSpec, RequestError, SamplingOptions, Sequence
-from saw_worker.engine.sampler import sample
+from saw_worker.engine.sampler import Sampler
 
 pytest.importorskip("xgrammar")
 
@@ -43,6 +43,7 @@ def generate(tokenizer: Tokenizer, grammar: GrammarSpec, seed: int, vocab: int =
     seq.matcher = grammars.matcher(grammar)
     g = torch.Generator().manual_seed(seed)
     out: list[int] = []
+    sample = Sampler(torch.device("cpu"))
     for _ in range(2000):
         token = int(sample(torch.randn(1, vocab, generator=g) * 4, [seq])[0])
         if token == eos:

@@ -4,7 +4,7 @@ was picked for its token-bitmask API, which fits a batched sampler, and its comp
 
 Each request with a grammar gets a matcher at submit (compiling there, off the engine thread; a bad schema
 is a RequestError). Each step the sampler fills the rows' token bitmasks from their matchers and masks the
-logits (`mask_logits`), then feeds the drawn tokens back (`accept_tokens`). That needs the token on the
+logits (`GrammarMasks`), then feeds the drawn tokens back (`accept_tokens`). That needs the token on the
 host before the next step, so such requests never run in overlapped decode steps (ModelRunner.can_launch).
 """
 
@@ -85,17 +85,36 @@ def _constrained(seqs: list[Sequence]) -> list[int]:
     return [i for i, s in enumerate(seqs) if s.matcher is not None and not s.matcher.is_terminated()]
 
 
-def mask_logits(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """Set to -inf, in place, every token a row's grammar does not allow next."""
-    rows = _constrained(seqs)
-    if not rows:
-        return
-    import xgrammar as xgr
+class GrammarMasks:
+    """Masks a step's constrained rows: their matchers fill one host bitmask together on xgrammar's threads
+    (while the device still runs the step's forward), and one launch applies it to the logits."""
 
-    bitmask = xgr.allocate_token_bitmask(len(seqs), logits.shape[-1])
-    for i in rows:
-        seqs[i].matcher.fill_next_token_bitmask(bitmask, i)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._bitmask: torch.Tensor | None = None  # int32 [rows, ceil(V / 32)], pinned on CUDA, grown as needed
+        self._filler: xgr.BatchGrammarMatcher | None = None
+
+    def _host_bitmask(self, rows: int, vocab: int) -> torch.Tensor:
+        words = (vocab + 31) // 32
+        if self._bitmask is None or self._bitmask.shape[0] < rows or self._bitmask.shape[1] != words:
+            self._bitmask = torch.empty(max(rows, 2 * (0 if self._bitmask is None else len(self._bitmask))), words,
+                                        dtype=torch.int32, pin_memory=self._device.type == "cuda")
+        return self._bitmask[:rows]
+
+    def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Set to -inf, in place, every token a row's grammar does not allow next. The bitmask's copy to the
+        device may still be in flight when this returns; `accept_tokens` reads the drawn tokens back, which
+        ends it before the next step refills the buffer."""
+        rows = _constrained(seqs)
+        if not rows:
+            return
+        import xgrammar as xgr
+
+        if self._filler is None:
+            self._filler = xgr.BatchGrammarMatcher(max_threads="auto")
+        bitmask = self._host_bitmask(len(seqs), logits.shape[-1])
+        self._filler.batch_fill_next_token_bitmask([seqs[i].matcher for i in rows], bitmask, indices=rows)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
 
 
 def accept_tokens(seqs: list[Sequence], tokens: torch.Tensor) -> None:
@@ -103,5 +122,6 @@ def accept_tokens(seqs: list[Sequence], tokens: torch.Tensor) -> None:
     rows = _constrained(seqs)
     if not rows:
         return
-    for i, token in zip(rows, tokens[rows].tolist(), strict=True):
-        seqs[i].matcher.accept_token(token)
+    import xgrammar as xgr
+
+    xgr.BatchGrammarMatcher.batch_accept_token([seqs[i].matcher for i in rows], tokens[rows].tolist())

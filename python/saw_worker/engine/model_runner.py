@@ -8,7 +8,7 @@ import torch
 
 from saw_worker.engine.cuda_graphs import DecodeGraphs
 from saw_worker.engine.request import GenerateParams, Sequence, TokenLogprob
-from saw_worker.engine.sampler import sample, token_logprobs
+from saw_worker.engine.sampler import Sampler, token_logprobs
 from saw_worker.engine.scheduler import Batch, Chunk
 from saw_worker.kv.backend import AttentionBackend
 from saw_worker.kv.pool import KVPool
@@ -87,6 +87,7 @@ class ModelRunner:
         self.backend = backend  # the model's attention: it prepares each step's metadata
         self.pool = pool
         self.device = device
+        self.sampler = Sampler(device)
         self._pin = device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
 
@@ -125,7 +126,7 @@ class ModelRunner:
             ids = torch.where(src >= 0, previous.tokens[src.clamp(min=0)], self._tensor(h.ids, torch.int64))
         hidden = self._forward(batch, h, ids)
         seqs = [c.seq for c in batch.chunks]
-        tokens = sample(self.model.compute_logits(hidden), seqs)
+        tokens = self.sampler(self.model.compute_logits(hidden), seqs)
         done = None
         if self._pin:
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -163,7 +164,7 @@ class ModelRunner:
             rows = self._tensor([offsets[i + 1] - 1 for i in sampling], torch.int64)
             logits = self.model.compute_logits(hidden[rows])
             seqs = [batch.chunks[i].seq for i in sampling]
-            tokens = sample(logits, seqs)
+            tokens = self.sampler(logits, seqs)
             top = max(s.params.top_logprobs for s in seqs)
             wants = any(s.params.return_logprobs or s.params.top_logprobs for s in seqs)
             lps = token_logprobs(logits, tokens, top) if wants else None

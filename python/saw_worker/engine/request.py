@@ -136,15 +136,6 @@ class Event:
 Sink = Callable[[Event], None]
 
 
-@dataclass
-class PenaltyState:
-    """What the penalties of one request need, on the device: how often each token was generated (int32 [V]),
-    updated by the sampler itself so that no host round trip is needed, and which tokens its prompt holds."""
-
-    output_counts: torch.Tensor
-    in_prompt: torch.Tensor  # bool [V]
-
-
 class Sequence:
     """A request inside the engine. token_ids holds prompt and output tokens known on the host; `cached` counts
     the leading tokens whose K/V are in the pool. With overlapped decode the next token can exist on the device
@@ -169,7 +160,7 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.sampling.seed is not None:
             self.generator = torch.Generator().manual_seed(params.sampling.seed)
-        self.penalty_state: PenaltyState | None = None  # on the device, from the first sample on (sampler.py)
+        self.penalty_row: int | None = None  # its row of the sampler's PenaltyTable, from the first sample on
         self.matcher: GrammarMatcher | None = None  # the grammar's state (grammar.py), set at submit
 
     @property
