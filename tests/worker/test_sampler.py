@@ -130,6 +130,5 @@ def test_top_k_and_top_p_draws_match_the_spelled_out_nucleus(top_k: int, top_p: 
     gen = torch.Generator().manual_seed(top_k)
     logits = torch.randn(64, 200, generator=gen, dtype=torch.float64) * 2
     u = torch.rand(64, generator=gen, dtype=torch.float64)
-    params = [SamplingOptions(temperature=1.0, top_k=top_k, top_p=top_p)] * 64
-    got = _draw(logits, params, u).tolist()
+    got = _draw(logits, torch.full((64,), top_k), torch.full((64,), top_p, dtype=torch.float64), u).tolist()
     assert got == [reference_draw(logits[i], top_k, top_p, float(u[i])) for i in range(64)]

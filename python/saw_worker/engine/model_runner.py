@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saw_worker.engine.cuda_graphs import DecodeGraphs
+from saw_worker.engine.pinned_inputs import upload
 from saw_worker.engine.request import GenerateParams, Sequence, TokenLogprob
 from saw_worker.engine.sampler import Sampler, token_logprobs
 from saw_worker.engine.scheduler import Batch, Chunk
@@ -98,8 +99,7 @@ class ModelRunner:
         self.graphs.capture()
 
     def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
-        return t.to(self.device, non_blocking=True)
+        return upload(data, dtype, self.device)
 
     def _eager(self, h: HostBatch, ids: torch.Tensor | None = None) -> torch.Tensor:
         self.backend.prepare(h)

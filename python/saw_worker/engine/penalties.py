@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from saw_worker.engine.pinned_inputs import upload
 from saw_worker.engine.request import Sequence
 
 Penalize = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -76,13 +77,13 @@ class PenaltyTable:
         opts, dev = seq.params.sampling, self.device
         self.counts[row] = 0
         self.in_prompt[row] = 0
-        self.in_prompt[row, torch.tensor(seq.token_ids[:seq.num_prompt], dtype=torch.int64).to(dev)] = 1
+        self.in_prompt[row, upload(seq.token_ids[:seq.num_prompt], torch.int64, dev)] = 1
         self.bias[row] = 0
         if opts.logit_bias:
             token, value = zip(*opts.logit_bias, strict=True)
-            self.bias[row, torch.tensor(token, dtype=torch.int64).to(dev)] = torch.tensor(value).to(dev)
-        self.params[row] = torch.tensor([opts.frequency_penalty, opts.presence_penalty, opts.repetition_penalty,
-                                         float(bool(opts.logit_bias))]).to(dev)
+            self.bias[row, upload(list(token), torch.int64, dev)] = upload(list(value), torch.float32, dev)
+        self.params[row] = upload([opts.frequency_penalty, opts.presence_penalty, opts.repetition_penalty,
+                                   float(bool(opts.logit_bias))], torch.float32, dev)
         return row
 
     def apply(self, logits: torch.Tensor, seqs: list[Sequence], batch_rows: list[int]) -> torch.Tensor:
@@ -91,8 +92,7 @@ class PenaltyTable:
         for s in seqs:
             if s.penalty_row is None:
                 s.penalty_row = self._take_row(s, vocab)
-        rows = torch.tensor([batch_rows, [s.penalty_row for s in seqs]], dtype=torch.int32,
-                            pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+        rows = upload([batch_rows, [s.penalty_row for s in seqs]], torch.int32, self.device)
         self._penalize(logits, rows[0], rows[1], self.counts, self.in_prompt, self.bias, self.params)
         return rows[1]
 

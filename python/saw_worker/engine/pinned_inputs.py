@@ -28,6 +28,13 @@ import torch
 Index = slice | tuple[slice, ...]
 
 
+def upload(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values on the device without blocking the host: from a fresh pinned block on CUDA (a copy from
+    pageable memory would wait for the work queued before it, e.g. the step's forward)."""
+    pinned = device.type == "cuda"
+    return torch.tensor(data, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
+
+
 class PinnedInputs:
     def __init__(self, device_buffers: dict[str, torch.Tensor], sets: int = 2) -> None:
         """device_buffers: the graph's static inputs by name; each set holds a host buffer of the same shape."""

@@ -18,7 +18,8 @@ import torch
 
 from saw_worker.engine.grammar import GrammarMasks, accept_tokens
 from saw_worker.engine.penalties import PenaltyTable, penalize_reference
-from saw_worker.engine.request import SamplingOptions, Sequence, TokenLogprob
+from saw_worker.engine.pinned_inputs import upload
+from saw_worker.engine.request import Sequence, TokenLogprob
 
 
 def _filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -27,23 +28,24 @@ def _filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < top + min_p.log()[:, None], float("-inf"))
 
 
-def _draw(scaled: torch.Tensor, params: list[SamplingOptions], u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draws from softmax(scaled) with each row's top-k and top-p nucleus: sorted once, the nucleus
-    is a prefix of the sorted row (top-p measured on the top-k's renormalized mass, as vLLM does)."""
-    dev, vocab = scaled.device, scaled.shape[-1]
-    if all(p.top_k == 0 and p.top_p >= 1 for p in params):
-        cdf = scaled.softmax(-1).cumsum(-1)
-        return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp(max=vocab - 1)
+def _draw(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws from softmax(scaled) with each row's top-k (0: off) and top-p nucleus: sorted once, the
+    nucleus is a prefix of the sorted row (top-p measured on the top-k's renormalized mass, as vLLM does)."""
+    vocab = scaled.shape[-1]
     ranked, order = scaled.sort(-1, descending=True)
     probs = ranked.softmax(-1)
     cdf = probs.cumsum(-1)
-    k = torch.tensor([p.top_k or vocab for p in params], device=dev).clamp(max=vocab)
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab).long()
     top_k_mass = cdf.gather(1, (k - 1)[:, None])
-    top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
-    kept = ((cdf - probs) <= top_p * top_k_mass).sum(-1).clamp(min=1).minimum(k)  # mass before is non-decreasing
+    kept = ((cdf - probs) <= top_p[:, None] * top_k_mass).sum(-1).clamp(min=1).minimum(k)  # mass before rises
     kept_mass = cdf.gather(1, (kept - 1)[:, None])
     rank = torch.searchsorted(cdf, u[:, None] * kept_mass).minimum((kept - 1)[:, None])
     return order.gather(1, rank).squeeze(1)
+
+
+def _draw_unfiltered(scaled: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    cdf = scaled.softmax(-1).cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp(max=scaled.shape[-1] - 1)
 
 
 class Sampler:
@@ -67,8 +69,7 @@ class Sampler:
         counted = None
         if rows:
             table_rows = self.penalties.apply(logits, [seqs[i] for i in rows], rows)
-            counted = torch.tensor(rows, dtype=torch.int64, pin_memory=logits.is_cuda).to(
-                logits.device, non_blocking=True), table_rows
+            counted = upload(rows, torch.int64, logits.device), table_rows
         self.grammars.apply(logits, seqs)
         return logits, counted
 
@@ -85,13 +86,19 @@ class Sampler:
         if all(p.temperature == 0 for p in params):
             tokens = greedy
         else:
-            dev = logits.device
-            scaled = logits / torch.tensor([p.temperature or 1.0 for p in params], device=dev)[:, None]
+            # the rows' options and uniforms in one upload that does not wait for the forward
+            temperature, top_k, top_p, min_p, u = upload(
+                [[p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
+                 [p.min_p for p in params], [float(torch.rand(1, generator=s.generator)) for s in seqs]],
+                torch.float32, logits.device).unbind(0)
+            scaled = logits / torch.where(temperature > 0, temperature, 1.0)[:, None]
             if any(p.min_p > 0 for p in params):
-                scaled = _filter_min_p(scaled, torch.tensor([p.min_p for p in params], device=dev))
-            u = torch.cat([torch.rand(1, generator=s.generator) for s in seqs]).to(dev)
-            is_greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
-            tokens = torch.where(is_greedy, greedy, _draw(scaled, params, u))
+                scaled = _filter_min_p(scaled, min_p)
+            if any(p.top_k > 0 or p.top_p < 1 for p in params):
+                drawn = _draw(scaled, top_k, top_p, u)
+            else:
+                drawn = _draw_unfiltered(scaled, u)
+            tokens = torch.where(temperature == 0, greedy, drawn)
         if counted is not None:
             batch_rows, table_rows = counted
             self.penalties.count(table_rows, tokens[batch_rows])
