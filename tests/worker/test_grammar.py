@@ -49,6 +49,7 @@ def generate(tokenizer: Tokenizer, grammar: GrammarSpec, seed: int, vocab: int =
         if token == eos:
             break
         out.append(token)
+    sample.grammars.accept_pending()
     assert seq.matcher.is_terminated(), tokenizer.decode(out)
     return tokenizer.decode(out)
 

@@ -4,8 +4,8 @@ was picked for its token-bitmask API, which fits a batched sampler, and its comp
 
 Each request with a grammar gets a matcher at submit (compiling there, off the engine thread; a bad schema
 is a RequestError). Each step the sampler fills the rows' token bitmasks from their matchers and masks the
-logits (`GrammarMasks`), then feeds the drawn tokens back (`accept_tokens`). That needs the token on the
-host before the next step, so such requests never run in overlapped decode steps (ModelRunner.can_launch).
+logits (`GrammarMasks`); the drawn tokens go back to the matchers at the next step (`defer_accept`), on the
+host before that step's mask, so such requests never run in overlapped decode steps (ModelRunner.can_launch).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from saw_worker.engine.pinned_inputs import upload
 from saw_worker.engine.request import GRAMMAR_KINDS, GrammarSpec, RequestError, Sequence
 
 if TYPE_CHECKING:
@@ -86,13 +87,16 @@ def _constrained(seqs: list[Sequence]) -> list[int]:
 
 
 class GrammarMasks:
-    """Masks a step's constrained rows: their matchers fill one host bitmask together on xgrammar's threads
-    (while the device still runs the step's forward), and one launch applies it to the logits."""
+    """Masks a step's constrained rows, keeping the host work off the critical path: the matchers take the
+    previous step's drawn tokens and fill one host bitmask together on xgrammar's threads while the device runs
+    this step's forward, and one launch applies the bitmask to the logits."""
 
     def __init__(self, device: torch.device) -> None:
         self._device = device
         self._bitmask: torch.Tensor | None = None  # int32 [rows, ceil(V / 32)], pinned on CUDA, grown as needed
         self._filler: xgr.BatchGrammarMatcher | None = None
+        # the last step's drawn tokens on their way to the host: (matchers, host tokens, copy-done event)
+        self._pending: tuple[list[xgr.GrammarMatcher], torch.Tensor, torch.cuda.Event | None] | None = None
 
     def _host_bitmask(self, rows: int, vocab: int) -> torch.Tensor:
         words = (vocab + 31) // 32
@@ -101,10 +105,24 @@ class GrammarMasks:
                                         dtype=torch.int32, pin_memory=self._device.type == "cuda")
         return self._bitmask[:rows]
 
+    def accept_pending(self) -> None:
+        """Advance the matchers by the tokens `defer_accept` holds (their copy ended with the step that drew
+        them, so this does not wait for the device's current work)."""
+        if self._pending is None:
+            return
+        import xgrammar as xgr
+
+        matchers, tokens, copied = self._pending
+        self._pending = None
+        if copied is not None:
+            copied.synchronize()
+        xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens.tolist())
+
     def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Set to -inf, in place, every token a row's grammar does not allow next. The bitmask's copy to the
-        device may still be in flight when this returns; `accept_tokens` reads the drawn tokens back, which
-        ends it before the next step refills the buffer."""
+        device may still be in flight when this returns; grammar steps are synchronous (the engine reads their
+        tokens), which ends it before the next step refills the buffer."""
+        self.accept_pending()
         rows = _constrained(seqs)
         if not rows:
             return
@@ -116,12 +134,18 @@ class GrammarMasks:
         self._filler.batch_fill_next_token_bitmask([seqs[i].matcher for i in rows], bitmask, indices=rows)
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
 
-
-def accept_tokens(seqs: list[Sequence], tokens: torch.Tensor) -> None:
-    """Advance each constrained row's matcher by its drawn token (a host read of those rows)."""
-    rows = _constrained(seqs)
-    if not rows:
-        return
-    import xgrammar as xgr
-
-    xgr.BatchGrammarMatcher.batch_accept_token([seqs[i].matcher for i in rows], tokens[rows].tolist())
+    def defer_accept(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
+        """Queue the drawn tokens of the constrained rows for their matchers, taken at the next `apply` (or
+        `accept_pending`)."""
+        rows = _constrained(seqs)
+        if not rows:
+            return
+        drawn = tokens[upload(rows, torch.int64, tokens.device)]
+        copied = None
+        if drawn.is_cuda:
+            host = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
+            host.copy_(drawn, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            drawn = host
+        self._pending = [seqs[i].matcher for i in rows], drawn, copied

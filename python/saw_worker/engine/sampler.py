@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from saw_worker.engine.grammar import GrammarMasks, accept_tokens
+from saw_worker.engine.grammar import GrammarMasks
 from saw_worker.engine.penalties import PenaltyTable, penalize_reference
 from saw_worker.engine.pinned_inputs import upload
 from saw_worker.engine.request import Sequence, TokenLogprob
@@ -102,7 +102,7 @@ class Sampler:
         if counted is not None:
             batch_rows, table_rows = counted
             self.penalties.count(table_rows, tokens[batch_rows])
-        accept_tokens(seqs, tokens)
+        self.grammars.defer_accept(seqs, tokens)
         return tokens
 
 
