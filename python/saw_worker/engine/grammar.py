@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from saw_worker.engine.pinned_inputs import upload
+from saw_worker.engine.pinned_inputs import download, upload
 from saw_worker.engine.request import GRAMMAR_KINDS, GrammarSpec, RequestError, Sequence
 
 if TYPE_CHECKING:
@@ -140,12 +140,5 @@ class GrammarMasks:
         rows = _constrained(seqs)
         if not rows:
             return
-        drawn = tokens[upload(rows, torch.int64, tokens.device)]
-        copied = None
-        if drawn.is_cuda:
-            host = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
-            host.copy_(drawn, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-            drawn = host
-        self._pending = [seqs[i].matcher for i in rows], drawn, copied
+        host, copied = download(tokens[upload(rows, torch.int64, tokens.device)])
+        self._pending = [seqs[i].matcher for i in rows], host, copied

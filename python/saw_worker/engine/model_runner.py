@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saw_worker.engine.cuda_graphs import DecodeGraphs
-from saw_worker.engine.pinned_inputs import upload
+from saw_worker.engine.pinned_inputs import download, upload
 from saw_worker.engine.request import GenerateParams, Sequence, TokenLogprob
 from saw_worker.engine.sampler import Sampler, token_logprobs
 from saw_worker.engine.scheduler import Batch, Chunk
@@ -89,7 +89,6 @@ class ModelRunner:
         self.pool = pool
         self.device = device
         self.sampler = Sampler(device)
-        self._pin = device.type == "cuda"
         self.graphs: DecodeGraphs | None = None
 
     def capture_graphs(self, max_batch: int, max_context: int) -> None:
@@ -127,14 +126,7 @@ class ModelRunner:
         hidden = self._forward(batch, h, ids)
         seqs = [c.seq for c in batch.chunks]
         tokens = self.sampler(self.model.compute_logits(hidden), seqs)
-        done = None
-        if self._pin:
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        else:
-            host = tokens
+        host, done = download(tokens)
         return LaunchedStep(batch, tokens, host, done)
 
     @staticmethod

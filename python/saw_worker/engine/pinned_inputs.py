@@ -35,6 +35,18 @@ def upload(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.tensor(data, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
 
 
+def download(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A device tensor's copy into pinned host memory, queued without waiting, and the event that marks it done;
+    on CPU the tensor itself and None."""
+    if not t.is_cuda:
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
 class PinnedInputs:
     def __init__(self, device_buffers: dict[str, torch.Tensor], sets: int = 2) -> None:
         """device_buffers: the graph's static inputs by name; each set holds a host buffer of the same shape."""
