@@ -30,10 +30,14 @@ class WindowLayout:
     sinks: torch.Tensor  # int32 [B]: sink tokens held in the ring (<= S): where the INT4 reads begin
 
 
-def write_kv_ref(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: LayerCache, fmt: KVFormat) -> None:
-    """Store new K, V [T, Hkv, D] at slots [T]; negative slots are padding and skipped."""
-    keep = slots >= 0
-    if not bool(keep.all()):
+def write_kv_ref(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: LayerCache, fmt: KVFormat,
+                 keep: torch.Tensor | None | bool = True) -> None:
+    """Store new K, V [T, Hkv, D] at slots [T]; negative slots are padding and skipped. keep: the rows to store
+    (None: all of them), when the caller already knows it (AttentionPlan.keep); True: find out here."""
+    if keep is True:
+        keep = slots >= 0
+        keep = None if bool(keep.all()) else keep
+    if keep is not None:
         k, v, slots = k[keep], v[keep], slots[keep]
     if not fmt.quantized:
         cache.k[slots] = k.to(cache.k.dtype)
@@ -59,6 +63,58 @@ def slots_of(page_table: torch.Tensor, positions: torch.Tensor, page_size: int) 
     return pages * page_size + positions % page_size
 
 
+@dataclass
+class RawRows:
+    """The (request, position) pairs a window layer reads at bf16 (b, p [N]), and where their K, V rows are: the
+    sinks and the window in the flat ring (ring_at), the step's own tokens in its new K, V (new_at)."""
+
+    b: torch.Tensor
+    p: torch.Tensor
+    ring_at: torch.Tensor
+    new_at: torch.Tensor
+
+
+@dataclass
+class AttentionPlan:
+    """The part of paged_attention_ref that is the same in every layer of a step (indices, masks): built once
+    per step, so that a layer runs only its arithmetic."""
+
+    max_q: int
+    q_rows: torch.Tensor | None  # [B, max_q]: the q row of each padded query; None when q is [B * max_q] as is
+    q_valid: torch.Tensor | None  # [B, max_q] bool: real queries; None when all are
+    slots: torch.Tensor  # int64 [B, L]: the cache slot each (request, position) reads (clamped to its length)
+    mask: torch.Tensor  # fp32 [B, 1, 1, max_q, L]: 0 where the query sees the position, -inf elsewhere
+    raw: RawRows | None  # with a window
+    keep: torch.Tensor | None  # [T] bool: new tokens to store (slot >= 0); None when all are
+
+
+def plan_attention(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor, page_table: torch.Tensor, page_size: int,
+                   new_slots: torch.Tensor, window: WindowLayout | None = None, ring_slots: int = 0,
+                   sinks: int = 0) -> AttentionPlan:
+    """The plan of paged_attention_ref for queries laid out by cu_seqlens [B+1] whose requests hold seq_lens [B]
+    tokens after the step; new_slots [T]: where the step stores its tokens. With a window, the ring's rows per
+    request (ring_slots) and its sinks."""
+    num_reqs = seq_lens.numel()
+    n_q = cu_seqlens[1:] - cu_seqlens[:-1]
+    max_q, max_len = int(n_q.max()), int(seq_lens.max())
+    dev = seq_lens.device
+    j = torch.arange(max_q, device=dev)
+    q_valid = j[None, :] < n_q[:, None]
+    every_query = bool(q_valid.all())
+    q_rows = None if every_query else torch.where(q_valid, cu_seqlens[:-1, None] + j[None, :], 0)
+    q_pos = seq_lens[:, None] - n_q[:, None] + j[None, :]
+    k_pos = torch.arange(max_len, device=dev).expand(num_reqs, max_len)
+    slots = slots_of(page_table, torch.minimum(k_pos, (seq_lens[:, None] - 1).clamp(min=0)), page_size)
+    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None]  # [B, max_q, L]
+    mask = torch.zeros(visible.shape, device=dev).masked_fill_(~visible, float("-inf"))[:, None, None]
+    raw = None
+    if window is not None:
+        raw = _raw_rows(k_pos, seq_lens - n_q, cu_seqlens, window, ring_slots, sinks)
+    keep = new_slots >= 0
+    return AttentionPlan(max_q, q_rows, None if every_query else q_valid, slots, mask, raw,
+                         None if bool(keep.all()) else keep)
+
+
 def paged_attention_ref(q: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: torch.Tensor, page_table: torch.Tensor,
                         page_size: int, cache: LayerCache, fmt: KVFormat, sm_scale: float,
                         new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -73,89 +129,92 @@ def paged_attention_ref(q: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: tor
     where the rows are stored: q meets INT4 codes as R q (q . decode_k(x) = R q . x + q . mu) and the weighted
     codes are rotated back once per query, so no cached row is dequantized into a float K or V.
     """
-    num_reqs = seq_lens.numel()
-    n_q = cu_seqlens[1:] - cu_seqlens[:-1]
-    max_q, max_len = int(n_q.max()), int(seq_lens.max())
+    no_slots = torch.zeros(0, dtype=torch.int64, device=q.device)
+    plan = plan_attention(cu_seqlens, seq_lens, page_table, page_size, no_slots, window, fmt.ring_slots, fmt.sinks)
+    return attend_ref(q, plan, cache, fmt, sm_scale, new_kv)
+
+
+def attend_ref(q: torch.Tensor, plan: AttentionPlan, cache: LayerCache, fmt: KVFormat, sm_scale: float,
+               new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """paged_attention_ref's arithmetic for one layer, given the step's plan: q [T, Hq, D] -> o [T, Hq, D]."""
+    num_reqs, max_q = plan.slots.shape[0], plan.max_q
     hq, d = q.shape[1], q.shape[2]
     hkv = cache.k.shape[1]
-
-    # Pad queries to [B, max_q]; row j of request b is query index j.
-    j = torch.arange(max_q, device=q.device)
-    q_valid = j[None, :] < n_q[:, None]
-    q_rows = torch.where(q_valid, cu_seqlens[:-1, None] + j[None, :], 0)
-    qg = q.float()[q_rows].view(num_reqs, max_q, hkv, hq // hkv, d)
-    q_pos = seq_lens[:, None] - n_q[:, None] + j[None, :]
-
-    k_pos = torch.arange(max_len, device=q.device).expand(num_reqs, max_len)
-    slots = slots_of(page_table, torch.minimum(k_pos, (seq_lens[:, None] - 1).clamp(min=0)), page_size)
-    scores = _scores(qg, cache, fmt, slots)  # [B, Hkv, G, max_q, L]
-    raw = None
-    if window is not None:
+    qf = q.float() * sm_scale  # the scale folded into q: every score below is linear in q
+    qg = (qf if plan.q_rows is None else qf[plan.q_rows]).view(num_reqs, max_q, hkv, hq // hkv, d)
+    scores = _scores(qg, cache, fmt, plan.slots)  # [B, Hkv, G, max_q, L]
+    raw = plan.raw
+    rows = None
+    if raw is not None:
         assert new_kv is not None and cache.ring_k is not None and cache.ring_v is not None
-        raw = _raw_rows(k_pos, seq_lens - n_q, cu_seqlens, new_kv, cache, window)
-        b_raw, p_raw, k_raw, _ = raw
+        # new tokens at the cache's precision, as the GPU path holds them (bf16 activations)
+        rows = [torch.cat([ring.view(-1, *ring.shape[2:]).index_select(0, raw.ring_at).float(),
+                           new.index_select(0, raw.new_at).to(ring.dtype).float()])
+                for ring, new in ((cache.ring_k, new_kv[0]), (cache.ring_v, new_kv[1]))]
         # those positions' scores from their bf16 keys, met by the plain q of their request
-        scores.permute(0, 4, 1, 2, 3)[b_raw, p_raw] = torch.einsum("nqhgd,nhd->nhgq", qg[b_raw], k_raw)
-    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & q_valid[:, :, None]  # [B, max_q, L]
-    scores = (scores * sm_scale).masked_fill(~visible[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, -1).nan_to_num(0.0)  # padded query rows see nothing
-    if raw is None:
-        out = _weighted_values(probs, cache, fmt, slots)
+        scores.permute(0, 4, 1, 2, 3)[raw.b, raw.p] = torch.einsum("nqhgd,nhd->nhgq", qg.index_select(0, raw.b),
+                                                                   rows[0])
+    probs = torch.softmax(scores + plan.mask, -1)
+    if plan.q_valid is not None:
+        probs = probs.nan_to_num(0.0)  # padded query rows see nothing
+    if raw is None or rows is None:
+        out = _weighted_values(probs, cache, fmt, plan.slots)
     else:
-        b_raw, p_raw, _, v_raw = raw
-        p_of_raw = probs.permute(0, 4, 1, 2, 3)[b_raw, p_raw]  # [N, Hkv, G, max_q]
-        probs.permute(0, 4, 1, 2, 3)[b_raw, p_raw] = 0.0
-        out = _weighted_values(probs, cache, fmt, slots)
-        out.index_add_(0, b_raw, torch.einsum("nhgq,nhd->nqhgd", p_of_raw, v_raw))
-    return out.reshape(num_reqs, max_q, hq, d)[q_valid].to(q.dtype)
+        p_of_raw = probs.permute(0, 4, 1, 2, 3)[raw.b, raw.p]  # [N, Hkv, G, max_q]
+        probs.permute(0, 4, 1, 2, 3)[raw.b, raw.p] = 0.0
+        out = _weighted_values(probs, cache, fmt, plan.slots)
+        out.index_add_(0, raw.b, torch.einsum("nhgq,nhd->nhgqd", p_of_raw, rows[1]))
+    out = out.permute(0, 3, 1, 2, 4).reshape(num_reqs, max_q, hq, d)  # [B, Hkv, G, Q, D] -> [B, Q, Hq, D]
+    return (out.flatten(0, 1) if plan.q_valid is None else out[plan.q_valid]).to(q.dtype)
 
 
-def _codes(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The low and high nibbles of packed rows (dims 0 .. D/2 - 1 and D/2 .. D - 1) as fp32."""
-    return (packed & 0xF).float(), (packed >> 4).float()
+def _select(table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """table[slots] for slots [B, L] -> [B, Hkv, L, ...] (a view), in the table's dtype. index_select: on the CPU
+    an order of magnitude faster than indexing."""
+    return table.index_select(0, slots.flatten()).unflatten(0, slots.shape).transpose(1, 2)
+
+
+def _codes(packed: torch.Tensor) -> torch.Tensor:
+    """Packed rows [..., D/2] (low nibbles are dims 0 .. D/2 - 1, high ones the rest) -> codes [..., D] fp32."""
+    return torch.cat([packed & 0xF, packed >> 4], -1).float()
 
 
 def _scores(qg: torch.Tensor, cache: LayerCache, fmt: KVFormat, slots: torch.Tensor) -> torch.Tensor:
     """q . decode_k(row) of queries qg [B, Q, Hkv, G, D] against the K rows at slots [B, L]: [B, Hkv, G, Q, L].
-    An INT4 row is c s + lo (codes c), so R q . row = s (R q . c) + lo sum(R q), plus q . mu when centered."""
+    An INT4 row is c s + lo (codes c), so R q . row = s (R q . c) + lo sum(R q), plus q . mu when centered.
+    The products are one matmul per (request, KV head): [G Q, D] @ [D, L]."""
+    b, nq, hkv, g, d = qg.shape
+    q = qg.permute(0, 2, 3, 1, 4).reshape(b, hkv, g * nq, d)
     if not fmt.quantized:
-        return torch.einsum("bqhgd,blhd->bhgql", qg, cache.k[slots].float())
+        return (q @ _select(cache.k, slots).float().transpose(-1, -2)).view(b, hkv, g, nq, -1)
     assert cache.k_params is not None
-    qs = rotate(qg, fmt.hadamard_order) if fmt.rotated else qg
-    half = qg.shape[-1] // 2
-    c_lo, c_hi = _codes(cache.k[slots])
-    dots = torch.einsum("bqhgd,blhd->bhgql", qs[..., :half], c_lo) + \
-        torch.einsum("bqhgd,blhd->bhgql", qs[..., half:], c_hi)
-    scale, lo = cache.k_params[slots].float().permute(0, 2, 1, 3).unbind(-1)  # [B, Hkv, L] each
-    out = dots * scale[:, :, None, None] + qs.sum(-1).permute(0, 2, 3, 1)[..., None] * lo[:, :, None, None]
+    qs = rotate(q, fmt.hadamard_order) if fmt.rotated else q
+    dots = qs @ _codes(_select(cache.k, slots)).transpose(-1, -2)  # [B, Hkv, G Q, L]
+    scale, lo = _select(cache.k_params, slots).float().unbind(-1)  # [B, Hkv, L] each
+    out = torch.addcmul(dots * scale[:, :, None], qs.sum(-1, keepdim=True), lo[:, :, None])
     if fmt.k_center and cache.k_mean is not None:
-        out += torch.einsum("bqhgd,hd->bhgq", qg, cache.k_mean.float())[..., None]
-    return out
+        out += q @ cache.k_mean.float()[None, :, :, None]  # [B, Hkv, G Q, 1]
+    return out.view(b, hkv, g, nq, -1)
 
 
 def _weighted_values(probs: torch.Tensor, cache: LayerCache, fmt: KVFormat, slots: torch.Tensor) -> torch.Tensor:
-    """sum_l probs[..., l] decode_o(V row at slots[l]) for probs [B, Hkv, G, Q, L]: [B, Q, Hkv, G, D]. For INT4
+    """sum_l probs[..., l] decode_o(V row at slots[l]) for probs [B, Hkv, G, Q, L]: [B, Hkv, G, Q, D]. For INT4
     rows, sum p (c s + lo) = (p s) . c + sum p lo in the stored space, rotated back once (decode_o)."""
+    b, hkv, g, nq, n = probs.shape
+    p = probs.reshape(b, hkv, g * nq, n)
     if not fmt.quantized:
-        return torch.einsum("bhgql,blhd->bqhgd", probs, cache.v[slots].float())
-    assert cache.v_params is not None
-    scale, lo = cache.v_params[slots].float().permute(0, 2, 1, 3).unbind(-1)  # [B, Hkv, L] each
-    c_lo, c_hi = _codes(cache.v[slots])
-    weighted = probs * scale[:, :, None, None]
-    base = torch.einsum("bhgql,bhl->bqhg", probs, lo)[..., None]
-    o = torch.cat([torch.einsum("bhgql,blhd->bqhgd", weighted, c_lo),
-                   torch.einsum("bhgql,blhd->bqhgd", weighted, c_hi)], -1) + base
-    return decode_o(o, fmt)
+        o = p @ _select(cache.v, slots).float()
+    else:
+        assert cache.v_params is not None
+        scale, lo = _select(cache.v_params, slots).float().unbind(-1)  # [B, Hkv, L] each
+        o = decode_o((p * scale[:, :, None]) @ _codes(_select(cache.v, slots)) + p @ lo[..., None], fmt)
+    return o.view(b, hkv, g, nq, -1)
 
 
-def _raw_rows(k_pos: torch.Tensor, prefix_lens: torch.Tensor, cu_seqlens: torch.Tensor,
-              new_kv: tuple[torch.Tensor, torch.Tensor], cache: LayerCache, window: WindowLayout
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The (request, position) pairs read at bf16 and their K, V rows [N, Hkv, D] (fp32): the sinks and the
-    window from the ring below the prefix, the step's own K, V at and above it (at most S + W + new per
-    request)."""
-    assert cache.ring_k is not None and cache.ring_v is not None
-    n_slots, sinks = cache.ring_k.shape[1], cache.fmt.sinks
+def _raw_rows(k_pos: torch.Tensor, prefix_lens: torch.Tensor, cu_seqlens: torch.Tensor, window: WindowLayout,
+              n_slots: int, sinks: int) -> RawRows:
+    """The (request, position) pairs read at bf16: the sinks and the window from the ring below the prefix, the
+    step's own K, V at and above it (at most S + W + new per request)."""
     w = n_slots - sinks
     prefix = prefix_lens.long()[:, None]
     starts = cu_seqlens[:-1].long()[:, None]
@@ -165,7 +224,4 @@ def _raw_rows(k_pos: torch.Tensor, prefix_lens: torch.Tensor, cu_seqlens: torch.
     b_new, p_new = ((k_pos >= prefix) & (k_pos < prefix + n_new)).nonzero(as_tuple=True)
     ring_at = window.rows.long()[b_ring] * n_slots + torch.where(in_window[b_ring, p_ring], sinks + p_ring % w, p_ring)
     new_at = starts[b_new, 0] + p_new - prefix[b_new, 0]
-    # new tokens at the cache's precision, as the GPU path holds them (bf16 activations)
-    rows = [torch.cat([ring.view(-1, *ring.shape[2:])[ring_at].float(), new[new_at].to(ring.dtype).float()])
-            for ring, new in ((cache.ring_k, new_kv[0]), (cache.ring_v, new_kv[1]))]
-    return torch.cat([b_ring, b_new]), torch.cat([p_ring, p_new]), rows[0], rows[1]
+    return RawRows(torch.cat([b_ring, b_new]), torch.cat([p_ring, p_new]), ring_at, new_at)
