@@ -147,7 +147,9 @@ def _decode(model: DecoderLM, att: FullCausalAttention, prompt: list[int], steps
     """`steps` one-row decode steps after a prefill of `prompt`, greedy or feeding `forced`: the tokens drawn
     greedily and the log-probs [steps, vocab]."""
     att.reset()
-    tokens, logits, inp, pos = [], [], torch.tensor(prompt), 0
+    tokens: list[int] = []
+    logits: list[torch.Tensor] = []
+    inp, pos = torch.tensor(prompt), 0
     with torch.no_grad():
         for i in range(steps):
             h = model(inp, torch.arange(pos, pos + len(inp)))
