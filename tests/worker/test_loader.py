@@ -15,6 +15,7 @@ from saw_worker.config import ModelConfig
 from saw_worker.loader import LoadedModel, ModelLoadError, load_model
 from saw_worker.loader.tokenizer import byte_level_fallback
 from saw_worker.models import FullCausalAttention
+from saw_worker.models.linear import Int4Weight, int4_supported
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -207,10 +208,11 @@ def _head_dim(c: Any) -> int:
 
 
 def _write_gguf(
-    path: Path, ref: Any, arch: str, quantize: bool = True, extra: dict[str, np.ndarray] | None = None
+    path: Path, ref: Any, arch: str, quantize: bool = True, extra: dict[str, np.ndarray] | None = None,
+    qtype: str = "Q8_0",
 ) -> None:
-    """A llama.cpp-style GGUF of `ref`: Q/K permuted for llama, Q8_0 for 2-D weights that allow it.
-    The reference's weights are replaced by their Q8_0 round trip so logits must match."""
+    """A llama.cpp-style GGUF of `ref`: Q/K permuted for llama, `qtype` for 2-D weights that allow it (not the
+    embedding). The reference's weights are replaced by their round trip so logits must match."""
     import gguf
     from gguf.quants import dequantize
     from gguf.quants import quantize as q
@@ -244,10 +246,11 @@ def _write_gguf(
             continue
         a = t.detach().float().numpy().copy()
         if quantize and a.ndim == 2 and a.shape[1] % 32 == 0 and "embed" not in name:
-            qa = q(a, gguf.GGMLQuantizationType.Q8_0)
+            raw = gguf.GGMLQuantizationType[qtype]
+            qa = q(a, raw)
             with torch.no_grad():
-                t.copy_(torch.from_numpy(dequantize(qa, gguf.GGMLQuantizationType.Q8_0).reshape(a.shape)))
-            data, raw = qa, gguf.GGMLQuantizationType.Q8_0
+                t.copy_(torch.from_numpy(dequantize(qa, raw).reshape(a.shape)))
+            data = qa
         else:
             data, raw = a, None
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
@@ -282,6 +285,42 @@ def test_gguf_load_matches_reference(tmp_path: Path, arch: str, device: str) -> 
     assert tok.encode("Hello", add_special_tokens=False).tokens == ["He", "ll", "o"]
     assert lm.tokenizer.bos_token == "<|im_start|>" and lm.tokenizer.eos_token_ids[0] == 261
     assert lm.tokenizer.chat_template.startswith("{% for m in messages %}")
+
+
+@pytest.mark.skipif(not int4_supported(CPU, torch.bfloat16), reason="no int4 CPU kernel in this torch")
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_gguf_4bit_projections_packed_for_bf16_on_cpu(tmp_path: Path, qtype: str) -> None:
+    """A Q4 llama GGUF: iter_weights' int4 parts rebuild each (unpermuted) weight; a bf16 CPU load packs all four
+    projections of every layer and decodes close to the dense weights; float32, or cpu_int4=False, packs none."""
+    from saw_worker.loader import gguf_file
+
+    ref = _tiny_hf("llama")
+    path = tmp_path / "tiny-q4.gguf"
+    _write_gguf(path, ref, "llama", qtype=qtype)
+    g = gguf_file.open_gguf(path)
+    n_int4 = 0
+    for name, item in gguf_file.iter_weights(g, gguf_file.config_from_gguf(g), torch.float32, CPU, int4=True):
+        if isinstance(item, Int4Weight):
+            n_int4 += 1
+            p = item.parts
+            rows, cols = p.codes.shape
+            back = p.codes.float().view(rows, -1, 32) * p.scale[..., None] + p.zero[..., None]
+            torch.testing.assert_close(back.view(rows, cols), item.dense, atol=1e-6, rtol=0, msg=name)
+    assert n_int4 == 7 * ref.config.num_hidden_layers  # q k v o gate up down; norms and the embedding are not Q4
+
+    assert not any(layer.int4 for layer in _load(path).model.layers)
+    off = load_model(str(path), "auto", CPU, torch.bfloat16, _attn(), cpu_int4=False)
+    assert not any(layer.int4 for layer in off.model.layers)
+    lm = load_model(str(path), "auto", CPU, torch.bfloat16, _attn())
+    projections = ["down_weight", "gate_up_weight", "o_weight", "qkv_weight"]
+    assert all(sorted(layer.int4) == projections for layer in lm.model.layers)
+    for a, b in zip(lm.model.parameters(), off.model.parameters(), strict=True):
+        assert torch.equal(a, b)  # the dense weights are kept as they were
+    ids = torch.tensor([5, 17, 99, 3, 200, 42, 7])  # 7 rows: the packed path
+    got = _logits(lm, ids)
+    dense = _logits(off, ids)
+    assert not torch.equal(got, dense)
+    torch.testing.assert_close(got, dense, atol=0.02 * float(dense.abs().max()), rtol=0)  # measured: 0.011
 
 
 def test_gguf_llama3_rope_freqs(tmp_path: Path) -> None:

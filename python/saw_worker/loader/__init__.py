@@ -16,6 +16,7 @@ import torch
 
 from ..config import ModelConfig, TokenizerInfo, UnsupportedArchitectureError
 from ..models import Attention, DecoderLM
+from ..models.linear import int4_supported
 from .aliases import ALIASES, cache_dir, resolve_alias
 from .errors import ModelLoadError
 
@@ -41,11 +42,14 @@ def load_model(
     *,
     overrides: dict[str, Any] | None = None,
     seed: int = 0,
+    cpu_int4: bool = True,
 ) -> LoadedModel:
     """Load `spec` (alias, HF folder, .gguf file, or with load_format="dummy" a folder / config.json).
 
     overrides: ModelConfig fields to replace (e.g. {"num_layers": 2}); dummy loads only make sense of it.
     seed: the random init of dummy weights.
+    cpu_int4: keep a GGUF's 4-bit projection weights packed too for few-row forwards, where the model is bf16
+    on the CPU (models/linear.py).
     """
     fmt = load_format or "auto"
     if fmt not in LOAD_FORMATS:
@@ -53,7 +57,8 @@ def load_model(
     device = torch.device(device)
     t0 = time.perf_counter()
     try:
-        loaded = _load(spec, fmt, device, dtype, attention, overrides or {}, seed)
+        int4 = cpu_int4 and int4_supported(device, dtype)
+        loaded = _load(spec, fmt, device, dtype, attention, overrides or {}, seed, int4)
     except ModelLoadError as e:
         raise ModelLoadError(_one_line(str(e))) from None
     except UnsupportedArchitectureError as e:
@@ -83,14 +88,15 @@ def _load(
     attention: Attention,
     overrides: dict[str, Any],
     seed: int,
+    int4: bool,
 ) -> LoadedModel:
     if spec in ALIASES:
-        return _load_gguf(resolve_alias(spec), spec, fmt, device, dtype, attention, overrides, seed)
+        return _load_gguf(resolve_alias(spec), spec, fmt, device, dtype, attention, overrides, seed, int4)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model {spec!r} not found: not a built-in alias ({', '.join(ALIASES)}), file or folder")
     if path.is_file() and (path.suffix == ".gguf" or fmt == "gguf" or _is_gguf(path)):
-        return _load_gguf(path, path.stem, fmt, device, dtype, attention, overrides, seed)
+        return _load_gguf(path, path.stem, fmt, device, dtype, attention, overrides, seed, int4)
     if fmt == "gguf":
         raise ModelLoadError(f"--load-format gguf needs a .gguf file, got {path}")
     folder = path.parent if path.is_file() else path
@@ -118,6 +124,7 @@ def _load_gguf(
     attention: Attention,
     overrides: dict[str, Any],
     seed: int,
+    int4: bool,
 ) -> LoadedModel:
     from . import gguf_file
     from .tokenizer import tokenizer_from_gguf
@@ -135,7 +142,7 @@ def _load_gguf(
     if fmt == "dummy":
         model.init_random_(seed)
     else:
-        model.load_weights(gguf_file.iter_weights(g, cfg, dtype, device))
+        model.load_weights(gguf_file.iter_weights(g, cfg, dtype, device, int4))
     return LoadedModel(model_id, cfg, model, tok)
 
 

@@ -20,8 +20,10 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
+from ..models.linear import Int4Parts, Int4Weight
 from . import dequant
 from .errors import ModelLoadError
+from .gguf_int4 import int4_parts
 
 GGUF_MAGIC = b"GGUF"
 _SUPPORTED = ("llama", "qwen2", "qwen3")
@@ -224,17 +226,30 @@ def _dequantize(t: TensorInfo, device: torch.device) -> Tensor:
 
 
 def iter_weights(
-    g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
-) -> Iterator[tuple[str, Tensor]]:
-    """(HF name, tensor) for every model weight, dequantized on `device` and cast to `dtype`."""
+    g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, int4: bool = False
+) -> Iterator[tuple[str, Tensor | Int4Weight]]:
+    """(HF name, tensor) for every model weight, dequantized on `device` and cast to `dtype`.
+
+    int4 (CPU only): a projection weight stored 4-bit affine per group of 32 (Q4_0, Q4_1, Q4_K) comes as an
+    `Int4Weight`, the dense tensor with its codes, scales and zeros (gguf_int4.py; models/linear.py packs them)."""
     for t in g.tensors:
         name = hf_name(t.name)
         if name is None:
             continue
         w = _dequantize(t, device)
+        parts = None
+        if int4 and device.type == "cpu" and name.endswith("_proj.weight") and w.dim() == 2:
+            parts = int4_parts(t.data.reshape(w.shape[0], -1), t.ggml_type, w.numpy())
         if cfg.architecture == "llama":
+            heads = None
             if t.name.endswith(("attn_q.weight", "attn_q.bias")):
-                w = _unpermute(w, cfg.num_heads)
+                heads = cfg.num_heads
             elif t.name.endswith(("attn_k.weight", "attn_k.bias")):
-                w = _unpermute(w, cfg.num_kv_heads)
-        yield name, w.to(dtype)
+                heads = cfg.num_kv_heads
+            if heads is not None:
+                w = _unpermute(w, heads)
+                if parts is not None:
+                    parts = Int4Parts(_unpermute(parts.codes, heads), _unpermute(parts.scale, heads),
+                                      _unpermute(parts.zero, heads))
+        w = w.to(dtype)
+        yield name, w if parts is None else Int4Weight(w, parts)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .attention import Attention
+from .linear import Int4Parts, Int4Weight, PackedInt4, int4_supported, linear, pack
 from .rope import apply_rope, cos_sin_cache
 
 
@@ -84,6 +85,9 @@ class DecoderLayer(nn.Module):
         # divided by it, per (KV head, channel), so the cache and every attention kernel see scaled keys;
         # powers of two, so q . k is exactly unchanged.
         self.k_scale: Tensor | None = None  # fp32 [Hkv, D]
+        # The projections' weights packed for the CPU int4 kernel, by parameter name (models/linear.py; set by
+        # DecoderLM.load_weights where the checkpoint holds them 4-bit): few-row forwards read these instead.
+        self.int4: dict[str, PackedInt4] = {}
 
     def forward(self, x: Tensor, residual: Tensor | None, rope: Rope, attention: Attention) -> tuple[Tensor, Tensor]:
         """x: the previous block's output (the embeddings, with residual None, in layer 0); residual: the stream
@@ -91,7 +95,7 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         fused = use_fused_kernels(x)
         normed, residual = self.input_layernorm.add_norm(x, residual)
-        qkv = F.linear(normed, self.qkv_weight, self.qkv_bias)
+        qkv = linear(normed, self.qkv_weight, self.int4.get("qkv_weight"), self.qkv_bias)
         q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         v = v.view(t, self.nkv, self.d)
         if fused:  # one launch: reads q, k from qkv; writes contiguous normed, rotated q, k (fp32 in between)
@@ -113,9 +117,9 @@ class DecoderLayer(nn.Module):
                 lam = self.k_scale.to(q.dtype)
                 q, k = q * lam.repeat_interleave(self.nq // self.nkv, 0), k / lam
         o = attention(self.layer_id, q, k, v)
-        attn_out = F.linear(o.reshape(t, self.nq * self.d), self.o_weight)
+        attn_out = linear(o.reshape(t, self.nq * self.d), self.o_weight, self.int4.get("o_weight"))
         normed, residual = self.post_attention_layernorm.add_norm(attn_out, residual)
-        gate_up = F.linear(normed, self.gate_up_weight)
+        gate_up = linear(normed, self.gate_up_weight, self.int4.get("gate_up_weight"))
         if fused:
             from saw_kernels.fused import silu_mul
 
@@ -123,7 +127,7 @@ class DecoderLayer(nn.Module):
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        return F.linear(h, self.down_weight), residual
+        return linear(h, self.down_weight, self.int4.get("down_weight")), residual
 
 
 class DecoderLM(nn.Module):
@@ -174,6 +178,8 @@ class DecoderLM(nn.Module):
     def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
         """Deterministic random weights (dummy load): small std keeps activations finite in bf16."""
         dev = self.embed_weight.device
+        for layer in self.layers:
+            layer.int4.clear()
         g = torch.Generator(device=dev).manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -184,15 +190,19 @@ class DecoderLM(nn.Module):
                 p.data.normal_(0.0, std, generator=g)
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, Tensor]], strict: bool = True) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, Tensor | Int4Weight]], strict: bool = True) -> None:
         """Copy HF-named tensors (`model.layers.3.self_attn.q_proj.weight`, ...) into the merged params.
 
+        An `Int4Weight` is copied as its dense tensor; where every row range of a projection came with int4 parts
+        and the model is bf16 on the CPU, the layer also keeps it packed (`DecoderLayer.int4`).
         strict: every parameter must be written (a tied lm_head may be absent or present)."""
         written: set[str] = set()
-        for name, w in weights:
+        pending: dict[str, dict[tuple[int, int] | None, Int4Parts]] = {}  # projection -> its row ranges' parts
+        for name, item in weights:
             target = self._target(name)
             if target is None:
                 continue
+            w = item.dense if isinstance(item, Int4Weight) else item
             pname, rows = target
             p = self.get_parameter(pname)
             dst = p.data if rows is None else p.data[rows[0] : rows[1]]
@@ -200,11 +210,35 @@ class DecoderLM(nn.Module):
                 raise ValueError(f"weight {name}: shape {tuple(w.shape)}, model expects {tuple(dst.shape)}")
             dst.copy_(w)
             written.add(pname if rows is None else f"{pname}[{rows[0]}:{rows[1]}]")
+            self._update_int4(pname, rows, item.parts if isinstance(item, Int4Weight) else None, pending)
         if strict:
             missing = [n for n in self._expected_keys() if n not in written]
             if missing:
                 shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
                 raise ValueError(f"{len(missing)} model weights missing from the checkpoint: {shown}")
+
+    def _update_int4(self, pname: str, rows: tuple[int, int] | None, got: Int4Parts | None,
+                     pending: dict[str, dict[tuple[int, int] | None, Int4Parts]]) -> None:
+        """After writing rows of parameter `pname`: pack a layer projection once all its row ranges came with
+        int4 parts (`got`), and drop a packed weight that no longer matches the dense one."""
+        layer_name, _, attr = pname.rpartition(".")
+        if not layer_name.startswith("layers.") or not attr.endswith("_weight"):
+            return  # norms, biases, embeddings, lm_head stay dense
+        layer = self.get_submodule(layer_name)
+        assert isinstance(layer, DecoderLayer)
+        layer.int4.pop(attr, None)
+        p = self.get_parameter(pname)
+        parts = pending.setdefault(pname, {})
+        if got is None or not int4_supported(p.device, p.dtype):
+            parts.clear()  # a dense row range: this projection stays dense
+            return
+        parts[rows] = got
+        splits = self._row_splits(pname)
+        if all(r in parts for r in splits):
+            packed = pack(Int4Parts.cat([parts[r] for r in splits]))
+            if packed is not None:
+                layer.int4[attr] = packed
+            del pending[pname]
 
     def _expected_keys(self) -> list[str]:
         keys = []
