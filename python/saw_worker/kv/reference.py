@@ -65,11 +65,14 @@ def slots_of(page_table: torch.Tensor, positions: torch.Tensor, page_size: int) 
 
 @dataclass
 class RawRows:
-    """The (request, position) pairs a window layer reads at bf16 (b, p [N]), and where their K, V rows are: the
-    sinks and the window in the flat ring (ring_at), the step's own tokens in its new K, V (new_at)."""
+    """The positions a window layer reads at bf16, R per request (the most any request has; a shorter list repeats
+    its first entry, with valid 0): pos [B, R] in the request, and where its K, V row is: row [B, R] in the rows the
+    layer gathers, the sinks and window from the flat ring (ring_at [N]), then the step's own tokens from its new
+    K, V (new_at)."""
 
-    b: torch.Tensor
-    p: torch.Tensor
+    pos: torch.Tensor
+    row: torch.Tensor
+    valid: torch.Tensor  # fp32 [B, 1, R, 1]: 1 for a real entry, 0 for a repeat
     ring_at: torch.Tensor
     new_at: torch.Tensor
 
@@ -136,35 +139,36 @@ def paged_attention_ref(q: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: tor
 
 def attend_ref(q: torch.Tensor, plan: AttentionPlan, cache: LayerCache, fmt: KVFormat, sm_scale: float,
                new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """paged_attention_ref's arithmetic for one layer, given the step's plan: q [T, Hq, D] -> o [T, Hq, D]."""
+    """paged_attention_ref's arithmetic for one layer, given the step's plan: q [T, Hq, D] -> o [T, Hq, D].
+    Products are one matmul per (request, KV head) over its G x max_q query rows: [G Q, D] @ [D, L]."""
     num_reqs, max_q = plan.slots.shape[0], plan.max_q
     hq, d = q.shape[1], q.shape[2]
     hkv = cache.k.shape[1]
+    g = hq // hkv
     qf = q.float() * sm_scale  # the scale folded into q: every score below is linear in q
-    qg = (qf if plan.q_rows is None else qf[plan.q_rows]).view(num_reqs, max_q, hkv, hq // hkv, d)
-    scores = _scores(qg, cache, fmt, plan.slots)  # [B, Hkv, G, max_q, L]
+    qg = (qf if plan.q_rows is None else qf[plan.q_rows]).view(num_reqs, max_q, hkv, g, d)
+    qh = qg.permute(0, 2, 3, 1, 4).reshape(num_reqs, hkv, g * max_q, d)  # [B, Hkv, G Q, D]
+    scores = _scores(qh, cache, fmt, plan.slots)  # [B, Hkv, G Q, L]
     raw = plan.raw
-    rows = None
     if raw is not None:
         assert new_kv is not None and cache.ring_k is not None and cache.ring_v is not None
         # new tokens at the cache's precision, as the GPU path holds them (bf16 activations)
-        rows = [torch.cat([ring.view(-1, *ring.shape[2:]).index_select(0, raw.ring_at).float(),
-                           new.index_select(0, raw.new_at).to(ring.dtype).float()])
-                for ring, new in ((cache.ring_k, new_kv[0]), (cache.ring_v, new_kv[1]))]
+        k_raw, v_raw = (torch.cat([ring.view(-1, *ring.shape[2:]).index_select(0, raw.ring_at),
+                                   new.index_select(0, raw.new_at).to(ring.dtype)])
+                        .index_select(0, raw.row.flatten()).unflatten(0, raw.row.shape).transpose(1, 2).float()
+                        for ring, new in ((cache.ring_k, new_kv[0]), (cache.ring_v, new_kv[1])))  # [B, Hkv, R, D]
+        at = raw.pos[:, None, None, :].expand(num_reqs, hkv, g * max_q, raw.pos.shape[1])
         # those positions' scores from their bf16 keys, met by the plain q of their request
-        scores.permute(0, 4, 1, 2, 3)[raw.b, raw.p] = torch.einsum("nqhgd,nhd->nhgq", qg.index_select(0, raw.b),
-                                                                   rows[0])
-    probs = torch.softmax(scores + plan.mask, -1)
+        scores.scatter_(-1, at, qh @ k_raw.transpose(-1, -2))
+    probs = torch.softmax(scores.view(num_reqs, hkv, g, max_q, -1) + plan.mask, -1).view(scores.shape)
     if plan.q_valid is not None:
         probs = probs.nan_to_num(0.0)  # padded query rows see nothing
-    if raw is None or rows is None:
+    if raw is None:
         out = _weighted_values(probs, cache, fmt, plan.slots)
     else:
-        p_of_raw = probs.permute(0, 4, 1, 2, 3)[raw.b, raw.p]  # [N, Hkv, G, max_q]
-        probs.permute(0, 4, 1, 2, 3)[raw.b, raw.p] = 0.0
-        out = _weighted_values(probs, cache, fmt, plan.slots)
-        out.index_add_(0, raw.b, torch.einsum("nhgq,nhd->nhgqd", p_of_raw, rows[1]))
-    out = out.permute(0, 3, 1, 2, 4).reshape(num_reqs, max_q, hq, d)  # [B, Hkv, G, Q, D] -> [B, Q, Hq, D]
+        p_raw = probs.gather(-1, at)
+        out = _weighted_values(probs.scatter_(-1, at, 0.0), cache, fmt, plan.slots) + p_raw @ (v_raw * raw.valid)
+    out = out.view(num_reqs, hkv, g, max_q, d).permute(0, 3, 1, 2, 4).reshape(num_reqs, max_q, hq, d)
     return (out.flatten(0, 1) if plan.q_valid is None else out[plan.q_valid]).to(q.dtype)
 
 
@@ -179,42 +183,36 @@ def _codes(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([packed & 0xF, packed >> 4], -1).float()
 
 
-def _scores(qg: torch.Tensor, cache: LayerCache, fmt: KVFormat, slots: torch.Tensor) -> torch.Tensor:
-    """q . decode_k(row) of queries qg [B, Q, Hkv, G, D] against the K rows at slots [B, L]: [B, Hkv, G, Q, L].
-    An INT4 row is c s + lo (codes c), so R q . row = s (R q . c) + lo sum(R q), plus q . mu when centered.
-    The products are one matmul per (request, KV head): [G Q, D] @ [D, L]."""
-    b, nq, hkv, g, d = qg.shape
-    q = qg.permute(0, 2, 3, 1, 4).reshape(b, hkv, g * nq, d)
+def _scores(q: torch.Tensor, cache: LayerCache, fmt: KVFormat, slots: torch.Tensor) -> torch.Tensor:
+    """q . decode_k(row) of queries q [B, Hkv, N, D] against the K rows at slots [B, L]: [B, Hkv, N, L].
+    An INT4 row is c s + lo (codes c), so R q . row = s (R q . c) + lo sum(R q), plus q . mu when centered."""
     if not fmt.quantized:
-        return (q @ _select(cache.k, slots).float().transpose(-1, -2)).view(b, hkv, g, nq, -1)
+        return q @ _select(cache.k, slots).float().transpose(-1, -2)
     assert cache.k_params is not None
     qs = rotate(q, fmt.hadamard_order) if fmt.rotated else q
-    dots = qs @ _codes(_select(cache.k, slots)).transpose(-1, -2)  # [B, Hkv, G Q, L]
+    dots = qs @ _codes(_select(cache.k, slots)).transpose(-1, -2)
     scale, lo = _select(cache.k_params, slots).float().unbind(-1)  # [B, Hkv, L] each
     out = torch.addcmul(dots * scale[:, :, None], qs.sum(-1, keepdim=True), lo[:, :, None])
     if fmt.k_center and cache.k_mean is not None:
-        out += q @ cache.k_mean.float()[None, :, :, None]  # [B, Hkv, G Q, 1]
-    return out.view(b, hkv, g, nq, -1)
+        out += q @ cache.k_mean.float()[None, :, :, None]  # [B, Hkv, N, 1]
+    return out
 
 
 def _weighted_values(probs: torch.Tensor, cache: LayerCache, fmt: KVFormat, slots: torch.Tensor) -> torch.Tensor:
-    """sum_l probs[..., l] decode_o(V row at slots[l]) for probs [B, Hkv, G, Q, L]: [B, Hkv, G, Q, D]. For INT4
-    rows, sum p (c s + lo) = (p s) . c + sum p lo in the stored space, rotated back once (decode_o)."""
-    b, hkv, g, nq, n = probs.shape
-    p = probs.reshape(b, hkv, g * nq, n)
+    """sum_l probs[..., l] decode_o(V row at slots[l]) for probs [B, Hkv, N, L]: [B, Hkv, N, D]. For INT4 rows,
+    sum p (c s + lo) = (p s) . c + sum p lo in the stored space, rotated back once (decode_o)."""
     if not fmt.quantized:
-        o = p @ _select(cache.v, slots).float()
-    else:
-        assert cache.v_params is not None
-        scale, lo = _select(cache.v_params, slots).float().unbind(-1)  # [B, Hkv, L] each
-        o = decode_o((p * scale[:, :, None]) @ _codes(_select(cache.v, slots)) + p @ lo[..., None], fmt)
-    return o.view(b, hkv, g, nq, -1)
+        return probs @ _select(cache.v, slots).float()
+    assert cache.v_params is not None
+    scale, lo = _select(cache.v_params, slots).float().unbind(-1)  # [B, Hkv, L] each
+    return decode_o((probs * scale[:, :, None]) @ _codes(_select(cache.v, slots)) + probs @ lo[..., None], fmt)
 
 
 def _raw_rows(k_pos: torch.Tensor, prefix_lens: torch.Tensor, cu_seqlens: torch.Tensor, window: WindowLayout,
               n_slots: int, sinks: int) -> RawRows:
-    """The (request, position) pairs read at bf16: the sinks and the window from the ring below the prefix, the
-    step's own K, V at and above it (at most S + W + new per request)."""
+    """The positions read at bf16: the sinks and the window from the ring below the prefix, the step's own K, V at
+    and above it (at most S + W + new per request; every request has its new tokens)."""
+    num_reqs = k_pos.shape[0]
     w = n_slots - sinks
     prefix = prefix_lens.long()[:, None]
     starts = cu_seqlens[:-1].long()[:, None]
@@ -224,4 +222,16 @@ def _raw_rows(k_pos: torch.Tensor, prefix_lens: torch.Tensor, cu_seqlens: torch.
     b_new, p_new = ((k_pos >= prefix) & (k_pos < prefix + n_new)).nonzero(as_tuple=True)
     ring_at = window.rows.long()[b_ring] * n_slots + torch.where(in_window[b_ring, p_ring], sinks + p_ring % w, p_ring)
     new_at = starts[b_new, 0] + p_new - prefix[b_new, 0]
-    return RawRows(torch.cat([b_ring, b_new]), torch.cat([p_ring, p_new]), ring_at, new_at)
+    # per request: its entries in order, padded by repeating its first one
+    b, p = torch.cat([b_ring, b_new]), torch.cat([p_ring, p_new])
+    order = torch.argsort(b, stable=True)
+    counts = torch.bincount(b, minlength=num_reqs)
+    assert bool((counts > 0).all()), "every request of a step has new tokens"
+    first = torch.cumsum(counts, 0) - counts
+    b_sorted = b[order]
+    rank = torch.arange(b.numel(), device=b.device) - first[b_sorted]
+    row = order[first][:, None].repeat(1, int(counts.max()))
+    row[b_sorted, rank] = order
+    valid = torch.zeros(row.shape, device=b.device)
+    valid[b_sorted, rank] = 1.0
+    return RawRows(p[row], row, valid[:, None, :, None], ring_at, new_at)
