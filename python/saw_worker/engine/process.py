@@ -16,10 +16,14 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from saw_worker.engine.interface import EngineInfo, LoadStats
 from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sink
 from saw_worker.options import WorkerOptions
+
+if TYPE_CHECKING:
+    from saw_worker.engine.engine import LocalEngine
 
 log = logging.getLogger("saw_worker.engine")
 
@@ -158,12 +162,19 @@ def _child_main(options: WorkerOptions, conn: Connection, log_level: int) -> Non
                 conn.send(_StepOutput(events, load))
 
     engine.on_step_end = flush
-    engine.start()
+    threading.Thread(target=_receive, args=(engine, conn, outbox, lock, flush), name="saw-engine-inbox",
+                     daemon=True).start()
     conn.send(("ready", engine.info()))
+    engine.run()  # on this thread, which built the model; until _receive shuts it down
+
+
+def _receive(engine: LocalEngine, conn: Connection, outbox: list[tuple[str, Event]], lock: threading.Lock,
+             flush: Callable[[], None]) -> None:
+    """The server's commands, until "stop" or the pipe closing (the server process is gone)."""
     while True:
         try:
             kind, payload = conn.recv()
-        except (EOFError, OSError):  # the server process is gone
+        except (EOFError, OSError):
             break
         if kind == "stop":
             break
