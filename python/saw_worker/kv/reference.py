@@ -30,13 +30,18 @@ class WindowLayout:
     sinks: torch.Tensor  # int32 [B]: sink tokens held in the ring (<= S): where the INT4 reads begin
 
 
+def kept_rows(slots: torch.Tensor) -> torch.Tensor | None:
+    """The new tokens that are stored (slot >= 0; negative slots are padding); None when all of them are."""
+    keep = slots >= 0
+    return None if bool(keep.all()) else keep
+
+
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: LayerCache, fmt: KVFormat,
                  keep: torch.Tensor | None | bool = True) -> None:
-    """Store new K, V [T, Hkv, D] at slots [T]; negative slots are padding and skipped. keep: the rows to store
-    (None: all of them), when the caller already knows it (AttentionPlan.keep); True: find out here."""
+    """Store new K, V [T, Hkv, D] at slots [T]; negative slots are padding and skipped. keep: kept_rows(slots)
+    when the caller already has it (AttentionPlan.keep); True: found here."""
     if keep is True:
-        keep = slots >= 0
-        keep = None if bool(keep.all()) else keep
+        keep = kept_rows(slots)
     if keep is not None:
         k, v, slots = k[keep], v[keep], slots[keep]
     if not fmt.quantized:
@@ -92,11 +97,11 @@ class AttentionPlan:
 
 
 def plan_attention(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor, page_table: torch.Tensor, page_size: int,
-                   new_slots: torch.Tensor, window: WindowLayout | None = None, ring_slots: int = 0,
+                   new_slots: torch.Tensor | None = None, window: WindowLayout | None = None, ring_slots: int = 0,
                    sinks: int = 0) -> AttentionPlan:
     """The plan of paged_attention_ref for queries laid out by cu_seqlens [B+1] whose requests hold seq_lens [B]
-    tokens after the step; new_slots [T]: where the step stores its tokens. With a window, the ring's rows per
-    request (ring_slots) and its sinks."""
+    tokens after the step; new_slots [T]: where the step stores its tokens (None: the plan does not write). With a
+    window, the ring's rows per request (ring_slots) and its sinks."""
     num_reqs = seq_lens.numel()
     n_q = cu_seqlens[1:] - cu_seqlens[:-1]
     max_q, max_len = int(n_q.max()), int(seq_lens.max())
@@ -113,9 +118,8 @@ def plan_attention(cu_seqlens: torch.Tensor, seq_lens: torch.Tensor, page_table:
     raw = None
     if window is not None:
         raw = _raw_rows(k_pos, seq_lens - n_q, cu_seqlens, window, ring_slots, sinks)
-    keep = new_slots >= 0
     return AttentionPlan(max_q, q_rows, None if every_query else q_valid, slots, mask, raw,
-                         None if bool(keep.all()) else keep)
+                         None if new_slots is None else kept_rows(new_slots))
 
 
 def paged_attention_ref(q: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: torch.Tensor, page_table: torch.Tensor,
@@ -132,8 +136,7 @@ def paged_attention_ref(q: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: tor
     where the rows are stored: q meets INT4 codes as R q (q . decode_k(x) = R q . x + q . mu) and the weighted
     codes are rotated back once per query, so no cached row is dequantized into a float K or V.
     """
-    no_slots = torch.zeros(0, dtype=torch.int64, device=q.device)
-    plan = plan_attention(cu_seqlens, seq_lens, page_table, page_size, no_slots, window, fmt.ring_slots, fmt.sinks)
+    plan = plan_attention(cu_seqlens, seq_lens, page_table, page_size, None, window, fmt.ring_slots, fmt.sinks)
     return attend_ref(q, plan, cache, fmt, sm_scale, new_kv)
 
 
