@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-from saw_worker.loader.tokenizer import byte_level_fallback  # noqa: E402
+from saw_worker.loader.tokenizer import byte_level_fallback, write_hf_tokenizer  # noqa: E402
 
 
 def write_model_folder(config_dir: Path, out: Path) -> int:
@@ -22,13 +22,7 @@ def write_model_folder(config_dir: Path, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((config_dir / "config.json").read_text())
     shutil.copy(config_dir / "config.json", out / "config.json")
-    tok = byte_level_fallback(config["vocab_size"])
-    (out / "tokenizer.json").write_text(tok.tokenizer_json)
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": tok.chat_template, "eos_token": tok.eos_token,
-        "pad_token": "<|endoftext|>", "bos_token": None,
-        "model_max_length": config.get("max_position_embeddings", 40960)}, indent=1))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": list(tok.eos_token_ids)}))
+    write_hf_tokenizer(byte_level_fallback(config["vocab_size"]), out, config.get("max_position_embeddings", 40960))
     return config["vocab_size"]
 
 

@@ -10,12 +10,16 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from saw_worker import sglang_aliases
 from saw_worker.engine.process import ProcessEngine
 from saw_worker.flags import add_options, read_options
 from saw_worker.loader import ModelLoadError
 from saw_worker.options import WorkerOptions
+
+if TYPE_CHECKING:
+    from saw_sglang.engine import SGLangEngine
 
 TOKEN_ENV = "SAW_WORKER_TOKEN"
 
@@ -51,13 +55,22 @@ def worker_token(opts: WorkerOptions, env: Mapping[str, str]) -> str | None:
     return token
 
 
+def build_engine(opts: WorkerOptions) -> ProcessEngine | SGLangEngine:
+    """--engine: saw's own engine in a child process, or SGLang's (its scheduler in processes of its own)."""
+    if opts.model.engine == "sglang":
+        from saw_sglang.engine import SGLangEngine
+
+        return SGLangEngine(opts)
+    return ProcessEngine(opts, logging.getLogger().level)
+
+
 async def _serve(opts: WorkerOptions, token: str | None) -> None:
     from saw_worker.server import serve
 
     log = logging.getLogger("saw_worker")
     if token is None:
         log.warning("no worker token (--token-file or $%s): any local process can call this worker", TOKEN_ENV)
-    engine = ProcessEngine(opts, logging.getLogger().level)
+    engine = build_engine(opts)
     engine.start()
     # A signal while the model loads ends both processes at once; from here on it stops them cleanly.
     stop = asyncio.Event()

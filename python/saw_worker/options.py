@@ -32,6 +32,9 @@ class ModelOptions:
         "weights and activations: auto = bfloat16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16 or "
         "AMX: 2.4x float32's speed for one decode row on a 2-core EPYC), else float32",
         choices=("auto", "bfloat16", "float32")))
+    engine: str = field(default="saw", metadata=flag(
+        "what runs the model: saw's own engine (GPU and CPU), or SGLang's model runner and scheduler with saw's KV "
+        "pool and kernels (CUDA, SGLang 0.5.11 installed; docs/sglang.md)", choices=("saw", "sglang")))
     cpu_int4_weights: bool = field(default=True, metadata=flag(
         "keep a GGUF's Q4_0/Q4_1/Q4_K projection weights packed too and use torch's int4 kernel for decode steps "
         "of up to 16 rows (bf16 on the CPU; prefill stays dense bf16)"))

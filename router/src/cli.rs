@@ -142,6 +142,10 @@ mod tests {
         assert_eq!(flags[1..], ["--kv=int4", "--hadamard-order=32", "--window=0", "--bf16-layers=0,1"]);
         // SGLang spellings are the worker's to resolve.
         assert_eq!(worker_flags(&["--kv-cache-dtype", "int4"])[1..], ["--kv-cache-dtype=int4"]);
+        assert_eq!(
+            worker_flags(&["--engine", "sglang", "--kv", "int4-bdr"])[1..],
+            ["--engine=sglang", "--kv=int4-bdr"]
+        );
     }
 
     #[test]

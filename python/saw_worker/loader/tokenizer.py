@@ -163,6 +163,16 @@ def tokenizer_from_hf_folder(folder: Path) -> TokenizerInfo:
     )
 
 
+def write_hf_tokenizer(tok: TokenizerInfo, folder: Path, model_max_length: int) -> None:
+    """tok as an HF folder's tokenizer files (tokenizer.json, tokenizer_config.json with the chat template,
+    generation_config.json), which tokenizer_from_hf_folder and other engines read back."""
+    (folder / "tokenizer.json").write_text(tok.tokenizer_json)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": tok.chat_template, "eos_token": tok.eos_token,
+        "pad_token": "<|endoftext|>", "bos_token": None, "model_max_length": model_max_length}, indent=1))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": list(tok.eos_token_ids)}))
+
+
 def byte_level_fallback(vocab_size: int = 259) -> TokenizerInfo:
     """A valid tokenizer for dummy-weight models without tokenizer.json: the 256 byte-level symbols
     (ids 0..255, no merges), ChatML specials 256..258, and ids 259..vocab_size-1 as filler words

@@ -9,6 +9,10 @@ use clap::Args;
     next_help_heading = "Worker flags (passed to local workers as given; defaults: python -m saw_worker --help)"
 )]
 pub struct WorkerFlags {
+    /// What runs the model in each worker: saw (its own engine, GPU or CPU) or sglang (SGLang's model runner
+    /// with saw's KV pool and kernels; CUDA, SGLang installed).
+    #[arg(long, value_name = "ENGINE")]
+    pub engine: Option<String>,
     /// KV-cache format: bf16, int4 or int4-bdr.
     #[arg(long, value_name = "FORMAT")]
     pub kv: Option<String>,
@@ -54,6 +58,7 @@ impl WorkerFlags {
     /// `--name=value` for every flag given, in declaration order.
     pub fn to_args(&self) -> Vec<String> {
         let given = [
+            ("engine", self.engine.clone()),
             ("kv", self.kv.clone()),
             ("kv-cache-dtype", self.kv_cache_dtype.clone()),
             ("hadamard-order", self.hadamard_order.clone()),

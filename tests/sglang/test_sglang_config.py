@@ -1,0 +1,100 @@
+"""The SGLang engine's translations, without SGLang: options -> sglang.Engine arguments (and what is refused),
+saw requests -> SGLang sampling parameters, SGLang's streamed outputs -> saw events, the KV spec's env round trip."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from saw_sglang.config import ENV, KVSpec, spec_from_env
+from saw_sglang.engine import engine_args, event, sampling_params
+from saw_worker.engine.request import Finish, GenerateParams, GrammarSpec, RequestError, SamplingOptions
+from saw_worker.options import KVOptions, ModelOptions, PoolOptions, WorkerOptions
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 100}))
+    return tmp_path
+
+
+def opts(folder: Path, **kv: object) -> WorkerOptions:
+    return WorkerOptions(model=ModelOptions(name=str(folder), load_format="dummy", engine="sglang"),
+                         kv=KVOptions(name="int4-bdr", **kv))  # type: ignore[arg-type]
+
+
+def test_engine_args_carry_the_options(folder: Path) -> None:
+    args = engine_args(opts(folder))
+    assert args["attention_backend"] == "saw" and args["load_format"] == "dummy"
+    assert args["skip_tokenizer_init"] and args["incremental_streaming_output"]
+    assert (args["page_size"], args["max_running_requests"], args["chunked_prefill_size"]) == (16, 256, 8192)
+    assert not args["disable_cuda_graph"] and not args["disable_radix_cache"]
+
+
+@pytest.mark.parametrize("kv,flag", [({"window": 16}, "--window"), ({"sinks": 4}, "--sinks"),
+                                     ({"k_center": True}, "--k-center"), ({"k_scale": True}, "--k-scale"),
+                                     ({"bf16_layers": frozenset({0})}, "--bf16-layers")])
+def test_options_the_sglang_engine_cannot_honour_are_refused(folder: Path, kv: dict[str, object], flag: str) -> None:
+    with pytest.raises(ValueError, match=flag):
+        engine_args(opts(folder, **kv))
+
+
+def test_an_alias_or_a_fixed_kv_budget_is_refused(folder: Path) -> None:
+    with pytest.raises(ValueError, match="config.json"):
+        engine_args(WorkerOptions(model=ModelOptions(engine="sglang")))
+    with pytest.raises(ValueError, match="--kv-cache-memory"):
+        engine_args(replace(opts(folder), pool=PoolOptions(kv_cache_memory=1 << 30)))
+    with pytest.raises(ValueError, match="load-format"):
+        engine_args(replace(opts(folder), model=ModelOptions(name=str(folder), load_format="gguf")))
+
+
+def test_sampling_parameters() -> None:
+    p = GenerateParams("r", [1, 2], max_new_tokens=5, min_new_tokens=1, stop_token_ids=frozenset({7, 3}),
+                       sampling=SamplingOptions(temperature=0.7, top_p=0.9, top_k=0, seed=11, logit_bias=((4, 2.0),)))
+    s = sampling_params(p)
+    assert s["top_k"] == -1 and s["stop_token_ids"] == [3, 7] and s["sampling_seed"] == 11
+    assert s["logit_bias"] == {"4": 2.0} and (s["temperature"], s["top_p"], s["min_new_tokens"]) == (0.7, 0.9, 1)
+    choice = sampling_params(replace(p, grammar=GrammarSpec("choice", json.dumps(["yes", 'no "x"']))))
+    assert choice["ebnf"] == 'root ::= "yes" | "no \\"x\\""'
+    assert json.loads(sampling_params(replace(p, grammar=GrammarSpec("json_object")))["json_schema"]) == {
+        "type": "object"}
+    with pytest.raises(RequestError, match="strict"):
+        sampling_params(replace(p, grammar=GrammarSpec("json_schema", "{}", strict=True)))
+
+
+def test_streamed_outputs_become_events() -> None:
+    p = GenerateParams("r", [1, 2], max_new_tokens=3, return_logprobs=True, top_logprobs=1)
+    mid = event({"output_ids": [5], "meta_info": {"finish_reason": None, "output_token_logprobs": [(-0.5, 5, None)],
+                                                  "output_top_logprobs": [[(-0.5, 5, None)]]}}, p)
+    assert mid.token_ids == [5] and mid.finish is None and mid.logprobs[0].top == [(5, -0.5)]
+    last = event({"output_ids": [6], "meta_info": {"finish_reason": {"type": "length", "length": 3},
+                                                   "prompt_tokens": 2, "completion_tokens": 3, "cached_tokens": 1}},
+                 replace(p, return_logprobs=False, top_logprobs=0))
+    assert (last.finish, last.prompt_tokens, last.completion_tokens, last.cached_tokens) == (Finish.LENGTH, 2, 3, 1)
+    bad = event({"output_ids": [], "meta_info": {"finish_reason": {"type": "abort", "status_code": 400,
+                                                                   "message": "too long"}}}, p)
+    assert bad.finish is Finish.ABORT and bad.refused and bad.error == "too long"
+
+
+def test_kv_spec_round_trips_through_the_environment() -> None:
+    spec = KVSpec("int4", 32, False)
+    assert spec_from_env({ENV: spec.to_env()}) == spec
+    assert spec_from_env({}) == KVSpec()
+    assert spec.format(128).name == "int4" and KVSpec("int4-bdr", 256).format(64).hadamard_order == 64
+    with pytest.raises(ValueError, match=ENV):
+        spec_from_env({ENV: "int4"})
+    with pytest.raises(ValueError, match="unknown KV format"):
+        KVSpec("fp8")
+
+
+def test_without_sglang_the_error_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from saw_sglang.engine import require_sglang
+
+    monkeypatch.setitem(sys.modules, "sglang", None)  # import sglang raises ImportError
+    with pytest.raises(RuntimeError, match="--engine sglang needs SGLang 0.5.11"):
+        require_sglang()
