@@ -10,6 +10,8 @@ conc=${2:-256}
 kv=${3:-int4-bdr}
 # shellcheck source=bench/device/stack_env.sh
 source "$(dirname "$0")/stack_env.sh"
+# the tree's worker code over the wheel's copy (saw_router stays the wheel's: it holds the compiled router)
+cp -r python/saw_kv python/saw_worker python/saw_kernels python/saw_sglang /tmp/site/
 plain=(--window 0 --sinks 0 --k-center false --k-scale false)
 [ "$kv" = bf16 ] && plain=()
 point() {  # label, PYTHONPATH, worker flags...
@@ -19,6 +21,6 @@ point() {  # label, PYTHONPATH, worker flags...
     --max-requests 1x --out "$out/serving-$label" -- --model configs/qwen3-8b --load-format dummy "$@" 2>&1 \
     | grep -E "output_tps|rror" | tail -3 | sed "s/^/$label: /"
 }
-point sglang "$PWD/python:/tmp/site:/tmp/ssite:/tmp/sdsite" --engine sglang "${plain[@]}"
-point saw "$PWD/python:/tmp/site" "${plain[@]}"
-[ "$kv" = bf16 ] || point saw-default "$PWD/python:/tmp/site"
+point sglang /tmp/site:/tmp/ssite:/tmp/sdsite --engine sglang "${plain[@]}"
+point saw /tmp/site "${plain[@]}"
+[ "$kv" = bf16 ] || point saw-default /tmp/site

@@ -2,7 +2,9 @@
 widths, random), the same prompts, greedy. The attention is the same kernels in both engines, the rest of the model
 is not (SGLang fuses QKV and gate|up and has its own RMSNorm and RoPE kernels), so bf16 rounding differs: over 24
 tokens a random model's greedy path meets a near-tie now and then, after which the two continue differently. So
-every request's first tokens must agree (a wrong prefill or cache read breaks those), and most of the rest. A
+every request's first tokens must agree (a wrong prefill or cache read breaks those), and much of the rest. INT4
+codes flip at rounding boundaries, so small differences move more there: the token after the prefill must agree,
+and a third of the rest (a wrong cache read agrees on next to nothing). A
 prompt sharing a page-aligned prefix with another is served from SGLang's radix cache. Needs SGLang 0.5.11 with
 saw installed as a package (the plugin's entry point)."""
 
@@ -120,5 +122,6 @@ def test_sglang_engine_matches_saw_engine(model_dir: Path, kv: str) -> None:
     sgl = tokens(model_dir, "sglang", kv)
     print(kv, "agreement", agreement(saw, sgl), json.dumps({"saw": saw, "sglang": sgl}))
     assert all(len(t) == 24 for t in sgl.values())
-    assert all(first_difference(saw[k], sgl[k]) >= 3 for k in saw), "a request's first tokens differ"
-    assert agreement(saw, sgl) >= 0.6
+    first, share = (3, 0.6) if kv == "bf16" else (1, 0.3)
+    assert all(first_difference(saw[k], sgl[k]) >= first for k in saw), "a request's first tokens differ"
+    assert agreement(saw, sgl) >= share
