@@ -20,6 +20,7 @@ from typing import Any
 from saw_sglang.config import BACKEND, ENV, KVSpec
 from saw_worker.engine.interface import EngineInfo, LoadStats
 from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sink, TokenLogprob
+from saw_worker.loader.export import hf_folder_for
 from saw_worker.loader.tokenizer import byte_level_fallback, tokenizer_from_hf_folder
 from saw_worker.options import GPU_PREFILL_TOKENS, WorkerOptions
 
@@ -34,15 +35,18 @@ def require_sglang() -> None:
                            "pip install 'sglang==0.5.11'); --engine saw needs nothing more") from exc
 
 
-def engine_args(opts: WorkerOptions) -> dict[str, Any]:
+def model_folder(spec: str) -> Path:
+    """The HF folder SGLang loads: the one given, or an alias's / .gguf file's written out once (loader/export.py)."""
+    folder = hf_folder_for(spec) or Path(spec)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--engine sglang serves an HF folder (config.json + safetensors), an alias or a .gguf "
+                         f"file; {spec!r} is none of them")
+    return folder
+
+
+def engine_args(opts: WorkerOptions, folder: Path) -> dict[str, Any]:
     """sglang.Engine's arguments for the worker's options; what SGLang's engine cannot honour is refused."""
     m, kv, pool, sched, dec = opts.model, opts.kv, opts.pool, opts.scheduler, opts.decode
-    folder = Path(m.name)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"--engine sglang serves a model folder with a config.json (HF layout); {m.name!r} is "
-                         "not one (aliases and .gguf files are --engine saw's)")
-    if m.load_format not in ("auto", "safetensors", "dummy"):
-        raise ValueError(f"--engine sglang loads safetensors or dummy weights, not --load-format {m.load_format}")
     refused = {"--window": kv.window, "--sinks": kv.sinks, "--k-center": kv.k_center, "--k-scale": kv.k_scale,
                "--k-mean-file": kv.k_mean_file}
     asked = [flag for flag, value in refused.items() if value]
@@ -129,7 +133,8 @@ class SGLangEngine:
 
     def __init__(self, options: WorkerOptions) -> None:
         require_sglang()
-        args = engine_args(options)
+        folder = model_folder(options.model.name)
+        args = engine_args(options, folder)
         spec = KVSpec(options.kv.name, options.kv.hadamard_order or 128, options.kv.rotate_v)
         os.environ[ENV] = spec.to_env()  # SGLang's scheduler process reads it (config.py)
         self._ready = threading.Event()
@@ -139,7 +144,6 @@ class SGLangEngine:
         self._ready.wait()
         if self._failure is not None:
             raise RuntimeError(f"SGLang did not start: {self._failure}") from self._failure
-        folder = Path(options.model.name)
         config = json.loads((folder / "config.json").read_text())
         tokenizer = (tokenizer_from_hf_folder(folder) if (folder / "tokenizer.json").is_file()
                      else byte_level_fallback(int(config["vocab_size"])))

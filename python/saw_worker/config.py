@@ -91,6 +91,21 @@ class ModelConfig:
             qk_norm=arch == "qwen3",
         )
 
+    def to_hf(self) -> dict[str, Any]:
+        """The HF config.json of this model (from_hf reads it back as this config)."""
+        scaling = self.rope_scaling
+        if scaling is not None and scaling.get("rope_type") == "freq_factors":
+            raise UnsupportedArchitectureError("a GGUF's per-frequency RoPE factors (Llama 3.1+) have no HF config "
+                                               "form saw can write")
+        return {"architectures": [next(k for k, v in SUPPORTED_ARCHITECTURES.items() if v == self.architecture)],
+                "model_type": self.architecture, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "rope_theta": self.rope_theta, "rope_scaling": scaling,
+                "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
+                "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+                "hidden_act": "silu", "torch_dtype": "bfloat16"}
+
     def replace(self, **changes: Any) -> ModelConfig:
         from dataclasses import replace
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from saw_sglang.config import ENV, KVSpec, spec_from_env
-from saw_sglang.engine import engine_args, event, sampling_params
+from saw_sglang.engine import engine_args, event, model_folder, sampling_params
 from saw_worker.engine.request import Finish, GenerateParams, GrammarSpec, RequestError, SamplingOptions
 from saw_worker.options import KVOptions, ModelOptions, PoolOptions, WorkerOptions
 
@@ -27,7 +27,7 @@ def opts(folder: Path, **kv: object) -> WorkerOptions:
 
 
 def test_engine_args_carry_the_options(folder: Path) -> None:
-    args = engine_args(opts(folder))
+    args = engine_args(opts(folder), folder)
     assert args["attention_backend"] == "saw" and args["load_format"] == "dummy"
     assert args["skip_tokenizer_init"] and args["incremental_streaming_output"]
     assert (args["page_size"], args["max_running_requests"], args["chunked_prefill_size"]) == (16, 256, 8192)
@@ -39,16 +39,15 @@ def test_engine_args_carry_the_options(folder: Path) -> None:
                                      ({"bf16_layers": frozenset({0})}, "--bf16-layers")])
 def test_options_the_sglang_engine_cannot_honour_are_refused(folder: Path, kv: dict[str, object], flag: str) -> None:
     with pytest.raises(ValueError, match=flag):
-        engine_args(opts(folder, **kv))
+        engine_args(opts(folder, **kv), folder)
 
 
-def test_an_alias_or_a_fixed_kv_budget_is_refused(folder: Path) -> None:
-    with pytest.raises(ValueError, match="config.json"):
-        engine_args(WorkerOptions(model=ModelOptions(engine="sglang")))
+def test_a_folder_without_config_or_a_fixed_kv_budget_is_refused(folder: Path, tmp_path: Path) -> None:
+    assert model_folder(str(folder)) == folder
+    with pytest.raises(ValueError, match="HF folder"):
+        model_folder(str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="--kv-cache-memory"):
-        engine_args(replace(opts(folder), pool=PoolOptions(kv_cache_memory=1 << 30)))
-    with pytest.raises(ValueError, match="load-format"):
-        engine_args(replace(opts(folder), model=ModelOptions(name=str(folder), load_format="gguf")))
+        engine_args(replace(opts(folder), pool=PoolOptions(kv_cache_memory=1 << 30)), folder)
 
 
 def test_sampling_parameters() -> None:

@@ -287,6 +287,37 @@ def test_gguf_load_matches_reference(tmp_path: Path, arch: str, device: str) -> 
     assert lm.tokenizer.chat_template.startswith("{% for m in messages %}")
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_gguf_exported_as_hf_folder_loads_the_same_model(tmp_path: Path, arch: str) -> None:
+    """export_hf_folder: the HF folder (bf16 safetensors, config.json, tokenizer files) is the GGUF's model."""
+    from saw_worker.loader.export import export_hf_folder
+
+    ref = _tiny_hf(arch)
+    path = tmp_path / f"tiny-{arch}.gguf"
+    _write_gguf(path, ref, arch)
+    folder = export_hf_folder(path, tmp_path / "hf")
+    assert not (tmp_path / "hf.partial").exists()
+    from_gguf = load_model(str(path), "auto", CPU, torch.bfloat16, _attn(), cpu_int4=False)
+    from_hf = load_model(str(folder), "auto", CPU, torch.bfloat16, _attn())
+    assert from_hf.config == from_gguf.config
+    assert from_hf.tokenizer.eos_token_ids == from_gguf.tokenizer.eos_token_ids
+    assert from_hf.tokenizer.chat_template == from_gguf.tokenizer.chat_template
+    ids = torch.tensor([5, 17, 99, 3, 200, 42, 7])
+    with torch.no_grad():
+        want, got = (m.model.compute_logits(m.model(ids, torch.arange(len(ids)))) for m in (from_gguf, from_hf))
+    assert torch.equal(got, want)
+
+
+def test_model_config_round_trips_through_hf() -> None:
+    for arch in ("llama", "qwen2", "qwen3"):
+        cfg = ModelConfig.from_hf(_tiny_hf(arch).config.to_dict())
+        assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    linear = cfg.replace(rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert ModelConfig.from_hf(linear.to_hf()) == linear
+    with pytest.raises(ValueError, match="RoPE factors"):
+        cfg.replace(rope_scaling={"rope_type": "freq_factors", "factors": [1.0]}).to_hf()
+
+
 @pytest.mark.skipif(not int4_supported(CPU, torch.bfloat16), reason="no int4 CPU kernel in this torch")
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
 def test_gguf_4bit_projections_packed_for_bf16_on_cpu(tmp_path: Path, qtype: str) -> None:
