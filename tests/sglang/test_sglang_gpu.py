@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker"))
 from engine_util import run  # noqa: E402
@@ -86,7 +88,7 @@ def options(model_dir: Path, engine: str, kv: str) -> WorkerOptions:
                          scheduler=SchedulerOptions(max_running_requests=16))
 
 
-def tokens(model_dir: Path, engine: str, kv: str) -> dict[str, list[int]]:
+def tokens(model_dir: Path, engine: str, kv: str, reqs: list[GenerateParams] | None = None) -> dict[str, list[int]]:
     if engine == "sglang":
         from saw_sglang.engine import SGLangEngine
 
@@ -97,6 +99,8 @@ def tokens(model_dir: Path, engine: str, kv: str) -> dict[str, list[int]]:
         eng = build_engine(options(model_dir, engine, kv))
         eng.start()
     try:
+        if reqs is not None:
+            return run(eng, reqs)
         reqs = requests()
         first = run(eng, reqs[:5])  # the shared prefix is cached before the last request comes
         return first | run(eng, reqs[5:])
@@ -125,3 +129,24 @@ def test_sglang_engine_matches_saw_engine(model_dir: Path, kv: str) -> None:
     first, share = (3, 0.6) if kv == "bf16" else (1, 0.3)
     assert all(first_difference(saw[k], sgl[k]) >= first for k in saw), "a request's first tokens differ"
     assert agreement(saw, sgl) >= share
+
+
+REAL_GGUF = os.environ.get("SAW_REAL_GGUF")  # e.g. the qwen2.5-coder-0.5b alias's GGUF, staged onto the device
+
+
+@pytest.mark.skipif(not REAL_GGUF, reason="set SAW_REAL_GGUF to a GGUF file (the device has no network)")
+def test_real_model_greedy_tokens_equal(tmp_path: Path) -> None:
+    """A trained model's logit gaps are wide: bf16 greedy tokens of both engines must be the same, over the GGUF
+    written out as an HF folder (loader/export.py), as `--engine sglang --model ALIAS` serves it."""
+    from saw_worker.loader.export import export_hf_folder
+    from saw_worker.loader.tokenizer import tokenizer_from_hf_folder
+
+    folder = export_hf_folder(Path(str(REAL_GGUF)), tmp_path / "hf")
+    tok = Tokenizer.from_str(tokenizer_from_hf_folder(folder).tokenizer_json)
+    texts = ["def fibonacci(n):", "The capital of France is", "import numpy as np\n\n# a 3x3 identity matrix\n"]
+    reqs = [GenerateParams(f"t{i}", tok.encode(t).ids, max_new_tokens=32, ignore_eos=True) for i, t in enumerate(texts)]
+    got = {}
+    for engine in ("saw", "sglang"):
+        got[engine] = tokens(folder, engine, "bf16", reqs)
+    print("real model", json.dumps(got))
+    assert got["sglang"] == got["saw"]
