@@ -25,6 +25,7 @@ from saw_worker.loader.tokenizer import byte_level_fallback, tokenizer_from_hf_f
 from saw_worker.options import GPU_PREFILL_TOKENS, WorkerOptions
 
 log = logging.getLogger("saw_worker")
+POLL_S = 0.25  # how often the scheduler's load and SGLang's processes are looked at
 
 
 def require_sglang() -> None:
@@ -128,6 +129,15 @@ def event(out: dict[str, Any], params: GenerateParams) -> Event:
     return ev
 
 
+def _alive(pid: int) -> bool:
+    import psutil  # SGLang's dependency
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 class SGLangEngine:
     """Starts SGLang (blocking, minutes) on its own thread; start() / shutdown() / on_death as ProcessEngine."""
 
@@ -153,7 +163,9 @@ class SGLangEngine:
                                 options.pool.page_size, "cuda (sglang)")
         self._running: dict[str, int] = {}  # request id -> max new tokens
         self._lock = threading.Lock()
+        self._sglang_load = LoadStats(kv_tokens_total=self._capacity)  # the scheduler's, POLL_S old at most
         self.on_death: Callable[[], None] | None = None
+        asyncio.run_coroutine_threadsafe(self._watch(), self._loop)
 
     def _run(self, args: dict[str, Any]) -> None:
         try:
@@ -170,6 +182,27 @@ class SGLangEngine:
         self._ready.set()
         self._loop.run_forever()
 
+    async def _watch(self) -> None:
+        """Every POLL_S: the scheduler's load (running, waiting, KV tokens used), and whether SGLang's processes
+        still live; when one has died, on_death (the worker then exits, and its supervisor restarts it)."""
+        pids = self._engine.get_all_child_pids()
+        warned = False
+        while True:
+            await asyncio.sleep(POLL_S)
+            if not all(_alive(p) for p in pids):
+                log.error("an SGLang process exited; the worker stops")
+                if self.on_death is not None:
+                    self.on_death()
+                return
+            try:
+                r = (await self._engine.tokenizer_manager.get_loads(include=["core"]))[0]
+                self._sglang_load = LoadStats(r.num_running_reqs, r.num_waiting_reqs, r.num_used_tokens,
+                                              r.max_total_num_tokens)
+            except Exception:  # noqa: BLE001 - the load is advisory; requests go on without it
+                if not warned:
+                    log.exception("cannot read SGLang's load; /metrics shows the worker's own count")
+                    warned = True
+
     def start(self) -> None:
         """Nothing left to start: SGLang is serving once the constructor returns."""
 
@@ -182,9 +215,10 @@ class SGLangEngine:
         return self._info
 
     def load(self) -> LoadStats:
+        s = self._sglang_load
         with self._lock:
-            return LoadStats(running=len(self._running), outstanding_tokens=sum(self._running.values()),
-                             kv_tokens_total=self._capacity)
+            outstanding = sum(self._running.values())
+        return LoadStats(s.running, s.waiting, s.kv_tokens_used, s.kv_tokens_total, outstanding)
 
     def submit(self, params: GenerateParams, sink: Sink) -> None:
         info = self._info

@@ -97,3 +97,14 @@ def test_without_sglang_the_error_says_how_to_install_it(monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "sglang", None)  # import sglang raises ImportError
     with pytest.raises(RuntimeError, match="--engine sglang needs SGLang 0.5.11"):
         require_sglang()
+
+
+def test_a_dead_sglang_process_is_seen() -> None:
+    import os
+    import subprocess
+
+    from saw_sglang.engine import _alive
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert _alive(os.getpid()) and not _alive(child.pid)
