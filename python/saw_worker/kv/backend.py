@@ -126,6 +126,16 @@ class AttentionBackend:
             window=window,
         )
 
+    def padding(self, rows: int) -> HostBatch:
+        """A decode batch of `rows` padded rows, as a graph pads (_graph_pad): to warm up a compiled forward."""
+        from saw_worker.engine.model_runner import HostBatch  # the runner imports this module
+
+        pad, w = self._graph_pad(), self.pool.window
+        return HostBatch(ids=[0] * rows, positions=[0] * rows, slots=[pad["slots"]] * rows,
+                         cu=list(range(rows + 1)), seq_lens=[pad["seq_lens"]] * rows,
+                         prefix_lens=[pad["prefix_lens"]] * rows, tables=[[0]] * rows, is_decode=True,
+                         **{name: [pad[name]] * rows if w else [] for name in _GRAPH_WINDOW_ROWS})
+
     def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
         return t.to(self.pool.device, non_blocking=True)
