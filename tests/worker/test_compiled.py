@@ -1,6 +1,6 @@
 """The compiled CPU decode forward (models/compiled.py) against the eager one, on a tiny bf16 model with packed int4
 projections and fresh random weights and prompts: the same hidden states within bf16 tolerance, for 1 and 3 rows
-(the two compiled shapes), every KV format, the window's INT4 reads included."""
+rows, every KV format, the window's INT4 reads included; after the warm-up no step compiles again."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from saw_worker.engine.model_runner import ModelRunner, host_batch
 from saw_worker.engine.request import GenerateParams, Sequence
 from saw_worker.engine.scheduler import Batch, Chunk
 from saw_worker.kv.pool import KVPool
-from saw_worker.models import DecoderLM, compiled
+from saw_worker.models import DecoderLM, FullCausalAttention, compiled
 from saw_worker.models.linear import Int4Parts, int4_supported, pack
 
 pytestmark = pytest.mark.skipif(not int4_supported(torch.device("cpu"), torch.bfloat16),
@@ -50,6 +50,7 @@ def _snapshot(pool: KVPool) -> list[torch.Tensor]:
 @pytest.mark.parametrize("kv, fmt_kw", [("bf16", {}), ("int4", {}),
                                         ("int4-bdr", {"hadamard_order": 32, "window": 4, "sinks": 2})])
 def test_compiled_decode_matches_eager(kv: str, fmt_kw: dict[str, int]) -> None:
+    torch._dynamo.reset()  # each format's graphs from scratch, as a worker compiles them
     fmt = KVFormat.make(kv, TINY.head_dim, **fmt_kw)  # type: ignore[arg-type]
     pool = KVPool(fmt, TINY.num_layers, TINY.num_kv_heads, 64, 4, torch.device("cpu"), frozenset(), 8)
     backend = attention_backend(pool, TINY.head_dim ** -0.5, torch.device("cpu"))
@@ -63,7 +64,7 @@ def test_compiled_decode_matches_eager(kv: str, fmt_kw: dict[str, int]) -> None:
         seq.pages = pool.allocate(pool.pages_for(n + 1)) or []
         seq.window_row = pool.allocate_row()
         seqs.append((seq, n))
-    with torch.inference_mode():
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):  # warm-up compiled all
         runner._eager(host_batch(Batch([Chunk(s, 0, n) for s, n in seqs], is_decode=False), pool))
         for rows in (1, 3):
             h = host_batch(Batch([Chunk(s, n, n + 1) for s, n in seqs[:rows]], is_decode=True), pool)
@@ -77,11 +78,11 @@ def test_compiled_decode_matches_eager(kv: str, fmt_kw: dict[str, int]) -> None:
 
 def test_without_a_compiler_decode_stays_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
-    assert compiled.CompiledDecode.build(torch.nn.Linear(2, 2), lambda c: None) is None
+    assert compiled.CompiledDecode.build(torch.nn.Linear(2, 2), FullCausalAttention(1, 1), lambda c: None) is None
 
 
 def test_a_failed_compile_leaves_decode_eager() -> None:
     def warm_up(c: compiled.CompiledDecode) -> None:
         raise RuntimeError("the C++ build failed")
 
-    assert compiled.CompiledDecode.build(torch.nn.Linear(2, 2), warm_up) is None
+    assert compiled.CompiledDecode.build(torch.nn.Linear(2, 2), FullCausalAttention(1, 1), warm_up) is None

@@ -29,6 +29,7 @@ from saw_kv.cache import LayerCache
 from saw_worker.engine.pinned_inputs import PinnedInputs
 from saw_worker.kv.pool import KVPool
 from saw_worker.kv.reference import WindowLayout
+from saw_worker.models.attention import Attention
 
 if TYPE_CHECKING:
     from saw_worker.engine.model_runner import HostBatch
@@ -103,6 +104,11 @@ class AttentionBackend:
         """Prefill chunks: store k, v [T, Hkv, D] and attend q [T, Hq, D] causally -> o [T, Hq, D]."""
         raise NotImplementedError
 
+    def for_compiled_model(self) -> Attention:
+        """What a compiled model (models/compiled.py) calls for attention: this backend, or a version of it that
+        compiles its own arithmetic too."""
+        return self
+
     # --- eager steps -----------------------------------------------------------------------
 
     def prepare(self, h: HostBatch) -> None:
@@ -126,15 +132,19 @@ class AttentionBackend:
             window=window,
         )
 
-    def padding(self, rows: int) -> HostBatch:
-        """A decode batch of `rows` padded rows, as a graph pads (_graph_pad): to warm up a compiled forward."""
+    def warm_up_batch(self, rows: int, context: int) -> HostBatch:
+        """A decode batch of `rows` rows at position context - 1 of page 0, all writing that slot and attending to
+        page 0, its newest tokens from the dump row of the ring (where a graph's padded rows write): to compile a
+        forward at startup, before any request holds page 0."""
         from saw_worker.engine.model_runner import HostBatch  # the runner imports this module
 
-        pad, w = self._graph_pad(), self.pool.window
-        return HostBatch(ids=[0] * rows, positions=[0] * rows, slots=[pad["slots"]] * rows,
+        ring = min(self.pool.window, context - 1)
+        pad = {**self._graph_pad(), "slots": context - 1, "seq_lens": context, "prefix_lens": context - 1,
+               "window_lens": ring, "quant_lens": context - 1 - ring}
+        windows = {name: [pad[name]] * rows if self.pool.window else [] for name in _GRAPH_WINDOW_ROWS}
+        return HostBatch(ids=[0] * rows, positions=[context - 1] * rows, slots=[pad["slots"]] * rows,
                          cu=list(range(rows + 1)), seq_lens=[pad["seq_lens"]] * rows,
-                         prefix_lens=[pad["prefix_lens"]] * rows, tables=[[0]] * rows, is_decode=True,
-                         **{name: [pad[name]] * rows if w else [] for name in _GRAPH_WINDOW_ROWS})
+                         prefix_lens=[pad["prefix_lens"]] * rows, tables=[[0]] * rows, is_decode=True, **windows)
 
     def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)

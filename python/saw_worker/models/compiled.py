@@ -16,6 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,20 +43,27 @@ def _(q: Tensor, k: Tensor, v: Tensor, layer_id: int) -> Tensor:
     return torch.empty_like(q)
 
 
+def compile_cpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn through torch.compile for the CPU decode step: dynamic shapes, the C++ wrapper, no parameter guards."""
+    return torch.compile(fn, dynamic=True, options=_OPTIONS)
+
+
 def _opaque_attention(layer_id: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _attention_op(q, k, v, layer_id)
 
 
 class CompiledDecode:
-    """model.forward compiled for decode steps of 1..max_rows rows (CPU only)."""
+    """model.forward compiled for decode steps of 1..max_rows rows (CPU only), calling `attention` (eagerly)."""
 
-    def __init__(self, model: torch.nn.Module, max_rows: int = INT4_MAX_ROWS) -> None:
+    def __init__(self, model: torch.nn.Module, attention: Attention, max_rows: int = INT4_MAX_ROWS) -> None:
         self.model = model
+        self.attention = attention
         self.max_rows = max_rows
-        self._forward: Callable[..., Tensor] = torch.compile(model.forward, dynamic=True, options=_OPTIONS)
+        self._forward: Callable[..., Tensor] = compile_cpu(model.forward)
 
     @classmethod
-    def build(cls, model: torch.nn.Module, warm_up: Callable[[CompiledDecode], None]) -> CompiledDecode | None:
+    def build(cls, model: torch.nn.Module, attention: Attention, warm_up: Callable[[CompiledDecode], None]
+              ) -> CompiledDecode | None:
         """A compiled forward, warmed up by `warm_up` (which runs it at every compiled shape), or None where
         torch.compile cannot serve: the reason is logged and decode stays eager."""
         if shutil.which("g++") is None and shutil.which("c++") is None:
@@ -63,10 +71,12 @@ class CompiledDecode:
             return None
         started = time.perf_counter()
         try:
-            compiled = cls(model)
-            warm_up(compiled)
+            compiled = cls(model, attention)
+            # the warm-up traces every graph; two sizes equal there (rows and a weight's dim) are no rule
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                warm_up(compiled)
         except Exception as e:  # any failure of dynamo / inductor / the C++ build
-            log.warning("torch.compile of the CPU decode step failed, decode runs eagerly: %s", e)
+            log.warning("torch.compile of the CPU decode step failed, decode runs eagerly: %r", e)
             torch._dynamo.reset()
             return None
         log.info("compiled the CPU decode step (torch.compile, up to %d rows) in %.1fs", compiled.max_rows,
@@ -77,8 +87,7 @@ class CompiledDecode:
         return rows <= self.max_rows
 
     def __call__(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        attention = self.model.attention
-        _running.append(attention)
+        _running.append(self.attention)
         try:
             return self._forward(input_ids, positions, _opaque_attention)
         finally:
