@@ -3,11 +3,12 @@
 Eager decode on the CPU spends most of a step dispatching small ops (norms, RoPE, casts, views: ~2-15 us each, 30
 layers); compiled, the ops between two projections are one generated C++ loop. The attention backend reads device
 values on the host and mutates the paged pool, so it stays eager, behind an opaque custom op (`saw::attention`)
-that calls the model's attention: dynamo traces the rest of the forward as one graph, without breaks.
+that calls the backend's `for_compiled_model()` (which may compile its own arithmetic with `compile_cpu`): dynamo
+traces the rest of the forward as one graph, without breaks.
 
 Shapes: decode rows are dynamic (one graph for 2..max rows, one for a single row: dynamo specialises size 1), so
-both are compiled at startup (`warm_up`) and a step never waits for a compile. Without a C++ compiler, or where
-compilation fails, `CompiledDecode.build` logs why and returns None: the runner then stays eager.
+both are compiled at startup (`warm_up`, without duck sizing) and a step never waits for a compile. Without a C++
+compiler, or where compilation fails, `CompiledDecode.build` logs why and returns None: the runner stays eager.
 """
 
 from __future__ import annotations
