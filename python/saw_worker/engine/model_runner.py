@@ -104,14 +104,13 @@ class ModelRunner:
     def compile_decode(self) -> None:
         """Compile the decode forward (CPU; models/compiled.py) and run it once at each compiled shape; where
         that fails, decode stays eager."""
-        self.compiled = CompiledDecode.build(self.model, self.backend.for_compiled_model(), self._warm_up)
+        self.compiled = CompiledDecode.build(self.model, self.backend, self._warm_up)
 
     def _warm_up(self, compiled: CompiledDecode) -> None:
         """Compile the step's graphs by running decode steps on page 0 (AttentionBackend.warm_up_batch) at 2 rows
-        (any number above 1) and 1 row (dynamo specialises size 1), each twice: a first call runs under the
-        compiler's dispatch mode, so the graphs it compiles inside the attention op do not serve later calls."""
+        (any number above 1) and 1 row (dynamo specialises size 1)."""
         context = min(self.pool.page_size, 5)
-        for rows in (2, 2, 1, 1):
+        for rows in (2, 1):
             self._eager(self.backend.warm_up_batch(rows, context), forward=compiled)
 
     def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:

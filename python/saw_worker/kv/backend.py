@@ -29,7 +29,6 @@ from saw_kv.cache import LayerCache
 from saw_worker.engine.pinned_inputs import PinnedInputs
 from saw_worker.kv.pool import KVPool
 from saw_worker.kv.reference import WindowLayout
-from saw_worker.models.attention import Attention
 
 if TYPE_CHECKING:
     from saw_worker.engine.model_runner import HostBatch
@@ -103,11 +102,6 @@ class AttentionBackend:
                        lay: StepLayout) -> torch.Tensor:
         """Prefill chunks: store k, v [T, Hkv, D] and attend q [T, Hq, D] causally -> o [T, Hq, D]."""
         raise NotImplementedError
-
-    def for_compiled_model(self) -> Attention:
-        """What a compiled model (models/compiled.py) calls for attention: this backend, or a version of it that
-        compiles its own arithmetic too."""
-        return self
 
     # --- eager steps -----------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ pages, as the kernels do.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,21 +36,10 @@ def kept_rows(slots: torch.Tensor) -> torch.Tensor | None:
     return None if bool(keep.all()) else keep
 
 
-def encode_rows(k: torch.Tensor, v: torch.Tensor, fmt: KVFormat, k_mean: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K, V [T, Hkv, D] as an INT4 cache stores them: packed [2, T, Hkv, D/2] and params [2, T, Hkv, 2], K then V
-    (quantized together: quantize_int4 is row-wise, and one call is half the small ops)."""
-    return quantize_int4(torch.stack([encode_k(k, fmt, k_mean), encode_v(v, fmt)]))
-
-
-Encoder = Callable[[torch.Tensor, torch.Tensor, KVFormat, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
-
-
 def write_kv_ref(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: LayerCache, fmt: KVFormat,
-                 keep: torch.Tensor | None | bool = True, encode: Encoder = encode_rows) -> None:
+                 keep: torch.Tensor | None | bool = True) -> None:
     """Store new K, V [T, Hkv, D] at slots [T]; negative slots are padding and skipped. keep: kept_rows(slots)
-    when the caller already has it (AttentionPlan.keep); True: found here. encode: encode_rows, or a compiled
-    version of it."""
+    when the caller already has it (AttentionPlan.keep); True: found here."""
     if keep is True:
         keep = kept_rows(slots)
     if keep is not None:
@@ -61,7 +49,8 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: L
         cache.v[slots] = v.to(cache.v.dtype)
         return
     assert cache.k_params is not None and cache.v_params is not None
-    packed, params = encode(k, v, fmt, cache.k_mean)
+    # K and V rows quantized together: quantize_int4 is row-wise, and one call is half the small ops
+    packed, params = quantize_int4(torch.stack([encode_k(k, fmt, cache.k_mean), encode_v(v, fmt)]))
     cache.k[slots], cache.v[slots] = packed.unbind()
     cache.k_params[slots], cache.v_params[slots] = params.unbind()
 

@@ -5,24 +5,13 @@ indices and masks, the same in every layer) is built at the first layer and reus
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from saw_kv.cache import LayerCache
 from saw_worker.kv.backend import AttentionBackend, StepLayout
-from saw_worker.kv.reference import (
-    AttentionPlan,
-    Encoder,
-    attend_ref,
-    encode_rows,
-    plan_attention,
-    write_kv_ref,
-    write_window_ref,
-)
-from saw_worker.models.attention import Attention
-from saw_worker.models.compiled import compile_cpu
+from saw_worker.kv.reference import AttentionPlan, attend_ref, plan_attention, write_kv_ref, write_window_ref
 
 if TYPE_CHECKING:
     from saw_worker.engine.model_runner import HostBatch
@@ -30,23 +19,6 @@ if TYPE_CHECKING:
 
 class ReferenceBackend(AttentionBackend):
     _plans: tuple[StepLayout, dict[bool, AttentionPlan]] | None = None
-
-    def for_compiled_model(self) -> Attention:
-        """Decode steps' attention with its arithmetic (encode_rows, attend_ref) through torch.compile as well
-        (models/compiled.py); the plan and the stores stay eager."""
-        encode, attend = compile_cpu(encode_rows), compile_cpu(attend_ref)
-        for i in range(len(self.pool.formats)):  # the cache's shapes never change: no symbols, no guards on them
-            cache = self.pool.layer(i)
-            for t in (cache.k, cache.v, cache.k_params, cache.v_params, cache.ring_k, cache.ring_v):
-                if t is not None:
-                    torch._dynamo.mark_static(t)
-
-        def decode(layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            lay = self.layout
-            assert lay is not None and lay.is_decode, "the compiled model runs prepared decode steps only"
-            return self._attend(q, k, v, self.pool.layer(layer_id), lay, encode, attend)
-
-        return decode
 
     # A new step, or new contents in the graph buffers behind the same layout: the plans are stale.
     def prepare(self, h: HostBatch) -> None:
@@ -63,11 +35,11 @@ class ReferenceBackend(AttentionBackend):
 
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
                        lay: StepLayout) -> torch.Tensor:
-        return self._attend(q, k, v, cache, lay, encode_rows, attend_ref)
+        return self._attend(q, k, v, cache, lay)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
                        lay: StepLayout) -> torch.Tensor:
-        return self._attend(q, k, v, cache, lay, encode_rows, attend_ref)
+        return self._attend(q, k, v, cache, lay)
 
     def _plan(self, lay: StepLayout, cache: LayerCache) -> AttentionPlan:
         """This step's plan for a layer with (or without) a ring: layers differ only in that."""
@@ -80,11 +52,11 @@ class ReferenceBackend(AttentionBackend):
                                          lay.slots, window, cache.fmt.ring_slots, cache.fmt.sinks)
         return plans[ring]
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, lay: StepLayout,
-                encode: Encoder, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+                lay: StepLayout) -> torch.Tensor:
         plan = self._plan(lay, cache)
-        write_kv_ref(k, v, lay.slots, cache, cache.fmt, plan.keep, encode)
-        out = attend(q, plan, cache, cache.fmt, self.sm_scale, (k, v))
+        write_kv_ref(k, v, lay.slots, cache, cache.fmt, plan.keep)
+        out = attend_ref(q, plan, cache, cache.fmt, self.sm_scale, (k, v))
         window = lay.window_of(cache)
         if window is not None:  # after attention: the step read the ring as it was before its tokens
             assert cache.ring_k is not None and cache.ring_v is not None

@@ -3,8 +3,9 @@
 Eager decode on the CPU spends most of a step dispatching small ops (norms, RoPE, casts, views: ~2-15 us each, 30
 layers); compiled, the ops between two projections are one generated C++ loop. The attention backend reads device
 values on the host and mutates the paged pool, so it stays eager, behind an opaque custom op (`saw::attention`)
-that calls the backend's `for_compiled_model()` (which may compile its own arithmetic with `compile_cpu`): dynamo
-traces the rest of the forward as one graph, without breaks.
+that calls the backend: dynamo traces the rest of the forward as one graph, without breaks. (Compiling the
+reference attention's arithmetic too, as graphs called from inside that op, measured slower: each call's guards
+and argument marshalling cost more than its ~20 small ops.)
 
 Shapes: decode rows are dynamic (one graph for 2..max rows, one for a single row: dynamo specialises size 1), so
 both are compiled at startup (`warm_up`, without duck sizing) and a step never waits for a compile. Without a C++
@@ -17,7 +18,6 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,11 +44,6 @@ def _(q: Tensor, k: Tensor, v: Tensor, layer_id: int) -> Tensor:
     return torch.empty_like(q)
 
 
-def compile_cpu(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """fn through torch.compile for the CPU decode step: dynamic shapes, the C++ wrapper, no parameter guards."""
-    return torch.compile(fn, dynamic=True, options=_OPTIONS)
-
-
 def _opaque_attention(layer_id: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _attention_op(q, k, v, layer_id)
 
@@ -60,7 +55,7 @@ class CompiledDecode:
         self.model = model
         self.attention = attention
         self.max_rows = max_rows
-        self._forward: Callable[..., Tensor] = compile_cpu(model.forward)
+        self._forward: Callable[..., Tensor] = torch.compile(model.forward, dynamic=True, options=_OPTIONS)
 
     @classmethod
     def build(cls, model: torch.nn.Module, attention: Attention, warm_up: Callable[[CompiledDecode], None]
