@@ -11,7 +11,7 @@ the core count), and drives each through its OpenAI `/v1/completions` with greed
   - TTFT of a --prompt-tokens prompt (cut from the pinned stdlib corpus, counted with the model's tokenizer);
   - 4-stream throughput: --streams requests at once, output tokens / wall time.
 Prints one table (with saw ÷ llama.cpp) and writes it as JSON and Markdown under --out. `--saw-args` passes worker
-flags (e.g. `--saw-args=--no-cpu-compile` for the eager decode step), `--skip-llamacpp` measures saw alone.
+flags (e.g. `--saw-args=--cpu-compile` for the compiled decode step), `--skip-llamacpp` measures saw alone.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench/out/cpu-vs-llamacpp")
     p.add_argument("--saw-args", nargs="*", default=[], metavar="FLAG",
-                   help="worker flags for saw (e.g. --saw-args=--no-cpu-compile), after the router's `--`")
+                   help="worker flags for saw (e.g. --saw-args=--cpu-compile), after the router's `--`")
     p.add_argument("--skip-llamacpp", action="store_true", help="saw only (ratios to llama.cpp left out)")
     args = p.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))

@@ -77,10 +77,7 @@ class Router:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="saw-router-", suffix=".log", delete=False)
         self.worker_count = workers
-        # the workers' decode step eager: these tests are about serving, and compiling it takes minutes on CI's cores
-        eager = ("--no-cpu-compile",) if "--" in flags else ("--", "--no-cpu-compile")
-        cmd = _router_command() + ["--workers", str(workers), "--model", MODEL, "--port", str(self.port), *flags,
-                                   *eager]
+        cmd = _router_command() + ["--workers", str(workers), "--model", MODEL, "--port", str(self.port), *flags]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, **env or {}))
         self.workers: list[int] = []
 

@@ -24,7 +24,7 @@ def test_ppl_through_router_int4_bdr_beats_int4_and_the_default_beats_both(tmp_p
     int4, bdr, default = f"int4 {plain}", f"int4-bdr {plain}", "int4-bdr"
     main(["ppl", "--model", "smollm2-135m", "--kv", "bf16", int4, bdr, default, "--windows", "2", "--window", "256",
           "--log-dir", str(tmp_path / "logs"), "--out", str(out), "--router-arg=--device=cpu",
-          "--worker-arg=--max-prefill-tokens=1", "--worker-arg=--no-cpu-compile"])
+          "--worker-arg=--max-prefill-tokens=1"])
     runs = json.loads(out.read_text())["runs"]
     assert set(runs) == {"bf16", int4, bdr, default}
     assert runs["bf16"]["ppl"] < runs[int4]["ppl"]

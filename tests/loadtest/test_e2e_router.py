@@ -16,7 +16,7 @@ def test_short_sweep_bf16_and_int4_bdr(tmp_path):
     rc = main([
         "--kv", "bf16", "int4-bdr", "--scenario", "D(32,16)", "-c", "2", "4", "--duration", "4",
         "--warmup-requests", "2", "--request-timeout", "120", "--out", str(tmp_path), "--strict",
-        "--", "--model", "smollm2-135m", "--workers", "1", "--device", "cpu", "--", "--no-cpu-compile",
+        "--", "--model", "smollm2-135m", "--workers", "1", "--device", "cpu",
     ])  # fmt: skip
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert rc == 0, summary["meta"]["warnings"]  # --strict: any failure or token-count mismatch fails

@@ -13,16 +13,14 @@ from engine_util import Collector
 from saw_worker.builder import build_engine
 from saw_worker.engine.engine import LocalEngine
 from saw_worker.engine.request import GenerateParams
-from saw_worker.options import DecodeOptions, KVOptions, ModelOptions, PoolOptions, WorkerOptions
+from saw_worker.options import KVOptions, ModelOptions, PoolOptions, WorkerOptions
 
 pytestmark = pytest.mark.slow
 
 
-def engine_for(kv: str, cpu_compile: bool = False, **levers: bool | int) -> LocalEngine:
-    """smollm2-135m on the CPU; its decode step compiled only where asked (minutes on CI's cores)."""
+def engine_for(kv: str, **levers: bool | int) -> LocalEngine:
     return build_engine(WorkerOptions(model=ModelOptions(name="smollm2-135m"), kv=KVOptions(name=kv, **levers),
-                                      pool=PoolOptions(kv_cache_memory=64 << 20),
-                                      decode=DecodeOptions(cpu_compile=cpu_compile)))
+                                      pool=PoolOptions(kv_cache_memory=64 << 20)))
 
 
 def encode(engine: LocalEngine, text: str) -> list[int]:
@@ -31,7 +29,7 @@ def encode(engine: LocalEngine, text: str) -> list[int]:
 
 
 def test_int4_bdr_answers_a_factual_question() -> None:
-    engine = engine_for("int4-bdr", cpu_compile=True)  # what `saw-router --kv int4-bdr` runs
+    engine = engine_for("int4-bdr")
     # SmolLM2's chat template, rendered (the router renders it in production).
     chat = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
             "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n"
