@@ -92,18 +92,13 @@ class DecoderLayer(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None, rope: Rope, attention: Attention) -> tuple[Tensor, Tensor]:
         """x: the previous block's output (the embeddings, with residual None, in layer 0); residual: the stream
         before it. Returns this layer's MLP output and the stream before it: every add is fused into the next norm."""
-        q, k, v, residual = self.pre_attention(x, residual, rope)
-        o = attention(self.layer_id, q, k, v)
-        return self.post_attention(o, residual)
-
-    def pre_attention(self, x: Tensor, residual: Tensor | None, rope: Rope) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The norm, the qkv projection, q/k norm, RoPE and the K scale: (q, k, v, the residual stream)."""
         t = x.shape[0]
+        fused = use_fused_kernels(x)
         normed, residual = self.input_layernorm.add_norm(x, residual)
         qkv = linear(normed, self.qkv_weight, self.int4.get("qkv_weight"), self.qkv_bias)
         q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         v = v.view(t, self.nkv, self.d)
-        if use_fused_kernels(x):  # one launch: reads q, k from qkv; writes contiguous normed, rotated q, k
+        if fused:  # one launch: reads q, k from qkv; writes contiguous normed, rotated q, k (fp32 in between)
             from saw_kernels.fused import qk_norm_rope  # lazily: needs a GPU build of Triton
 
             qw = kw = None
@@ -112,23 +107,20 @@ class DecoderLayer(nn.Module):
                 qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
             q, k = qk_norm_rope(qkv, self.nq, self.nkv, self.d, qw, kw, eps, rope.cache, rope.positions,
                                 self.k_scale)
-            return q, k, v, residual
-        assert rope.cos is not None and rope.sin is not None
-        q, k = q.view(t, self.nq, self.d), k.view(t, self.nkv, self.d)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
-        if self.k_scale is not None:
-            lam = self.k_scale.to(q.dtype)
-            q, k = q * lam.repeat_interleave(self.nq // self.nkv, 0), k / lam
-        return q, k, v, residual
-
-    def post_attention(self, o: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """The output projection, the norm and the MLP: (the MLP's output, the residual stream before it)."""
-        attn_out = linear(o.reshape(o.shape[0], self.nq * self.d), self.o_weight, self.int4.get("o_weight"))
+        else:
+            assert rope.cos is not None and rope.sin is not None
+            q, k = q.view(t, self.nq, self.d), k.view(t, self.nkv, self.d)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
+            if self.k_scale is not None:
+                lam = self.k_scale.to(q.dtype)
+                q, k = q * lam.repeat_interleave(self.nq // self.nkv, 0), k / lam
+        o = attention(self.layer_id, q, k, v)
+        attn_out = linear(o.reshape(t, self.nq * self.d), self.o_weight, self.int4.get("o_weight"))
         normed, residual = self.post_attention_layernorm.add_norm(attn_out, residual)
         gate_up = linear(normed, self.gate_up_weight, self.int4.get("gate_up_weight"))
-        if use_fused_kernels(o):
+        if fused:
             from saw_kernels.fused import silu_mul
 
             h = silu_mul(gate_up)
