@@ -10,7 +10,8 @@ the core count), and drives each through its OpenAI `/v1/completions` with greed
     --repeats requests);
   - TTFT of a --prompt-tokens prompt (cut from the pinned stdlib corpus, counted with the model's tokenizer);
   - 4-stream throughput: --streams requests at once, output tokens / wall time.
-Prints one table (with saw ÷ llama.cpp) and writes it as JSON and Markdown under --out.
+Prints one table (with saw ÷ llama.cpp) and writes it as JSON and Markdown under --out. `--saw-args` passes worker
+flags (e.g. `--saw-args=--cpu-compile` for the compiled decode step), `--skip-llamacpp` measures saw alone.
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench/out/cpu-vs-llamacpp")
+    p.add_argument("--saw-args", nargs="*", default=[], metavar="FLAG",
+                   help="worker flags for saw (e.g. --saw-args=--cpu-compile), after the router's `--`")
+    p.add_argument("--skip-llamacpp", action="store_true", help="saw only (ratios to llama.cpp left out)")
     args = p.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     rows = []
@@ -136,13 +140,16 @@ def main() -> int:
         gguf = resolve_alias(model)
         for kv in args.kv:
             port = free_port()
-            cmd = ["saw-router", "--workers", "1", "--kv", kv, "--model", model, "--port", str(port)]
+            cmd = ["saw-router", "--workers", "1", "--kv", kv, "--model", model, "--port", str(port),
+                   *(["--", *args.saw_args] if args.saw_args else [])]
             with Server(cmd, port, model, env) as saw:
                 tok = Tokenizer.from_str(requests.get(f"{saw.url}/v1/tokenizer", timeout=30).text)
                 prompts = long_prompts(tok, args.prompt_tokens)
                 rows.append({"model": model, "engine": f"saw --kv {kv}",
                              **measure(saw, prompts, args.decode_tokens, args.streams, args.repeats)})
             print(rows[-1], flush=True)
+        if args.skip_llamacpp:
+            continue
         port = free_port()
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", model,
                "--n_threads", str(args.threads), "--n_ctx", "4096", "--port", str(port)]
@@ -155,10 +162,11 @@ def main() -> int:
              f"{args.streams}-stream tok/s | decode ÷ llama.cpp | {args.streams}-stream ÷ llama.cpp |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = next(b for b in rows if b["model"] == r["model"] and b["engine"] == "llama.cpp")
+        base = next((b for b in rows if b["model"] == r["model"] and b["engine"] == "llama.cpp"), None)
+        ratios = (f"{r['decode_tok_s'] / base['decode_tok_s']:.2f} | {r[multi] / base[multi]:.2f}" if base
+                  else "– | –")
         lines.append(f"| {r['model']} | {r['engine']} | {r['decode_tok_s']:.1f} | {r['ttft_long_s']:.2f} | "
-                     f"{r[multi]:.1f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f} | "
-                     f"{r[multi] / base[multi]:.2f} |")
+                     f"{r[multi]:.1f} | {ratios} |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)

@@ -133,6 +133,8 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
         runner.capture_graphs(opts.scheduler.max_running_requests, context)
         log.info("captured decode CUDA graphs for batch sizes up to %d in %.1fs", opts.scheduler.max_running_requests,
                  time.perf_counter() - started)
+    if device.type == "cpu" and opts.decode.cpu_compile:
+        runner.compile_decode()
     scheduler = Scheduler(pool, opts.scheduler.for_device(device.type == "cuda"), context,
                           frozenset(loaded.tokenizer.eos_token_ids))
     info = EngineInfo(

@@ -112,6 +112,10 @@ class DecodeOptions:
 
     cuda_graphs: bool = field(default=True, metadata=flag(
         "run decode eagerly on CUDA (for debugging)", name="--disable-cuda-graph", action="store_false"))
+    cpu_compile: bool = field(default=False, metadata=flag(
+        "compile the CPU decode forward with torch.compile (inductor, needs a C++ compiler; 1.5-7 min at startup "
+        "on 2 cores; not yet faster end to end: bench/results/cpu-vs-llamacpp-2026-12-03b); where compiling "
+        "fails, decode runs eagerly"))
     overlap: bool = field(default=True, metadata=flag(
         "launch each decode step before the previous one's tokens reach the host (off: synchronous steps)"))
 

@@ -30,14 +30,14 @@ def test_every_field_has_a_flag() -> None:
             "--k-scale-alpha", "0.25", "--window", "8", "--sinks", "2", "--bf16-layers", "0,1", "--k-mean-file", "f",
             "--mem-fraction", "0.5", "--kv-cache-memory", "64MiB", "--page-size", "8",
             "--max-running-requests", "4", "--max-prefill-tokens", "32", "--reserve-decode-tokens", "0",
-            "--no-prefix-cache", "--disable-cuda-graph", "--overlap", "no",
+            "--no-prefix-cache", "--disable-cuda-graph", "--cpu-compile", "--overlap", "no",
             "--host", "0.0.0.0", "--port", "1", "--unix-socket", "s", "--log-level", "debug", "--token-file", "t"]
     assert options_from_argv(argv, {}) == WorkerOptions(
         ModelOptions("m", "dummy", "cpu", 64, "float32", False),
         KVOptions("int4", 64, True, False, False, 0.25, 8, 2, frozenset({0, 1}), "f"),
         PoolOptions(0.5, 64 << 20, 8),
         SchedulerOptions(4, 32, 0, False),
-        DecodeOptions(cuda_graphs=False, overlap=False),
+        DecodeOptions(cuda_graphs=False, cpu_compile=True, overlap=False),
         ServerOptions("0.0.0.0", 1, "s", "debug", "t"),
     )
     groups = [f.default_factory for f in dataclasses.fields(WorkerOptions)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,7 @@ from saw_worker.engine.sampler import Sampler, token_logprobs
 from saw_worker.engine.scheduler import Batch, Chunk
 from saw_worker.kv.backend import AttentionBackend
 from saw_worker.kv.pool import KVPool
+from saw_worker.models.compiled import CompiledDecode
 
 
 @dataclass
@@ -90,6 +92,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(device)
         self.graphs: DecodeGraphs | None = None
+        self.compiled: CompiledDecode | None = None
 
     def capture_graphs(self, max_batch: int, max_context: int) -> None:
         """Capture decode graphs (CUDA only) for batches up to max_batch and contexts up to max_context."""
@@ -97,19 +100,35 @@ class ModelRunner:
                                    self.device)
         self.graphs.capture()
 
+    @torch.inference_mode()
+    def compile_decode(self) -> None:
+        """Compile the decode forward (CPU; models/compiled.py) and run it once at each compiled shape; where
+        that fails, decode stays eager."""
+        self.compiled = CompiledDecode.build(self.model, self.backend, self._warm_up)
+
+    def _warm_up(self, compiled: CompiledDecode) -> None:
+        """Compile the step's graphs by running decode steps on page 0 (AttentionBackend.warm_up_batch) at 2 rows
+        (any number above 1) and 1 row (dynamo specialises size 1)."""
+        context = min(self.pool.page_size, 5)
+        for rows in (2, 1):
+            self._eager(self.backend.warm_up_batch(rows, context), forward=compiled)
+
     def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
         return upload(data, dtype, self.device)
 
-    def _eager(self, h: HostBatch, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _eager(self, h: HostBatch, ids: torch.Tensor | None = None,
+               forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         self.backend.prepare(h)
         ids = self._tensor(h.ids, torch.int64) if ids is None else ids
-        return self.model(ids, self._tensor(h.positions, torch.int64))
+        return (forward or self.model)(ids, self._tensor(h.positions, torch.int64))
 
     def _forward(self, batch: Batch, h: HostBatch, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states of the batch's rows; ids (device) replace h.ids when given."""
-        graphs = self.graphs
+        graphs, compiled = self.graphs, self.compiled
         if batch.is_decode and graphs is not None and graphs.fits(len(h.ids), max(len(t) for t in h.tables)):
             return graphs.run(h, ids)
+        if batch.is_decode and compiled is not None and compiled.fits(len(h.ids)):
+            return self._eager(h, ids, compiled)
         return self._eager(h, ids)
 
     @torch.inference_mode()

@@ -126,6 +126,20 @@ class AttentionBackend:
             window=window,
         )
 
+    def warm_up_batch(self, rows: int, context: int) -> HostBatch:
+        """A decode batch of `rows` rows at position context - 1 of page 0, all writing that slot and attending to
+        page 0, its newest tokens from the dump row of the ring (where a graph's padded rows write): to compile a
+        forward at startup, before any request holds page 0."""
+        from saw_worker.engine.model_runner import HostBatch  # the runner imports this module
+
+        ring = min(self.pool.window, context - 1)
+        pad = {**self._graph_pad(), "slots": context - 1, "seq_lens": context, "prefix_lens": context - 1,
+               "window_lens": ring, "quant_lens": context - 1 - ring}
+        windows = {name: [pad[name]] * rows if self.pool.window else [] for name in _GRAPH_WINDOW_ROWS}
+        return HostBatch(ids=[0] * rows, positions=[context - 1] * rows, slots=[pad["slots"]] * rows,
+                         cu=list(range(rows + 1)), seq_lens=[pad["seq_lens"]] * rows,
+                         prefix_lens=[pad["prefix_lens"]] * rows, tables=[[0]] * rows, is_decode=True, **windows)
+
     def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self._pin)
         return t.to(self.pool.device, non_blocking=True)

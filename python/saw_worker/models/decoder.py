@@ -156,8 +156,9 @@ class DecoderLM(nn.Module):
         self.register_buffer("cos_sin", cache, persistent=False)  # float32, cast per call
 
     # ---- inference -------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        """input_ids, positions: [T] int64 -> hidden [T, H] with the final norm applied."""
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: Attention | None = None) -> Tensor:
+        """input_ids, positions: [T] int64 -> hidden [T, H] with the final norm applied. attention: instead of
+        self.attention (the compiled CPU decode step passes an opaque op that calls it, models/compiled.py)."""
         x = F.embedding(input_ids, self.embed_weight)
         rope = Rope(self.cos_sin, positions)
         if not use_fused_kernels(x):  # the torch path gathers the rows once for all layers
@@ -166,7 +167,7 @@ class DecoderLM(nn.Module):
             rope = Rope(self.cos_sin, positions, cos, sin)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, rope, self.attention)
+            x, residual = layer(x, residual, rope, attention or self.attention)
         return self.norm.add_norm(x, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
