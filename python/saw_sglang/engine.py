@@ -21,7 +21,7 @@ from saw_sglang.config import BACKEND, ENV, KVSpec
 from saw_worker.engine.interface import EngineInfo, LoadStats
 from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sink, TokenLogprob
 from saw_worker.loader.export import hf_folder_for
-from saw_worker.loader.tokenizer import byte_level_fallback, tokenizer_from_hf_folder
+from saw_worker.loader.tokenizer import folder_tokenizer
 from saw_worker.options import GPU_PREFILL_TOKENS, WorkerOptions
 
 log = logging.getLogger("saw_worker")
@@ -155,8 +155,7 @@ class SGLangEngine:
         if self._failure is not None:
             raise RuntimeError(f"SGLang did not start: {self._failure}") from self._failure
         config = json.loads((folder / "config.json").read_text())
-        tokenizer = (tokenizer_from_hf_folder(folder) if (folder / "tokenizer.json").is_file()
-                     else byte_level_fallback(int(config["vocab_size"])))
+        tokenizer = folder_tokenizer(folder, int(config["vocab_size"]))
         fmt = spec.format(int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]))
         self._info = EngineInfo(folder.resolve().name, tokenizer, self._context_len,
                                 int(config["vocab_size"]), f"{fmt.describe()} (sglang)", self._capacity,

@@ -156,7 +156,7 @@ def _load_hf(
     seed: int,
 ) -> LoadedModel:
     from .hf import iter_safetensors, read_config_json, safetensors_files
-    from .tokenizer import byte_level_fallback, tokenizer_from_hf_folder
+    from .tokenizer import folder_tokenizer
 
     cfg = ModelConfig.from_hf(read_config_json(folder / "config.json"))
     cfg = cfg.replace(**overrides) if overrides else cfg
@@ -164,7 +164,7 @@ def _load_hf(
     if fmt != "dummy" and not has_tok:
         raise ModelLoadError(f"no tokenizer.json in {folder}")
     try:
-        tok = tokenizer_from_hf_folder(folder) if has_tok else byte_level_fallback(cfg.vocab_size)
+        tok = folder_tokenizer(folder, cfg.vocab_size)
     except Exception as e:
         raise ModelLoadError(f"cannot read the tokenizer in {folder}: {e}") from None
     model_id = folder.resolve().name

@@ -163,6 +163,13 @@ def tokenizer_from_hf_folder(folder: Path) -> TokenizerInfo:
     )
 
 
+def folder_tokenizer(folder: Path, vocab_size: int) -> TokenizerInfo:
+    """The folder's tokenizer.json (tokenizer_from_hf_folder), else the byte-level fallback (dummy models)."""
+    if (folder / "tokenizer.json").exists():
+        return tokenizer_from_hf_folder(folder)
+    return byte_level_fallback(vocab_size)
+
+
 def write_hf_tokenizer(tok: TokenizerInfo, folder: Path, model_max_length: int) -> None:
     """tok as an HF folder's tokenizer files (tokenizer.json, tokenizer_config.json with the chat template,
     generation_config.json), which tokenizer_from_hf_folder and other engines read back."""
