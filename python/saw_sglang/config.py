@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from saw_kv.formats import KV_FORMATS, KVFormat
+from saw_kv.formats import KV_FORMATS, KVFormat, default_kv_options
 
 BACKEND = "saw"  # SGLang's --attention-backend name
 ENV = "SAW_SGLANG_KV"  # JSON of KVSpec's fields
@@ -23,7 +23,7 @@ class KVSpec:
     need saw's scheduler (ring rows per request) or a calibration pass over saw's model: not here yet."""
 
     kv: str = "int4-bdr"
-    hadamard_order: int = 128
+    hadamard_order: int | None = None  # None: the format's default for the model's head_dim, as --engine saw
     rotate_v: bool = False
 
     def __post_init__(self) -> None:
@@ -34,16 +34,18 @@ class KVSpec:
         return json.dumps({"kv": self.kv, "hadamard_order": self.hadamard_order, "rotate_v": self.rotate_v})
 
     def format(self, head_dim: int) -> KVFormat:
-        return KVFormat.make(self.kv, head_dim, self.hadamard_order, self.rotate_v)
+        order = self.hadamard_order or default_kv_options(self.kv, head_dim).hadamard_order
+        return KVFormat.make(self.kv, head_dim, order, self.rotate_v)
 
 
 def spec_from_env(env: dict[str, str] | None = None) -> KVSpec:
-    """The spec in SAW_SGLANG_KV, else the defaults (int4-bdr, b128)."""
+    """The spec in SAW_SGLANG_KV, else the defaults (int4-bdr, the default Hadamard order)."""
     text = (os.environ if env is None else env).get(ENV)
     if not text:
         return KVSpec()
     try:
         fields = json.loads(text)
-        return KVSpec(str(fields["kv"]), int(fields.get("hadamard_order", 128)), bool(fields.get("rotate_v", False)))
+        order = fields.get("hadamard_order")
+        return KVSpec(str(fields["kv"]), None if order is None else int(order), bool(fields.get("rotate_v", False)))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{ENV}={text!r} is not a saw KV spec: {exc}") from exc

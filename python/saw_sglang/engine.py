@@ -145,7 +145,7 @@ class SGLangEngine:
         require_sglang()
         folder = model_folder(options.model.name)
         args = engine_args(options, folder)
-        spec = KVSpec(options.kv.name, options.kv.hadamard_order or 128, options.kv.rotate_v)
+        spec = KVSpec(options.kv.name, options.kv.hadamard_order, options.kv.rotate_v)
         os.environ[ENV] = spec.to_env()  # SGLang's scheduler process reads it (config.py)
         self._ready = threading.Event()
         self._failure: BaseException | None = None

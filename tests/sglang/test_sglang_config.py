@@ -83,6 +83,9 @@ def test_kv_spec_round_trips_through_the_environment() -> None:
     assert spec_from_env({ENV: spec.to_env()}) == spec
     assert spec_from_env({}) == KVSpec()
     assert spec.format(128).name == "int4" and KVSpec("int4-bdr", 256).format(64).hadamard_order == 64
+    # no order given: the format's default for the head dim, as --engine saw picks it
+    assert spec_from_env({ENV: KVSpec().to_env()}) == KVSpec()
+    assert (KVSpec().format(64).hadamard_order, KVSpec().format(128).hadamard_order) == (32, 128)
     with pytest.raises(ValueError, match=ENV):
         spec_from_env({ENV: "int4"})
     with pytest.raises(ValueError, match="unknown KV format"):
