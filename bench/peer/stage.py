@@ -11,7 +11,7 @@ sglang-kernel's FlashAttention library (1 GB; saw's kernels attend, and upstream
 or FlashInfer backends), its SM100 build, FlashMLA (MLA models), DeepGEMM (FP8 GEMMs) and mscclpp (multi-GPU
 all-reduce).
 
-  python bench/peer/stage.py [--engine vllm|sglang] [--out .peer]      # then: bench/peer/README.md, step 2
+  python bench/peer/stage.py [--engine vllm|sglang] [--out .peer/ENGINE]      # then: bench/peer/README.md, step 2
 """
 
 from __future__ import annotations
