@@ -46,6 +46,7 @@ from saw_kernels.decode_int4_warp import (
     warp_kernel_fits,
     warp_programs,
 )
+from saw_kernels.decode_int4_warp import STAGES as WARP_STAGES
 from saw_kernels.window import Ring, flat_slots, ring_args, ring_tile
 from saw_kv.cache import LayerCache
 
@@ -343,10 +344,11 @@ class DecodeTuning:
     max_context: choose_num_splits); for the warp kernel, programs per (request, KV head) (default: one per warp
     slot of the GPU, whatever the batch).
     block_n (default 128 for INT4, 64 for bf16, 16 under the interpreter; measured on H100, docs/kernels.md),
-    num_warps and num_stages (default 3 for INT4, 2 for bf16) apply to "tile" and bf16.
+    num_warps and num_stages (default 3 for INT4, 2 for bf16) apply to "tile" and bf16; num_stages is also the warp
+    kernel's count of shared buffers (default decode_int4_warp.STAGES).
     maxnreg: registers per thread cap of the decode kernel (ptxas .maxnreg; GPU only, the interpreter ignores
     it), e.g. 128 for 4 programs of 4 warps per SM.
-    impl: INT4 kernel, "warp" (decode_int4_warp.py: equal runs of 16-token steps, one warp each, operands in
+    impl: INT4 kernel, "warp" (decode_int4_warp.py: equal runs of 32-token steps, one warp each, operands in
     registers; CUDA, pages of whole steps, q plain or already rotated) or "tile" (decode_int4.py, also under the
     interpreter). Default: "warp" where it fits.
     """
@@ -445,7 +447,8 @@ def decode_attention(q: torch.Tensor, cache: LayerCache, page_table: torch.Tenso
         # the kernel combines each pair's pieces (and the window's) itself, unless the output must be rotated back
         combine = not fmt.rotate_v
         po, pl, meta = launch_warp_decode(q, cache, page_table, seq_lens, sm_scale * LOG2E, out, combine, programs,
-                                          gp, maxnreg, starts, (wo, wl) if window else None)
+                                          gp, maxnreg, starts, (wo, wl) if window else None,
+                                          tuning.num_stages or WARP_STAGES)
         partials = MAX_PIECES  # at most, per pair; the kernel records each one's count
         reduce = not combine
     else:

@@ -1,10 +1,10 @@
-"""Paged INT4 decode attention: equal runs of 16-token steps, one warp each, mma operands in registers.
+"""Paged INT4 decode attention: equal runs of 32-token steps, one warp each, mma operands in registers.
 
 The Triton kernel (`decode_int4.py`) stages each tile through shared memory: codes by cp.async,
 then as fp16 for wgmma, about 9 bytes of shared-memory traffic per byte read from HBM, which
-caps it near 60 % of copy bandwidth on an H100. Here (Gluon, mma.sync m16n8k16) the codes pass
-through a two-step shared buffer (cp.async; each thread reads back only the words it copied) into
-the mma fragment registers, and no fp16 tile is ever stored:
+caps it near 60 % of copy bandwidth on an H100. Here (Gluon, mma.sync m16n8k16) the codes and their
+(scale, lo) words pass through shared buffers (cp.async, STAGES steps; each thread reads back only the
+words it copied) into the mma fragment registers, and no fp16 tile is ever stored:
 
   S^T [tokens, GP] = K [tokens, D/2] q^T       (lo and hi nibbles as two products)
   o^T [D/2, GP]   += V^T [D/2, tokens] P^T     (again per nibble)
@@ -16,7 +16,8 @@ byte vphys(l) of V (the output is stored back in byte order). Both maps only per
 so the reshapes and permutes that express them move no data.
 
 Codes become exact fp16 as in decode_int4.py (1024 + c, 1024 + 16 c), with q scaled per query
-into [2^13, 2^14).
+into [2^13, 2^14). A step is two M tiles of 16 tokens (one with 16 query rows: warp_step), each
+within one page, so pages of 16 tokens serve.
 
 The grid is persistent (stream-K): one program per warp slot of the GPU, each walking an equal run of
 a KV head's steps across request boundaries, so a batch of ragged lengths keeps every warp busy to the
@@ -122,32 +123,48 @@ def _next_step(b, n0, n, len_ptr, B, STEP: gl.constexpr):
 
 
 @gluon.jit
-def _page(pt_ptr, b, n0, n, live, s_ptb, PAGE: gl.constexpr):
-    """Cache page of the step at token n0 of request b (length n); page 0 for a step this program will not
-    compute (live false) or past the batch. No step straddles pages: PAGE % STEP == 0."""
-    return gl.load(pt_ptr + b.to(gl.int64) * s_ptb + n0 // PAGE, mask=live & (n0 < n), other=0).to(gl.int64)
+def _pages(pt_ptr, b, n0, n, live, s_ptb, PAGE: gl.constexpr, STEP: gl.constexpr):
+    """Cache pages of the two halves (16 tokens: one mma M tile each) of the step at token n0 of request b
+    (length n), the same page twice where PAGE % STEP == 0; page 0 for a half this program will not compute
+    (live false) or past the request or the batch."""
+    row = pt_ptr + b.to(gl.int64) * s_ptb
+    page_a = gl.load(row + n0 // PAGE, mask=live & (n0 < n), other=0).to(gl.int64)
+    page_b = page_a
+    if PAGE % STEP != 0:
+        page_b = gl.load(row + (n0 + STEP // 2) // PAGE, mask=live & (n0 + STEP // 2 < n), other=0).to(gl.int64)
+    return page_a, page_b
 
 
 @gluon.jit
-def _copy_step(k_buf, v_buf, kc_ptr, vc_ptr, page, n0, k_off, v_off, S_KCS: gl.constexpr, S_VCS: gl.constexpr,
-               PAGE: gl.constexpr):
-    """Start copying one step's K and V codes (int32 words) into shared buffers (cp.async, one group).
-    *_off are the offsets of the step's rows from its first row. Codes are copied unmasked: rows past a
-    request's end are in its last page (or in page 0), their scores are masked, and any code makes a
-    finite value."""
-    first = page * PAGE + (n0 & (PAGE - 1))
-    async_copy.async_copy_global_to_shared(k_buf, kc_ptr + first * S_KCS + k_off)
-    async_copy.async_copy_global_to_shared(v_buf, vc_ptr + first * S_VCS + v_off)
-    async_copy.commit_group()
+def _row_slots(page_a, page_b, n0, second, PAGE: gl.constexpr, STEP: gl.constexpr):
+    """Slot of the first row of each row's half (second: the row is in the second half), whose rows are
+    consecutive slots of one page."""
+    first_a = page_a * PAGE + (n0 & (PAGE - 1))
+    first_b = first_a + STEP // 2
+    if PAGE % STEP != 0:
+        first_b = page_b * PAGE + ((n0 + STEP // 2) & (PAGE - 1))
+    return gl.where(second, first_b, first_a)
 
 
 @gluon.jit
-def _load_params(kp_ptr, vp_ptr, page, n0, n, tp, p_off, S_PS: gl.constexpr, PAGE: gl.constexpr):
-    """One step's (scale, lo) words of K and V (p_off's layout), masked past the request's end n: there
-    they could be anything, NaN included (tp: the step's tokens)."""
-    off = (page * PAGE + (n0 & (PAGE - 1))) * S_PS + p_off
+def _copy_step(k_buf, v_buf, kp_buf, vp_buf, kc_ptr, vc_ptr, kp_ptr, vp_ptr, page_a, page_b, n0, n, k_off, v_off,
+               tk, tv, tp, p_off, S_KCS: gl.constexpr, S_VCS: gl.constexpr, S_PS: gl.constexpr, PAGE: gl.constexpr,
+               STEP: gl.constexpr):
+    """Start copying one step's K and V codes (int32 words) and (scale, lo) words into shared buffers
+    (cp.async, one group). t*: each layout's rows of the step; *_off: their offsets from the first row of
+    their half. Codes are copied unmasked: rows past a request's end n are in its last page (or in page 0),
+    their scores are masked, and any code makes a finite value. The (scale, lo) words there could be
+    anything, NaN included, so they are zero-filled."""
+    half: gl.constexpr = STEP // 2
+    k_rows = _row_slots(page_a, page_b, n0, tk >= half, PAGE, STEP)
+    v_rows = _row_slots(page_a, page_b, n0, tv >= half, PAGE, STEP)
+    p_rows = _row_slots(page_a, page_b, n0, tp >= half, PAGE, STEP)
+    async_copy.async_copy_global_to_shared(k_buf, kc_ptr + (k_rows * S_KCS)[:, None] + k_off)
+    async_copy.async_copy_global_to_shared(v_buf, vc_ptr + (v_rows * S_VCS)[:, None] + v_off)
     mp = tp < n - n0
-    return gl.load(kp_ptr + off, mask=mp, other=0), gl.load(vp_ptr + off, mask=mp, other=0)
+    async_copy.async_copy_global_to_shared(kp_buf, kp_ptr + p_rows * S_PS + p_off, mask=mp)
+    async_copy.async_copy_global_to_shared(vp_buf, vp_ptr + p_rows * S_PS + p_off, mask=mp)
+    async_copy.commit_group()
 
 
 @gluon.jit
@@ -243,11 +260,11 @@ def decode_int4_warp_kernel(
     s_qb, s_qh,
     s_ptb, s_ob, s_oh, qk_scale, S_KCS: gl.constexpr, S_KCH: gl.constexpr, S_VCS: gl.constexpr, S_VCH: gl.constexpr,
     S_PS: gl.constexpr, S_PH: gl.constexpr, HQ: gl.constexpr, G: gl.constexpr, GP: gl.constexpr, D: gl.constexpr,
-    PAGE: gl.constexpr, STEP: gl.constexpr, MIN_STEPS: gl.constexpr, MAX_PIECES: gl.constexpr, BP: gl.constexpr,
-    COMBINE: gl.constexpr, START: gl.constexpr, WINDOW: gl.constexpr, mma: gl.constexpr, lay_k3: gl.constexpr,
-    lay_v3: gl.constexpr, lay_vw: gl.constexpr,
-    lay_q: gl.constexpr, lay_b: gl.constexpr, lay_o: gl.constexpr, lay_s: gl.constexpr, sh_k: gl.constexpr,
-    sh_v: gl.constexpr,
+    PAGE: gl.constexpr, STEP: gl.constexpr, STAGES: gl.constexpr, MIN_STEPS: gl.constexpr, MAX_PIECES: gl.constexpr,
+    BP: gl.constexpr, COMBINE: gl.constexpr, START: gl.constexpr, WINDOW: gl.constexpr, mma: gl.constexpr,
+    lay_k3: gl.constexpr, lay_v3: gl.constexpr, lay_vw: gl.constexpr, lay_q: gl.constexpr, lay_b: gl.constexpr,
+    lay_o: gl.constexpr, lay_s: gl.constexpr, sh_k: gl.constexpr,
+    sh_v: gl.constexpr, sh_p: gl.constexpr,
 ):
     HKV: gl.constexpr = HQ // G
     D2: gl.constexpr = D // 2
@@ -289,26 +306,32 @@ def decode_int4_warp_kernel(
     tk = gl.arange(0, STEP, layout=gl.SliceLayout(1, lay_kw))
     tv = gl.arange(0, STEP, layout=gl.SliceLayout(1, lay_vw))
     tp = gl.arange(0, STEP, layout=gl.SliceLayout(1, mma))  # also the rows of S^T
-    k_off = (tk * S_KCS + kh * S_KCH)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_kw))[None, :]
-    v_off = (tv * S_VCS + kh * S_VCH)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_vw))[None, :]
-    p_off = tp * S_PS + kh * S_PH
+    HALF: gl.constexpr = STEP // 2
+    k_off = ((tk % HALF) * S_KCS + kh * S_KCH)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_kw))[None, :]
+    v_off = ((tv % HALF) * S_VCS + kh * S_VCH)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_vw))[None, :]
+    p_off = (tp % HALF) * S_PS + kh * S_PH
 
-    # Software pipeline over the run's steps, whichever pairs they belong to: the codes of step i + 1 are
-    # in flight (cp.async into a shared buffer, which costs no registers) and its (scale, lo) words load
-    # into registers while step i computes; the page of step i + 2 is looked up. Cursors (request, first
-    # token, request length) walk ahead: step i + 1 is (page1, m1, n1) and step i + 2 is (b2, m2, n2).
-    # The page is carried as loaded and turned into a slot only when used: computing the slot right
-    # after the load waits for the page table every step (8 us more at 64 x 4k on the H100). Each
+    # Software pipeline over the run's steps, whichever pairs they belong to: the codes and (scale, lo)
+    # words of steps i + 1 .. i + STAGES - 1 are in flight (cp.async into shared buffers, which costs no
+    # registers) while step i computes; the page of step i + STAGES is looked up. Cursors (request, first
+    # token, request length) walk ahead: step i + STAGES - 1 is (page1, m1, n1) and step i + STAGES is
+    # (b2, m2, n2). The page is carried as loaded and turned into a slot only when used: computing the slot
+    # right after the load waits for the page table every step (8 us more at 64 x 4k on the H100). Each
     # thread reads back only the words it copied, so no barrier is needed (the compiler still places
     # one per step).
-    k_smem = gl.allocate_shared_memory(gl.int32, [2, STEP, W], sh_k)
-    v_smem = gl.allocate_shared_memory(gl.int32, [2, STEP, W], sh_v)
-    page1 = _page(pt_ptr, b, n0, n, o < o_end, s_ptb, PAGE)
-    _copy_step(k_smem.index(o % 2), v_smem.index(o % 2), kc_ptr, vc_ptr, page1, n0, k_off, v_off, S_KCS, S_VCS,
-               PAGE)
-    kw_nx, vw_nx = _load_params(kp_ptr, vp_ptr, page1, n0, n, tp, p_off, S_PS, PAGE)
-    b1, m1, n1 = _next_step(b, n0, n, len_ptr, B, STEP)
-    page1 = _page(pt_ptr, b1, m1, n1, o + 1 < o_end, s_ptb, PAGE)
+    k_smem = gl.allocate_shared_memory(gl.int32, [STAGES, STEP, W], sh_k)
+    v_smem = gl.allocate_shared_memory(gl.int32, [STAGES, STEP, W], sh_v)
+    kp_smem = gl.allocate_shared_memory(gl.int32, [STAGES, STEP], sh_p)
+    vp_smem = gl.allocate_shared_memory(gl.int32, [STAGES, STEP], sh_p)
+    b1, m1, n1 = b, n0, n
+    for ahead in gl.static_range(STAGES - 1):
+        page1a, page1b = _pages(pt_ptr, b1, m1, n1, o + ahead < o_end, s_ptb, PAGE, STEP)
+        buf = (o + ahead) % STAGES
+        _copy_step(k_smem.index(buf), v_smem.index(buf), kp_smem.index(buf), vp_smem.index(buf), kc_ptr, vc_ptr,
+                   kp_ptr, vp_ptr, page1a, page1b, m1, n1, k_off, v_off, tk, tv, tp, p_off, S_KCS, S_VCS, S_PS, PAGE,
+                   STEP)
+        b1, m1, n1 = _next_step(b1, m1, n1, len_ptr, B, STEP)
+    page1a, page1b = _pages(pt_ptr, b1, m1, n1, o + STAGES - 1 < o_end, s_ptb, PAGE, STEP)
     b2, m2, n2 = _next_step(b1, m1, n1, len_ptr, B, STEP)
 
     while o < o_end:
@@ -329,16 +352,19 @@ def decode_int4_warp_kernel(
         for j in range(seg):
             i = o + j
             m0 = n0 + j * STEP
-            page2 = _page(pt_ptr, b2, m2, n2, i + 2 < o_end, s_ptb, PAGE)
-            _copy_step(k_smem.index((i + 1) % 2), v_smem.index((i + 1) % 2), kc_ptr, vc_ptr, page1, m1, k_off, v_off,
-                       S_KCS, S_VCS, PAGE)
-            kw, vw = kw_nx, vw_nx
-            kw_nx, vw_nx = _load_params(kp_ptr, vp_ptr, page1, m1, n1, tp, p_off, S_PS, PAGE)
-            page1, m1, n1 = page2, m2, n2
+            page2a, page2b = _pages(pt_ptr, b2, m2, n2, i + STAGES < o_end, s_ptb, PAGE, STEP)
+            buf = (i + STAGES - 1) % STAGES
+            _copy_step(k_smem.index(buf), v_smem.index(buf), kp_smem.index(buf), vp_smem.index(buf), kc_ptr, vc_ptr,
+                       kp_ptr, vp_ptr, page1a, page1b, m1, n1, k_off, v_off, tk, tv, tp, p_off, S_KCS, S_VCS, S_PS,
+                       PAGE, STEP)
+            page1a, page1b, m1, n1 = page2a, page2b, m2, n2
             b2, m2, n2 = _next_step(b2, m2, n2, len_ptr, B, STEP)
-            async_copy.wait_group(1)  # step i's group has landed
-            k_codes = k_smem.index(i % 2).load(lay_kw)
-            v_codes = v_smem.index(i % 2).load(lay_vw)
+            async_copy.wait_group(STAGES - 1)  # step i's group has landed
+            buf = i % STAGES
+            k_codes = k_smem.index(buf).load(lay_kw)
+            v_codes = v_smem.index(buf).load(lay_vw)
+            kw = kp_smem.index(buf).load(gl.SliceLayout(1, mma))
+            vw = vp_smem.index(buf).load(gl.SliceLayout(1, mma))
             k_lo, k_hi = _codes_f16(k_codes, lay_k3, False)
             qc = mma_v2(_k_operand(k_lo, STEP, KCH, dot_a), qt_lo, gl.zeros([STEP, GP], gl.float32, layout=mma))
             qc = mma_v2(_k_operand(k_hi, STEP, KCH, dot_a), qt_hi, qc)  # r (q . c) + 1024 sum(fp16 q)
@@ -439,22 +465,35 @@ def warp_layouts(step: int, head_dim: int, batch_pad: int) -> dict[str, gl.const
         # combining a pair's pieces: o^T [D, GP], D / 32 consecutive dims per lane; lse [MAX_PIECES, GP]
         lay_o=gl.BlockedLayout([head_dim // 32, 1], [32, 1], [1, 1], [0, 1]),
         lay_s=gl.BlockedLayout([1, 1], [32, 1], [1, 1], [1, 0]),
-        # shared buffers [2, step, words]: K row-major; V in its registers' order (a lane's words, then
+        # shared buffers [stages, step, words]: K row-major; V in its registers' order (a lane's words, then
         # the lanes, then its tokens), so that every lane's 8-byte accesses fall in distinct banks
         sh_k=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
         sh_v=gl.SharedLinearLayout(
             offset_bases=[[0, w] for w in word_bits] + [[2, 0], [4, 0]] + [[0, wv << i] for i in range(3)]
             + [[1, 0]] + [[t, 0] for t in token_bits]),
+        sh_p=gl.SwizzledSharedLayout(1, 1, 1, [0]),  # (scale, lo) words [stages, step]
     )
 
 
-STEP = 16  # tokens per step: one mma M tile; pages must hold whole steps
+HALF = 16  # tokens of one mma M tile; pages must hold whole ones
+STAGES = 2  # shared buffers of the copy pipeline: STAGES - 1 steps in flight while one computes
 # Warps of the compiled kernel an SM holds, from its registers (recorded at each launch, per device,
 # head_dim, query rows and register cap): on sm_90 with triton 3.6, 3 per scheduler, 12 per SM.
 _RESIDENT: dict[tuple[int | None, int, int, int | None], int] = {}
-# A run of fewer steps costs more than it saves: 64 splits of one step at batch 1 x 1k took 22 us, the
-# reduce summing 64 partials per query (9.9 us for the tile kernel); pieces bound the reduce's loop.
-MIN_STEPS = 8
+# A run of fewer tokens costs more than it saves: 64 splits of one 16-token step at batch 1 x 1k took 22 us,
+# the reduce summing 64 partials per query (9.9 us for the tile kernel); pieces bound the reduce's loop.
+MIN_RUN_TOKENS = 128
+
+
+def warp_step(group_rows: int) -> int:
+    """Tokens per step for query groups padded to group_rows: two mma M tiles (32 tokens) up to 8 rows. Two
+    tiles take 17 % fewer instructions per token than one and run two mma chains side by side; ptxas gives
+    them ~240 registers (2 warps per scheduler), and that beat every register cap at 16 and 32 tokens on the
+    H200 (2026-12-03: 32 tokens capped at 168 registers, 3 warps per scheduler, was 4-15 % slower). With 16
+    query rows the loop spills even at one tile, which it keeps."""
+    return 2 * HALF if group_rows <= 8 else HALF
+
+
 MAX_PIECES = 64
 
 
@@ -463,7 +502,7 @@ MAX_BATCH = 1024  # each program holds the batch's lengths in registers
 
 def warp_kernel_fits(page_size: int, head_dim: int, group: int, batch: int) -> bool:
     """Shapes this kernel serves (others run decode_int4.py)."""
-    return page_size % STEP == 0 and head_dim in (64, 128) and group <= 16 and batch <= MAX_BATCH
+    return page_size % HALF == 0 and head_dim in (64, 128) and group <= 16 and batch <= MAX_BATCH
 
 
 def warp_programs(device: torch.device, batch: int, num_kv_heads: int, max_context: int, head_dim: int,
@@ -473,8 +512,9 @@ def warp_programs(device: torch.device, batch: int, num_kv_heads: int, max_conte
     kernel use (idle ones cost launch time: 2 us at batch 1 x 1k). The slots are known from the compiled
     kernel's registers; before its first launch on a device, 12 per SM are assumed."""
     slots = num_sms(device) * _RESIDENT.get((device.index, head_dim, group_rows, maxnreg), 12)
-    steps = math.ceil(max_context / STEP)
-    runs = batch * steps // max(MIN_STEPS, math.ceil(steps / (MAX_PIECES - 1)))  # as the kernel cuts
+    step = warp_step(group_rows)
+    steps = math.ceil(max_context / step)
+    runs = batch * steps // max(MIN_RUN_TOKENS // step, math.ceil(steps / (MAX_PIECES - 1)))  # as the kernel cuts
     return max(1, min(slots // num_kv_heads, runs)) * num_kv_heads
 
 
@@ -507,7 +547,7 @@ def pair_counters(device: torch.device) -> torch.Tensor:
 def launch_warp_decode(q: torch.Tensor, cache: LayerCache, page_table: torch.Tensor, seq_lens: torch.Tensor,
                        qk_scale: float, out: torch.Tensor, combine: bool, programs: int, group_rows: int,
                        maxnreg: int | None = None, starts: torch.Tensor | None = None,
-                       window: tuple[torch.Tensor, torch.Tensor] | None = None
+                       window: tuple[torch.Tensor, torch.Tensor] | None = None, stages: int = STAGES
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention of q [B, Hq, D] (plain, or already rotated) over cache's uint8 pages [slots, Hkv, D/2] (read as
     int32 words) and (scale, lo) words, from `programs` warps, request b over tokens [starts[b], seq_lens[b])
@@ -521,14 +561,15 @@ def launch_warp_decode(q: torch.Tensor, cache: LayerCache, page_table: torch.Ten
     kp, vp, s_ps, s_ph = cache_args(cache)[:4]
     po, pl, meta = workspace = warp_workspace(bsz, hq, hq // hkv, d, programs, q.device)
     batch_pad = max(32, 1 << (bsz - 1).bit_length())
+    step = warp_step(group_rows)
     compiled = decode_int4_warp_kernel[(programs,)](
         q, kw, vw, kp, vp, page_table, seq_lens, seq_lens if starts is None else starts, po, pl, meta,
         pair_counters(q.device), *(window or (out, out)), out, bsz, q.stride(0),
         q.stride(1), page_table.stride(0), out.stride(0), out.stride(1), qk_scale, S_KCS=kw.stride(0),
         S_KCH=kw.stride(1), S_VCS=vw.stride(0), S_VCH=vw.stride(1), S_PS=s_ps, S_PH=s_ph, HQ=hq, G=hq // hkv,
-        GP=group_rows, D=d, PAGE=cache.page_size, STEP=STEP, MIN_STEPS=MIN_STEPS, MAX_PIECES=MAX_PIECES, BP=batch_pad,
-        COMBINE=combine, START=starts is not None, WINDOW=window is not None, **warp_layouts(STEP, d, batch_pad),
-        num_warps=1, maxnreg=maxnreg)
+        GP=group_rows, D=d, PAGE=cache.page_size, STEP=step, STAGES=stages, MIN_STEPS=MIN_RUN_TOKENS // step,
+        MAX_PIECES=MAX_PIECES, BP=batch_pad, COMBINE=combine, START=starts is not None, WINDOW=window is not None,
+        **warp_layouts(step, d, batch_pad), num_warps=1, maxnreg=maxnreg)
     # each of an SM's 4 schedulers has 16k registers, given out in units of 256 per warp
     regs_per_warp = math.ceil(compiled.n_regs * 32 / 256) * 256
     _RESIDENT[(q.device.index, d, group_rows, maxnreg)] = min(32, 4 * (16384 // regs_per_warp))

@@ -103,26 +103,29 @@ def test_decode_full_shape(name: str, order: int, rv: bool, cfg: dict, lens: lis
     assert run_decode(fmt, 4, 16, lens, None, hkv=8, seed=1, **cfg) < TOL
 
 
-# The warp kernel (CUDA only) at its edges: lengths around its 16-token steps, 1 token, runs that start and
-# end inside pairs and span several, more programs than runs (the last: 240 for 6 steps), page sizes
-# 16..128, GQA 1..16, head_dim 64 and 128, every option of the format. Its splits are programs per pair.
+# The warp kernel (CUDA only) at its edges: lengths around its 32-token steps and their 16-token halves,
+# 1 token, runs that start and end inside pairs and span several, more programs than runs (the last: 240 for
+# 6 steps), page sizes 16..128, GQA 1..16, head_dim 64 and 128, every option of the format. Its splits are
+# programs per pair.
 WARP_CASES = [
-    (KVFormat("int4", 128), 4, 16, [1, 15, 16, 17, 300], None),
+    (KVFormat("int4", 128), 4, 16, [1, 15, 16, 17, 31, 32, 33, 300], None),
     (KVFormat("int4-bdr", 128, 128, k_center=True), 8, 32, [4096, 33, 1], 3),
     (KVFormat("int4-bdr", 64, 16, rotate_v=True), 7, 16, [47, 16, 200], 2),
     (KVFormat("int4-bdr", 128, 64, rotate_v=True, k_center=True), 1, 128, [130, 5, 1000], 8),
     (KVFormat("int4", 64, k_center=True), 2, 16, [31, 64], 1),
     (KVFormat("int4-bdr", 128, 16), 16, 16, [100, 17], None),
     (KVFormat("int4-bdr", 128, 32), 3, 64, [1, 2, 3], 40),
-    (KVFormat("int4", 128), 4, 16, [9000, 5], None),  # 563 steps in 63 pieces: MAX_PIECES binds
+    (KVFormat("int4", 128), 4, 16, [9000, 5], None),  # 282 steps in ~57 pieces: MAX_PIECES binds
     (KVFormat("int4-bdr", 64, 64), 2, 16, [1 + 37 * i % 90 for i in range(150)], None),  # 2 passes over lengths
 ]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("stages", [2, 3, 4])
 @pytest.mark.parametrize("case", WARP_CASES, ids=case_id)
-def test_warp_decode_matches_reference(case: tuple) -> None:
-    assert run_decode(*case, q_rotated=case[0].rotated, impl="warp") < TOL
+def test_warp_decode_matches_reference(case: tuple, stages: int) -> None:
+    """stages: the kernel's shared buffers (num_stages), stages - 1 steps in flight."""
+    assert run_decode(*case, q_rotated=case[0].rotated, impl="warp", num_stages=stages) < TOL
     torch.cuda.synchronize()
     assert not pair_counters(DEV).any(), "the last piece of each pair resets its count"
 
