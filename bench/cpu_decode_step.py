@@ -6,9 +6,6 @@ attention), prefills --streams requests of --prompt-tokens tokens, then times --
 step goes: --profile prints the top functions (cProfile) of the timed steps.
 
   python bench/cpu_decode_step.py --kv int4-bdr bf16 --streams 1 4 [--model smollm2-135m] [--out x.json]
-
---int4 torch cpp (default: cpp) times INT4 formats with the reference's torch products and with the C++ loops of
-kv/cpu_int4.cpp, alternating, --rounds times.
 """
 
 from __future__ import annotations
@@ -26,9 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from saw_worker.builder import build_engine  # noqa: E402
 from saw_worker.engine.request import GenerateParams, Sequence  # noqa: E402
-from saw_worker.kv import reference_backend  # noqa: E402
-from saw_worker.kv.cpu_int4 import products  # noqa: E402
-from saw_worker.kv.reference import TORCH_INT4  # noqa: E402
 from saw_worker.options import WorkerOptions  # noqa: E402
 
 
@@ -74,24 +68,15 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--int4", nargs="+", choices=["torch", "cpp"], default=["cpp"], help="INT4 products")
-    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     rows = []
-    cpp = products()
-    for _ in range(args.rounds):
-        for kv in args.kv:
-            for n in args.streams:
-                for int4 in args.int4 if kv != "bf16" else ["-"]:
-                    # the backend takes its products when the engine builds it
-                    reference_backend.cpu_int4.products = lambda int4=int4: TORCH_INT4 if int4 == "torch" else cpp
-                    ms = step_ms(args.model, kv, n, args.prompt_tokens, args.steps, args.profile)
-                    rows.append({"model": args.model, "kv": kv, "int4": int4, "streams": n,
-                                 "context": args.prompt_tokens, "ms_per_step": round(ms, 1),
-                                 "tokens_per_s": round(n * 1e3 / ms, 1)})
-                    print(f"{args.model} {kv:9s} int4 {int4:5s} streams {n}: {ms:7.1f} ms/step, "
-                          f"{n * 1e3 / ms:6.1f} tokens/s", flush=True)
+    for kv in args.kv:
+        for n in args.streams:
+            ms = step_ms(args.model, kv, n, args.prompt_tokens, args.steps, args.profile)
+            rows.append({"model": args.model, "kv": kv, "streams": n, "context": args.prompt_tokens,
+                         "ms_per_step": round(ms, 1), "tokens_per_s": round(n * 1e3 / ms, 1)})
+            print(f"{args.model} {kv:9s} streams {n}: {ms:7.1f} ms/step, {n * 1e3 / ms:6.1f} tokens/s", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
 

@@ -11,7 +11,6 @@ pages, as the kernels do.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -142,12 +141,9 @@ def paged_attention_ref(q: torch.Tensor, cu_seqlens: torch.Tensor, seq_lens: tor
 
 
 def attend_ref(q: torch.Tensor, plan: AttentionPlan, cache: LayerCache, fmt: KVFormat, sm_scale: float,
-               new_kv: tuple[torch.Tensor, torch.Tensor] | None = None, int4: Int4Products | None = None
-               ) -> torch.Tensor:
+               new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """paged_attention_ref's arithmetic for one layer, given the step's plan: q [T, Hq, D] -> o [T, Hq, D].
-    Products are one matmul per (request, KV head) over its G x max_q query rows: [G Q, D] @ [D, L]; int4: how
-    they meet INT4 rows (default TORCH_INT4, the definition)."""
-    int4 = int4 or TORCH_INT4
+    Products are one matmul per (request, KV head) over its G x max_q query rows: [G Q, D] @ [D, L]."""
     num_reqs, max_q = plan.slots.shape[0], plan.max_q
     hq, d = q.shape[1], q.shape[2]
     hkv = cache.k.shape[1]
@@ -155,7 +151,7 @@ def attend_ref(q: torch.Tensor, plan: AttentionPlan, cache: LayerCache, fmt: KVF
     qf = q.float() * sm_scale  # the scale folded into q: every score below is linear in q
     qg = (qf if plan.q_rows is None else qf[plan.q_rows]).view(num_reqs, max_q, hkv, g, d)
     qh = qg.permute(0, 2, 3, 1, 4).reshape(num_reqs, hkv, g * max_q, d)  # [B, Hkv, G Q, D]
-    scores = _scores(qh, cache, fmt, plan.slots, int4)  # [B, Hkv, G Q, L]
+    scores = _scores(qh, cache, fmt, plan.slots)  # [B, Hkv, G Q, L]
     raw = plan.raw
     if raw is not None:
         assert new_kv is not None and cache.ring_k is not None and cache.ring_v is not None
@@ -171,10 +167,10 @@ def attend_ref(q: torch.Tensor, plan: AttentionPlan, cache: LayerCache, fmt: KVF
     if plan.q_valid is not None:
         probs = probs.nan_to_num(0.0)  # padded query rows see nothing
     if raw is None:
-        out = _weighted_values(probs, cache, fmt, plan.slots, int4)
+        out = _weighted_values(probs, cache, fmt, plan.slots)
     else:
         p_raw = probs.gather(-1, at)
-        out = _weighted_values(probs.scatter_(-1, at, 0.0), cache, fmt, plan.slots, int4) + p_raw @ (v_raw * raw.valid)
+        out = _weighted_values(probs.scatter_(-1, at, 0.0), cache, fmt, plan.slots) + p_raw @ (v_raw * raw.valid)
     out = out.view(num_reqs, hkv, g, max_q, d).permute(0, 3, 1, 2, 4).reshape(num_reqs, max_q, hq, d)
     return (out.flatten(0, 1) if plan.q_valid is None else out[plan.q_valid]).to(q.dtype)
 
@@ -190,58 +186,29 @@ def _codes(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([packed & 0xF, packed >> 4], -1).float()
 
 
-def _int4_scores(qs: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """qs . row of queries qs [B, Hkv, N, D] (in the stored space) against the INT4 rows at slots [B, L] of codes
-    [S, Hkv, D/2] and params [S, Hkv, 2]: a row is c s + lo (codes c), so qs . row = s (qs . c) + lo sum(qs)."""
-    dots = qs @ _codes(_select(codes, slots)).transpose(-1, -2)
-    scale, lo = _select(params, slots).float().unbind(-1)  # [B, Hkv, L] each
-    return torch.addcmul(dots * scale[:, :, None], qs.sum(-1, keepdim=True), lo[:, :, None])
-
-
-def _int4_weighted(probs: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, slots: torch.Tensor
-                   ) -> torch.Tensor:
-    """sum_l probs[..., l] row_l for probs [B, Hkv, N, L] over the INT4 rows at slots [B, L], in the stored space:
-    sum p (c s + lo) = (p s) . c + sum p lo."""
-    scale, lo = _select(params, slots).float().unbind(-1)  # [B, Hkv, L] each
-    return (probs * scale[:, :, None]) @ _codes(_select(codes, slots)) + probs @ lo[..., None]
-
-
-Int4Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Int4Products:
-    """The two products of attention with INT4 rows, as _int4_scores and _int4_weighted define them: a kernel (the
-    CPU path's kv/cpu_int4.cpp) may stand in for them."""
-
-    scores: Int4Product
-    weighted: Int4Product
-
-
-TORCH_INT4 = Int4Products(_int4_scores, _int4_weighted)
-
-
-def _scores(q: torch.Tensor, cache: LayerCache, fmt: KVFormat, slots: torch.Tensor, int4: Int4Products
-            ) -> torch.Tensor:
-    """q . decode_k(row) of queries q [B, Hkv, N, D] against the K rows at slots [B, L]: [B, Hkv, N, L]. INT4 rows
-    are met in the stored space, R q . row, plus q . mu when centered."""
+def _scores(q: torch.Tensor, cache: LayerCache, fmt: KVFormat, slots: torch.Tensor) -> torch.Tensor:
+    """q . decode_k(row) of queries q [B, Hkv, N, D] against the K rows at slots [B, L]: [B, Hkv, N, L].
+    An INT4 row is c s + lo (codes c), so R q . row = s (R q . c) + lo sum(R q), plus q . mu when centered."""
     if not fmt.quantized:
         return q @ _select(cache.k, slots).float().transpose(-1, -2)
     assert cache.k_params is not None
-    out = int4.scores(rotate(q, fmt.hadamard_order) if fmt.rotated else q, cache.k, cache.k_params, slots)
+    qs = rotate(q, fmt.hadamard_order) if fmt.rotated else q
+    dots = qs @ _codes(_select(cache.k, slots)).transpose(-1, -2)
+    scale, lo = _select(cache.k_params, slots).float().unbind(-1)  # [B, Hkv, L] each
+    out = torch.addcmul(dots * scale[:, :, None], qs.sum(-1, keepdim=True), lo[:, :, None])
     if fmt.k_center and cache.k_mean is not None:
         out += q @ cache.k_mean.float()[None, :, :, None]  # [B, Hkv, N, 1]
     return out
 
 
-def _weighted_values(probs: torch.Tensor, cache: LayerCache, fmt: KVFormat, slots: torch.Tensor,
-                     int4: Int4Products) -> torch.Tensor:
-    """sum_l probs[..., l] decode_o(V row at slots[l]) for probs [B, Hkv, N, L]: [B, Hkv, N, D]. INT4 rows are
-    summed in the stored space and rotated back once (decode_o)."""
+def _weighted_values(probs: torch.Tensor, cache: LayerCache, fmt: KVFormat, slots: torch.Tensor) -> torch.Tensor:
+    """sum_l probs[..., l] decode_o(V row at slots[l]) for probs [B, Hkv, N, L]: [B, Hkv, N, D]. For INT4 rows,
+    sum p (c s + lo) = (p s) . c + sum p lo in the stored space, rotated back once (decode_o)."""
     if not fmt.quantized:
         return probs @ _select(cache.v, slots).float()
     assert cache.v_params is not None
-    return decode_o(int4.weighted(probs, cache.v, cache.v_params, slots), fmt)
+    scale, lo = _select(cache.v_params, slots).float().unbind(-1)  # [B, Hkv, L] each
+    return decode_o((probs * scale[:, :, None]) @ _codes(_select(cache.v, slots)) + probs @ lo[..., None], fmt)
 
 
 def _raw_rows(k_pos: torch.Tensor, prefix_lens: torch.Tensor, cu_seqlens: torch.Tensor, window: WindowLayout,

@@ -1,7 +1,5 @@
 """The attention backend on the torch reference (kv/reference.py): the CPU path, and the definition the
-kernels are checked against. On the CPU, INT4 rows meet q and the probabilities in C++ loops (kv/cpu_int4.py),
-built when the backend is; elsewhere, and where they cannot be built, in the reference's torch products.
-One routine serves decode and extend steps; it reads device values on the host
+kernels are checked against. One routine serves decode and extend steps; it reads device values on the host
 (`plan_attention` sizes its padding from them), so it cannot be captured in a CUDA graph. The step's plan (its
 indices and masks, the same in every layer) is built at the first layer and reused by the others."""
 
@@ -12,17 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from saw_kv.cache import LayerCache
-from saw_worker.kv import cpu_int4
 from saw_worker.kv.backend import AttentionBackend, StepLayout
-from saw_worker.kv.pool import KVPool
-from saw_worker.kv.reference import (
-    TORCH_INT4,
-    AttentionPlan,
-    attend_ref,
-    plan_attention,
-    write_kv_ref,
-    write_window_ref,
-)
+from saw_worker.kv.reference import AttentionPlan, attend_ref, plan_attention, write_kv_ref, write_window_ref
 
 if TYPE_CHECKING:
     from saw_worker.engine.model_runner import HostBatch
@@ -30,11 +19,6 @@ if TYPE_CHECKING:
 
 class ReferenceBackend(AttentionBackend):
     _plans: tuple[StepLayout, dict[bool, AttentionPlan]] | None = None
-
-    def __init__(self, pool: KVPool, sm_scale: float) -> None:
-        super().__init__(pool, sm_scale)
-        quantized = any(f.quantized for f in pool.formats)
-        self._int4 = cpu_int4.products() if quantized and pool.device.type == "cpu" else TORCH_INT4
 
     # A new step, or new contents in the graph buffers behind the same layout: the plans are stale.
     def prepare(self, h: HostBatch) -> None:
@@ -72,7 +56,7 @@ class ReferenceBackend(AttentionBackend):
                 lay: StepLayout) -> torch.Tensor:
         plan = self._plan(lay, cache)
         write_kv_ref(k, v, lay.slots, cache, cache.fmt, plan.keep)
-        out = attend_ref(q, plan, cache, cache.fmt, self.sm_scale, (k, v), self._int4)
+        out = attend_ref(q, plan, cache, cache.fmt, self.sm_scale, (k, v))
         window = lay.window_of(cache)
         if window is not None:  # after attention: the step read the ring as it was before its tokens
             assert cache.ring_k is not None and cache.ring_v is not None
