@@ -429,7 +429,7 @@ def decode_attention(q: torch.Tensor, cache: LayerCache, page_table: torch.Tenso
                  and (q_rotated or not fmt.rotated))
     impl = impl or ("warp" if quant and warp_fits else "tile")
     if impl not in ("warp", "tile") or impl == "warp" and not warp_fits:
-        raise ValueError(f"impl={impl!r}: 'tile', or 'warp' on CUDA for pages of whole 16-token steps, head_dim 64 "
+        raise ValueError(f"impl={impl!r}: 'tile', or 'warp' on CUDA for pages of whole 16-token tiles, head_dim 64 "
                          "or 128, GQA <= 16, batch <= 1024 and, for a rotated format, q already rotated")
     warp = quant and impl == "warp"
     if block_n is None:  # measured on H100 (docs/kernels.md)
