@@ -123,42 +123,41 @@ def _next_step(b, n0, n, len_ptr, B, STEP: gl.constexpr):
 
 
 @gluon.jit
-def _pages(pt_ptr, b, n0, n, live, s_ptb, PAGE: gl.constexpr, STEP: gl.constexpr):
-    """Cache pages of the two halves (16 tokens: one mma M tile each) of the step at token n0 of request b
-    (length n), the same page twice where PAGE % STEP == 0; page 0 for a half this program will not compute
-    (live false) or past the request or the batch."""
+def _pages(pt_ptr, b, n0, n, live, s_ptb, PAGE: gl.constexpr, STEP: gl.constexpr, HALF: gl.constexpr):
+    """Cache pages of the step at token n0 of request b (length n): of its first HALF tokens (one mma M tile) and of
+    the rest, the same page twice where PAGE % STEP == 0; page 0 for a part this program will not compute (live
+    false) or past the request or the batch."""
     row = pt_ptr + b.to(gl.int64) * s_ptb
     page_a = gl.load(row + n0 // PAGE, mask=live & (n0 < n), other=0).to(gl.int64)
     page_b = page_a
     if PAGE % STEP != 0:
-        page_b = gl.load(row + (n0 + STEP // 2) // PAGE, mask=live & (n0 + STEP // 2 < n), other=0).to(gl.int64)
+        page_b = gl.load(row + (n0 + HALF) // PAGE, mask=live & (n0 + HALF < n), other=0).to(gl.int64)
     return page_a, page_b
 
 
 @gluon.jit
-def _row_slots(page_a, page_b, n0, second, PAGE: gl.constexpr, STEP: gl.constexpr):
-    """Slot of the first row of each row's half (second: the row is in the second half), whose rows are
-    consecutive slots of one page."""
+def _row_slots(page_a, page_b, n0, second, PAGE: gl.constexpr, STEP: gl.constexpr, HALF: gl.constexpr):
+    """Slot of the first row of each row's part (second: the row is at or past HALF), whose rows are consecutive
+    slots of one page."""
     first_a = page_a * PAGE + (n0 & (PAGE - 1))
-    first_b = first_a + STEP // 2
+    first_b = first_a + HALF
     if PAGE % STEP != 0:
-        first_b = page_b * PAGE + ((n0 + STEP // 2) & (PAGE - 1))
+        first_b = page_b * PAGE + ((n0 + HALF) & (PAGE - 1))
     return gl.where(second, first_b, first_a)
 
 
 @gluon.jit
 def _copy_step(k_buf, v_buf, kp_buf, vp_buf, kc_ptr, vc_ptr, kp_ptr, vp_ptr, page_a, page_b, n0, n, k_off, v_off,
                tk, tv, tp, p_off, S_KCS: gl.constexpr, S_VCS: gl.constexpr, S_PS: gl.constexpr, PAGE: gl.constexpr,
-               STEP: gl.constexpr):
+               STEP: gl.constexpr, HALF: gl.constexpr):
     """Start copying one step's K and V codes (int32 words) and (scale, lo) words into shared buffers
     (cp.async, one group). t*: each layout's rows of the step; *_off: their offsets from the first row of
-    their half. Codes are copied unmasked: rows past a request's end n are in its last page (or in page 0),
+    their part (_row_slots). Codes are copied unmasked: rows past a request's end n are in its last page (or in page 0),
     their scores are masked, and any code makes a finite value. The (scale, lo) words there could be
     anything, NaN included, so they are zero-filled."""
-    half: gl.constexpr = STEP // 2
-    k_rows = _row_slots(page_a, page_b, n0, tk >= half, PAGE, STEP)
-    v_rows = _row_slots(page_a, page_b, n0, tv >= half, PAGE, STEP)
-    p_rows = _row_slots(page_a, page_b, n0, tp >= half, PAGE, STEP)
+    k_rows = _row_slots(page_a, page_b, n0, tk >= HALF, PAGE, STEP, HALF)
+    v_rows = _row_slots(page_a, page_b, n0, tv >= HALF, PAGE, STEP, HALF)
+    p_rows = _row_slots(page_a, page_b, n0, tp >= HALF, PAGE, STEP, HALF)
     async_copy.async_copy_global_to_shared(k_buf, kc_ptr + (k_rows * S_KCS)[:, None] + k_off)
     async_copy.async_copy_global_to_shared(v_buf, vc_ptr + (v_rows * S_VCS)[:, None] + v_off)
     mp = tp < n - n0
@@ -306,7 +305,7 @@ def decode_int4_warp_kernel(
     tk = gl.arange(0, STEP, layout=gl.SliceLayout(1, lay_kw))
     tv = gl.arange(0, STEP, layout=gl.SliceLayout(1, lay_vw))
     tp = gl.arange(0, STEP, layout=gl.SliceLayout(1, mma))  # also the rows of S^T
-    HALF: gl.constexpr = STEP // 2
+    HALF: gl.constexpr = 16  # one mma M tile (decode_int4_warp.HALF): each lies in one page
     k_off = ((tk % HALF) * S_KCS + kh * S_KCH)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_kw))[None, :]
     v_off = ((tv % HALF) * S_VCS + kh * S_VCH)[:, None] + gl.arange(0, W, layout=gl.SliceLayout(0, lay_vw))[None, :]
     p_off = (tp % HALF) * S_PS + kh * S_PH
@@ -325,13 +324,13 @@ def decode_int4_warp_kernel(
     vp_smem = gl.allocate_shared_memory(gl.int32, [STAGES, STEP], sh_p)
     b1, m1, n1 = b, n0, n
     for ahead in gl.static_range(STAGES - 1):
-        page1a, page1b = _pages(pt_ptr, b1, m1, n1, o + ahead < o_end, s_ptb, PAGE, STEP)
+        page1a, page1b = _pages(pt_ptr, b1, m1, n1, o + ahead < o_end, s_ptb, PAGE, STEP, HALF)
         buf = (o + ahead) % STAGES
         _copy_step(k_smem.index(buf), v_smem.index(buf), kp_smem.index(buf), vp_smem.index(buf), kc_ptr, vc_ptr,
                    kp_ptr, vp_ptr, page1a, page1b, m1, n1, k_off, v_off, tk, tv, tp, p_off, S_KCS, S_VCS, S_PS, PAGE,
-                   STEP)
+                   STEP, HALF)
         b1, m1, n1 = _next_step(b1, m1, n1, len_ptr, B, STEP)
-    page1a, page1b = _pages(pt_ptr, b1, m1, n1, o + STAGES - 1 < o_end, s_ptb, PAGE, STEP)
+    page1a, page1b = _pages(pt_ptr, b1, m1, n1, o + STAGES - 1 < o_end, s_ptb, PAGE, STEP, HALF)
     b2, m2, n2 = _next_step(b1, m1, n1, len_ptr, B, STEP)
 
     while o < o_end:
@@ -352,11 +351,11 @@ def decode_int4_warp_kernel(
         for j in range(seg):
             i = o + j
             m0 = n0 + j * STEP
-            page2a, page2b = _pages(pt_ptr, b2, m2, n2, i + STAGES < o_end, s_ptb, PAGE, STEP)
+            page2a, page2b = _pages(pt_ptr, b2, m2, n2, i + STAGES < o_end, s_ptb, PAGE, STEP, HALF)
             buf = (i + STAGES - 1) % STAGES
             _copy_step(k_smem.index(buf), v_smem.index(buf), kp_smem.index(buf), vp_smem.index(buf), kc_ptr, vc_ptr,
                        kp_ptr, vp_ptr, page1a, page1b, m1, n1, k_off, v_off, tk, tv, tp, p_off, S_KCS, S_VCS, S_PS,
-                       PAGE, STEP)
+                       PAGE, STEP, HALF)
             page1a, page1b, m1, n1 = page2a, page2b, m2, n2
             b2, m2, n2 = _next_step(b2, m2, n2, len_ptr, B, STEP)
             async_copy.wait_group(STAGES - 1)  # step i's group has landed
@@ -478,7 +477,7 @@ def warp_layouts(step: int, head_dim: int, batch_pad: int) -> dict[str, gl.const
 HALF = 16  # tokens of one mma M tile; pages must hold whole ones
 STAGES = 2  # shared buffers of the copy pipeline: STAGES - 1 steps in flight while one computes
 # Warps of the compiled kernel an SM holds, from its registers (recorded at each launch, per device,
-# head_dim, query rows and register cap): on sm_90 with triton 3.6, 3 per scheduler, 12 per SM.
+# head_dim, query rows and register cap): on sm_90 with triton 3.6, 2 per scheduler for 32-token steps.
 _RESIDENT: dict[tuple[int | None, int, int, int | None], int] = {}
 # A run of fewer tokens costs more than it saves: 64 splits of one 16-token step at batch 1 x 1k took 22 us,
 # the reduce summing 64 partials per query (9.9 us for the tile kernel); pieces bound the reduce's loop.
