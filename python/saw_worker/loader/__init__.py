@@ -17,7 +17,7 @@ import torch
 from ..config import ModelConfig, TokenizerInfo, UnsupportedArchitectureError
 from ..models import Attention, DecoderLM
 from ..models.linear import int4_supported
-from .aliases import ALIASES, cache_dir, resolve_alias
+from .aliases import ALIASES, cache_dir, gguf_path
 from .errors import ModelLoadError
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -90,12 +90,14 @@ def _load(
     seed: int,
     int4: bool,
 ) -> LoadedModel:
-    if spec in ALIASES:
-        return _load_gguf(resolve_alias(spec), spec, fmt, device, dtype, attention, overrides, seed, int4)
+    gguf = gguf_path(spec)
+    if gguf is not None:
+        name = spec if spec in ALIASES else gguf.stem
+        return _load_gguf(gguf, name, fmt, device, dtype, attention, overrides, seed, int4)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model {spec!r} not found: not a built-in alias ({', '.join(ALIASES)}), file or folder")
-    if path.is_file() and (path.suffix == ".gguf" or fmt == "gguf" or _is_gguf(path)):
+    if path.is_file() and fmt == "gguf":
         return _load_gguf(path, path.stem, fmt, device, dtype, attention, overrides, seed, int4)
     if fmt == "gguf":
         raise ModelLoadError(f"--load-format gguf needs a .gguf file, got {path}")
@@ -103,11 +105,6 @@ def _load(
     if path.is_file() and path.name != "config.json":
         raise ModelLoadError(f"{path}: expected a .gguf file, an HF folder, or a config.json")
     return _load_hf(folder, fmt, device, dtype, attention, overrides, seed)
-
-
-def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
 
 
 def _build(cfg: ModelConfig, attention: Attention, device: torch.device, dtype: torch.dtype) -> DecoderLM:

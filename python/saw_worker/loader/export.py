@@ -11,16 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .aliases import ALIASES, _lock, cache_dir, resolve_alias
+from .aliases import ALIASES, _lock, cache_dir, gguf_path
 from .errors import ModelLoadError
-
-
-def gguf_path(spec: str) -> Path | None:
-    """The GGUF file spec names (an alias is fetched on first use), or None when spec is not a GGUF model."""
-    if spec in ALIASES:
-        return resolve_alias(spec)
-    path = Path(spec).expanduser()
-    return path if path.is_file() and path.suffix == ".gguf" else None
 
 
 def export_hf_folder(gguf: Path, out: Path) -> Path:
