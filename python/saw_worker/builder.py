@@ -14,7 +14,7 @@ from saw_worker.engine.engine import LocalEngine
 from saw_worker.engine.interface import EngineInfo
 from saw_worker.engine.model_runner import ModelRunner
 from saw_worker.engine.scheduler import Scheduler
-from saw_worker.kv import calibration
+from saw_worker.kv import calibration, cpu_backend
 from saw_worker.kv.backend import AttentionBackend
 from saw_worker.kv.pool import KVPool, bytes_per_token, ring_row_bytes
 from saw_worker.kv.reference_backend import ReferenceBackend
@@ -72,12 +72,15 @@ def model_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def attention_backend(pool: KVPool, sm_scale: float, device: torch.device) -> AttentionBackend:
-    """The one place the attention implementation is chosen: the Triton kernels on CUDA, the torch reference
-    elsewhere."""
+    """The one place the attention implementation is chosen: the Triton kernels on CUDA, saw's native CPU kernel
+    for decode on the CPU (the torch reference where the native module is not built, e.g. a bare source tree)."""
     if device.type == "cuda":
         from saw_worker.kv.triton_backend import TritonBackend  # imports saw_kernels: a GPU build of Triton
 
         return TritonBackend(pool, sm_scale)
+    if device.type == "cpu" and cpu_backend.native_available():
+        return cpu_backend.CpuBackend(pool, sm_scale)
+    log.warning("saw_router._native is not built: CPU decode runs the torch reference (slow)")
     return ReferenceBackend(pool, sm_scale)
 
 

@@ -62,6 +62,8 @@ pub fn run_cli(argv: Vec<String>, python: String) -> i32 {
 
 #[cfg(feature = "pyo3")]
 mod python {
+    use std::collections::HashMap;
+
     use pyo3::prelude::*;
 
     /// `_native.run(argv, python)`: runs the router with the GIL released; `python` is the
@@ -71,8 +73,22 @@ mod python {
         Ok(py.detach(move || super::run_cli(argv, python)))
     }
 
+    /// `_native.cpu_decode_attention(fields, sm_scale)`: one layer of a CPU decode step (the worker's
+    /// kv/cpu_backend.py names the tensors in `fields`, see saw_cpu_kernels::decode_attention_raw), with the GIL
+    /// released.
+    #[pyfunction]
+    fn cpu_decode_attention(py: Python<'_>, fields: HashMap<String, usize>, sm_scale: f32) -> PyResult<()> {
+        // SAFETY: cpu_backend.py passes live, contiguous CPU tensors of the dtypes the names say, holds them for
+        // the call, and owns the output, the cache and the rings while the step runs.
+        py.detach(|| unsafe {
+            saw_cpu_kernels::decode_attention_raw(&saw_cpu_kernels::Fields(&fields), sm_scale)
+        })
+        .map_err(pyo3::exceptions::PyValueError::new_err)
+    }
+
     #[pymodule]
     fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-        m.add_function(wrap_pyfunction!(run, m)?)
+        m.add_function(wrap_pyfunction!(run, m)?)?;
+        m.add_function(wrap_pyfunction!(cpu_decode_attention, m)?)
     }
 }
