@@ -10,17 +10,9 @@ conc=${2:-256}
 kv=${3:-int4-bdr}
 # shellcheck source=bench/device/stack_env.sh
 source "$(dirname "$0")/stack_env.sh"
-# the tree's worker code over the wheel's copy (saw_router stays the wheel's: it holds the compiled router)
-cp -r python/saw_kv python/saw_worker python/saw_kernels python/saw_sglang /tmp/site/
+use_tree_python
 plain=(--window 0 --sinks 0 --k-center false --k-scale false)
 [ "$kv" = bf16 ] && plain=()
-point() {  # label, PYTHONPATH, worker flags...
-  local label=$1 path=$2
-  shift 2
-  PYTHONPATH=$path timeout "${BENCH_TIMEOUT:-280}" saw-bench --kv "$kv" --scenario "$scenario" -c "$conc" \
-    --max-requests 1x --out "$out/serving-$label" -- --model configs/qwen3-8b --load-format dummy "$@" 2>&1 \
-    | grep -E "output_tps|rror" | tail -3 | sed "s/^/$label: /"
-}
-point sglang /tmp/site:/tmp/ssite:/tmp/sdsite --engine sglang "${plain[@]}"
-point saw /tmp/site "${plain[@]}"
-[ "$kv" = bf16 ] || point saw-default /tmp/site
+bench_point sglang "$sglang_path" "$kv" configs/qwen3-8b --engine sglang "${plain[@]}"
+bench_point saw /tmp/site "$kv" configs/qwen3-8b "${plain[@]}"
+[ "$kv" = bf16 ] || bench_point saw-default /tmp/site "$kv" configs/qwen3-8b

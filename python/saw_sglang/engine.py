@@ -20,6 +20,7 @@ from typing import Any
 from saw_sglang.config import BACKEND, ENV, KVSpec
 from saw_worker.engine.interface import EngineInfo, LoadStats
 from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sink, TokenLogprob
+from saw_worker.kv.pool import bytes_per_token
 from saw_worker.loader.export import hf_folder_for
 from saw_worker.loader.tokenizer import folder_tokenizer
 from saw_worker.options import GPU_PREFILL_TOKENS, WorkerOptions
@@ -45,6 +46,21 @@ def model_folder(spec: str) -> Path:
     return folder
 
 
+def kv_spec(opts: WorkerOptions) -> KVSpec:
+    return KVSpec(opts.kv.name, opts.kv.hadamard_order, opts.kv.rotate_v)
+
+
+def head_dim(config: dict[str, Any]) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def pool_tokens(memory: int, spec: KVSpec, config: dict[str, Any]) -> int:
+    """The tokens `memory` bytes hold in spec's format: SGLang's max_total_tokens for --kv-cache-memory (plugin.py
+    sizes SGLang's pool by the same bytes per token)."""
+    heads = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    return memory // bytes_per_token(spec.format(head_dim(config)), int(config["num_hidden_layers"]), heads)
+
+
 def engine_args(opts: WorkerOptions, folder: Path) -> dict[str, Any]:
     """sglang.Engine's arguments for the worker's options; what SGLang's engine cannot honour is refused."""
     m, kv, pool, sched, dec = opts.model, opts.kv, opts.pool, opts.scheduler, opts.decode
@@ -63,14 +79,13 @@ def engine_args(opts: WorkerOptions, folder: Path) -> dict[str, Any]:
         disable_radix_cache=not sched.prefix_cache, disable_cuda_graph=not dec.cuda_graphs,
         # prefill graphs (torch.compile of the model around the attention op) are not wired to saw's extend
         disable_piecewise_cuda_graph=True,
-        disable_overlap_schedule=not dec.overlap, log_level=opts.server.log_level, random_seed=0)
+        disable_overlap_schedule=not dec.overlap, log_level=opts.server.log_level, random_seed=0,
+        mem_fraction_static=pool.mem_fraction)
     if m.context_length:
         args["context_length"] = m.context_length
-    if pool.kv_cache_memory is None:
-        args["mem_fraction_static"] = pool.mem_fraction
-    else:
-        raise ValueError("--engine sglang sizes its pool by --mem-fraction (SGLang's --mem-fraction-static), "
-                         "not --kv-cache-memory")
+    if pool.kv_cache_memory is not None:  # a fixed pool, within what --mem-fraction leaves
+        config = json.loads((folder / "config.json").read_text())
+        args["max_total_tokens"] = pool_tokens(pool.kv_cache_memory, kv_spec(opts), config)
     return args
 
 
@@ -145,7 +160,7 @@ class SGLangEngine:
         require_sglang()
         folder = model_folder(options.model.name)
         args = engine_args(options, folder)
-        spec = KVSpec(options.kv.name, options.kv.hadamard_order, options.kv.rotate_v)
+        spec = kv_spec(options)
         os.environ[ENV] = spec.to_env()  # SGLang's scheduler process reads it (config.py)
         self._ready = threading.Event()
         self._failure: BaseException | None = None
@@ -156,13 +171,14 @@ class SGLangEngine:
             raise RuntimeError(f"SGLang did not start: {self._failure}") from self._failure
         config = json.loads((folder / "config.json").read_text())
         tokenizer = folder_tokenizer(folder, int(config["vocab_size"]))
-        fmt = spec.format(int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]))
+        fmt = spec.format(head_dim(config))
         self._info = EngineInfo(folder.resolve().name, tokenizer, self._context_len,
                                 int(config["vocab_size"]), f"{fmt.describe()} (sglang)", self._capacity,
                                 options.pool.page_size, "cuda (sglang)")
         self._running: dict[str, int] = {}  # request id -> max new tokens
         self._lock = threading.Lock()
         self._sglang_load = LoadStats(kv_tokens_total=self._capacity)  # the scheduler's, POLL_S old at most
+        self.preemptions = 0  # SGLang's retractions of the requests finished so far (each request's count, summed)
         self.on_death: Callable[[], None] | None = None
         asyncio.run_coroutine_threadsafe(self._watch(), self._loop)
 
@@ -237,8 +253,11 @@ class SGLangEngine:
                 top_logprobs_num=params.top_logprobs, logprob_start_len=0 if params.prompt_logprobs else -1)
             async for out in stream:
                 ev = event(out, params)
+                last = ev.finish is not None
+                if last:  # counted before the sink hears of the finish
+                    self.preemptions += int(out["meta_info"].get("total_retractions", 0))
                 sink(ev)
-                if ev.finish is not None:
+                if last:
                     return
             sink(Event(finish=Finish.ABORT))
         except ValueError as exc:  # SGLang's refusal of bad input

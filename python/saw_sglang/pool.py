@@ -31,6 +31,10 @@ class SawKVPool(KVCache):
         if page_size & (page_size - 1):
             raise ValueError(f"saw's kernels need a power-of-two --page-size, got {page_size}")
         self.head_num, self.head_dim, self.v_head_dim = head_num, head_dim, head_dim
+        # No element type: SGLang's models write K/V inside their RoPE kernel, past the attention backend, into a
+        # pool whose dtype is bf16 (models/utils.py enable_fused_set_kv_buffer: Qwen3-MoE, GPT-OSS, ...); saw's
+        # backend writes (and quantizes) every layer's K/V itself.
+        self.dtype = None
         self.fmt = spec_from_env().format(head_dim)
         # SGLang hands out slots 0 .. size + page_size - 1 (page 0: padding)
         self.saw = KVPool(self.fmt, layer_num, head_num, size // page_size + 1, page_size, torch.device(device))

@@ -32,9 +32,12 @@ def _hf_architecture(d: dict[str, Any]) -> tuple[str, str]:
     if not archs and model_type in _MODEL_TYPES:
         return _MODEL_TYPES[model_type], model_type
     named = archs[0] if archs else (model_type or "<none>")
-    mla = " (multi-head latent attention is not supported)" if "kv_lora_rank" in d else ""
+    if "kv_lora_rank" in d:
+        why = " (multi-head latent attention is not supported)"
+    else:  # e.g. Qwen3MoeForCausalLM: SGLang's model code with saw's KV pool and kernels
+        why = " (--engine sglang serves more architectures: docs/sglang.md)"
     raise UnsupportedArchitectureError(
-        f"unsupported model architecture {named!r}{mla}; saw runs LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+        f"unsupported model architecture {named!r}{why}; saw runs LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
     )
 
 

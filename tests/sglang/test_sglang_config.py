@@ -14,6 +14,8 @@ from saw_sglang.engine import engine_args, event, model_folder, sampling_params
 from saw_worker.engine.request import Finish, GenerateParams, GrammarSpec, RequestError, SamplingOptions
 from saw_worker.options import KVOptions, ModelOptions, PoolOptions, WorkerOptions
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
@@ -42,12 +44,21 @@ def test_options_the_sglang_engine_cannot_honour_are_refused(folder: Path, kv: d
         engine_args(opts(folder, **kv), folder)
 
 
-def test_a_folder_without_config_or_a_fixed_kv_budget_is_refused(folder: Path, tmp_path: Path) -> None:
+def test_a_folder_without_config_is_refused(folder: Path, tmp_path: Path) -> None:
     assert model_folder(str(folder)) == folder
     with pytest.raises(ValueError, match="HF folder"):
         model_folder(str(tmp_path / "nothing"))
-    with pytest.raises(ValueError, match="--kv-cache-memory"):
-        engine_args(replace(opts(folder), pool=PoolOptions(kv_cache_memory=1 << 30)), folder)
+
+
+def test_a_moe_config_folder_is_served_from_dummy_weights_in_a_fixed_pool() -> None:
+    """configs/qwen3-30b-a3b (Qwen3-MoE, which --engine saw refuses: tests/worker/test_loader.py) goes to SGLang as
+    it is; --kv-cache-memory becomes SGLang's max_total_tokens in saw's format: 48 layers x 4 KV heads x 136 bytes
+    (int4-bdr at head_dim 128: 64 code bytes + fp16 scale and lo, for K and for V) a token."""
+    folder = REPO / "configs/qwen3-30b-a3b"
+    args = engine_args(replace(opts(folder), pool=PoolOptions(kv_cache_memory=1 << 30)), folder)
+    assert (args["model_path"], args["load_format"]) == (str(folder), "dummy")
+    assert args["max_total_tokens"] == (1 << 30) // (48 * 4 * 136) and args["mem_fraction_static"] == 0.9
+    assert "max_total_tokens" not in engine_args(opts(folder), folder)
 
 
 def test_sampling_parameters() -> None:

@@ -447,8 +447,9 @@ def test_mla_and_unknown_architectures_refused(tmp_path: Path) -> None:
     )
     msg = _load_error(tmp_path, "dummy")
     assert "DeepseekV3ForCausalLM" in msg and "latent attention" in msg
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}))
-    assert "Qwen3MoeForCausalLM" in _load_error(tmp_path, "dummy")
+    assert "--engine sglang" not in msg
+    moe = _load_error(REPO / "configs/qwen3-30b-a3b", "dummy")  # --engine sglang serves it (docs/sglang.md)
+    assert "Qwen3MoeForCausalLM" in moe and "--engine sglang" in moe
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
     assert "MambaForCausalLM" in _load_error(tmp_path, "dummy")
     import gguf
