@@ -7,11 +7,11 @@ it as wheels. The whole is one tar, cut into PIECE_MIB pieces: each run on the G
 checkout (a run takes 64 MiB in all).
 
 Stripped, vLLM: FlashAttention-2 (FA3 serves Hopper), the Rust frontend, the SM100 and DeepGEMM kernels. SGLang:
-sglang-kernel's FlashAttention library (1 GB; saw's kernels attend, and upstream SGLang's own runs use its Triton
-or FlashInfer backends), its SM100 build, FlashMLA (MLA models), DeepGEMM (FP8 GEMMs) and mscclpp (multi-GPU
-all-reduce).
+sglang-kernel's FlashAttention library (1 GB; saw's kernels attend; `--with-fa3` keeps it, for upstream SGLang's own
+runs with its default FA3 backend: 4 more pieces), its SM100 build, FlashMLA (MLA models), DeepGEMM (FP8 GEMMs) and
+mscclpp (multi-GPU all-reduce).
 
-  python bench/peer/stage.py [--engine vllm|sglang] [--out .peer/ENGINE]      # then: bench/peer/README.md, step 2
+  python bench/peer/stage.py [--engine vllm|sglang] [--with-fa3] [--out .peer/ENGINE]   # then: bench/peer/README.md
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class Peer:
     wheels: tuple[str, ...]  # unpacked into the engine's tree
     deps: str  # file beside this script: the wheels installed as they are
     strip: tuple[str, ...]  # paths inside the tree that a dense model on sm_90 does not use
+    fa3: str = ""  # the FlashAttention-3 library among strip, kept by --with-fa3
 
 
 PEERS = {
@@ -45,7 +46,7 @@ PEERS = {
                   "vllm/third_party/deep_gemm")),
     "sglang": Peer(("sglang==0.5.11", "sglang-kernel==0.4.2"), "sglang-0.5.11-deps.txt",
                    ("sgl_kernel/flash_ops.abi3.so", "sgl_kernel/sm100", "sgl_kernel/flashmla_ops.abi3.so",
-                    "deep_gemm", "lib", "_mscclpp.cpython-310-x86_64-linux-gnu.so")),
+                    "deep_gemm", "lib", "_mscclpp.cpython-310-x86_64-linux-gnu.so"), fa3="sgl_kernel/flash_ops.abi3.so"),
 }
 
 
@@ -77,6 +78,7 @@ def engine_tree(wheels: list[Path], strip: tuple[str, ...], site: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engine", choices=sorted(PEERS), default="vllm")
+    ap.add_argument("--with-fa3", action="store_true", help="sglang: keep sglang-kernel's FlashAttention-3 library")
     ap.add_argument("--out", type=Path, default=None, help="default .peer/ENGINE")
     args = ap.parse_args()
     import zstandard  # a build-machine dependency only: pip install zstandard
@@ -91,7 +93,8 @@ def main() -> None:
     specs = [line.strip() for line in (HERE / peer.deps).read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     download(deps, *specs, "zstandard")
-    stripped = engine_tree(sorted((work / "wheel").glob("*.whl")), peer.strip, work / "site")
+    strip = tuple(p for p in peer.strip if not (args.with_fa3 and p == peer.fa3))
+    stripped = engine_tree(sorted((work / "wheel").glob("*.whl")), strip, work / "site")
     tree = io.BytesIO()
     with tarfile.open(fileobj=tree, mode="w") as t:
         t.add(work / "site", arcname=".")

@@ -1,10 +1,11 @@
 """One table and one plot of saw-bench runs of several engines at one scenario (bench/peer/race_gpu.sh).
 
 Each run folder holds saw-bench's summary.json and the servers' logs (logs/*.log), from which the KV capacity
-is read: vLLM's "GPU KV cache size: N tokens", saw's "KV pool: ..., N tokens". Rows are labelled by saw-bench's
-labels (vllm-<kv-cache-dtype>, saw's --kv); the ratio column compares each row with the fastest vLLM row.
+is read: vLLM's "GPU KV cache size: N tokens", saw's "KV pool: ..., N tokens", SGLang's "max_total_num_tokens=N".
+Rows are labelled by saw-bench's labels: the peer's (vllm-<kv-cache-dtype>, sglang-<kv-cache-dtype>), saw's --kv
+after the run's name (RUN_DIR:NAME, default "saw"); the ratio column compares each row with the fastest peer row.
 
-  python bench/peer/table.py --out OUT_PREFIX RUN_DIR...   -> OUT_PREFIX.md, .json, .png
+  python bench/peer/table.py --out OUT_PREFIX RUN_DIR[:NAME]...   -> OUT_PREFIX.md, .json, .png
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 import re
 from pathlib import Path
 
-CAPACITY = [re.compile(r"GPU KV cache size: ([\d,]+) tokens"), re.compile(r"KV pool: [^,]+, (\d+) tokens")]
+CAPACITY = [re.compile(r"GPU KV cache size: ([\d,]+) tokens"), re.compile(r"KV pool: [^,]+, (\d+) tokens"),
+            re.compile(r"max_total_num_tokens=(\d+)")]
+PEERS = ("vllm", "sglang-")  # labels of the peer engines' rows
 
 
 def capacities(run: Path) -> dict[str, int]:
@@ -30,21 +33,23 @@ def capacities(run: Path) -> dict[str, int]:
     return found
 
 
-def rows(runs: list[Path]) -> list[dict]:
+def rows(runs: list[str]) -> list[dict]:
     out = []
-    for run in runs:
+    for arg in runs:
+        path, _, name = arg.partition(":")
+        run = Path(path)
         summary = json.loads((run / "summary.json").read_text())
         caps = capacities(run)
         for p in summary["points"]:
             cap = caps.get(p["label"], next(iter(caps.values())) if len(caps) == 1 else None)
-            engine = p["label"] if p["label"].startswith("vllm") else f"saw-{p['label']}"
+            engine = p["label"] if p["label"].startswith(PEERS) else f"{name or 'saw'} {p['label']}"
             out.append({"label": engine, "conc": p["conc"], "scenario": p["scenario"],
                         "output_tps_job": p["output_tps_job"], "mean_ttft_ms": p["mean_ttft_ms"],
                         "ok": p["requests_ok"], "failed": p["requests_failed"], "kv_tokens": cap,
                         "date": summary["meta"]["date"]})
-    best_peer = max((r["output_tps_job"] for r in out if r["label"].startswith("vllm")), default=None)
+    best_peer = max((r["output_tps_job"] for r in out if r["label"].startswith(PEERS)), default=None)
     for r in out:
-        r["vs_best_vllm"] = round(r["output_tps_job"] / best_peer, 3) if best_peer else None
+        r["vs_best_peer"] = round(r["output_tps_job"] / best_peer, 3) if best_peer else None
     return out
 
 
@@ -53,10 +58,10 @@ def _tokens(n: int | None) -> str:
 
 
 def markdown(table: list[dict]) -> str:
-    head = "| engine / KV | conc | KV tokens | output_tps(job) | vs best vLLM | mean TTFT ms | ok / failed |\n"
+    head = "| engine / KV | conc | KV tokens | output_tps(job) | vs best peer | mean TTFT ms | ok / failed |\n"
     head += "|---|---|---:|---:|---:|---:|---|\n"
     lines = [f"| {r['label']} | {r['conc']} | {_tokens(r['kv_tokens'])} | {r['output_tps_job']:,.1f} | "
-             f"{r['vs_best_vllm'] or '–'} | {r['mean_ttft_ms']:,.0f} | {r['ok']} / {r['failed']} |" for r in table]
+             f"{r['vs_best_peer'] or '–'} | {r['mean_ttft_ms']:,.0f} | {r['ok']} / {r['failed']} |" for r in table]
     return f"# {table[0]['scenario']} ({table[0]['date']})\n\n" + head + "\n".join(lines) + "\n"
 
 
@@ -68,10 +73,10 @@ def plot(table: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     labels = [f"{r['label']}\nc={r['conc']}" for r in table]
-    colors = ["#999999" if r["label"].startswith("vllm") else "#2a7ab9" for r in table]
+    colors = ["#999999" if r["label"].startswith(PEERS) else "#2a7ab9" for r in table]
     ax.bar(labels, [r["output_tps_job"] for r in table], color=colors)
     ax.set_ylabel("output tokens/s (job)")
-    ax.set_title(f"{table[0]['scenario']}: vLLM (grey) and saw (blue), same GPU and prompts")
+    ax.set_title(f"{table[0]['scenario']}: peer engine (grey) and saw (blue), same GPU and prompts")
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -80,7 +85,7 @@ def plot(table: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="prefix of the .md, .json and .png written")
-    ap.add_argument("runs", type=Path, nargs="+")
+    ap.add_argument("runs", nargs="+", help="RUN_DIR[:NAME]")
     args = ap.parse_args()
     table = rows(args.runs)
     text = markdown(table)
