@@ -8,7 +8,7 @@ checkout (a run takes 64 MiB in all).
 
 Stripped, vLLM: FlashAttention-2 (FA3 serves Hopper), the Rust frontend, the SM100 and DeepGEMM kernels. SGLang:
 sglang-kernel's FlashAttention library (1 GB; saw's kernels attend; `--with-fa3` keeps it, for upstream SGLang's own
-runs with its default FA3 backend: 4 more pieces), its SM100 build, FlashMLA (MLA models), DeepGEMM (FP8 GEMMs) and
+runs with its default FA3 backend: 2 more pieces), its SM100 build, FlashMLA (MLA models), DeepGEMM (FP8 GEMMs) and
 mscclpp (multi-GPU all-reduce).
 
   python bench/peer/stage.py [--engine vllm|sglang] [--with-fa3] [--out .peer/ENGINE]   # then: bench/peer/README.md
@@ -46,7 +46,8 @@ PEERS = {
                   "vllm/third_party/deep_gemm")),
     "sglang": Peer(("sglang==0.5.11", "sglang-kernel==0.4.2"), "sglang-0.5.11-deps.txt",
                    ("sgl_kernel/flash_ops.abi3.so", "sgl_kernel/sm100", "sgl_kernel/flashmla_ops.abi3.so",
-                    "deep_gemm", "lib", "_mscclpp.cpython-310-x86_64-linux-gnu.so"), fa3="sgl_kernel/flash_ops.abi3.so"),
+                    "deep_gemm", "lib", "_mscclpp.cpython-310-x86_64-linux-gnu.so"),
+                   fa3="sgl_kernel/flash_ops.abi3.so"),
 }
 
 
