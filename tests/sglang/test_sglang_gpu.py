@@ -150,16 +150,24 @@ RETRACT_POOL = 512  # tokens (32 pages of 16): room for about four of the eight 
 NEAR_TIE = 1.0  # nats between a position's first two choices where two batch shapes' bf16 rounding may part ways
 
 
+def parting(want: list[int], logprobs: list[TokenLogprob], got: list[int]) -> tuple[int, float | None]:
+    """Where got leaves want (len(want) if nowhere), and by how much want's run preferred its own choice there:
+    the gap in nats to got's token, None when got's token is not among want's first two choices."""
+    i = first_difference(want, got)
+    if i == len(want):
+        return i, 0.0
+    top = dict(logprobs[i].top)
+    return i, top[want[i]] - top[got[i]] if got[i] in top else None
+
+
 def assert_parts_at_near_tie(rid: str, want: list[int], logprobs: list[TokenLogprob], got: list[int]) -> None:
     """got equals want, or leaves it where want's run had a near-tie: its first two choices within NEAR_TIE, and
     got took the second (K/V lost or misplaced give a token that is not the run's second choice)."""
     assert len(got) == len(want) == len(logprobs)
-    i = first_difference(want, got)
-    if i < len(want):
-        top = dict(logprobs[i].top)
-        assert got[i] in top and top[want[i]] - top[got[i]] < NEAR_TIE, (
-            f"{rid} leaves the reference run at token {i} ({want[i]} -> {got[i]}) where it had no near-tie "
-            f"(top 2: {logprobs[i].top})")
+    i, gap = parting(want, logprobs, got)
+    assert gap is not None and gap < NEAR_TIE, (
+        f"{rid} leaves the reference run at token {i} ({want[i]} -> {got[i]}) where it had no near-tie "
+        f"(top 2: {logprobs[i].top})")
 
 
 def served(eng: Any, reqs: list[GenerateParams]) -> dict[str, tuple[list[int], list[TokenLogprob]]]:
@@ -199,7 +207,8 @@ def test_retracted_requests_finish_as_they_do_alone(model_dir: Path, kv: str, mo
         time.sleep(3 * POLL_S)  # the worker's view of SGLang's load is POLL_S old at most
         left = eng.load()
     same = sum(together[k][0] == alone[k][0] for k in alone)
-    print(kv, "retractions", retracted, "identical", same, "of", len(alone), "left", left)
+    print(kv, "retractions", retracted, "identical", same, "of", len(alone), "left", left, "parted at (token, gap)",
+          {rid: parting(want, lps, together[rid][0]) for rid, (want, lps) in alone.items()})
     assert retracted > 0, "the pool held every request at once: nothing was retracted"
     assert (left.running, left.waiting, left.kv_tokens_used) == (0, 0, 0)
     for rid, (want, logprobs) in alone.items():
