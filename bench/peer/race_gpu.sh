@@ -38,8 +38,13 @@ bench() {
     -c "$conc" $flags "$@" 2>&1 | grep -E "output_tps|rror" | tail -6
 }
 
-runs=()
 case $peer in vllm) peer_kv=${PEER_KV-auto fp8 int4_per_token_head} ;; *) peer_kv=${PEER_KV-auto fp8_e4m3} ;; esac
+# a peer that is not installed would only show as saw-bench's startup timeout, minutes later
+[ -z "$peer_kv" ] || case $peer in
+  vllm) PYTHONPATH=/tmp/vsite:/tmp/vdsite python3 -c "import vllm" ;;
+  sglang) PYTHONPATH=/tmp/ssite:/tmp/sdsite python3 -c "import sglang" ;;
+esac || { echo "$peer is not installed here: run bench/peer/install_gpu.sh $peer first"; exit 1; }
+runs=()
 for kv in $peer_kv; do
   run=$out/$peer-$kv-$tag
   mkdir -p "$run/logs"
