@@ -10,6 +10,7 @@ with `load_weights` or `init_random_`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from . import cpu_fused
 from .attention import Attention
 from .linear import Int4Parts, Int4Weight, PackedInt4, int4_supported, linear, pack
 from .rope import apply_rope, cos_sin_cache
@@ -26,9 +28,17 @@ def _param(*shape: int, device: torch.device | None, dtype: torch.dtype | None) 
     return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=False)
 
 
-def use_fused_kernels(x: Tensor) -> bool:
-    """The one switch: Triton kernels (q/k norm + RoPE, SiLU-and-mul) on CUDA; the torch reference elsewhere."""
-    return x.is_cuda
+def fused_ops(x: Tensor) -> ModuleType | None:
+    """The one switch: the fused ops (q/k norm + RoPE, SiLU-and-mul, add + RMSNorm) for x's device, or None for the
+    torch path. Triton kernels on CUDA (saw_kernels.fused); the native kernels on the CPU (models/cpu_fused.py)
+    where saw_router._native is built, except inside torch.compile (which fuses the torch path itself)."""
+    if x.is_cuda:
+        from saw_kernels import fused  # lazily: needs a GPU build of Triton
+
+        return fused
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_fused.available():
+        return cpu_fused
+    return None
 
 
 class Rope(NamedTuple):
@@ -50,16 +60,18 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # One fused kernel on CUDA (fp32 statistics); HF casts to bf16 before the weight multiply,
         # this after: a single bf16 rounding apart.
+        if fused_ops(x) is cpu_fused:  # one native call instead of torch's composite of ~6 ops
+            return cpu_fused.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
     def add_norm(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(norm(s), s) for the residual stream s = x + residual (s = x when residual is None)."""
+        """(norm(s), s) for the residual stream s = x + residual (s = x when residual is None). May consume x and
+        residual (the CPU's fused op writes its results into them)."""
         if residual is None:
             return self(x), x
-        if use_fused_kernels(x):  # one launch for the add and the norm
-            from saw_kernels.fused import add_rms_norm
-
-            return add_rms_norm(x, residual, self.weight, self.eps)
+        ops = fused_ops(x)
+        if ops is not None:  # one launch for the add and the norm
+            return ops.add_rms_norm(x, residual, self.weight, self.eps)
         s = x + residual
         return self(s), s
 
@@ -93,19 +105,17 @@ class DecoderLayer(nn.Module):
         """x: the previous block's output (the embeddings, with residual None, in layer 0); residual: the stream
         before it. Returns this layer's MLP output and the stream before it: every add is fused into the next norm."""
         t = x.shape[0]
-        fused = use_fused_kernels(x)
+        ops = fused_ops(x)
         normed, residual = self.input_layernorm.add_norm(x, residual)
         qkv = linear(normed, self.qkv_weight, self.int4.get("qkv_weight"), self.qkv_bias)
         q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         v = v.view(t, self.nkv, self.d)
-        if fused:  # one launch: reads q, k from qkv; writes contiguous normed, rotated q, k (fp32 in between)
-            from saw_kernels.fused import qk_norm_rope  # lazily: needs a GPU build of Triton
-
+        if ops is not None:  # one launch: reads q, k from qkv; writes normed, rotated q, k (fp32 in between)
             qw = kw = None
             eps = 0.0
             if self.q_norm is not None and self.k_norm is not None:
                 qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
-            q, k = qk_norm_rope(qkv, self.nq, self.nkv, self.d, qw, kw, eps, rope.cache, rope.positions,
+            q, k = ops.qk_norm_rope(qkv, self.nq, self.nkv, self.d, qw, kw, eps, rope.cache, rope.positions,
                                 self.k_scale)
         else:
             assert rope.cos is not None and rope.sin is not None
@@ -120,10 +130,8 @@ class DecoderLayer(nn.Module):
         attn_out = linear(o.reshape(t, self.nq * self.d), self.o_weight, self.int4.get("o_weight"))
         normed, residual = self.post_attention_layernorm.add_norm(attn_out, residual)
         gate_up = linear(normed, self.gate_up_weight, self.int4.get("gate_up_weight"))
-        if fused:
-            from saw_kernels.fused import silu_mul
-
-            h = silu_mul(gate_up)
+        if ops is not None:
+            h = ops.silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             h = F.silu(gate) * up
@@ -161,7 +169,7 @@ class DecoderLM(nn.Module):
         self.attention (the compiled CPU decode step passes an opaque op that calls it, models/compiled.py)."""
         x = F.embedding(input_ids, self.embed_weight)
         rope = Rope(self.cos_sin, positions)
-        if not use_fused_kernels(x):  # the torch path gathers the rows once for all layers
+        if fused_ops(x) is None:  # the torch path gathers the rows once for all layers
             cs = self.cos_sin[positions].to(x.dtype).unsqueeze(1)  # [T, 1, 2D]
             cos, sin = cs.chunk(2, dim=-1)  # (cos, cos), (-sin, sin)
             rope = Rope(self.cos_sin, positions, cos, sin)
