@@ -1,5 +1,6 @@
 """Int4 projections on the CPU: GGUF codes/scales/zeros through gguf's dequantizer (loader/gguf_int4.py), the
-packed kernel against the dense bf16 linear (models/linear.py), and smollm2-135m decode with and without them."""
+packed kernel against the dense bf16 linear (models/linear.py), and smollm2-135m decode with and without them; the
+int8 lm_head likewise."""
 
 from __future__ import annotations
 
@@ -11,13 +12,24 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
+from saw_worker.config import ModelConfig
 from saw_worker.loader.aliases import cache_dir
 from saw_worker.loader.gguf_int4 import int4_parts
 from saw_worker.models import DecoderLM, FullCausalAttention
-from saw_worker.models.linear import INT4_MAX_ROWS, Int4Parts, int4_supported, linear, pack
+from saw_worker.models.linear import (
+    INT4_MAX_ROWS,
+    INT8_MAX_ROWS,
+    Int4Parts,
+    int4_supported,
+    int8_supported,
+    linear,
+    pack,
+    pack_int8,
+)
 
 CPU = torch.device("cpu")
 needs_kernel = pytest.mark.skipif(not int4_supported(CPU, torch.bfloat16), reason="no int4 CPU kernel in this torch")
+needs_int8 = pytest.mark.skipif(not int8_supported(CPU, torch.bfloat16), reason="no int8 CPU kernel in this torch")
 
 
 def _weights(rows: int, cols: int, seed: int) -> np.ndarray:
@@ -134,6 +146,51 @@ def test_packed_linear_takes_any_layout_of_x() -> None:
     want = linear(x.contiguous(), w.bfloat16(), packed)
     assert torch.equal(linear(x, w.bfloat16(), packed), want)
     assert torch.equal(linear(x.reshape(2, 3, 64), w.bfloat16(), packed), want.view(2, 3, 48))
+
+
+@needs_int8
+@pytest.mark.parametrize("m", [1, 3, INT8_MAX_ROWS])
+def test_int8_linear_matches_dense(m: int) -> None:
+    n, k = 200, 576
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(n, k, generator=gen) * (torch.rand(n, 1, generator=gen) * 3)  # rows of different ranges
+    w[:, 7] *= 20  # an outlier column
+    w[5] = 0  # an all-zero row
+    packed = pack_int8(w.bfloat16())
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    got = linear(x, w.bfloat16(), packed)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n) and torch.isfinite(got).all()
+    want = F.linear(x.float(), w.bfloat16().float())
+    # each weight within half a step of its row's bf16 scale (the clamp costs no more), the output rounds to bf16
+    bound = x.float().abs() @ (0.5 * packed.scales.float()[:, None]).expand(n, k).T + 2**-8 * want.abs() + 1e-4
+    assert ((got.float() - want).abs() <= bound).all()
+    above = torch.randn(INT8_MAX_ROWS + 1, k, generator=gen).bfloat16()
+    assert torch.equal(linear(above, w.bfloat16(), packed), F.linear(above, w.bfloat16()))
+
+
+@needs_int8
+def test_lm_head_int8_is_kept_until_the_weights_change() -> None:
+    cfg = ModelConfig(architecture="llama", vocab_size=160, hidden_size=64, intermediate_size=96, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e4, rope_scaling=None, rms_norm_eps=1e-6,
+                      max_position_embeddings=32, tie_word_embeddings=True, attention_bias=False, qk_norm=False)
+    model = DecoderLM(cfg, FullCausalAttention(4, 2), dtype=torch.bfloat16)
+    model.init_random_(seed=3, std=0.2)
+    hidden = torch.randn(2, 64).bfloat16()
+    dense = model.compute_logits(hidden)
+    model.pack_lm_head()
+    assert model.lm_head_int8 is not None
+    got = model.compute_logits(hidden)
+    assert got.dtype == torch.float32 and not torch.equal(got, dense)
+    torch.testing.assert_close(got, dense, atol=0.02 * dense.abs().max().item(), rtol=0)
+    model.init_random_(seed=4)
+    assert model.lm_head_int8 is None
+    model.pack_lm_head()
+    model.load_weights([("model.embed_tokens.weight", torch.zeros(160, 64))], strict=False)
+    assert model.lm_head_int8 is None
+    model32 = DecoderLM(cfg, FullCausalAttention(4, 2), dtype=torch.float32)
+    model32.init_random_()
+    model32.pack_lm_head()
+    assert model32.lm_head_int8 is None  # float32 keeps the dense GEMM
 
 
 # ---- smollm2-135m (Q4_1): decode with packed weights vs the dense bf16 ones -----------------------------------

@@ -20,7 +20,17 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from . import cpu_fused
 from .attention import Attention
-from .linear import Int4Parts, Int4Weight, PackedInt4, int4_supported, linear, pack
+from .linear import (
+    Int4Parts,
+    Int4Weight,
+    PackedInt4,
+    PackedInt8,
+    int4_supported,
+    int8_supported,
+    linear,
+    pack,
+    pack_int8,
+)
 from .rope import apply_rope, cos_sin_cache
 
 
@@ -158,6 +168,8 @@ class DecoderLM(nn.Module):
         self.lm_head_weight = (
             None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size, **kw)
         )
+        # the lm_head also as int8 for few-row logits (CPU bf16, models/linear.py): set by pack_lm_head
+        self.lm_head_int8: PackedInt8 | None = None
         cache = cos_sin_cache(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings, dev
         )
@@ -181,12 +193,20 @@ class DecoderLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, H] -> logits [N, vocab] float32."""
         w = self.embed_weight if self.lm_head_weight is None else self.lm_head_weight
-        return F.linear(hidden, w).float()
+        return linear(hidden, w, self.lm_head_int8).float()
+
+    @torch.no_grad()
+    def pack_lm_head(self) -> None:
+        """Keep the lm_head (or the tied embeddings) as int8 too, where the kernel pays (bf16 on the CPU): decode
+        logits read half the bytes. The loader calls it after the weights are in; writing them drops it."""
+        w = self.embed_weight if self.lm_head_weight is None else self.lm_head_weight
+        self.lm_head_int8 = pack_int8(w) if int8_supported(w.device, w.dtype) else None
 
     # ---- weights ---------------------------------------------------------------------------
     def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
         """Deterministic random weights (dummy load): small std keeps activations finite in bf16."""
         dev = self.embed_weight.device
+        self.lm_head_int8 = None
         for layer in self.layers:
             layer.int4.clear()
         g = torch.Generator(device=dev).manual_seed(seed)
@@ -205,6 +225,7 @@ class DecoderLM(nn.Module):
         An `Int4Weight` is copied as its dense tensor; where every row range of a projection came with int4 parts
         and the model is bf16 on the CPU, the layer also keeps it packed (`DecoderLayer.int4`).
         strict: every parameter must be written (a tied lm_head may be absent or present)."""
+        self.lm_head_int8 = None
         written: set[str] = set()
         pending: dict[str, dict[tuple[int, int] | None, Int4Parts]] = {}  # projection -> its row ranges' parts
         for name, item in weights:
