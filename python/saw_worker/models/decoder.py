@@ -126,7 +126,7 @@ class DecoderLayer(nn.Module):
             if self.q_norm is not None and self.k_norm is not None:
                 qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
             q, k = ops.qk_norm_rope(qkv, self.nq, self.nkv, self.d, qw, kw, eps, rope.cache, rope.positions,
-                                self.k_scale)
+                                    self.k_scale)
         else:
             assert rope.cos is not None and rope.sin is not None
             q, k = q.view(t, self.nq, self.d), k.view(t, self.nkv, self.d)
