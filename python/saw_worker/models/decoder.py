@@ -33,6 +33,8 @@ from .linear import (
 )
 from .rope import apply_rope, cos_sin_cache
 
+PROJECTIONS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+
 
 def _param(*shape: int, device: torch.device | None, dtype: torch.dtype | None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=False)
@@ -107,9 +109,10 @@ class DecoderLayer(nn.Module):
         # divided by it, per (KV head, channel), so the cache and every attention kernel see scaled keys;
         # powers of two, so q . k is exactly unchanged.
         self.k_scale: Tensor | None = None  # fp32 [Hkv, D]
-        # The projections' weights packed for the CPU int4 kernel, by parameter name (models/linear.py; set by
-        # DecoderLM.load_weights where the checkpoint holds them 4-bit): few-row forwards read these instead.
-        self.int4: dict[str, PackedInt4] = {}
+        # The projections' weights packed for the CPU int4 or int8 kernel, by parameter name (models/linear.py; int4
+        # set by DecoderLM.load_weights where the checkpoint holds them 4-bit, int8 by pack_int8_weights for the
+        # rest): few-row forwards read these instead.
+        self.packed: dict[str, PackedInt4 | PackedInt8] = {}
 
     def forward(self, x: Tensor, residual: Tensor | None, rope: Rope, attention: Attention) -> tuple[Tensor, Tensor]:
         """x: the previous block's output (the embeddings, with residual None, in layer 0); residual: the stream
@@ -117,7 +120,7 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         ops = fused_ops(x)
         normed, residual = self.input_layernorm.add_norm(x, residual)
-        qkv = linear(normed, self.qkv_weight, self.int4.get("qkv_weight"), self.qkv_bias)
+        qkv = linear(normed, self.qkv_weight, self.packed.get("qkv_weight"), self.qkv_bias)
         q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         v = v.view(t, self.nkv, self.d)
         if ops is not None:  # one launch: reads q, k from qkv; writes normed, rotated q, k (fp32 in between)
@@ -137,15 +140,15 @@ class DecoderLayer(nn.Module):
                 lam = self.k_scale.to(q.dtype)
                 q, k = q * lam.repeat_interleave(self.nq // self.nkv, 0), k / lam
         o = attention(self.layer_id, q, k, v)
-        attn_out = linear(o.reshape(t, self.nq * self.d), self.o_weight, self.int4.get("o_weight"))
+        attn_out = linear(o.reshape(t, self.nq * self.d), self.o_weight, self.packed.get("o_weight"))
         normed, residual = self.post_attention_layernorm.add_norm(attn_out, residual)
-        gate_up = linear(normed, self.gate_up_weight, self.int4.get("gate_up_weight"))
+        gate_up = linear(normed, self.gate_up_weight, self.packed.get("gate_up_weight"))
         if ops is not None:
             h = ops.silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        return linear(h, self.down_weight, self.int4.get("down_weight")), residual
+        return linear(h, self.down_weight, self.packed.get("down_weight")), residual
 
 
 class DecoderLM(nn.Module):
@@ -168,7 +171,7 @@ class DecoderLM(nn.Module):
         self.lm_head_weight = (
             None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size, **kw)
         )
-        # the lm_head also as int8 for few-row logits (CPU bf16, models/linear.py): set by pack_lm_head
+        # the lm_head also as int8 for few-row logits (CPU bf16, models/linear.py): set by pack_int8_weights
         self.lm_head_int8: PackedInt8 | None = None
         cache = cos_sin_cache(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings, dev
@@ -196,11 +199,18 @@ class DecoderLM(nn.Module):
         return linear(hidden, w, self.lm_head_int8).float()
 
     @torch.no_grad()
-    def pack_lm_head(self) -> None:
-        """Keep the lm_head (or the tied embeddings) as int8 too, where the kernel pays (bf16 on the CPU): decode
-        logits read half the bytes. The loader calls it after the weights are in; writing them drops it."""
+    def pack_int8_weights(self) -> None:
+        """Keep the lm_head (or the tied embeddings) and every layer projection not packed int4 as int8 too, where
+        the kernel pays (bf16 on the CPU): decode reads half of bf16's bytes for them. The loader calls it after the
+        weights are in; writing a weight drops its packed copy."""
         w = self.embed_weight if self.lm_head_weight is None else self.lm_head_weight
-        self.lm_head_int8 = pack_int8(w) if int8_supported(w.device, w.dtype) else None
+        if not int8_supported(w.device, w.dtype):
+            return
+        self.lm_head_int8 = pack_int8(w)
+        for layer in self.layers:
+            for attr in PROJECTIONS:
+                if attr not in layer.packed:
+                    layer.packed[attr] = pack_int8(layer.get_parameter(attr))
 
     # ---- weights ---------------------------------------------------------------------------
     def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
@@ -208,7 +218,7 @@ class DecoderLM(nn.Module):
         dev = self.embed_weight.device
         self.lm_head_int8 = None
         for layer in self.layers:
-            layer.int4.clear()
+            layer.packed.clear()
         g = torch.Generator(device=dev).manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -223,7 +233,7 @@ class DecoderLM(nn.Module):
         """Copy HF-named tensors (`model.layers.3.self_attn.q_proj.weight`, ...) into the merged params.
 
         An `Int4Weight` is copied as its dense tensor; where every row range of a projection came with int4 parts
-        and the model is bf16 on the CPU, the layer also keeps it packed (`DecoderLayer.int4`).
+        and the model is bf16 on the CPU, the layer also keeps it packed (`DecoderLayer.packed`).
         strict: every parameter must be written (a tied lm_head may be absent or present)."""
         self.lm_head_int8 = None
         written: set[str] = set()
@@ -256,7 +266,7 @@ class DecoderLM(nn.Module):
             return  # norms, biases, embeddings, lm_head stay dense
         layer = self.get_submodule(layer_name)
         assert isinstance(layer, DecoderLayer)
-        layer.int4.pop(attr, None)
+        layer.packed.pop(attr, None)
         p = self.get_parameter(pname)
         parts = pending.setdefault(pname, {})
         if got is None or not int4_supported(p.device, p.dtype):
@@ -267,7 +277,7 @@ class DecoderLM(nn.Module):
         if all(r in parts for r in splits):
             packed = pack(Int4Parts.cat([parts[r] for r in splits]))
             if packed is not None:
-                layer.int4[attr] = packed
+                layer.packed[attr] = packed
             del pending[pname]
 
     def _expected_keys(self) -> list[str]:
