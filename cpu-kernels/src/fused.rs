@@ -3,7 +3,8 @@
 //!
 //! The torch path of `saw_worker/models/decoder.py` (F.rms_norm, rope.apply_rope, F.silu) is the spec; these
 //! compute it as the GPU's fused kernels do (`saw_kernels/fused.py`): fp32 math with the fp32 cos/sin cache, one
-//! rounding to the activation dtype. Each op replaces 2-7 torch ops of ~10-50 us at decode sizes. Rows are split
+//! rounding to the activation dtype. Each op replaces 2-7 torch ops; at decode sizes a call takes a few us
+//! (bench/results/cpu-fused-2026-12-04: ~2 ms off a smollm2-135m decode step of 13-15 ms). Rows are split
 //! over threads only where a part has enough work to pay for a thread (prefill); a decode step's few rows run on
 //! the caller's thread.
 

@@ -1,10 +1,10 @@
 """The decoder layer's elementwise ops on the CPU through the native kernels (cpu-kernels/src/fused.rs): RMSNorm,
-residual add + RMSNorm, q/k norm + RoPE, SiLU-and-mul, each one call in place of 2-7 torch ops of ~10-50 us at
-decode sizes. The functions take what saw_kernels/fused.py (the CUDA kernels) takes and return what it returns, so
-the decoder has one fused path (decoder.fused_ops picks the module); unlike those, `add_rms_norm` and
-`qk_norm_rope` work in place: they consume their inputs (the decoder never reads them again), saving a copy and an
-allocation per call. fp32 math, one rounding to the activation dtype; the torch path is the spec
-(tests/worker/test_cpu_fused.py holds them to each other)."""
+residual add + RMSNorm, q/k norm + RoPE, SiLU-and-mul, each one call of a few us in place of 2-7 torch ops (~2 ms
+off a smollm2-135m decode step: bench/results/cpu-fused-2026-12-04). The functions take what saw_kernels/fused.py
+(the CUDA kernels) takes and return what it returns, so the decoder has one fused path (decoder.fused_ops picks
+the module); unlike those, `add_rms_norm` and `qk_norm_rope` work in place: they consume their inputs (the decoder
+never reads them again), saving a copy and an allocation per call. fp32 math, one rounding to the activation
+dtype; the torch path is the spec (tests/worker/test_cpu_fused.py holds them to each other)."""
 
 from __future__ import annotations
 
