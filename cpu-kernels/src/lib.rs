@@ -1,19 +1,23 @@
 //! saw's decode attention on the CPU: one call per layer of a decode step stores each request's new K, V in the
 //! paged cache (bf16, or INT4 codes with fp16 (scale, lo)), attends its query over the request's tokens and keeps
-//! the new K, V in the request's bf16 ring when the format has a window.
+//! the new K, V in the request's bf16 ring when the format has a window. `fused` holds the layer's other
+//! elementwise ops (RMSNorm, q/k norm + RoPE, SiLU-and-mul).
 //!
 //! The worker's torch reference (`saw_worker/kv/reference.py`, on `saw_kv/formats.py`) is the spec: the same
 //! arithmetic in fp32, in one pass over the cache instead of ~60 torch ops per layer. The Python side
-//! (`saw_worker/kv/cpu_backend.py`) checks every tensor's dtype and layout; this side checks every index it reads
-//! or writes against the buffers' lengths, so a bad layout is an error, never a stray write.
+//! (`saw_worker/kv/cpu_backend.py`, `saw_worker/models/cpu_fused.py`) checks every tensor's dtype and layout; this
+//! side checks every index it reads or writes against the buffers' lengths, so a bad layout is an error, never a
+//! stray write.
 
 mod attend;
+mod fused;
 mod int4;
 mod raw;
 mod vector;
 
+pub use fused::{add_rms_norm, qk_norm_rope, rms_norm, silu_mul, Elem, QkRope};
 pub use int4::{quantize_row, rotate};
-pub use raw::{decode_attention_raw, Fields};
+pub use raw::{decode_attention_raw, qk_norm_rope_raw, rms_norm_raw, silu_mul_raw, Fields};
 
 /// Activations (q, k, v, the output) at the model's dtype: bf16 bits or f32, rows `stride` elements apart,
 /// each row [heads, head_dim] contiguous.

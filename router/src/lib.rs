@@ -86,9 +86,39 @@ mod python {
         .map_err(pyo3::exceptions::PyValueError::new_err)
     }
 
+    /// `_native.cpu_rms_norm(fields, eps)`: RMSNorm, or the residual add + RMSNorm in place, over CPU rows
+    /// (models/cpu_fused.py names the tensors, see saw_cpu_kernels::rms_norm_raw), with the GIL released.
+    #[pyfunction]
+    fn cpu_rms_norm(py: Python<'_>, fields: HashMap<String, usize>, eps: f32) -> PyResult<()> {
+        // SAFETY: cpu_fused.py passes live, contiguous CPU tensors of the dtypes the names say, holds them for the
+        // call, and owns the ones written.
+        py.detach(|| unsafe { saw_cpu_kernels::rms_norm_raw(&saw_cpu_kernels::Fields(&fields), eps) })
+            .map_err(pyo3::exceptions::PyValueError::new_err)
+    }
+
+    /// `_native.cpu_qk_norm_rope(fields, eps)`: q/k norm + RoPE in place on the fused qkv rows (see
+    /// saw_cpu_kernels::qk_norm_rope_raw), with the GIL released.
+    #[pyfunction]
+    fn cpu_qk_norm_rope(py: Python<'_>, fields: HashMap<String, usize>, eps: f32) -> PyResult<()> {
+        // SAFETY: as cpu_rms_norm.
+        py.detach(|| unsafe { saw_cpu_kernels::qk_norm_rope_raw(&saw_cpu_kernels::Fields(&fields), eps) })
+            .map_err(pyo3::exceptions::PyValueError::new_err)
+    }
+
+    /// `_native.cpu_silu_mul(fields)`: SiLU(gate) * up (see saw_cpu_kernels::silu_mul_raw), with the GIL released.
+    #[pyfunction]
+    fn cpu_silu_mul(py: Python<'_>, fields: HashMap<String, usize>) -> PyResult<()> {
+        // SAFETY: as cpu_rms_norm.
+        py.detach(|| unsafe { saw_cpu_kernels::silu_mul_raw(&saw_cpu_kernels::Fields(&fields)) })
+            .map_err(pyo3::exceptions::PyValueError::new_err)
+    }
+
     #[pymodule]
     fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(wrap_pyfunction!(run, m)?)?;
-        m.add_function(wrap_pyfunction!(cpu_decode_attention, m)?)
+        m.add_function(wrap_pyfunction!(cpu_decode_attention, m)?)?;
+        m.add_function(wrap_pyfunction!(cpu_rms_norm, m)?)?;
+        m.add_function(wrap_pyfunction!(cpu_qk_norm_rope, m)?)?;
+        m.add_function(wrap_pyfunction!(cpu_silu_mul, m)?)
     }
 }

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from kref import DEV
 
-from saw_kernels import add_rms_norm, qk_norm_rope, silu_mul
+from saw_kernels import add_rms_norm, fused, qk_norm_rope, silu_mul
 from saw_worker.config import ModelConfig
 from saw_worker.models import DecoderLM, FullCausalAttention, decoder
 from saw_worker.models.rope import apply_rope, cos_sin_cache
@@ -123,7 +123,8 @@ def test_empty_batch() -> None:
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
 def test_decoder_fused_path_matches_torch_path(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """DecoderLM with the switch forced on (kernels under the interpreter on CPU) equals the torch path in fp32."""
+    """DecoderLM with the switch forced to the Triton kernels (under the interpreter on CPU) equals the torch path in
+    fp32."""
     cfg = ModelConfig(
         architecture=arch, vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=32, rope_theta=1e4, rope_scaling=None, rms_norm_eps=1e-6,
@@ -139,9 +140,9 @@ def test_decoder_fused_path_matches_torch_path(arch: str, monkeypatch: pytest.Mo
     ids = torch.randint(0, cfg.vocab_size, (9,), generator=gen).to(DEV)
     pos = torch.arange(20, 29, device=DEV)
     with torch.no_grad():
-        monkeypatch.setattr(decoder, "use_fused_kernels", lambda x: False)
+        monkeypatch.setattr(decoder, "fused_ops", lambda x: None)
         want = model(ids, pos)
-        monkeypatch.setattr(decoder, "use_fused_kernels", lambda x: True)
+        monkeypatch.setattr(decoder, "fused_ops", lambda x: fused)
         got = model(ids, pos)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

@@ -37,7 +37,7 @@ def _packed_model(backend: object, seed: int) -> DecoderLM:
             parts = Int4Parts(torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g), scale, -7.5 * scale)
             packed = pack(parts)
             assert packed is not None
-            layer.int4[name] = packed
+            layer.packed[name] = packed
     return model
 
 

@@ -1,5 +1,6 @@
 """Int4 projections on the CPU: GGUF codes/scales/zeros through gguf's dequantizer (loader/gguf_int4.py), the
-packed kernel against the dense bf16 linear (models/linear.py), and smollm2-135m decode with and without them."""
+packed kernel against the dense bf16 linear (models/linear.py), and smollm2-135m decode with and without them; the
+int8 lm_head likewise."""
 
 from __future__ import annotations
 
@@ -11,13 +12,25 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
+from saw_worker.config import ModelConfig
 from saw_worker.loader.aliases import cache_dir
 from saw_worker.loader.gguf_int4 import int4_parts
 from saw_worker.models import DecoderLM, FullCausalAttention
-from saw_worker.models.linear import INT4_MAX_ROWS, Int4Parts, int4_supported, linear, pack
+from saw_worker.models.linear import (
+    INT4_MAX_ROWS,
+    INT8_MAX_ROWS,
+    Int4Parts,
+    PackedInt8,
+    int4_supported,
+    int8_supported,
+    linear,
+    pack,
+    pack_int8,
+)
 
 CPU = torch.device("cpu")
 needs_kernel = pytest.mark.skipif(not int4_supported(CPU, torch.bfloat16), reason="no int4 CPU kernel in this torch")
+needs_int8 = pytest.mark.skipif(not int8_supported(CPU, torch.bfloat16), reason="no int8 CPU kernel in this torch")
 
 
 def _weights(rows: int, cols: int, seed: int) -> np.ndarray:
@@ -136,6 +149,61 @@ def test_packed_linear_takes_any_layout_of_x() -> None:
     assert torch.equal(linear(x.reshape(2, 3, 64), w.bfloat16(), packed), want.view(2, 3, 48))
 
 
+@needs_int8
+@pytest.mark.parametrize("m", [1, 3, INT8_MAX_ROWS])
+def test_int8_linear_matches_dense(m: int) -> None:
+    n, k = 200, 576
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(n, k, generator=gen) * (torch.rand(n, 1, generator=gen) * 3)  # rows of different ranges
+    w[:, 7] *= 20  # an outlier column
+    w[5] = 0  # an all-zero row
+    packed = pack_int8(w.bfloat16())
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    got = linear(x, w.bfloat16(), packed)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n) and torch.isfinite(got).all()
+    want = F.linear(x.float(), w.bfloat16().float())
+    # each weight within half a step of its row's bf16 scale (the clamp costs no more), the output rounds to bf16
+    bound = x.float().abs() @ (0.5 * packed.scales.float()[:, None]).expand(n, k).T + 2**-8 * want.abs() + 1e-4
+    assert ((got.float() - want).abs() <= bound).all()
+    above = torch.randn(INT8_MAX_ROWS + 1, k, generator=gen).bfloat16()
+    assert torch.equal(linear(above, w.bfloat16(), packed), F.linear(above, w.bfloat16()))
+
+
+@needs_int8
+def test_int8_copies_are_kept_until_the_weights_change() -> None:
+    cfg = ModelConfig(architecture="llama", vocab_size=160, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e4, rope_scaling=None, rms_norm_eps=1e-6,
+                      max_position_embeddings=32, tie_word_embeddings=True, attention_bias=False, qk_norm=False)
+    model = DecoderLM(cfg, FullCausalAttention(4, 2), dtype=torch.bfloat16)
+    model.init_random_(seed=3, std=0.1)
+    model32 = DecoderLM(cfg, FullCausalAttention(4, 2), dtype=torch.float32)
+    ids, pos = torch.tensor([3, 70, 9]), torch.arange(3)  # 3 rows: the int8 paths
+    with torch.no_grad():
+        for p32, p in zip(model32.parameters(), model.parameters(), strict=True):
+            p32.copy_(p.float())
+        ref = model32.compute_logits(model32(ids, pos))
+        dense = model.compute_logits(model(ids, pos))
+        model.pack_int8_weights()
+        got = model.compute_logits(model(ids, pos))
+    assert model.lm_head_int8 is not None
+    assert all(sorted(layer.packed) == ["down_weight", "gate_up_weight", "o_weight", "qkv_weight"]
+               and all(isinstance(p, PackedInt8) for p in layer.packed.values()) for layer in model.layers)
+    # per-row int8 errs about twice as much as bf16 rounding does (measured 0.037 vs 0.017 against float32)
+    assert got.dtype == torch.float32 and not torch.equal(got, dense)
+    assert (got - ref).abs().max() <= 3 * (dense - ref).abs().max()
+    int4 = pack(_parts(2 * 96, 64, 5)[0])
+    model.layers[0].packed = {"gate_up_weight": int4}
+    model.pack_int8_weights()
+    assert model.layers[0].packed["gate_up_weight"] is int4, "an int4 projection stays int4"
+    model.load_weights([("model.embed_tokens.weight", torch.zeros(160, 64)),
+                        ("model.layers.1.self_attn.o_proj.weight", torch.zeros(64, 64))], strict=False)
+    assert model.lm_head_int8 is None and "o_weight" not in model.layers[1].packed
+    model.init_random_(seed=4)
+    assert model.lm_head_int8 is None and not any(layer.packed for layer in model.layers)
+    model32.pack_int8_weights()
+    assert model32.lm_head_int8 is None and not any(layer.packed for layer in model32.layers)  # float32: dense
+
+
 # ---- smollm2-135m (Q4_1): decode with packed weights vs the dense bf16 ones -----------------------------------
 
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
@@ -182,9 +250,9 @@ def test_smollm2_decode_with_int4_weights_stays_close_to_dense() -> None:
     att, att32 = FullCausalAttention(9, 3, cache=True), FullCausalAttention(9, 3, cache=True)
     lm = load_model(str(SMOLLM2), "auto", CPU, torch.bfloat16, att)
     lm32 = load_model(str(SMOLLM2), "auto", CPU, torch.float32, att32)
-    packed = [dict(layer.int4) for layer in lm.model.layers]
+    packed = [dict(layer.packed) for layer in lm.model.layers]
     assert all(sorted(p) == ["down_weight", "gate_up_weight", "o_weight", "qkv_weight"] for p in packed)
-    assert not any(layer.int4 for layer in lm32.model.layers)
+    assert not any(layer.packed for layer in lm32.model.layers)
     tok = tokenizers.Tokenizer.from_str(lm.tokenizer.tokenizer_json)
     prompt = tok.encode(PROMPT).ids
     steps = 48
@@ -192,7 +260,7 @@ def test_smollm2_decode_with_int4_weights_stays_close_to_dense() -> None:
     greedy_int4, _ = _decode(lm.model, att, prompt, 16)
     _, int4 = _decode(lm.model, att, prompt, steps, ref_tokens)
     for layer in lm.model.layers:
-        layer.int4 = {}
+        layer.packed = {}
     greedy_dense, _ = _decode(lm.model, att, prompt, 16)
     _, dense = _decode(lm.model, att, prompt, steps, ref_tokens)
     assert torch.isfinite(int4).all()

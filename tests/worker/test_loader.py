@@ -15,7 +15,7 @@ from saw_worker.config import ModelConfig
 from saw_worker.loader import LoadedModel, ModelLoadError, load_model
 from saw_worker.loader.tokenizer import byte_level_fallback
 from saw_worker.models import FullCausalAttention
-from saw_worker.models.linear import Int4Weight, int4_supported
+from saw_worker.models.linear import Int4Weight, PackedInt4, int4_supported
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -339,12 +339,13 @@ def test_gguf_4bit_projections_packed_for_bf16_on_cpu(tmp_path: Path, qtype: str
             torch.testing.assert_close(back.view(rows, cols), item.dense, atol=1e-6, rtol=0, msg=name)
     assert n_int4 == 7 * ref.config.num_hidden_layers  # q k v o gate up down; norms and the embedding are not Q4
 
-    assert not any(layer.int4 for layer in _load(path).model.layers)
-    off = load_model(str(path), "auto", CPU, torch.bfloat16, _attn(), cpu_int4=False)
-    assert not any(layer.int4 for layer in off.model.layers)
-    lm = load_model(str(path), "auto", CPU, torch.bfloat16, _attn())
+    assert not any(layer.packed for layer in _load(path).model.layers)
+    off = load_model(str(path), "auto", CPU, torch.bfloat16, _attn(), cpu_int4=False, cpu_int8=False)
+    assert not any(layer.packed for layer in off.model.layers) and off.model.lm_head_int8 is None
+    lm = load_model(str(path), "auto", CPU, torch.bfloat16, _attn(), cpu_int8=False)
     projections = ["down_weight", "gate_up_weight", "o_weight", "qkv_weight"]
-    assert all(sorted(layer.int4) == projections for layer in lm.model.layers)
+    assert all(sorted(layer.packed) == projections for layer in lm.model.layers)
+    assert all(isinstance(p, PackedInt4) for layer in lm.model.layers for p in layer.packed.values())
     for a, b in zip(lm.model.parameters(), off.model.parameters(), strict=True):
         assert torch.equal(a, b)  # the dense weights are kept as they were
     ids = torch.tensor([5, 17, 99, 3, 200, 42, 7])  # 7 rows: the packed path

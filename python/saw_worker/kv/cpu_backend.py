@@ -8,36 +8,18 @@ from __future__ import annotations
 import torch
 
 from saw_kv.cache import LayerCache
+from saw_worker import native
 from saw_worker.kv.backend import StepLayout
 from saw_worker.kv.pool import KVPool
 from saw_worker.kv.reference_backend import ReferenceBackend
+from saw_worker.native import rows, tensor
 
-try:
-    from saw_router._native import cpu_decode_attention
-except ImportError:  # a source tree without the built extension (PYTHONPATH=python)
-    cpu_decode_attention = None
-
+cpu_decode_attention = native.op("cpu_decode_attention")
 ACTIVATIONS = (torch.bfloat16, torch.float32)
 
 
 def native_available() -> bool:
     return cpu_decode_attention is not None
-
-
-def _tensor(name: str, t: torch.Tensor, dtype: torch.dtype) -> dict[str, int]:
-    """A contiguous CPU tensor as the kernel takes it: address and element count."""
-    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError(f"{name}: needs a contiguous CPU {dtype} tensor, got {t.dtype} {tuple(t.stride())} "
-                         f"on {t.device}")
-    return {name: t.data_ptr(), f"{name}_len": t.numel()}
-
-
-def _rows(name: str, t: torch.Tensor, dtype: torch.dtype) -> dict[str, int]:
-    """Activations [T, H, D], rows possibly strided (v is a view into the fused qkv output)."""
-    if t.dtype != dtype or t.device.type != "cpu" or t.stride()[1:] != (t.shape[2], 1):
-        t = t.to(dtype).contiguous()  # not the model's layout: the kernel reads rows of [H, D]
-    extent = (t.shape[0] - 1) * t.stride(0) + t.shape[1] * t.shape[2] if t.shape[0] else 0
-    return {name: t.data_ptr(), f"{name}_len": extent, f"{name}_stride": t.stride(0)}
 
 
 class CpuBackend(ReferenceBackend):
@@ -55,8 +37,8 @@ class CpuBackend(ReferenceBackend):
             raise ValueError(f"the CPU decode kernel takes bf16 or fp32 activations, got {q.dtype}")
         out = torch.empty(q.shape, dtype=q.dtype)
         fields = {**self._step_fields(lay), **self._cache_fields(cache),
-                  **_rows("q", q, q.dtype), **_rows("k", k, q.dtype), **_rows("v", v, q.dtype),
-                  **_tensor("out", out, q.dtype), "q_heads": q.shape[1], "act_f32": int(q.dtype == torch.float32)}
+                  **rows("q", q, q.dtype), **rows("k", k, q.dtype), **rows("v", v, q.dtype),
+                  **tensor("out", out, q.dtype), "q_heads": q.shape[1], "act_f32": int(q.dtype == torch.float32)}
         # the tensors behind the addresses stay referenced here until the call returns
         cpu_decode_attention(fields, self.sm_scale)
         return out
@@ -64,15 +46,15 @@ class CpuBackend(ReferenceBackend):
     def _step_fields(self, lay: StepLayout) -> dict[str, int]:
         """What every layer of the step shares: the layout, once per step."""
         if self._step is None or self._step[0] is not lay:
-            fields = {**_tensor("slots", lay.slots, torch.int64), **_tensor("seq_lens", lay.seq_lens, torch.int32),
-                      **_tensor("page_table", lay.page_table, torch.int32), "table_width": lay.page_table.shape[1],
+            fields = {**tensor("slots", lay.slots, torch.int64), **tensor("seq_lens", lay.seq_lens, torch.int32),
+                      **tensor("page_table", lay.page_table, torch.int32), "table_width": lay.page_table.shape[1],
                       "page_size": self.pool.page_size}
             if lay.window is not None:
                 w = lay.window
-                fields |= {**_tensor("ring_rows", w.rows, torch.int32), **_tensor("quant_lens", w.quant_lens,
+                fields |= {**tensor("ring_rows", w.rows, torch.int32), **tensor("quant_lens", w.quant_lens,
                                                                                   torch.int32),
-                           **_tensor("held_sinks", w.sinks, torch.int32),
-                           **_tensor("write_slots", w.slots, torch.int64)}
+                           **tensor("held_sinks", w.sinks, torch.int32),
+                           **tensor("write_slots", w.slots, torch.int64)}
             self._step = (lay, fields)
         return self._step[1]
 
@@ -86,16 +68,16 @@ class CpuBackend(ReferenceBackend):
                       "sinks": fmt.sinks, "window": fmt.window}
             if fmt.quantized:
                 assert cache.k_params is not None and cache.v_params is not None
-                fields |= {**_tensor("cache_k", cache.k, torch.uint8), **_tensor("cache_v", cache.v, torch.uint8),
-                           **_tensor("k_params", cache.k_params, torch.float16),
-                           **_tensor("v_params", cache.v_params, torch.float16)}
+                fields |= {**tensor("cache_k", cache.k, torch.uint8), **tensor("cache_v", cache.v, torch.uint8),
+                           **tensor("k_params", cache.k_params, torch.float16),
+                           **tensor("v_params", cache.v_params, torch.float16)}
                 if cache.k_mean is not None:
-                    fields |= _tensor("k_mean", cache.k_mean, torch.float32)
+                    fields |= tensor("k_mean", cache.k_mean, torch.float32)
             else:
-                fields |= {**_tensor("cache_k", cache.k, torch.bfloat16),
-                           **_tensor("cache_v", cache.v, torch.bfloat16)}
+                fields |= {**tensor("cache_k", cache.k, torch.bfloat16),
+                           **tensor("cache_v", cache.v, torch.bfloat16)}
             if cache.ring_k is not None and cache.ring_v is not None:
-                fields |= {**_tensor("ring_k", cache.ring_k, torch.bfloat16),
-                           **_tensor("ring_v", cache.ring_v, torch.bfloat16)}
+                fields |= {**tensor("ring_k", cache.ring_k, torch.bfloat16),
+                           **tensor("ring_v", cache.ring_v, torch.bfloat16)}
             kept = self._caches[id(cache)] = (cache, fields)
         return kept[1]

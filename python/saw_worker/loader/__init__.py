@@ -43,6 +43,7 @@ def load_model(
     overrides: dict[str, Any] | None = None,
     seed: int = 0,
     cpu_int4: bool = True,
+    cpu_int8: bool = True,
 ) -> LoadedModel:
     """Load `spec` (alias, HF folder, .gguf file, or with load_format="dummy" a folder / config.json).
 
@@ -50,6 +51,8 @@ def load_model(
     seed: the random init of dummy weights.
     cpu_int4: keep a GGUF's 4-bit projection weights packed too for few-row forwards, where the model is bf16
     on the CPU (models/linear.py).
+    cpu_int8: keep the lm_head and the projections not packed int4 as int8 too, likewise
+    (DecoderLM.pack_int8_weights).
     """
     fmt = load_format or "auto"
     if fmt not in LOAD_FORMATS:
@@ -59,6 +62,8 @@ def load_model(
     try:
         int4 = cpu_int4 and int4_supported(device, dtype)
         loaded = _load(spec, fmt, device, dtype, attention, overrides or {}, seed, int4)
+        if cpu_int8:
+            loaded.model.pack_int8_weights()
     except ModelLoadError as e:
         raise ModelLoadError(_one_line(str(e))) from None
     except UnsupportedArchitectureError as e:

@@ -14,8 +14,9 @@ class Attention(Protocol):
 
     The engine's implementation owns the paged KV cache and knows the current batch layout
     (which tokens belong to which request); models know nothing about caches or batches.
-    q and k arrive contiguous; v is a strided view into the fused qkv output (last dim contiguous,
-    token stride (Hq + 2 Hkv) * D), so kernels should take its strides or call .contiguous().
+    v is a strided view into the fused qkv output (last dim contiguous, token stride (Hq + 2 Hkv) * D), and so
+    are q and k on the CPU's fused path (models/cpu_fused.py; contiguous elsewhere), so kernels should take their
+    strides or call .contiguous().
     """
 
     def __call__(self, layer_id: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...

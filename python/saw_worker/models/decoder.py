@@ -10,6 +10,7 @@ with `load_weights` or `init_random_`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -17,18 +18,39 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from . import cpu_fused
 from .attention import Attention
-from .linear import Int4Parts, Int4Weight, PackedInt4, int4_supported, linear, pack
+from .linear import (
+    Int4Parts,
+    Int4Weight,
+    PackedInt4,
+    PackedInt8,
+    int4_supported,
+    int8_supported,
+    linear,
+    pack,
+    pack_int8,
+)
 from .rope import apply_rope, cos_sin_cache
+
+PROJECTIONS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
 
 def _param(*shape: int, device: torch.device | None, dtype: torch.dtype | None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype), requires_grad=False)
 
 
-def use_fused_kernels(x: Tensor) -> bool:
-    """The one switch: Triton kernels (q/k norm + RoPE, SiLU-and-mul) on CUDA; the torch reference elsewhere."""
-    return x.is_cuda
+def fused_ops(x: Tensor) -> ModuleType | None:
+    """The one switch: the fused ops (q/k norm + RoPE, SiLU-and-mul, add + RMSNorm) for x's device, or None for the
+    torch path. Triton kernels on CUDA (saw_kernels.fused); the native kernels on the CPU (models/cpu_fused.py)
+    where saw_router._native is built, except inside torch.compile (which fuses the torch path itself)."""
+    if x.is_cuda:
+        from saw_kernels import fused  # lazily: needs a GPU build of Triton
+
+        return fused
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_fused.available():
+        return cpu_fused
+    return None
 
 
 class Rope(NamedTuple):
@@ -50,16 +72,18 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # One fused kernel on CUDA (fp32 statistics); HF casts to bf16 before the weight multiply,
         # this after: a single bf16 rounding apart.
+        if fused_ops(x) is cpu_fused:  # one native call instead of torch's composite of ~6 ops
+            return cpu_fused.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
     def add_norm(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(norm(s), s) for the residual stream s = x + residual (s = x when residual is None)."""
+        """(norm(s), s) for the residual stream s = x + residual (s = x when residual is None). May consume x and
+        residual (the CPU's fused op writes its results into them)."""
         if residual is None:
             return self(x), x
-        if use_fused_kernels(x):  # one launch for the add and the norm
-            from saw_kernels.fused import add_rms_norm
-
-            return add_rms_norm(x, residual, self.weight, self.eps)
+        ops = fused_ops(x)
+        if ops is not None:  # one launch for the add and the norm
+            return ops.add_rms_norm(x, residual, self.weight, self.eps)
         s = x + residual
         return self(s), s
 
@@ -85,28 +109,27 @@ class DecoderLayer(nn.Module):
         # divided by it, per (KV head, channel), so the cache and every attention kernel see scaled keys;
         # powers of two, so q . k is exactly unchanged.
         self.k_scale: Tensor | None = None  # fp32 [Hkv, D]
-        # The projections' weights packed for the CPU int4 kernel, by parameter name (models/linear.py; set by
-        # DecoderLM.load_weights where the checkpoint holds them 4-bit): few-row forwards read these instead.
-        self.int4: dict[str, PackedInt4] = {}
+        # The projections' weights packed for the CPU int4 or int8 kernel, by parameter name (models/linear.py; int4
+        # set by DecoderLM.load_weights where the checkpoint holds them 4-bit, int8 by pack_int8_weights for the
+        # rest): few-row forwards read these instead.
+        self.packed: dict[str, PackedInt4 | PackedInt8] = {}
 
     def forward(self, x: Tensor, residual: Tensor | None, rope: Rope, attention: Attention) -> tuple[Tensor, Tensor]:
         """x: the previous block's output (the embeddings, with residual None, in layer 0); residual: the stream
         before it. Returns this layer's MLP output and the stream before it: every add is fused into the next norm."""
         t = x.shape[0]
-        fused = use_fused_kernels(x)
+        ops = fused_ops(x)
         normed, residual = self.input_layernorm.add_norm(x, residual)
-        qkv = linear(normed, self.qkv_weight, self.int4.get("qkv_weight"), self.qkv_bias)
+        qkv = linear(normed, self.qkv_weight, self.packed.get("qkv_weight"), self.qkv_bias)
         q, k, v = qkv.split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         v = v.view(t, self.nkv, self.d)
-        if fused:  # one launch: reads q, k from qkv; writes contiguous normed, rotated q, k (fp32 in between)
-            from saw_kernels.fused import qk_norm_rope  # lazily: needs a GPU build of Triton
-
+        if ops is not None:  # one launch: reads q, k from qkv; writes normed, rotated q, k (fp32 in between)
             qw = kw = None
             eps = 0.0
             if self.q_norm is not None and self.k_norm is not None:
                 qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
-            q, k = qk_norm_rope(qkv, self.nq, self.nkv, self.d, qw, kw, eps, rope.cache, rope.positions,
-                                self.k_scale)
+            q, k = ops.qk_norm_rope(qkv, self.nq, self.nkv, self.d, qw, kw, eps, rope.cache, rope.positions,
+                                    self.k_scale)
         else:
             assert rope.cos is not None and rope.sin is not None
             q, k = q.view(t, self.nq, self.d), k.view(t, self.nkv, self.d)
@@ -117,17 +140,15 @@ class DecoderLayer(nn.Module):
                 lam = self.k_scale.to(q.dtype)
                 q, k = q * lam.repeat_interleave(self.nq // self.nkv, 0), k / lam
         o = attention(self.layer_id, q, k, v)
-        attn_out = linear(o.reshape(t, self.nq * self.d), self.o_weight, self.int4.get("o_weight"))
+        attn_out = linear(o.reshape(t, self.nq * self.d), self.o_weight, self.packed.get("o_weight"))
         normed, residual = self.post_attention_layernorm.add_norm(attn_out, residual)
-        gate_up = linear(normed, self.gate_up_weight, self.int4.get("gate_up_weight"))
-        if fused:
-            from saw_kernels.fused import silu_mul
-
-            h = silu_mul(gate_up)
+        gate_up = linear(normed, self.gate_up_weight, self.packed.get("gate_up_weight"))
+        if ops is not None:
+            h = ops.silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        return linear(h, self.down_weight, self.int4.get("down_weight")), residual
+        return linear(h, self.down_weight, self.packed.get("down_weight")), residual
 
 
 class DecoderLM(nn.Module):
@@ -150,6 +171,8 @@ class DecoderLM(nn.Module):
         self.lm_head_weight = (
             None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size, **kw)
         )
+        # the lm_head also as int8 for few-row logits (CPU bf16, models/linear.py): set by pack_int8_weights
+        self.lm_head_int8: PackedInt8 | None = None
         cache = cos_sin_cache(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings, dev
         )
@@ -161,7 +184,7 @@ class DecoderLM(nn.Module):
         self.attention (the compiled CPU decode step passes an opaque op that calls it, models/compiled.py)."""
         x = F.embedding(input_ids, self.embed_weight)
         rope = Rope(self.cos_sin, positions)
-        if not use_fused_kernels(x):  # the torch path gathers the rows once for all layers
+        if fused_ops(x) is None:  # the torch path gathers the rows once for all layers
             cs = self.cos_sin[positions].to(x.dtype).unsqueeze(1)  # [T, 1, 2D]
             cos, sin = cs.chunk(2, dim=-1)  # (cos, cos), (-sin, sin)
             rope = Rope(self.cos_sin, positions, cos, sin)
@@ -173,14 +196,29 @@ class DecoderLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, H] -> logits [N, vocab] float32."""
         w = self.embed_weight if self.lm_head_weight is None else self.lm_head_weight
-        return F.linear(hidden, w).float()
+        return linear(hidden, w, self.lm_head_int8).float()
+
+    @torch.no_grad()
+    def pack_int8_weights(self) -> None:
+        """Keep the lm_head (or the tied embeddings) and every layer projection not packed int4 as int8 too, where
+        the kernel pays (bf16 on the CPU): decode reads half of bf16's bytes for them. The loader calls it after the
+        weights are in; writing a weight drops its packed copy."""
+        w = self.embed_weight if self.lm_head_weight is None else self.lm_head_weight
+        if not int8_supported(w.device, w.dtype):
+            return
+        self.lm_head_int8 = pack_int8(w)
+        for layer in self.layers:
+            for attr in PROJECTIONS:
+                if attr not in layer.packed:
+                    layer.packed[attr] = pack_int8(layer.get_parameter(attr))
 
     # ---- weights ---------------------------------------------------------------------------
     def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
         """Deterministic random weights (dummy load): small std keeps activations finite in bf16."""
         dev = self.embed_weight.device
+        self.lm_head_int8 = None
         for layer in self.layers:
-            layer.int4.clear()
+            layer.packed.clear()
         g = torch.Generator(device=dev).manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -195,8 +233,9 @@ class DecoderLM(nn.Module):
         """Copy HF-named tensors (`model.layers.3.self_attn.q_proj.weight`, ...) into the merged params.
 
         An `Int4Weight` is copied as its dense tensor; where every row range of a projection came with int4 parts
-        and the model is bf16 on the CPU, the layer also keeps it packed (`DecoderLayer.int4`).
+        and the model is bf16 on the CPU, the layer also keeps it packed (`DecoderLayer.packed`).
         strict: every parameter must be written (a tied lm_head may be absent or present)."""
+        self.lm_head_int8 = None
         written: set[str] = set()
         pending: dict[str, dict[tuple[int, int] | None, Int4Parts]] = {}  # projection -> its row ranges' parts
         for name, item in weights:
@@ -227,7 +266,7 @@ class DecoderLM(nn.Module):
             return  # norms, biases, embeddings, lm_head stay dense
         layer = self.get_submodule(layer_name)
         assert isinstance(layer, DecoderLayer)
-        layer.int4.pop(attr, None)
+        layer.packed.pop(attr, None)
         p = self.get_parameter(pname)
         parts = pending.setdefault(pname, {})
         if got is None or not int4_supported(p.device, p.dtype):
@@ -238,7 +277,7 @@ class DecoderLM(nn.Module):
         if all(r in parts for r in splits):
             packed = pack(Int4Parts.cat([parts[r] for r in splits]))
             if packed is not None:
-                layer.int4[attr] = packed
+                layer.packed[attr] = packed
             del pending[pname]
 
     def _expected_keys(self) -> list[str]:
