@@ -39,9 +39,9 @@ class ModelOptions:
         "keep a GGUF's Q4_0/Q4_1/Q4_K projection weights packed too and use torch's int4 kernel for decode steps "
         "of up to 16 rows (bf16 on the CPU; prefill stays dense bf16)"))
     cpu_int8_weights: bool = field(default=True, metadata=flag(
-        "keep the lm_head and the projections not packed int4 (a GGUF's Q5_0, Q6_K, Q8_0, ...; every one of a bf16 "
-        "checkpoint) as int8 too, per-row scales, and use torch's int8 kernel for decode steps of up to 4 rows (bf16 "
-        "on the CPU)"))
+        "keep a GGUF's lm_head and the projections not packed int4 (Q5_0, Q6_K, Q8_0, ...) as int8 too, per-row "
+        "scales, and use torch's int8 kernel for decode steps of up to 4 rows (bf16 on the CPU; an HF checkpoint's "
+        "weights stay as they are)"))
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,13 @@ def test_dummy_from_config_folder_with_overrides() -> None:
     assert torch.equal(_logits(again, torch.tensor([1, 2, 3, 200])), logits)  # deterministic
 
 
+def test_an_hf_checkpoint_gets_no_int8_copies() -> None:
+    """The int8 copies are for GGUFs, whose weights are quantized already; an HF checkpoint is served as it is."""
+    lm = load_model(str(REPO / "configs/qwen3-4b"), "dummy", CPU, torch.bfloat16, _attn(),
+                    overrides={"num_layers": 1, "vocab_size": 256, "hidden_size": 256, "intermediate_size": 512})
+    assert lm.model.lm_head_int8 is None and not any(layer.packed for layer in lm.model.layers)
+
+
 def test_byte_level_fallback_round_trips() -> None:
     tok = Tokenizer.from_str(byte_level_fallback().tokenizer_json)
     assert tok.get_vocab_size() == 259

@@ -51,8 +51,8 @@ def load_model(
     seed: the random init of dummy weights.
     cpu_int4: keep a GGUF's 4-bit projection weights packed too for few-row forwards, where the model is bf16
     on the CPU (models/linear.py).
-    cpu_int8: keep the lm_head and the projections not packed int4 as int8 too, likewise
-    (DecoderLM.pack_int8_weights).
+    cpu_int8: keep a GGUF's lm_head and projections not packed int4 as int8 too, likewise
+    (DecoderLM.pack_int8_weights); an HF checkpoint's weights stay as they are.
     """
     fmt = load_format or "auto"
     if fmt not in LOAD_FORMATS:
@@ -61,9 +61,7 @@ def load_model(
     t0 = time.perf_counter()
     try:
         int4 = cpu_int4 and int4_supported(device, dtype)
-        loaded = _load(spec, fmt, device, dtype, attention, overrides or {}, seed, int4)
-        if cpu_int8:
-            loaded.model.pack_int8_weights()
+        loaded = _load(spec, fmt, device, dtype, attention, overrides or {}, seed, int4, cpu_int8)
     except ModelLoadError as e:
         raise ModelLoadError(_one_line(str(e))) from None
     except UnsupportedArchitectureError as e:
@@ -94,16 +92,17 @@ def _load(
     overrides: dict[str, Any],
     seed: int,
     int4: bool,
+    int8: bool,
 ) -> LoadedModel:
     gguf = gguf_path(spec)
     if gguf is not None:
         name = spec if spec in ALIASES else gguf.stem
-        return _load_gguf(gguf, name, fmt, device, dtype, attention, overrides, seed, int4)
+        return _load_gguf(gguf, name, fmt, device, dtype, attention, overrides, seed, int4, int8)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model {spec!r} not found: not a built-in alias ({', '.join(ALIASES)}), file or folder")
     if path.is_file() and fmt == "gguf":
-        return _load_gguf(path, path.stem, fmt, device, dtype, attention, overrides, seed, int4)
+        return _load_gguf(path, path.stem, fmt, device, dtype, attention, overrides, seed, int4, int8)
     if fmt == "gguf":
         raise ModelLoadError(f"--load-format gguf needs a .gguf file, got {path}")
     folder = path.parent if path.is_file() else path
@@ -127,6 +126,7 @@ def _load_gguf(
     overrides: dict[str, Any],
     seed: int,
     int4: bool,
+    int8: bool,
 ) -> LoadedModel:
     from . import gguf_file
     from .tokenizer import tokenizer_from_gguf
@@ -145,6 +145,8 @@ def _load_gguf(
         model.init_random_(seed)
     else:
         model.load_weights(gguf_file.iter_weights(g, cfg, dtype, device, int4))
+    if int8:  # the file is quantized already; a bf16 checkpoint is served as it is
+        model.pack_int8_weights()
     return LoadedModel(model_id, cfg, model, tok)
 
 
