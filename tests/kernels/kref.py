@@ -6,9 +6,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from saw_kv.cache import LayerCache
 from saw_kv.formats import KVFormat, decode_o, dequantize_int4, encode_q, rotate
+from saw_worker.models.rope import apply_rope
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -134,3 +136,20 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def default_scale(d: int) -> float:
     return 1.0 / math.sqrt(d)
+
+
+def ref_qk(qkv: torch.Tensor, hq: int, hkv: int, d: int, qw: torch.Tensor | None, kw: torch.Tensor | None,
+           cache: torch.Tensor, pos: torch.Tensor, k_scale: torch.Tensor | None = None, eps: float = 1e-6
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """decoder.DecoderLayer's torch path, in float64."""
+    t = qkv.shape[0]
+    q, k, _ = qkv.double().split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k = q.reshape(t, hq, d), k.reshape(t, hkv, d)
+    if qw is not None and kw is not None:
+        q, k = F.rms_norm(q, (d,), qw.double(), eps), F.rms_norm(k, (d,), kw.double(), eps)
+    cos, sin = cache[pos].double().unsqueeze(1).chunk(2, dim=-1)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if k_scale is not None:
+        lam = k_scale.double()
+        q, k = q * lam.repeat_interleave(hq // hkv, 0), k / lam
+    return q, k

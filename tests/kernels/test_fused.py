@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kref import DEV
+from kref import DEV, ref_qk
 
 from saw_kernels import add_rms_norm, fused, qk_norm_rope, silu_mul
 from saw_worker.config import ModelConfig
 from saw_worker.models import DecoderLM, FullCausalAttention, decoder
-from saw_worker.models.rope import apply_rope, cos_sin_cache
+from saw_worker.models.rope import cos_sin_cache
 
 MAX_POS = 300
 EPS = 1e-6
@@ -37,23 +37,6 @@ def assert_close_rows(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) 
     err = (got.double() - ref).abs()
     bad = err > RTOL[dtype] * ref.abs() + 1e-6 * scale
     assert not bad.any(), f"max err {err.max().item():.3g} at {bad.nonzero()[0].tolist()}"
-
-
-def ref_qk(qkv: torch.Tensor, hq: int, hkv: int, d: int, qw: torch.Tensor | None, kw: torch.Tensor | None,
-           cache: torch.Tensor, pos: torch.Tensor, k_scale: torch.Tensor | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """decoder.DecoderLayer's torch path, in float64."""
-    t = qkv.shape[0]
-    q, k, _ = qkv.double().split([hq * d, hkv * d, hkv * d], dim=-1)
-    q, k = q.reshape(t, hq, d), k.reshape(t, hkv, d)
-    if qw is not None and kw is not None:
-        q, k = F.rms_norm(q, (d,), qw.double(), EPS), F.rms_norm(k, (d,), kw.double(), EPS)
-    cos, sin = cache[pos].double().unsqueeze(1).chunk(2, dim=-1)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if k_scale is not None:
-        lam = k_scale.double()
-        q, k = q * lam.repeat_interleave(hq // hkv, 0), k / lam
-    return q, k
 
 
 @pytest.mark.parametrize("t", [1, 7, 33])

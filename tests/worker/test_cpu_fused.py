@@ -4,13 +4,19 @@ greedy tokens with them equal its tokens on the torch path."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+from kref import ref_qk  # noqa: E402
+
 from saw_worker.config import ModelConfig
 from saw_worker.models import DecoderLM, FullCausalAttention, cpu_fused, decoder
-from saw_worker.models.rope import apply_rope, cos_sin_cache
+from saw_worker.models.rope import cos_sin_cache
 from saw_worker.native import tensor
 
 pytestmark = pytest.mark.skipif(not cpu_fused.available(), reason="saw_router._native is not built")
@@ -72,20 +78,6 @@ def test_rms_norm_of_per_head_rows() -> None:
     assert_close_rows(cpu_fused.rms_norm(x, w, EPS), F.rms_norm(x.double(), (64,), w.double(), EPS), torch.bfloat16)
 
 
-def ref_qk(qkv: torch.Tensor, hq: int, hkv: int, d: int, qw: torch.Tensor | None, kw: torch.Tensor | None,
-           cache: torch.Tensor, pos: torch.Tensor, k_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """decoder.DecoderLayer's torch path, in float64."""
-    t = qkv.shape[0]
-    q, k, _ = qkv.double().split([hq * d, hkv * d, hkv * d], dim=-1)
-    q, k = q.reshape(t, hq, d), k.reshape(t, hkv, d)
-    if qw is not None and kw is not None:
-        q, k = F.rms_norm(q, (d,), qw.double(), EPS), F.rms_norm(k, (d,), kw.double(), EPS)
-    cos, sin = cache[pos].double().unsqueeze(1).chunk(2, dim=-1)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if k_scale is not None:
-        lam = k_scale.double()
-        q, k = q * lam.repeat_interleave(hq // hkv, 0), k / lam
-    return q, k
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
