@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from saw_kv.cache import LayerCache
 from saw_kv.formats import KVFormat, decode_o, dequantize_int4, encode_q, rotate
+from saw_worker.config import ModelConfig
+from saw_worker.models import DecoderLM, FullCausalAttention
 from saw_worker.models.rope import apply_rope
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,3 +155,23 @@ def ref_qk(qkv: torch.Tensor, hq: int, hkv: int, d: int, qw: torch.Tensor | None
         lam = k_scale.double()
         q, k = q * lam.repeat_interleave(hq // hkv, 0), k / lam
     return q, k
+
+
+def tiny_decoder(arch: str, dtype: torch.dtype, device: torch.device | str = "cpu", cache: bool = False
+                 ) -> tuple[DecoderLM, torch.Generator]:
+    """A random 2-layer DecoderLM of `arch` (qwen2: biases, qwen3: q/k norms) whose norm weights and biases are
+    non-trivial (q_norm != k_norm), and the generator that drew them, for the test's further inputs."""
+    cfg = ModelConfig(
+        architecture=arch, vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=32, rope_theta=1e4, rope_scaling=None, rms_norm_eps=1e-6,
+        max_position_embeddings=64, tie_word_embeddings=True, attention_bias=arch == "qwen2", qk_norm=arch == "qwen3",
+    )
+    model = DecoderLM(cfg, FullCausalAttention(cfg.num_heads, cfg.num_kv_heads, cache=cache), device=device,
+                      dtype=dtype)
+    model.init_random_(seed=1, std=0.2)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "bias")):
+                p.add_(torch.randn(p.shape, generator=gen).to(device, dtype) * 0.3)
+    return model, gen

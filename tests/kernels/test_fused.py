@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kref import DEV, ref_qk
+from kref import DEV, ref_qk, tiny_decoder
 
 from saw_kernels import add_rms_norm, fused, qk_norm_rope, silu_mul
-from saw_worker.config import ModelConfig
-from saw_worker.models import DecoderLM, FullCausalAttention, decoder
+from saw_worker.models import decoder
 from saw_worker.models.rope import cos_sin_cache
 
 MAX_POS = 300
@@ -108,19 +107,8 @@ def test_empty_batch() -> None:
 def test_decoder_fused_path_matches_torch_path(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """DecoderLM with the switch forced to the Triton kernels (under the interpreter on CPU) equals the torch path in
     fp32."""
-    cfg = ModelConfig(
-        architecture=arch, vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=32, rope_theta=1e4, rope_scaling=None, rms_norm_eps=1e-6,
-        max_position_embeddings=64, tie_word_embeddings=True, attention_bias=arch == "qwen2", qk_norm=arch == "qwen3",
-    )
-    model = DecoderLM(cfg, FullCausalAttention(cfg.num_heads, cfg.num_kv_heads), device=DEV, dtype=torch.float32)
-    model.init_random_(seed=1, std=0.2)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # non-trivial norm weights and biases, q_norm != k_norm
-            if name.endswith(("norm.weight", "bias")):
-                p.add_(torch.randn(p.shape, generator=gen).to(DEV) * 0.3)
-    ids = torch.randint(0, cfg.vocab_size, (9,), generator=gen).to(DEV)
+    model, gen = tiny_decoder(arch, torch.float32, DEV)
+    ids = torch.randint(0, model.config.vocab_size, (9,), generator=gen).to(DEV)
     pos = torch.arange(20, 29, device=DEV)
     with torch.no_grad():
         monkeypatch.setattr(decoder, "fused_ops", lambda x: None)

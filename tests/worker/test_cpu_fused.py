@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-from kref import ref_qk  # noqa: E402
+from kref import ref_qk, tiny_decoder  # noqa: E402
 
-from saw_worker.config import ModelConfig
 from saw_worker.models import DecoderLM, FullCausalAttention, cpu_fused, decoder
 from saw_worker.models.rope import cos_sin_cache
 from saw_worker.native import tensor
@@ -163,20 +162,9 @@ def test_bad_layouts_are_errors() -> None:
 
 
 def tiny_model(arch: str, dtype: torch.dtype) -> DecoderLM:
-    cfg = ModelConfig(
-        architecture=arch, vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=32, rope_theta=1e4, rope_scaling=None, rms_norm_eps=1e-6,
-        max_position_embeddings=64, tie_word_embeddings=True, attention_bias=arch == "qwen2", qk_norm=arch == "qwen3",
-    )
-    model = DecoderLM(cfg, FullCausalAttention(cfg.num_heads, cfg.num_kv_heads, cache=True), dtype=dtype)
-    model.init_random_(seed=1, std=0.2)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # non-trivial norm weights and biases, q_norm != k_norm
-            if name.endswith(("norm.weight", "bias")):
-                p.add_(torch.randn(p.shape, generator=gen).to(dtype) * 0.3)
-        if arch == "llama":  # a KV format's K scale on one layer
-            model.layers[1].k_scale = torch.exp2(torch.randint(-2, 3, (2, 32), generator=gen).float())
+    model, gen = tiny_decoder(arch, dtype, cache=True)
+    if arch == "llama":  # a KV format's K scale on one layer
+        model.layers[1].k_scale = torch.exp2(torch.randint(-2, 3, (2, 32), generator=gen).float())
     return model
 
 
