@@ -113,6 +113,17 @@ pub unsafe fn decode_attention_raw(f: &Fields, sm_scale: f32) -> Result<(), Stri
     }
 }
 
+/// `$run::<f32>(args)` or, for bf16 activations (their bits), `$run::<u16>(args)`, by the call's `act_f32`.
+macro_rules! by_activation {
+    ($f:expr, $run:ident($($arg:expr),*)) => {
+        if $f.get("act_f32")? != 0 {
+            $run::<f32>($($arg),*)
+        } else {
+            $run::<u16>($($arg),*)
+        }
+    };
+}
+
 /// `rms_norm` (residual absent: x -> out) or `add_rms_norm` (in place on x and residual) over the tensors `f`
 /// names: x, residual or out, weight (bf16, or f32 when `act_f32`), on up to `threads` threads.
 ///
@@ -137,13 +148,7 @@ pub unsafe fn rms_norm_raw(f: &Fields, eps: f32) -> Result<(), String> {
         }
     }
     // SAFETY: the caller's contract.
-    unsafe {
-        if f.get("act_f32")? != 0 {
-            run::<f32>(f, eps)
-        } else {
-            run::<u16>(f, eps)
-        }
-    }
+    unsafe { by_activation!(f, run(f, eps)) }
 }
 
 /// `qk_norm_rope` in place on qkv (`qkv_stride` elements between rows) over the tensors `f` names: positions
@@ -174,13 +179,7 @@ pub unsafe fn qk_norm_rope_raw(f: &Fields, eps: f32) -> Result<(), String> {
         }
     }
     // SAFETY: the caller's contract.
-    unsafe {
-        if f.get("act_f32")? != 0 {
-            run::<f32>(f, eps)
-        } else {
-            run::<u16>(f, eps)
-        }
-    }
+    unsafe { by_activation!(f, run(f, eps)) }
 }
 
 /// `silu_mul` from gate_up [rows, 2 `inter`] into out [rows, `inter`] (bf16, or f32 when `act_f32`).
@@ -195,11 +194,5 @@ pub unsafe fn silu_mul_raw(f: &Fields) -> Result<(), String> {
         }
     }
     // SAFETY: the caller's contract.
-    unsafe {
-        if f.get("act_f32")? != 0 {
-            run::<f32>(f)
-        } else {
-            run::<u16>(f)
-        }
-    }
+    unsafe { by_activation!(f, run(f)) }
 }

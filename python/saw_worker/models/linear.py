@@ -3,8 +3,8 @@
 
 Decode (a few rows) is bound by reading the weights, so `linear` uses the packed weight up to `INT4_MAX_ROWS`
 rows; above that the kernel loses to the dense bf16 GEMM (2.3x slower at 1000 rows), so prefill stays dense.
-The lm_head (dense in the checkpoint) is kept as int8 too, per-row scales (`pack_int8`), for up to
-`INT8_MAX_ROWS` rows.
+A GGUF's lm_head and its projections that are not packed int4 (Q5_0, Q6_K, Q8_0, ...) are kept as int8 too,
+per-row scales (`pack_int8`, DecoderLM.pack_int8_weights), for up to `INT8_MAX_ROWS` rows.
 """
 
 from __future__ import annotations
