@@ -1,9 +1,10 @@
-"""One table and one plot of saw-bench runs of several engines at one scenario (bench/peer/race_gpu.sh).
+"""One table and one plot of saw-bench runs of several engines at one or more points (bench/peer/race_gpu.sh).
 
 Each run folder holds saw-bench's summary.json and the servers' logs (logs/*.log), from which the KV capacity
 is read: vLLM's "GPU KV cache size: N tokens", saw's "KV pool: ..., N tokens", SGLang's "max_total_num_tokens=N".
 Rows are labelled by saw-bench's labels: the peer's (vllm-<kv-cache-dtype>, sglang-<kv-cache-dtype>), saw's --kv
-after the run's name (RUN_DIR:NAME, default "saw"); the ratio column compares each row with the fastest peer row.
+after the run's name (RUN_DIR:NAME, default "saw"); the ratio column compares each row with the fastest peer row
+of its scenario and concurrency.
 
   python bench/peer/table.py --out OUT_PREFIX RUN_DIR[:NAME]...   -> OUT_PREFIX.md, .json, .png
 """
@@ -47,9 +48,11 @@ def rows(runs: list[str]) -> list[dict]:
                         "output_tps_job": p["output_tps_job"], "mean_ttft_ms": p["mean_ttft_ms"],
                         "ok": p["requests_ok"], "failed": p["requests_failed"], "kv_tokens": cap,
                         "date": summary["meta"]["date"]})
-    best_peer = max((r["output_tps_job"] for r in out if r["label"].startswith(PEERS)), default=None)
-    for r in out:
-        r["vs_best_peer"] = round(r["output_tps_job"] / best_peer, 3) if best_peer else None
+    for point in {(r["scenario"], r["conc"]) for r in out}:
+        here = [r for r in out if (r["scenario"], r["conc"]) == point]
+        best_peer = max((r["output_tps_job"] for r in here if r["label"].startswith(PEERS)), default=None)
+        for r in here:
+            r["vs_best_peer"] = round(r["output_tps_job"] / best_peer, 3) if best_peer else None
     return out
 
 
@@ -57,12 +60,20 @@ def _tokens(n: int | None) -> str:
     return f"{n:,}" if n else "?"
 
 
+def _points(table: list[dict]) -> list[tuple[str, int]]:
+    return list(dict.fromkeys((r["scenario"], r["conc"]) for r in table))
+
+
 def markdown(table: list[dict]) -> str:
-    head = "| engine / KV | conc | KV tokens | output_tps(job) | vs best peer | mean TTFT ms | ok / failed |\n"
-    head += "|---|---|---:|---:|---:|---:|---|\n"
-    lines = [f"| {r['label']} | {r['conc']} | {_tokens(r['kv_tokens'])} | {r['output_tps_job']:,.1f} | "
-             f"{r['vs_best_peer'] or '–'} | {r['mean_ttft_ms']:,.0f} | {r['ok']} / {r['failed']} |" for r in table]
-    return f"# {table[0]['scenario']} ({table[0]['date']})\n\n" + head + "\n".join(lines) + "\n"
+    head = "| engine / KV | KV tokens | output_tps(job) | vs best peer | mean TTFT ms | ok / failed |\n"
+    head += "|---|---:|---:|---:|---:|---|\n"
+    parts = []
+    for scenario, conc in _points(table):
+        lines = [f"| {r['label']} | {_tokens(r['kv_tokens'])} | {r['output_tps_job']:,.1f} | "
+                 f"{r['vs_best_peer'] or '–'} | {r['mean_ttft_ms']:,.0f} | {r['ok']} / {r['failed']} |"
+                 for r in table if (r["scenario"], r["conc"]) == (scenario, conc)]
+        parts.append(f"## {scenario}, concurrency {conc}\n\n" + head + "\n".join(lines) + "\n")
+    return f"# Race ({table[0]['date']})\n\n" + "\n".join(parts)
 
 
 def plot(table: list[dict], path: Path) -> None:
@@ -71,13 +82,16 @@ def plot(table: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [f"{r['label']}\nc={r['conc']}" for r in table]
-    colors = ["#999999" if r["label"].startswith(PEERS) else "#2a7ab9" for r in table]
-    ax.bar(labels, [r["output_tps_job"] for r in table], color=colors)
-    ax.set_ylabel("output tokens/s (job)")
-    ax.set_title(f"{table[0]['scenario']}: peer engine (grey) and saw (blue), same GPU and prompts")
-    ax.tick_params(axis="x", labelsize=8)
+    points = _points(table)
+    fig, axes = plt.subplots(1, len(points), figsize=(6 * len(points), 3.8), squeeze=False)
+    for ax, (scenario, conc) in zip(axes[0], points, strict=True):
+        here = [r for r in table if (r["scenario"], r["conc"]) == (scenario, conc)]
+        colors = ["#999999" if r["label"].startswith(PEERS) else "#2a7ab9" for r in here]
+        ax.bar([r["label"].replace(" ", "\n", 1) for r in here], [r["output_tps_job"] for r in here], color=colors)
+        ax.set_ylabel("output tokens/s (job)")
+        ax.set_title(f"{scenario} c={conc}")
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("peer engine (grey) and saw (blue), same GPU and prompts", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
