@@ -39,7 +39,7 @@ def main() -> None:
     totals = kernel_totals(args.trace)
     step_us = sum(t for t, _ in totals.values()) / args.steps
     print(f"{args.trace.name}: {step_us / 1000:.2f} ms of kernels per step, {len(totals)} kernels")
-    print(f"| kernel | µs / step | share | calls / step | µs / call |\n|---|---:|---:|---:|---:|")
+    print("| kernel | µs / step | share | calls / step | µs / call |\n|---|---:|---:|---:|---:|")
     for name, (us, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"| {name[:90]} | {us / args.steps:,.1f} | {us / args.steps / step_us:.1%} | "
               f"{calls / args.steps:g} | {us / calls:,.1f} |")
