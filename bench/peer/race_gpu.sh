@@ -3,7 +3,8 @@
 # the peer engine (vLLM or upstream SGLang), one server per KV dtype, then saw, one router per --kv, then (with
 # SGLANG_ENGINE_KV) saw's router over SGLang's model runner (--engine sglang), on one model folder with dummy
 # weights. Each server starts once and serves every point (scenario@concurrency) in turn, the same prompts from
-# saw-bench against each; then one table + plot of all of them (bench/peer/table.py).
+# saw-bench against each; then one table + plot of all of them (bench/peer/table.py), each row also as a fraction of
+# its roofline bound (bench/peer/roofline.py, with this GPU's copy bandwidth and matmul rate measured first).
 # Each point warms its server with concurrency/8 requests first (discarded), then sends 1x concurrency requests.
 # An empty PEER_KV or SAW_KV leaves those rows out (to split a race over several runs: table.py joins them).
 # SAW_FLAGS: worker flags for saw's routers (both engines), e.g. the SGLang engine's format on --engine saw:
@@ -80,6 +81,8 @@ case $peer in vllm) peer_kv=${PEER_KV-auto fp8 int4_per_token_head} ;; *) peer_k
   vllm) PYTHONPATH=/tmp/vsite:/tmp/vdsite python3 -c "import vllm" ;;
   sglang) PYTHONPATH=/tmp/ssite:/tmp/sdsite python3 -c "import sglang" ;;
 esac || { echo "$peer is not installed here: run bench/peer/install_gpu.sh $peer first"; exit 1; }
+# the roofline's ceilings (copy bandwidth, bf16 matmul rate), measured in this hold before any server starts
+python3 bench/peer/roofline.py --measure "$out/ceilings.json" || exit 1
 runs=()
 for kv in $peer_kv; do
   race "$peer-$kv" "$peer-$kv" "$peer" serve_peer "$kv"
@@ -91,4 +94,5 @@ for kv in ${SGLANG_ENGINE_KV:-}; do
   # (its formats have no bf16 window, sinks or K centering / scale: docs/sglang.md)
   PYTHONPATH=$sglang_path race "saw-sglang-$kv" "$kv" "saw --engine sglang" serve_saw "$kv" --engine sglang
 done
-python3 bench/peer/table.py --out "$out/race-$peer" "${runs[@]}"
+python3 bench/peer/table.py --out "$out/race-$peer" --ceilings "$out/ceilings.json" --config "${CONFIG:-configs/qwen3-8b}" \
+  "${runs[@]}"

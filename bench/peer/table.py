@@ -6,7 +6,11 @@ Rows are labelled by saw-bench's labels: the peer's (vllm-<kv-cache-dtype>, sgla
 after the run's name (RUN_DIR:NAME, default "saw"); the ratio column compares each row with the fastest peer row
 of its scenario and concurrency.
 
-  python bench/peer/table.py --out OUT_PREFIX RUN_DIR[:NAME]...   -> OUT_PREFIX.md, .json, .png
+With --ceilings (roofline.py --measure, from the same hold) each row also gets its output tokens/s as a fraction
+of the point's roofline bound (bench/peer/roofline.py) for --config's model.
+
+  python bench/peer/table.py --out OUT_PREFIX [--ceilings C.json --config DIR] RUN_DIR[:NAME]...
+      -> OUT_PREFIX.md, .json, .png
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import argparse
 import json
 import re
 from pathlib import Path
+
+from roofline import Ceilings, Model, bound_tps, kv_bytes_per_token, scenario_lengths
 
 CAPACITY = [re.compile(r"GPU KV cache size: ([\d,]+) tokens"), re.compile(r"KV pool: [^,]+, (\d+) tokens"),
             re.compile(r"max_total_num_tokens=(\d+)")]
@@ -34,7 +40,7 @@ def capacities(run: Path) -> dict[str, int]:
     return found
 
 
-def rows(runs: list[str]) -> list[dict]:
+def rows(runs: list[str], roof: tuple[Model, Ceilings] | None = None) -> list[dict]:
     out = []
     for arg in runs:
         path, _, name = arg.partition(":")
@@ -53,6 +59,11 @@ def rows(runs: list[str]) -> list[dict]:
         best_peer = max((r["output_tps_job"] for r in here if r["label"].startswith(PEERS)), default=None)
         for r in here:
             r["vs_best_peer"] = round(r["output_tps_job"] / best_peer, 3) if best_peer else None
+            if roof:
+                model, ceil = roof
+                bound = bound_tps(model, ceil, *scenario_lengths(r["scenario"]), r["conc"],
+                                  kv_bytes_per_token(r["label"], model), r["kv_tokens"])
+                r["roofline_tps"], r["of_roofline"] = round(bound, 1), round(r["output_tps_job"] / bound, 3)
     return out
 
 
@@ -60,17 +71,22 @@ def _tokens(n: int | None) -> str:
     return f"{n:,}" if n else "?"
 
 
+def _share(x: float | None) -> str:
+    return f"{x:.0%}" if x else "–"
+
+
 def _points(table: list[dict]) -> list[tuple[str, int]]:
     return list(dict.fromkeys((r["scenario"], r["conc"]) for r in table))
 
 
 def markdown(table: list[dict]) -> str:
-    head = "| engine / KV | KV tokens | output_tps(job) | vs best peer | mean TTFT ms | ok / failed |\n"
-    head += "|---|---:|---:|---:|---:|---|\n"
+    head = "| engine / KV | KV tokens | output_tps(job) | vs best peer | of roofline | mean TTFT ms | ok / failed |\n"
+    head += "|---|---:|---:|---:|---:|---:|---|\n"
     parts = []
     for scenario, conc in _points(table):
         lines = [f"| {r['label']} | {_tokens(r['kv_tokens'])} | {r['output_tps_job']:,.1f} | "
-                 f"{r['vs_best_peer'] or '–'} | {r['mean_ttft_ms']:,.0f} | {r['ok']} / {r['failed']} |"
+                 f"{r['vs_best_peer'] or '–'} | {_share(r.get('of_roofline'))} | {r['mean_ttft_ms']:,.0f} | "
+                 f"{r['ok']} / {r['failed']} |"
                  for r in table if (r["scenario"], r["conc"]) == (scenario, conc)]
         parts.append(f"## {scenario}, concurrency {conc}\n\n" + head + "\n".join(lines) + "\n")
     return f"# Race ({table[0]['date']})\n\n" + "\n".join(parts)
@@ -99,9 +115,14 @@ def plot(table: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="prefix of the .md, .json and .png written")
+    ap.add_argument("--ceilings", type=Path, help="roofline.py --measure's JSON, from the same hold")
+    ap.add_argument("--config", type=Path, default=Path("configs/qwen3-8b"), help="the model's config folder")
     ap.add_argument("runs", nargs="+", help="RUN_DIR[:NAME]")
     args = ap.parse_args()
-    table = rows(args.runs)
+    roof = None
+    if args.ceilings:
+        roof = Model.from_config(args.config), Ceilings(**json.loads(args.ceilings.read_text()))
+    table = rows(args.runs, roof)
     text = markdown(table)
     args.out.with_suffix(".md").write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(table, indent=1))
