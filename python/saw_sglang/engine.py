@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +23,12 @@ from saw_worker.engine.interface import EngineInfo, LoadStats
 from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sink, TokenLogprob
 from saw_worker.kv.pool import bytes_per_token
 from saw_worker.loader.export import hf_folder_for
-from saw_worker.loader.tokenizer import folder_tokenizer
+from saw_worker.loader.tokenizer import byte_level_fallback, folder_tokenizer, write_hf_tokenizer
 from saw_worker.options import GPU_PREFILL_TOKENS, WorkerOptions
 
 log = logging.getLogger("saw_worker")
 POLL_S = 0.25  # how often the scheduler's load and SGLang's processes are looked at
+DUMMY_MAX_LENGTH = 1 << 20  # model_max_length of a written fallback tokenizer: the model's context bounds prompts
 
 
 def require_sglang() -> None:
@@ -61,7 +63,17 @@ def pool_tokens(memory: int, spec: KVSpec, config: dict[str, Any]) -> int:
     return memory // bytes_per_token(spec.format(head_dim(config)), int(config["num_hidden_layers"]), heads)
 
 
-def engine_args(opts: WorkerOptions, folder: Path) -> dict[str, Any]:
+def tokenizer_folder(folder: Path, vocab_size: int, scratch: Path) -> Path:
+    """A folder of the model's tokenizer files, as the router tokenizes: the model's own, else the byte-level
+    fallback written into scratch. SGLang does not tokenize (skip_tokenizer_init); its grammar backend reads this
+    folder (plugin.py)."""
+    if (folder / "tokenizer.json").exists():
+        return folder
+    write_hf_tokenizer(byte_level_fallback(vocab_size), scratch, DUMMY_MAX_LENGTH)
+    return scratch
+
+
+def engine_args(opts: WorkerOptions, folder: Path, tokenizer: Path) -> dict[str, Any]:
     """sglang.Engine's arguments for the worker's options; what SGLang's engine cannot honour is refused."""
     m, kv, pool, sched, dec = opts.model, opts.kv, opts.pool, opts.scheduler, opts.decode
     refused = {"--window": kv.window, "--sinks": kv.sinks, "--k-center": kv.k_center, "--k-scale": kv.k_scale,
@@ -73,7 +85,9 @@ def engine_args(opts: WorkerOptions, folder: Path) -> dict[str, Any]:
     args: dict[str, Any] = dict(
         model_path=str(folder), load_format="dummy" if m.load_format == "dummy" else "auto",
         dtype="auto" if m.dtype == "auto" else m.dtype, attention_backend=BACKEND, page_size=pool.page_size,
-        skip_tokenizer_init=True, incremental_streaming_output=True, sampling_backend="pytorch",
+        # the router tokenizes; SGLang's grammar backend still reads the tokenizer folder (plugin.py)
+        skip_tokenizer_init=True, tokenizer_path=str(tokenizer), incremental_streaming_output=True,
+        sampling_backend="pytorch",
         max_running_requests=sched.max_running_requests,
         chunked_prefill_size=sched.max_prefill_tokens or GPU_PREFILL_TOKENS,
         disable_radix_cache=not sched.prefix_cache, disable_cuda_graph=not dec.cuda_graphs,
@@ -159,7 +173,10 @@ class SGLangEngine:
     def __init__(self, options: WorkerOptions) -> None:
         require_sglang()
         folder = model_folder(options.model.name)
-        args = engine_args(options, folder)
+        config = json.loads((folder / "config.json").read_text())
+        vocab = int(config["vocab_size"])
+        self._scratch = tempfile.TemporaryDirectory(prefix="saw-sglang-")
+        args = engine_args(options, folder, tokenizer_folder(folder, vocab, Path(self._scratch.name)))
         spec = kv_spec(options)
         os.environ[ENV] = spec.to_env()  # SGLang's scheduler process reads it (config.py)
         self._ready = threading.Event()
@@ -169,12 +186,9 @@ class SGLangEngine:
         self._ready.wait()
         if self._failure is not None:
             raise RuntimeError(f"SGLang did not start: {self._failure}") from self._failure
-        config = json.loads((folder / "config.json").read_text())
-        tokenizer = folder_tokenizer(folder, int(config["vocab_size"]))
         fmt = spec.format(head_dim(config))
-        self._info = EngineInfo(folder.resolve().name, tokenizer, self._context_len,
-                                int(config["vocab_size"]), f"{fmt.describe()} (sglang)", self._capacity,
-                                options.pool.page_size, "cuda (sglang)")
+        self._info = EngineInfo(folder.resolve().name, folder_tokenizer(folder, vocab), self._context_len, vocab,
+                                f"{fmt.describe()} (sglang)", self._capacity, options.pool.page_size, "cuda (sglang)")
         self._running: dict[str, int] = {}  # request id -> max new tokens
         self._lock = threading.Lock()
         self._sglang_load = LoadStats(kv_tokens_total=self._capacity)  # the scheduler's, POLL_S old at most
@@ -225,6 +239,7 @@ class SGLangEngine:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=15)
         self._engine.shutdown()
+        self._scratch.cleanup()
 
     def info(self) -> EngineInfo:
         return self._info

@@ -7,7 +7,11 @@ server args. This one:
 - hooks two ModelRunner steps, through SGLang's HookRegistry, only when that backend is chosen:
   the per-token KV bytes SGLang sizes its pool by (saw's format, not the bf16 it would assume), and the pool
   class `_init_pools` builds (SawKVPool where it would build MHATokenToKVPool). SGLang has no extension point
-  for a KV pool of its own format; these two are the smallest patch, applied at runtime.
+  for a KV pool of its own format; these two are the smallest patch, applied at runtime;
+- and, with that backend, gives the scheduler's GrammarManager its grammar backend when SGLang does not tokenize
+  (skip_tokenizer_init, as saw's worker runs it: the router tokenizes), where SGLang would build none and abort
+  every structured-output request. The backend (xgrammar) is built as SGLang builds it, from the tokenizer
+  folder the worker passes as tokenizer_path.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from saw_sglang.config import BACKEND, spec_from_env
 
 _MIXIN = "sglang.srt.model_executor.model_runner_kv_cache_mixin"
 _CONFIGURATOR = "sglang.srt.model_executor.pool_configurator"
+_GRAMMAR = "sglang.srt.constrained.grammar_manager.GrammarManager"
 
 
 def register() -> None:
@@ -33,6 +38,7 @@ def register() -> None:
         add_attention_backend_choices([BACKEND])
     HookRegistry.register(f"{_CONFIGURATOR}.DefaultPoolConfigurator._compute_cell_size", _cell_size, HookType.AROUND)
     HookRegistry.register(f"{_MIXIN}.ModelRunnerKVCacheMixin._init_pools", _init_pools, HookType.AROUND)
+    HookRegistry.register(f"{_GRAMMAR}.__init__", _grammar_backend, HookType.AFTER)
 
 
 def _create_backend(runner: Any) -> Any:
@@ -41,8 +47,7 @@ def _create_backend(runner: Any) -> Any:
     return SawAttentionBackend(runner)
 
 
-def _uses_saw(runner: Any) -> bool:
-    args = runner.server_args
+def _uses_saw(args: Any) -> bool:
     chosen = {args.attention_backend, args.prefill_attention_backend, args.decode_attention_backend} - {None}
     if BACKEND in chosen and chosen != {BACKEND}:
         raise ValueError("--attention-backend saw serves prefill and decode both (saw's pool holds saw's format)")
@@ -50,7 +55,7 @@ def _uses_saw(runner: Any) -> bool:
 
 
 def _cell_size(original: Callable[..., int], configurator: Any, runner: Any, num_layers: int) -> int:
-    if not _uses_saw(runner):
+    if not _uses_saw(runner.server_args):
         return original(configurator, runner, num_layers)
     from sglang.srt.layers.dp_attention import get_attention_tp_size
 
@@ -64,12 +69,28 @@ def _cell_size(original: Callable[..., int], configurator: Any, runner: Any, num
 
 
 def _init_pools(original: Callable[..., None], runner: Any) -> None:
-    if not _uses_saw(runner):
+    if not _uses_saw(runner.server_args):
         return original(runner)
     from saw_sglang.pool import SawKVPool
 
     with _swapped(importlib.import_module(_MIXIN), "MHATokenToKVPool", SawKVPool):
         return original(runner)
+
+
+def _grammar_backend(result: None, manager: Any, scheduler: Any) -> None:
+    args = manager.server_args
+    if manager.grammar_backend is not None or not args.skip_tokenizer_init or not _uses_saw(args):
+        return result
+    from sglang.srt.constrained.base_grammar_backend import create_grammar_backend
+    from sglang.srt.utils.hf_transformers_utils import get_tokenizer
+
+    cfg = scheduler.model_config
+    tokenizer = get_tokenizer(args.tokenizer_path, tokenizer_mode=args.tokenizer_mode,
+                              trust_remote_code=args.trust_remote_code, revision=args.revision,
+                              tokenizer_backend=args.tokenizer_backend)
+    manager.grammar_backend = create_grammar_backend(args, tokenizer, cfg.vocab_size, cfg.hf_eos_token_id,
+                                                     think_end_id=cfg.think_end_id)
+    return result
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from saw_sglang.config import ENV, KVSpec, spec_from_env
-from saw_sglang.engine import engine_args, event, model_folder, sampling_params
+from saw_sglang.engine import engine_args, event, model_folder, sampling_params, tokenizer_folder
 from saw_worker.engine.request import Finish, GenerateParams, GrammarSpec, RequestError, SamplingOptions
 from saw_worker.options import KVOptions, ModelOptions, PoolOptions, WorkerOptions
 
@@ -29,9 +29,10 @@ def opts(folder: Path, **kv: object) -> WorkerOptions:
 
 
 def test_engine_args_carry_the_options(folder: Path) -> None:
-    args = engine_args(opts(folder), folder)
+    args = engine_args(opts(folder), folder, folder / "tok")
     assert args["attention_backend"] == "saw" and args["load_format"] == "dummy"
     assert args["skip_tokenizer_init"] and args["incremental_streaming_output"]
+    assert args["tokenizer_path"] == str(folder / "tok")
     assert (args["page_size"], args["max_running_requests"], args["chunked_prefill_size"]) == (16, 256, 8192)
     assert not args["disable_cuda_graph"] and not args["disable_radix_cache"]
 
@@ -41,7 +42,7 @@ def test_engine_args_carry_the_options(folder: Path) -> None:
                                      ({"bf16_layers": frozenset({0})}, "--bf16-layers")])
 def test_options_the_sglang_engine_cannot_honour_are_refused(folder: Path, kv: dict[str, object], flag: str) -> None:
     with pytest.raises(ValueError, match=flag):
-        engine_args(opts(folder, **kv), folder)
+        engine_args(opts(folder, **kv), folder, folder)
 
 
 def test_a_folder_without_config_is_refused(folder: Path, tmp_path: Path) -> None:
@@ -55,10 +56,25 @@ def test_a_moe_config_folder_is_served_from_dummy_weights_in_a_fixed_pool() -> N
     it is; --kv-cache-memory becomes SGLang's max_total_tokens in saw's format: 48 layers x 4 KV heads x 136 bytes
     (int4-bdr at head_dim 128: 64 code bytes + fp16 scale and lo, for K and for V) a token."""
     folder = REPO / "configs/qwen3-30b-a3b"
-    args = engine_args(replace(opts(folder), pool=PoolOptions(kv_cache_memory=1 << 30)), folder)
+    args = engine_args(replace(opts(folder), pool=PoolOptions(kv_cache_memory=1 << 30)), folder, folder)
     assert (args["model_path"], args["load_format"]) == (str(folder), "dummy")
     assert args["max_total_tokens"] == (1 << 30) // (48 * 4 * 136) and args["mem_fraction_static"] == 0.9
-    assert "max_total_tokens" not in engine_args(opts(folder), folder)
+    assert "max_total_tokens" not in engine_args(opts(folder), folder, folder)
+
+
+def test_the_grammar_backends_tokenizer_folder_is_the_routers_tokenizer(folder: Path, tmp_path: Path) -> None:
+    """SGLang does not tokenize (the router does); its grammar backend reads tokenizer_path: the model's own
+    tokenizer files, else the byte-level fallback the router uses for a dummy model, written out."""
+    from saw_worker.loader.tokenizer import byte_level_fallback, folder_tokenizer, tokenizer_from_hf_folder
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    written = tokenizer_folder(folder, 100, scratch)
+    assert written == scratch
+    assert tokenizer_from_hf_folder(written).tokenizer_json == byte_level_fallback(100).tokenizer_json
+    assert folder_tokenizer(folder, 100).eos_token_ids == tokenizer_from_hf_folder(written).eos_token_ids
+    (folder / "tokenizer.json").write_text(byte_level_fallback(100).tokenizer_json)
+    assert tokenizer_folder(folder, 100, scratch) == folder
 
 
 def test_sampling_parameters() -> None:
