@@ -113,8 +113,10 @@ def sampling_params(p: GenerateParams) -> dict[str, Any]:
                                presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty)
     if s.logit_bias:
         out["logit_bias"] = {str(token): bias for token, bias in s.logit_bias}
-    if s.seed is not None:
-        out["sampling_seed"] = s.seed
+    if s.seed is not None and s.temperature > 0:
+        # SGLang 0.5.11 reads a request's sampling_seed only in its deterministic-inference mode (batch-invariant
+        # kernels, which saw's attention backend does not provide); otherwise it would sample unseeded
+        raise RequestError("seeded sampling (seed with temperature > 0) is not supported with --engine sglang")
     g = p.grammar
     if g is not None:
         # SGLang compiles every schema in xgrammar's strict mode (no properties beyond the schema's): what a strict

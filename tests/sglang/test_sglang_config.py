@@ -11,7 +11,7 @@ import pytest
 
 from saw_sglang.config import ENV, KVSpec, spec_from_env
 from saw_sglang.engine import engine_args, event, model_folder, sampling_params, tokenizer_folder
-from saw_worker.engine.request import Finish, GenerateParams, GrammarSpec, SamplingOptions
+from saw_worker.engine.request import Finish, GenerateParams, GrammarSpec, RequestError, SamplingOptions
 from saw_worker.options import KVOptions, ModelOptions, PoolOptions, WorkerOptions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,14 +79,18 @@ def test_the_grammar_backends_tokenizer_folder_is_the_routers_tokenizer(folder: 
 
 def test_sampling_parameters() -> None:
     p = GenerateParams("r", [1, 2], max_new_tokens=5, min_new_tokens=1, stop_token_ids=frozenset({7, 3}),
-                       sampling=SamplingOptions(temperature=0.7, top_p=0.9, top_k=0, seed=11, logit_bias=((4, 2.0),)))
+                       sampling=SamplingOptions(temperature=0.7, top_p=0.9, top_k=0, logit_bias=((4, 2.0),)))
     s = sampling_params(p)
-    assert s["top_k"] == -1 and s["stop_token_ids"] == [3, 7] and s["sampling_seed"] == 11
+    assert s["top_k"] == -1 and s["stop_token_ids"] == [3, 7] and "sampling_seed" not in s
     assert s["logit_bias"] == {"4": 2.0} and (s["temperature"], s["top_p"], s["min_new_tokens"]) == (0.7, 0.9, 1)
     choice = sampling_params(replace(p, grammar=GrammarSpec("choice", json.dumps(["yes", 'no "x"']))))
     assert choice["ebnf"] == 'root ::= "yes" | "no \\"x\\""'
     assert json.loads(sampling_params(replace(p, grammar=GrammarSpec("json_object")))["json_schema"]) == {
         "type": "object"}
+    # SGLang applies seeds only in its deterministic mode: a seeded sampled request is refused, a greedy one served
+    with pytest.raises(RequestError, match="seed"):
+        sampling_params(replace(p, sampling=replace(p.sampling, seed=11)))
+    assert "sampling_seed" not in sampling_params(replace(p, sampling=SamplingOptions(seed=11)))
     strict = sampling_params(replace(p, grammar=GrammarSpec("json_schema", '{"type": "object"}', strict=True)))
     assert strict["json_schema"] == '{"type": "object"}'  # SGLang compiles every schema strictly
 
