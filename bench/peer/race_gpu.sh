@@ -61,6 +61,7 @@ race() {
     local scenario=${point%@*} conc=${point#*@}
     local run
     run=$out/$name-$(echo "$scenario" | tr -c 'A-Za-z0-9' '_')c$conc
+    kill -0 -- -"$pid" 2>/dev/null || { echo "== $name: the server exited (its log: $log)"; tail -5 "$log"; break; }
     echo "== $name: $scenario c=$conc"
     timeout "${BENCH_TIMEOUT:-600}" saw-bench --url "$url" --label "$label" --tokenizer "$model" \
       --startup-timeout 400 --scenario "$scenario" -c "$conc" --max-requests 1x \
