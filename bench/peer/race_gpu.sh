@@ -83,7 +83,8 @@ case $peer in vllm) peer_kv=${PEER_KV-auto fp8 int4_per_token_head} ;; *) peer_k
   sglang) PYTHONPATH=/tmp/ssite:/tmp/sdsite python3 -c "import sglang" ;;
 esac || { echo "$peer is not installed here: run bench/peer/install_gpu.sh $peer first"; exit 1; }
 # the roofline's ceilings (copy bandwidth, bf16 matmul rate), measured in this hold before any server starts
-python3 bench/peer/roofline.py --measure "$out/ceilings.json" || exit 1
+ceilings=()
+python3 bench/peer/roofline.py --measure "$out/ceilings.json" && ceilings=(--ceilings "$out/ceilings.json")
 runs=()
 for kv in $peer_kv; do
   race "$peer-$kv" "$peer-$kv" "$peer" serve_peer "$kv"
@@ -95,5 +96,4 @@ for kv in ${SGLANG_ENGINE_KV:-}; do
   # (its formats have no bf16 window, sinks or K centering / scale: docs/sglang.md)
   PYTHONPATH=$sglang_path race "saw-sglang-$kv" "$kv" "saw --engine sglang" serve_saw "$kv" --engine sglang
 done
-python3 bench/peer/table.py --out "$out/race-$peer" --ceilings "$out/ceilings.json" --config "${CONFIG:-configs/qwen3-8b}" \
-  "${runs[@]}"
+python3 bench/peer/table.py --out "$out/race-$peer" "${ceilings[@]}" --config "${CONFIG:-configs/qwen3-8b}" "${runs[@]}"
