@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::fused::{self, Elem, QkRope};
-use crate::{decode_attention, Ring, Rows, RowsMut, Step, Store};
+use crate::{decode_attention, quant, Ring, Rows, RowsMut, Step, Store};
 
 pub struct Fields<'a>(pub &'a HashMap<String, usize>);
 
@@ -191,6 +191,35 @@ pub unsafe fn silu_mul_raw(f: &Fields) -> Result<(), String> {
         // SAFETY (every slice): the caller's contract.
         unsafe {
             fused::silu_mul::<T>(f.slice("gate_up")?, f.slice_mut("out")?, f.get("inter")?, f.get("threads")?)
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { by_activation!(f, run(f)) }
+}
+
+/// `quant::matvec` of x [m, `k`] (bf16, or f32 when `act_f32`) into out [m, N] over the weight's `segments`
+/// segments: segment i's blocks in `w{i}` (u8), its ggml type `w{i}_type` and `w{i}_rows`; on up to `threads`
+/// threads.
+///
+/// # Safety
+/// As `decode_attention_raw`: out is touched by nothing else during the call.
+pub unsafe fn matvec_raw(f: &Fields) -> Result<(), String> {
+    unsafe fn run<T: Elem>(f: &Fields) -> Result<(), String> {
+        let segments = (0..f.get("segments")?)
+            .map(|i| {
+                let ggml = f.get(&format!("w{i}_type"))?;
+                Ok(quant::Segment {
+                    format: quant::Format::from_ggml(ggml)
+                        .ok_or(format!("ggml type {ggml} is not supported"))?,
+                    rows: f.get(&format!("w{i}_rows"))?,
+                    // SAFETY: the caller's contract.
+                    data: unsafe { f.slice(&format!("w{i}"))? },
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        // SAFETY (the slices): the caller's contract.
+        unsafe {
+            quant::matvec::<T>(f.slice("x")?, f.get("k")?, &segments, f.slice_mut("out")?, f.get("threads")?)
         }
     }
     // SAFETY: the caller's contract.
