@@ -1,12 +1,14 @@
-//! A persistent thread pool for the decode step's matrix-vector products: `threads - 1` workers that spin a
-//! short while for the next call before parking, and the caller, which takes the first part itself.
+//! A persistent thread pool for the decode step's matrix-vector products: a worker per core but the caller's,
+//! spinning a short while for the next call before it parks. A call's work is split into chunks that the caller
+//! and the workers claim one at a time, so a thread the OS takes away for a while (a 2-core machine also runs the
+//! router and the worker's I/O) delays the call by one chunk, not by a fixed share of it.
 //!
 //! A scoped spawn per call costs ~10-20 us, and a decode step makes ~100 of these calls
 //! (bench/results/cpu-fused-2026-12-04: a per-call spawn made the step slower). The spin covers the few to tens of
 //! microseconds between one projection and the next; past `SPIN` a worker parks, so an idle worker takes no core.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -14,43 +16,67 @@ use std::time::{Duration, Instant};
 /// host's work between steps.
 const SPIN: Duration = Duration::from_micros(300);
 
-/// The part function of the current call, valid from its epoch's start to its `pending` reaching zero.
-#[derive(Clone, Copy)]
-struct Job {
-    f: *const (dyn Fn(usize) + Sync),
-    parts: usize,
-}
+/// Most chunks a call may have (they are counted in 16 bits of `Shared::claim`).
+pub const MAX_CHUNKS: usize = u16::MAX as usize;
 
 struct Shared {
-    /// bumped once per call, after `job` is written
-    epoch: AtomicUsize,
-    job: UnsafeCell<Job>,
-    /// workers that have not finished the current call
-    pending: AtomicUsize,
+    /// the current call's epoch (high 32 bits), its chunk count (16) and the next unclaimed chunk (low 16)
+    claim: AtomicU64,
+    /// chunks of the current call finished
+    done: AtomicUsize,
+    /// the current call's chunk function: read only by a thread that has claimed one of its chunks, while the
+    /// caller waits for that chunk
+    job: UnsafeCell<*const (dyn Fn(usize) + Sync)>,
     /// workers parked, guarded for the condition variable
     parked: Mutex<usize>,
     wake: Condvar,
 }
 
-// SAFETY: `job` is written only by the caller holding `Pool::calls`, while no worker reads it (every worker has
-// finished the previous call: pending is 0), and read by workers only after the epoch's Acquire load.
+// SAFETY: `job` is written by the caller (holding `Pool::calls`) before it publishes the call's epoch, and read by
+// a thread only after it claimed a chunk of that epoch, which the caller waits for before returning.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
+
+impl Shared {
+    /// Claim the next chunk of call `epoch`, if it has one left.
+    fn claim(&self, epoch: u64) -> Option<usize> {
+        let mut cur = self.claim.load(Ordering::Acquire);
+        loop {
+            let (chunks, next) = ((cur >> 16) & 0xffff, cur & 0xffff);
+            if cur >> 32 != epoch || next >= chunks {
+                return None;
+            }
+            match self.claim.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(next as usize),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Run chunks of call `epoch` until none is left.
+    fn work_on(&self, epoch: u64) {
+        while let Some(chunk) = self.claim(epoch) {
+            // SAFETY: see `Shared`: the chunk claimed keeps the caller, and so `job`, waiting.
+            unsafe { (**self.job.get())(chunk) };
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
+}
 
 pub struct Pool {
     shared: Arc<Shared>,
     workers: usize,
     /// one call at a time
-    calls: Mutex<()>,
+    calls: Mutex<u64>,
 }
 
 impl Pool {
     fn new(workers: usize) -> Self {
         fn nothing(_: usize) {}
         let shared = Arc::new(Shared {
-            epoch: AtomicUsize::new(0),
-            job: UnsafeCell::new(Job { f: &nothing as &(dyn Fn(usize) + Sync), parts: 0 }),
-            pending: AtomicUsize::new(0),
+            claim: AtomicU64::new(0),
+            done: AtomicUsize::new(0),
+            job: UnsafeCell::new(&nothing as &(dyn Fn(usize) + Sync)),
             parked: Mutex::new(0),
             wake: Condvar::new(),
         });
@@ -58,49 +84,49 @@ impl Pool {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name(format!("saw-matvec-{index}"))
-                .spawn(move || work(&shared, index))
+                .spawn(move || work(&shared))
                 .expect("cannot start a matvec worker thread");
         }
-        Self { shared, workers, calls: Mutex::new(()) }
+        Self { shared, workers, calls: Mutex::new(0) }
     }
 
-    /// `f(0)`, ..., `f(parts - 1)`, each on its own thread (the caller runs part 0); returns when all are done.
-    /// Parts beyond the pool's threads run on the caller after its own.
-    pub fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
-        if parts <= 1 || self.workers == 0 {
-            (0..parts).for_each(f);
+    /// `f(0)`, ..., `f(chunks - 1)` (at most MAX_CHUNKS) over the caller and the workers, or the caller alone with
+    /// `threads` 1; returns when all are done.
+    pub fn run(&self, chunks: usize, threads: usize, f: &(dyn Fn(usize) + Sync)) {
+        assert!(chunks <= MAX_CHUNKS, "{chunks} chunks");
+        if chunks <= 1 || threads <= 1 || self.workers == 0 {
+            (0..chunks).for_each(f);
             return;
         }
-        let _one = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let mut epoch = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        *epoch = (*epoch + 1) & 0xffff_ffff;
         let s = &*self.shared;
-        // SAFETY: see `Shared`; the pointer's lifetime is erased, and `f` outlives the call, which waits for
-        // every worker below before returning.
+        // SAFETY: see `Shared`; the pointer's lifetime is erased, and `f` outlives every use: the call returns
+        // only when all its chunks are done, and no thread reads `job` without a chunk of this epoch.
         unsafe {
             let f: *const (dyn Fn(usize) + Sync + '_) = f;
-            let f =
+            *s.job.get() =
                 std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync)>(f);
-            *s.job.get() = Job { f, parts };
         }
-        s.pending.store(self.workers, Ordering::Relaxed);
-        s.epoch.fetch_add(1, Ordering::Release);
+        s.done.store(0, Ordering::Relaxed);
+        s.claim.store(*epoch << 32 | (chunks as u64) << 16, Ordering::Release);
         if *s.parked.lock().unwrap_or_else(|e| e.into_inner()) > 0 {
             s.wake.notify_all();
         }
-        f(0);
-        (self.workers + 1..parts).for_each(f);
-        while s.pending.load(Ordering::Acquire) != 0 {
+        s.work_on(*epoch);
+        while s.done.load(Ordering::Acquire) != chunks {
             std::hint::spin_loop();
         }
     }
 }
 
-fn work(s: &Shared, index: usize) {
+fn work(s: &Shared) {
     let mut seen = 0;
     loop {
         let start = Instant::now();
         let mut spins = 0u32;
         let epoch = loop {
-            let e = s.epoch.load(Ordering::Acquire);
+            let e = s.claim.load(Ordering::Acquire) >> 32;
             if e != seen {
                 break e;
             }
@@ -108,7 +134,7 @@ fn work(s: &Shared, index: usize) {
             if spins.is_multiple_of(64) && start.elapsed() > SPIN {
                 let mut parked = s.parked.lock().unwrap_or_else(|e| e.into_inner());
                 *parked += 1;
-                while s.epoch.load(Ordering::Acquire) == seen {
+                while s.claim.load(Ordering::Acquire) >> 32 == seen {
                     parked = s.wake.wait(parked).unwrap_or_else(|e| e.into_inner());
                 }
                 *parked -= 1;
@@ -116,13 +142,7 @@ fn work(s: &Shared, index: usize) {
             std::hint::spin_loop();
         };
         seen = epoch;
-        // SAFETY: see `Shared`: the job of this epoch stays valid until `pending` reaches zero.
-        let job = unsafe { *s.job.get() };
-        if index < job.parts {
-            // SAFETY: as above.
-            unsafe { (*job.f)(index) };
-        }
-        s.pending.fetch_sub(1, Ordering::Release);
+        s.work_on(epoch);
     }
 }
 

@@ -10,10 +10,14 @@
 //! Every chunk of 32 weights is `scale * code` with signed codes (Q4_0, Q5_0, Q8_0, Q6_K: the format's offset
 //! taken into the code), or `scale * code + offset` with unsigned ones (Q4_1, Q5_1, Q4_K), the scale shared by its
 //! two halves of 16 except in Q6_K; so a chunk's dot product with a Q8 row of scale `dy` is
-//! `dy * (scale * Σ code * q + offset * Σ q)`, and the row's sums over 16 elements are kept with it.
+//! `dy * (scale * Σ code * q + offset * Σ q)`, and each Q8 block keeps `dy * Σ q` for the offsets.
 
 use crate::fused::Elem;
-use crate::pool::pool;
+use crate::pool::{pool, MAX_CHUNKS};
+
+/// Weights per chunk of work the pool's threads claim (~3 us of one core): small enough that a thread the OS
+/// preempts holds up little, large enough that claiming costs little.
+const CHUNK: usize = 1 << 15;
 
 /// The GGUF block formats the kernel reads (ggml type ids).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,19 +58,19 @@ pub struct Segment<'a> {
     pub data: &'a [u8],
 }
 
-/// Activation rows [m, k] as int8 per block of 32: q [m, k], scale [m, k / 32] (q * scale is the row), sums of q
-/// over every 16 elements [m, k / 16].
+/// Activation rows [m, k] as int8 per block of 32: q [m, k], scale [m, k / 32] (q * scale is the row), and
+/// scale * Σ q per block [m, k / 32].
 pub struct Q8 {
     pub q: Vec<i8>,
     pub scale: Vec<f32>,
-    pub sums: Vec<i32>,
+    pub sums: Vec<f32>,
     pub k: usize,
 }
 
 /// Rows [m, k] (k a multiple of 32) to Q8: scale = max |x| / 127, q = round-half-even(x * (1 / scale)).
 pub fn quantize_rows<T: Elem>(x: &[T], k: usize) -> Q8 {
     let blocks = x.len() / 32;
-    let mut out = Q8 { q: vec![0; x.len()], scale: vec![0.0; blocks], sums: vec![0; 2 * blocks], k };
+    let mut out = Q8 { q: vec![0; x.len()], scale: vec![0.0; blocks], sums: vec![0.0; blocks], k };
     for (b, (xs, qs)) in x.chunks_exact(32).zip(out.q.chunks_exact_mut(32)).enumerate() {
         let mut f = [0f32; 32];
         f.iter_mut().zip(xs).for_each(|(f, x)| *f = x.get());
@@ -75,15 +79,13 @@ pub fn quantize_rows<T: Elem>(x: &[T], k: usize) -> Q8 {
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         qs.iter_mut().zip(&f).for_each(|(q, v)| *q = (v * inv).round_ties_even() as i8);
         out.scale[b] = scale;
-        for h in 0..2 {
-            out.sums[2 * b + h] = qs[16 * h..16 * h + 16].iter().map(|&q| q as i32).sum();
-        }
+        out.sums[b] = scale * qs.iter().map(|&q| q as i32).sum::<i32>() as f32;
     }
     out
 }
 
-/// out [m, N] = x [m, k] @ W.T for W the segments stacked (N their rows), over up to `threads` threads of the pool
-/// (row ranges of W; the caller's thread takes the first).
+/// out [m, N] = x [m, k] @ W.T for W the segments stacked (N their rows), in chunks of W's rows over the pool's
+/// threads and the caller's (`threads` 1: the caller's alone).
 pub fn matvec<T: Elem>(
     x: &[T],
     k: usize,
@@ -110,14 +112,13 @@ pub fn matvec<T: Elem>(
     }
     let y = quantize_rows(x, k);
     let m = x.len() / k;
-    let parts = threads.clamp(1, n.max(1));
-    let per = n.div_ceil(parts);
+    let per = (CHUNK / k).max(1).max(n.div_ceil(MAX_CHUNKS));
     let out_at = SendPtr(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    pool().run(parts, &|part| {
-        let (lo, hi) = (part * per, ((part + 1) * per).min(n));
-        // SAFETY: `available()` holds; each part writes only columns lo..hi of out's rows, which stay in bounds
-        // (checked above), and the caller waits for every part.
+    pool().run(n.div_ceil(per), threads, &|chunk| {
+        let (lo, hi) = (chunk * per, ((chunk + 1) * per).min(n));
+        // SAFETY: `available()` holds; each chunk writes only columns lo..hi of out's rows, which stay in bounds
+        // (checked above), and the pool returns when every chunk is done.
         unsafe { avx2::rows(&y, m, segments, lo, hi, out_at, n) }
     });
     Ok(())
@@ -319,8 +320,7 @@ mod avx2 {
                 let dy = *y.q8.scale.get_unchecked(at);
                 acc.v[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale * dy), acc.v[r]);
                 if let Codes::Offset(offset) = kind {
-                    let sum = *y.q8.sums.get_unchecked(2 * at) + *y.q8.sums.get_unchecked(2 * at + 1);
-                    acc.offset[r] += dy * offset * sum as f32;
+                    acc.offset[r] += offset * *y.q8.sums.get_unchecked(at);
                 }
             }
         }
