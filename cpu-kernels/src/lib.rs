@@ -81,6 +81,8 @@ pub struct Step<'a> {
     pub seq_lens: &'a [i32],
     pub page_table: &'a [i32],
     pub table_width: usize,
+    /// threads for the attention of the (request, KV head) pairs (the kernels' pool; 1: the caller's alone)
+    pub threads: usize,
 }
 
 impl Step<'_> {
@@ -154,12 +156,27 @@ fn run(
             int4::store_row(store, slot * hkv + h, h, d, &mut kx, &mut vx);
         }
     }
-    let mut scratch = attend::Scratch::new(step);
-    for b in 0..step.batch() {
-        for h in 0..hkv {
-            attend::request_head(step, b, h, q, k, v, store, ring.as_deref(), out, &mut scratch);
-        }
-    }
+    // each (request, KV head) writes its own G rows of out, on the pool's threads
+    let rows = step.group() * d;
+    let (store, ring_read) = (&*store, ring.as_deref());
+    let out_at = match out {
+        RowsMut::Bf16(o) => OutPtr::Bf16(o.as_mut_ptr()),
+        RowsMut::F32(o) => OutPtr::F32(o.as_mut_ptr()),
+    };
+    pool::pool().run(step.batch() * hkv, step.threads, &|task| {
+        let (b, h) = (task / hkv, task % hkv);
+        let at = (b * hkv + h) * rows;
+        // SAFETY: task (b, h) alone writes out[at..at + rows], inside out [B, Hq, D] (checked), and the pool
+        // returns when every task is done.
+        let mut part = unsafe {
+            match out_at {
+                OutPtr::Bf16(o) => RowsMut::Bf16(std::slice::from_raw_parts_mut(o.add(at), rows)),
+                OutPtr::F32(o) => RowsMut::F32(std::slice::from_raw_parts_mut(o.add(at), rows)),
+            }
+        };
+        let mut scratch = attend::Scratch::new(step);
+        attend::request_head(step, b, h, q, k, v, store, ring_read, &mut part, &mut scratch);
+    });
     if let Some(ring) = ring {
         for b in 0..step.batch() {
             let base = ring.write_slots[b] as usize * hkv * d;
@@ -173,6 +190,16 @@ fn run(
         }
     }
 }
+
+/// `out`'s elements for the pool's tasks, which write disjoint rows of it.
+#[derive(Clone, Copy)]
+enum OutPtr {
+    Bf16(*mut u16),
+    F32(*mut f32),
+}
+// SAFETY: the tasks write disjoint elements, and the call outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
 impl Rows<'_> {
     fn stride(&self) -> usize {

@@ -49,7 +49,7 @@ impl Fields<'_> {
 /// `k_stride`, `v_stride` elements between rows); slots (i64), seq_lens, page_table (i32, `table_width`);
 /// cache_k, cache_v (bf16, or packed u8 with k_params, v_params fp16 when `int4`), k_mean (f32, optional),
 /// `hadamard_order`, `rotate_v`; with a window: ring_k, ring_v (bf16), `sinks`, `window`, ring_rows, quant_lens,
-/// held_sinks (i32), write_slots (i64).
+/// held_sinks (i32), write_slots (i64); `threads`.
 ///
 /// # Safety
 /// Every named tensor lives for the call, is aligned for its type and holds its `_len` elements; out, the cache and
@@ -67,6 +67,7 @@ pub unsafe fn decode_attention_raw(f: &Fields, sm_scale: f32) -> Result<(), Stri
             seq_lens: f.slice("seq_lens")?,
             page_table: f.slice("page_table")?,
             table_width: f.get("table_width")?,
+            threads: f.get("threads")?,
         };
         let rows = |name: &str| -> Result<Rows, String> {
             let stride = f.get(&format!("{name}_stride"))?;
