@@ -1,7 +1,8 @@
 //! saw's decode attention on the CPU: one call per layer of a decode step stores each request's new K, V in the
 //! paged cache (bf16, or INT4 codes with fp16 (scale, lo)), attends its query over the request's tokens and keeps
 //! the new K, V in the request's bf16 ring when the format has a window. `fused` holds the layer's other
-//! elementwise ops (RMSNorm, q/k norm + RoPE, SiLU-and-mul).
+//! elementwise ops (RMSNorm, q/k norm + RoPE, SiLU-and-mul), `quant` the projections' matrix-vector products on a
+//! GGUF's own quantized blocks; those and the attention's (request, KV head) pairs run on `pool`'s threads.
 //!
 //! The worker's torch reference (`saw_worker/kv/reference.py`, on `saw_kv/formats.py`) is the spec: the same
 //! arithmetic in fp32, in one pass over the cache instead of ~60 torch ops per layer. The Python side
