@@ -1,9 +1,10 @@
 """Projections over quantized weights on the CPU for decode steps, which read every weight once per step.
 
 Where saw's native matvec runs (saw_router._native built, an AVX2 CPU), a GGUF's quantized weights (Q4_0, Q4_1,
-Q5_0, Q5_1, Q8_0, Q4_K, Q6_K: projections and lm_head) are also kept as the file's own blocks (`GgufBlocks`,
-`pack_blocks`), and `linear` runs up to `BLOCKS_MAX_ROWS` rows on them (cpu-kernels/src/quant.rs: Q8 activations,
-integer dot products, on the kernels' thread pool), in bf16 or float32 models alike. Otherwise, for bf16:
+Q5_0, Q5_1, Q8_0, Q4_K, Q6_K: projections and lm_head) are also kept as the file's own blocks (`BlockWeight`,
+`PackedBlocks`, `pack_blocks`), and `linear` runs up to `BLOCKS_MAX_ROWS` rows on them (cpu-kernels/src/quant.rs:
+Q8 activations, integer dot products, on the kernels' thread pool), in bf16 or float32 models alike. Otherwise, for
+bf16:
 
 A GGUF weight that is `scale * code + zero` per group of 32 along K (Q4_0, Q4_1, Q4_K) is also kept packed for
 torch's int4 CPU kernel, which reads a quarter of bf16's bytes.
@@ -34,7 +35,10 @@ INT4_MAX_ROWS = 16
 # The same for the int8 lm_head. smollm2-135m's [49152, 576] on the same machine (2026-12-04), int8 vs bf16 ms:
 # 1 row 2.3 vs 3.0, 4: 3.4 vs 5.0, 8: 5.5 vs 4.6 (the int8 kernel's time grows with the rows, the GEMM's barely).
 INT8_MAX_ROWS = 4
-# The same for the native kernel on the GGUF's blocks. BLOCKS_ROWS_NOTE
+# The same for the native kernel on the GGUF's blocks, against dense float32 (no AVX512-BF16 on that machine). All
+# 24 layers' projections of qwen2.5-coder-0.5b in turn on a 2-core EPYC (2026-12-06), blocks vs dense ms: 1 row
+# 24.4 vs 82.0, 4: 48.9 vs 236.7, 8: 84.6-140 vs 204-214, 16: 159 vs 243; smollm2-135m's 16: 56 vs 71, 24: 106 vs
+# 88. Kept at 8, below that crossover, for bf16's dense GEMM, which reads half float32's bytes (not measured).
 BLOCKS_MAX_ROWS = 8
 # ggml types the native kernel reads (cpu-kernels/src/quant.rs, Format)
 BLOCK_TYPES = frozenset({2, 3, 6, 7, 8, 12, 14})  # Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q6_K
@@ -156,8 +160,8 @@ def linear(x: Tensor, weight: Tensor, packed: Packed | None, bias: Tensor | None
         if x2.dtype not in (torch.bfloat16, torch.float32) or x2.device.type != "cpu":
             raise ValueError(f"the native matvec takes bf16 or float32 CPU rows, got {x2.dtype} on {x2.device}")
         y = x2.new_empty(rows, packed.out_features)
-        # the fields by hand, not native.tensor's: ~10 us less a call, ~100 calls a step (x2 and y are
-        # contiguous CPU tensors of the checked dtype)
+        # the fields by hand, not through native.tensor's checks and f-strings (~100 calls a step); x2 and y are
+        # contiguous CPU tensors of the dtype checked above
         _matvec(packed.fields | {"x": x2.data_ptr(), "x_len": x2.numel(), "out": y.data_ptr(), "out_len": y.numel(),
                                  "act_f32": x2.dtype == torch.float32})
     # the torch._ bindings, not torch.ops.aten's: ~1 us less a call (its Python dispatch), ~120 calls a step
