@@ -57,7 +57,11 @@ impl Shared {
     fn work_on(&self, epoch: u64) {
         while let Some(chunk) = self.claim(epoch) {
             // SAFETY: see `Shared`: the chunk claimed keeps the caller, and so `job`, waiting.
-            unsafe { (**self.job.get())(chunk) };
+            let run = std::panic::AssertUnwindSafe(|| unsafe { (**self.job.get())(chunk) });
+            if std::panic::catch_unwind(run).is_err() {
+                // the call's other threads would wait for this chunk, or run on a closure unwound from under them
+                std::process::abort();
+            }
             self.done.fetch_add(1, Ordering::Release);
         }
     }
