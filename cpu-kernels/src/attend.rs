@@ -96,6 +96,7 @@ fn slots<'a>(step: &'a Step, b: usize, from: usize, to: usize) -> impl Iterator<
     })
 }
 
+/// Attend the query heads of request b's KV head h; `out` holds their rows [G, D] (out[b, h G..(h + 1) G]).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn request_head(
@@ -200,7 +201,7 @@ pub fn request_head(
         }
     }
     for g in 0..g_n {
-        out.put((b * step.q_heads + h * g_n + g) * d, &s.acc[g * d..][..d]);
+        out.put(g * d, &s.acc[g * d..][..d]);
     }
 }
 

@@ -1,7 +1,8 @@
 //! saw's decode attention on the CPU: one call per layer of a decode step stores each request's new K, V in the
 //! paged cache (bf16, or INT4 codes with fp16 (scale, lo)), attends its query over the request's tokens and keeps
 //! the new K, V in the request's bf16 ring when the format has a window. `fused` holds the layer's other
-//! elementwise ops (RMSNorm, q/k norm + RoPE, SiLU-and-mul).
+//! elementwise ops (RMSNorm, q/k norm + RoPE, SiLU-and-mul), `quant` the projections' matrix-vector products on a
+//! GGUF's own quantized blocks; those and the attention's (request, KV head) pairs run on `pool`'s threads.
 //!
 //! The worker's torch reference (`saw_worker/kv/reference.py`, on `saw_kv/formats.py`) is the spec: the same
 //! arithmetic in fp32, in one pass over the cache instead of ~60 torch ops per layer. The Python side
@@ -12,12 +13,14 @@
 mod attend;
 mod fused;
 mod int4;
+mod pool;
+pub mod quant;
 mod raw;
 mod vector;
 
 pub use fused::{add_rms_norm, qk_norm_rope, rms_norm, silu_mul, Elem, QkRope};
 pub use int4::{quantize_row, rotate};
-pub use raw::{decode_attention_raw, qk_norm_rope_raw, rms_norm_raw, silu_mul_raw, Fields};
+pub use raw::{decode_attention_raw, matvec_raw, qk_norm_rope_raw, rms_norm_raw, silu_mul_raw, Fields};
 
 /// Activations (q, k, v, the output) at the model's dtype: bf16 bits or f32, rows `stride` elements apart,
 /// each row [heads, head_dim] contiguous.
@@ -79,6 +82,8 @@ pub struct Step<'a> {
     pub seq_lens: &'a [i32],
     pub page_table: &'a [i32],
     pub table_width: usize,
+    /// threads for the attention of the (request, KV head) pairs (the kernels' pool; 1: the caller's alone)
+    pub threads: usize,
 }
 
 impl Step<'_> {
@@ -152,12 +157,27 @@ fn run(
             int4::store_row(store, slot * hkv + h, h, d, &mut kx, &mut vx);
         }
     }
-    let mut scratch = attend::Scratch::new(step);
-    for b in 0..step.batch() {
-        for h in 0..hkv {
-            attend::request_head(step, b, h, q, k, v, store, ring.as_deref(), out, &mut scratch);
-        }
-    }
+    // each (request, KV head) writes its own G rows of out, on the pool's threads
+    let rows = step.group() * d;
+    let (store, ring_read) = (&*store, ring.as_deref());
+    let out_at = match out {
+        RowsMut::Bf16(o) => OutPtr::Bf16(o.as_mut_ptr()),
+        RowsMut::F32(o) => OutPtr::F32(o.as_mut_ptr()),
+    };
+    pool::pool().run(step.batch() * hkv, step.threads, &|task| {
+        let (b, h) = (task / hkv, task % hkv);
+        let at = (b * hkv + h) * rows;
+        // SAFETY: task (b, h) alone writes out[at..at + rows], inside out [B, Hq, D] (checked), and the pool
+        // returns when every task is done.
+        let mut part = unsafe {
+            match out_at {
+                OutPtr::Bf16(o) => RowsMut::Bf16(std::slice::from_raw_parts_mut(o.add(at), rows)),
+                OutPtr::F32(o) => RowsMut::F32(std::slice::from_raw_parts_mut(o.add(at), rows)),
+            }
+        };
+        let mut scratch = attend::Scratch::new(step);
+        attend::request_head(step, b, h, q, k, v, store, ring_read, &mut part, &mut scratch);
+    });
     if let Some(ring) = ring {
         for b in 0..step.batch() {
             let base = ring.write_slots[b] as usize * hkv * d;
@@ -171,6 +191,16 @@ fn run(
         }
     }
 }
+
+/// `out`'s elements for the pool's tasks, which write disjoint rows of it.
+#[derive(Clone, Copy)]
+enum OutPtr {
+    Bf16(*mut u16),
+    F32(*mut f32),
+}
+// SAFETY: the tasks write disjoint elements, and the call outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
 impl Rows<'_> {
     fn stride(&self) -> usize {

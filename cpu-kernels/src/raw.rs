@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use crate::fused::{self, Elem, QkRope};
-use crate::{decode_attention, Ring, Rows, RowsMut, Step, Store};
+use crate::{decode_attention, quant, Ring, Rows, RowsMut, Step, Store};
 
 pub struct Fields<'a>(pub &'a HashMap<String, usize>);
 
@@ -49,7 +49,7 @@ impl Fields<'_> {
 /// `k_stride`, `v_stride` elements between rows); slots (i64), seq_lens, page_table (i32, `table_width`);
 /// cache_k, cache_v (bf16, or packed u8 with k_params, v_params fp16 when `int4`), k_mean (f32, optional),
 /// `hadamard_order`, `rotate_v`; with a window: ring_k, ring_v (bf16), `sinks`, `window`, ring_rows, quant_lens,
-/// held_sinks (i32), write_slots (i64).
+/// held_sinks (i32), write_slots (i64); `threads`.
 ///
 /// # Safety
 /// Every named tensor lives for the call, is aligned for its type and holds its `_len` elements; out, the cache and
@@ -67,6 +67,7 @@ pub unsafe fn decode_attention_raw(f: &Fields, sm_scale: f32) -> Result<(), Stri
             seq_lens: f.slice("seq_lens")?,
             page_table: f.slice("page_table")?,
             table_width: f.get("table_width")?,
+            threads: f.get("threads")?,
         };
         let rows = |name: &str| -> Result<Rows, String> {
             let stride = f.get(&format!("{name}_stride"))?;
@@ -191,6 +192,35 @@ pub unsafe fn silu_mul_raw(f: &Fields) -> Result<(), String> {
         // SAFETY (every slice): the caller's contract.
         unsafe {
             fused::silu_mul::<T>(f.slice("gate_up")?, f.slice_mut("out")?, f.get("inter")?, f.get("threads")?)
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { by_activation!(f, run(f)) }
+}
+
+/// `quant::matvec` of x [m, `k`] (bf16, or f32 when `act_f32`) into out [m, N] over the weight's `segments`
+/// segments: segment i's blocks in `w{i}` (u8), its ggml type `w{i}_type` and `w{i}_rows`; on up to `threads`
+/// threads.
+///
+/// # Safety
+/// As `decode_attention_raw`: out is touched by nothing else during the call.
+pub unsafe fn matvec_raw(f: &Fields) -> Result<(), String> {
+    unsafe fn run<T: Elem>(f: &Fields) -> Result<(), String> {
+        let segments = (0..f.get("segments")?)
+            .map(|i| {
+                let ggml = f.get(&format!("w{i}_type"))?;
+                Ok(quant::Segment {
+                    format: quant::Format::from_ggml(ggml)
+                        .ok_or(format!("ggml type {ggml} is not supported"))?,
+                    rows: f.get(&format!("w{i}_rows"))?,
+                    // SAFETY: the caller's contract.
+                    data: unsafe { f.slice(&format!("w{i}"))? },
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        // SAFETY (the slices): the caller's contract.
+        unsafe {
+            quant::matvec::<T>(f.slice("x")?, f.get("k")?, &segments, f.slice_mut("out")?, f.get("threads")?)
         }
     }
     // SAFETY: the caller's contract.

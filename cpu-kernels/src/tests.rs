@@ -68,6 +68,7 @@ fn bf16_decode_is_softmax_attention() {
         seq_lens: &seq_lens,
         page_table: &table,
         table_width: 3,
+        threads: 2,
     };
     let mut out = vec![0u16; 2 * hq * d];
     let rows = |data, heads: usize| Rows::Bf16 { data, stride: heads * d };
@@ -121,6 +122,7 @@ fn a_page_outside_the_cache_is_an_error() {
         seq_lens: &[5],
         page_table: &[0, 9],
         table_width: 2,
+        threads: 2,
     };
     let rows = Rows::Bf16 { data: &q, stride: 8 };
     let err = decode_attention(

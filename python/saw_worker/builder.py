@@ -93,7 +93,8 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
     # The pool is sized by the memory the weights leave and needs the model's shape, so the model is loaded with a
     # placeholder attention and given the backend once the pool exists (its only attention change).
     loaded = load_model(opts.model.name, opts.model.load_format, device, dtype, _no_attention,
-                        cpu_int4=opts.model.cpu_int4_weights, cpu_int8=opts.model.cpu_int8_weights)
+                        cpu_int4=opts.model.cpu_int4_weights, cpu_int8=opts.model.cpu_int8_weights,
+                        cpu_blocks=opts.model.cpu_gguf_blocks)
     cfg = loaded.config
     fmt = kv_format(opts.kv, cfg.head_dim)
     budget = kv_budget(opts.pool, device)

@@ -42,6 +42,10 @@ class ModelOptions:
         "keep a GGUF's lm_head and the projections not packed int4 (Q5_0, Q6_K, Q8_0, ...) as int8 too, per-row "
         "scales, and use torch's int8 kernel for decode steps of up to 4 rows (bf16 on the CPU; an HF checkpoint's "
         "weights stay as they are)"))
+    cpu_gguf_blocks: bool = field(default=True, metadata=flag(
+        "keep a GGUF's quantized projections and lm_head (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K) as the file's blocks "
+        "too and use saw's native matvec on them for decode steps of up to 8 rows (bf16 or float32 on an AVX2 CPU; "
+        "supersedes the int4 and int8 copies of those weights)"))
 
 
 @dataclass(frozen=True)

@@ -113,12 +113,29 @@ mod python {
             .map_err(pyo3::exceptions::PyValueError::new_err)
     }
 
+    /// `_native.cpu_matvec(fields)`: x @ W.T for few rows x over a GGUF weight's own quantized blocks (see
+    /// saw_cpu_kernels::matvec_raw), on the kernels' thread pool, with the GIL released.
+    #[pyfunction]
+    fn cpu_matvec(py: Python<'_>, fields: HashMap<String, usize>) -> PyResult<()> {
+        // SAFETY: as cpu_rms_norm (models/linear.py names the tensors).
+        py.detach(|| unsafe { saw_cpu_kernels::matvec_raw(&saw_cpu_kernels::Fields(&fields)) })
+            .map_err(pyo3::exceptions::PyValueError::new_err)
+    }
+
+    /// `_native.cpu_matvec_available()`: whether this CPU runs `cpu_matvec` (AVX2, FMA, F16C).
+    #[pyfunction]
+    fn cpu_matvec_available() -> bool {
+        saw_cpu_kernels::quant::available()
+    }
+
     #[pymodule]
     fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(wrap_pyfunction!(run, m)?)?;
         m.add_function(wrap_pyfunction!(cpu_decode_attention, m)?)?;
         m.add_function(wrap_pyfunction!(cpu_rms_norm, m)?)?;
         m.add_function(wrap_pyfunction!(cpu_qk_norm_rope, m)?)?;
-        m.add_function(wrap_pyfunction!(cpu_silu_mul, m)?)
+        m.add_function(wrap_pyfunction!(cpu_silu_mul, m)?)?;
+        m.add_function(wrap_pyfunction!(cpu_matvec, m)?)?;
+        m.add_function(wrap_pyfunction!(cpu_matvec_available, m)?)
     }
 }

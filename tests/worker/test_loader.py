@@ -15,7 +15,8 @@ from saw_worker.config import ModelConfig
 from saw_worker.loader import LoadedModel, ModelLoadError, load_model
 from saw_worker.loader.tokenizer import byte_level_fallback
 from saw_worker.models import FullCausalAttention
-from saw_worker.models.linear import Int4Weight, PackedInt4, int4_supported
+from saw_worker.models.decoder import PROJECTIONS
+from saw_worker.models.linear import BlockWeight, Int4Weight, PackedBlocks, PackedInt4, blocks_supported, int4_supported
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -94,7 +95,7 @@ def test_an_hf_checkpoint_gets_no_int8_copies() -> None:
     """The int8 copies are for GGUFs, whose weights are quantized already; an HF checkpoint is served as it is."""
     lm = load_model(str(REPO / "configs/qwen3-4b"), "dummy", CPU, torch.bfloat16, _attn(),
                     overrides={"num_layers": 1, "vocab_size": 256, "hidden_size": 256, "intermediate_size": 512})
-    assert lm.model.lm_head_int8 is None and not any(layer.packed for layer in lm.model.layers)
+    assert lm.model.lm_head_packed is None and not any(layer.packed for layer in lm.model.layers)
 
 
 def test_byte_level_fallback_round_trips() -> None:
@@ -278,7 +279,9 @@ def test_gguf_load_matches_reference(tmp_path: Path, arch: str, device: str) -> 
     ref = _tiny_hf(arch)
     path = tmp_path / f"tiny-{arch}.gguf"
     _write_gguf(path, ref, arch)
-    lm = load_model(str(path), "auto", torch.device(device), torch.float32, _attn())  # cuda: torch dequant path
+    # the dense weights (cuda: the torch dequant path); the native matvec's Q8 activations are
+    # test_gguf_blocks_kept_for_the_native_matvec's
+    lm = load_model(str(path), "auto", torch.device(device), torch.float32, _attn(), cpu_blocks=False)
     c = lm.config
     assert lm.model_id == f"tiny-{arch}" and c.architecture == arch and c.head_dim == _head_dim(ref.config)
     assert c.attention_bias == (arch == "qwen2") and c.qk_norm == (arch == "qwen3")
@@ -304,7 +307,7 @@ def test_gguf_exported_as_hf_folder_loads_the_same_model(tmp_path: Path, arch: s
     _write_gguf(path, ref, arch)
     folder = export_hf_folder(path, tmp_path / "hf")
     assert not (tmp_path / "hf.partial").exists()
-    from_gguf = load_model(str(path), "auto", CPU, torch.bfloat16, _attn(), cpu_int4=False)
+    from_gguf = load_model(str(path), "auto", CPU, torch.bfloat16, _attn(), cpu_int4=False, cpu_blocks=False)
     from_hf = load_model(str(folder), "auto", CPU, torch.bfloat16, _attn())
     assert from_hf.config == from_gguf.config
     assert from_hf.tokenizer.eos_token_ids == from_gguf.tokenizer.eos_token_ids
@@ -338,6 +341,7 @@ def test_gguf_4bit_projections_packed_for_bf16_on_cpu(tmp_path: Path, qtype: str
     g = gguf_file.open_gguf(path)
     n_int4 = 0
     for name, item in gguf_file.iter_weights(g, gguf_file.config_from_gguf(g), torch.float32, CPU, int4=True):
+        assert not isinstance(item, BlockWeight)
         if isinstance(item, Int4Weight):
             n_int4 += 1
             p = item.parts
@@ -346,10 +350,11 @@ def test_gguf_4bit_projections_packed_for_bf16_on_cpu(tmp_path: Path, qtype: str
             torch.testing.assert_close(back.view(rows, cols), item.dense, atol=1e-6, rtol=0, msg=name)
     assert n_int4 == 7 * ref.config.num_hidden_layers  # q k v o gate up down; norms and the embedding are not Q4
 
-    assert not any(layer.packed for layer in _load(path).model.layers)
-    off = load_model(str(path), "auto", CPU, torch.bfloat16, _attn(), cpu_int4=False, cpu_int8=False)
-    assert not any(layer.packed for layer in off.model.layers) and off.model.lm_head_int8 is None
-    lm = load_model(str(path), "auto", CPU, torch.bfloat16, _attn(), cpu_int8=False)
+    assert not any(layer.packed for layer in _load(path, cpu_blocks=False).model.layers)
+    off = load_model(str(path), "auto", CPU, torch.bfloat16, _attn(), cpu_int4=False, cpu_int8=False,
+                     cpu_blocks=False)
+    assert not any(layer.packed for layer in off.model.layers) and off.model.lm_head_packed is None
+    lm = load_model(str(path), "auto", CPU, torch.bfloat16, _attn(), cpu_int8=False, cpu_blocks=False)
     projections = ["down_weight", "gate_up_weight", "o_weight", "qkv_weight"]
     assert all(sorted(layer.packed) == projections for layer in lm.model.layers)
     assert all(isinstance(p, PackedInt4) for layer in lm.model.layers for p in layer.packed.values())
@@ -360,6 +365,41 @@ def test_gguf_4bit_projections_packed_for_bf16_on_cpu(tmp_path: Path, qtype: str
     dense = _logits(off, ids)
     assert not torch.equal(got, dense)
     torch.testing.assert_close(got, dense, atol=0.02 * float(dense.abs().max()), rtol=0)  # measured: 0.011
+
+
+@pytest.mark.skipif(not blocks_supported(CPU, torch.float32), reason="no native matvec (module or AVX2)")
+@pytest.mark.parametrize(("arch", "dtype"), [("llama", torch.float32), ("qwen2", torch.float32),
+                                             ("qwen2", torch.bfloat16)])
+def test_gguf_blocks_kept_for_the_native_matvec(tmp_path: Path, arch: str, dtype: torch.dtype) -> None:
+    """A GGUF whose 2-D weights but the embedding are Q5_0: iter_weights' blocks dequantize to each (llama:
+    unpermuted) dense weight; a CPU load keeps the projections and an untied lm_head as blocks (no int4 or int8
+    copies) and decodes close to the dense weights (the matvec's Q8 activations); cpu_blocks=False keeps none."""
+    from gguf.quants import dequantize
+
+    from saw_worker.loader import gguf_file
+
+    ref = _tiny_hf(arch)
+    tied = ref.config.tie_word_embeddings
+    path = tmp_path / "tiny-q5.gguf"
+    _write_gguf(path, ref, arch, qtype="Q5_0")
+    g = gguf_file.open_gguf(path)
+    n_blocks = 0
+    for name, item in gguf_file.iter_weights(g, gguf_file.config_from_gguf(g), torch.float32, CPU, blocks=True):
+        if isinstance(item, BlockWeight):
+            n_blocks += 1
+            back = np.asarray(dequantize(item.blocks.numpy(), item.ggml_type)).reshape(item.dense.shape)
+            assert torch.equal(torch.from_numpy(back), item.dense), name
+    assert n_blocks == 7 * ref.config.num_hidden_layers + (not tied)  # q k v o gate up down, an untied lm_head
+    lm = load_model(str(path), "auto", CPU, dtype, _attn())
+    assert all(isinstance(layer.packed.get(a), PackedBlocks) for layer in lm.model.layers for a in PROJECTIONS)
+    assert isinstance(lm.model.lm_head_packed, PackedBlocks) != tied and lm.model.native_decode != tied
+    off = load_model(str(path), "auto", CPU, dtype, _attn(), cpu_blocks=False, cpu_int8=False)
+    assert not any(layer.packed for layer in off.model.layers) and off.model.lm_head_packed is None
+    ids = torch.tensor([5, 17, 99, 3, 200, 42, 7])  # 7 rows: the native path
+    got, dense = _logits(lm, ids), _logits(off, ids)
+    assert not torch.equal(got, dense)
+    # measured up to 0.021 of the largest logit (qwen2, its lm_head on Q8 activations too)
+    torch.testing.assert_close(got, dense, atol=0.04 * float(dense.abs().max()), rtol=0)
 
 
 def test_gguf_llama3_rope_freqs(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ def test_no_flags_give_the_dataclass_defaults() -> None:
 def test_every_field_has_a_flag() -> None:
     argv = ["--model", "m", "--load-format", "dummy", "--device", "cpu", "--context-length", "64", "--dtype", "float32",
             "--engine", "sglang", "--no-cpu-int4-weights", "--no-cpu-int8-weights",
+            "--no-cpu-gguf-blocks",
             "--kv", "int4", "--hadamard-order", "64", "--rotate-v", "--k-center=false", "--no-k-scale",
             "--k-scale-alpha", "0.25", "--window", "8", "--sinks", "2", "--bf16-layers", "0,1", "--k-mean-file", "f",
             "--mem-fraction", "0.5", "--kv-cache-memory", "64MiB", "--page-size", "8",
@@ -33,7 +34,7 @@ def test_every_field_has_a_flag() -> None:
             "--no-prefix-cache", "--disable-cuda-graph", "--cpu-compile", "--overlap", "no",
             "--host", "0.0.0.0", "--port", "1", "--unix-socket", "s", "--log-level", "debug", "--token-file", "t"]
     assert options_from_argv(argv, {}) == WorkerOptions(
-        ModelOptions("m", "dummy", "cpu", 64, "float32", "sglang", False, False),
+        ModelOptions("m", "dummy", "cpu", 64, "float32", "sglang", False, False, False),
         KVOptions("int4", 64, True, False, False, 0.25, 8, 2, frozenset({0, 1}), "f"),
         PoolOptions(0.5, 64 << 20, 8),
         SchedulerOptions(4, 32, 0, False),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +94,22 @@ class ModelRunner:
         self.sampler = Sampler(device)
         self.graphs: DecodeGraphs | None = None
         self.compiled: CompiledDecode | None = None
+        # Where every weight a decode step reads goes through the native kernels' thread pool, torch runs those
+        # steps on one thread: its idle OpenMP workers would spin against the pool's on the same cores.
+        self.decode_torch_threads = 1 if getattr(model, "native_decode", False) else None
+
+    @contextmanager
+    def _threads(self, batch: Batch) -> Iterator[None]:
+        """torch's thread count for the batch's step (decode_torch_threads), restored after."""
+        keep = torch.get_num_threads()
+        if not batch.is_decode or self.decode_torch_threads is None or self.decode_torch_threads == keep:
+            yield
+            return
+        torch.set_num_threads(self.decode_torch_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(keep)
 
     def capture_graphs(self, max_batch: int, max_context: int) -> None:
         """Capture decode graphs (CUDA only) for batches up to max_batch and contexts up to max_context."""
@@ -135,6 +152,10 @@ class ModelRunner:
     def launch(self, batch: Batch, previous: LaunchedStep | None) -> LaunchedStep:
         """Queue a decode step without waiting for it. A request whose input token is not on the host yet (it has a
         launched_row: the previous step sampled it) takes it from previous.tokens on the device."""
+        with self._threads(batch):
+            return self._launch(batch, previous)
+
+    def _launch(self, batch: Batch, previous: LaunchedStep | None) -> LaunchedStep:
         h = host_batch(batch, self.pool)
         ids = None
         rows = [c.seq.launched_row for c in batch.chunks]
@@ -165,6 +186,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[ChunkResult]:
+        with self._threads(batch):
+            return self._run(batch)
+
+    def _run(self, batch: Batch) -> list[ChunkResult]:
         h = host_batch(batch, self.pool)
         hidden = self._forward(batch, h)
 

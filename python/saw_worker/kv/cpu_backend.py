@@ -29,6 +29,8 @@ class CpuBackend(ReferenceBackend):
         super().__init__(pool, sm_scale)
         self._step: tuple[StepLayout, dict[str, int]] | None = None
         self._caches: dict[int, tuple[LayerCache, dict[str, int]]] = {}
+        # the worker's threads (builder sets them before the backend is built); decode steps may run torch on fewer
+        self._threads = torch.get_num_threads()
 
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
                        lay: StepLayout) -> torch.Tensor:
@@ -38,7 +40,8 @@ class CpuBackend(ReferenceBackend):
         out = torch.empty(q.shape, dtype=q.dtype)
         fields = {**self._step_fields(lay), **self._cache_fields(cache),
                   **rows("q", q, q.dtype), **rows("k", k, q.dtype), **rows("v", v, q.dtype),
-                  **tensor("out", out, q.dtype), "q_heads": q.shape[1], "act_f32": int(q.dtype == torch.float32)}
+                  **tensor("out", out, q.dtype), "q_heads": q.shape[1], "act_f32": int(q.dtype == torch.float32),
+                  "threads": self._threads}
         # the tensors behind the addresses stay referenced here until the call returns
         cpu_decode_attention(fields, self.sm_scale)
         return out

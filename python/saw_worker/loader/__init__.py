@@ -16,7 +16,7 @@ import torch
 
 from ..config import ModelConfig, TokenizerInfo, UnsupportedArchitectureError
 from ..models import Attention, DecoderLM
-from ..models.linear import int4_supported
+from ..models.linear import blocks_supported, int4_supported
 from .aliases import ALIASES, cache_dir, gguf_path
 from .errors import ModelLoadError
 
@@ -44,6 +44,7 @@ def load_model(
     seed: int = 0,
     cpu_int4: bool = True,
     cpu_int8: bool = True,
+    cpu_blocks: bool = True,
 ) -> LoadedModel:
     """Load `spec` (alias, HF folder, .gguf file, or with load_format="dummy" a folder / config.json).
 
@@ -53,6 +54,9 @@ def load_model(
     on the CPU (models/linear.py).
     cpu_int8: keep a GGUF's lm_head and projections not packed int4 as int8 too, likewise
     (DecoderLM.pack_int8_weights); an HF checkpoint's weights stay as they are.
+    cpu_blocks: keep a GGUF's quantized projections and lm_head as the file's blocks too, for the native matvec
+    (bf16 or float32 on an AVX2 CPU, models/linear.py); where it applies, the int4 and int8 copies of those are not
+    made.
     """
     fmt = load_format or "auto"
     if fmt not in LOAD_FORMATS:
@@ -60,8 +64,9 @@ def load_model(
     device = torch.device(device)
     t0 = time.perf_counter()
     try:
+        blocks = cpu_blocks and blocks_supported(device, dtype)
         int4 = cpu_int4 and int4_supported(device, dtype)
-        loaded = _load(spec, fmt, device, dtype, attention, overrides or {}, seed, int4, cpu_int8)
+        loaded = _load(spec, fmt, device, dtype, attention, overrides or {}, seed, _Packing(int4, cpu_int8, blocks))
     except ModelLoadError as e:
         raise ModelLoadError(_one_line(str(e))) from None
     except UnsupportedArchitectureError as e:
@@ -79,6 +84,15 @@ def load_model(
     return loaded
 
 
+@dataclass(frozen=True)
+class _Packing:
+    """Which packed copies a GGUF load makes (load_model's cpu_* arguments, where they apply)."""
+
+    int4: bool
+    int8: bool
+    blocks: bool
+
+
 def _one_line(msg: str) -> str:
     return " ".join(msg.split())
 
@@ -91,18 +105,17 @@ def _load(
     attention: Attention,
     overrides: dict[str, Any],
     seed: int,
-    int4: bool,
-    int8: bool,
+    packing: _Packing,
 ) -> LoadedModel:
     gguf = gguf_path(spec)
     if gguf is not None:
         name = spec if spec in ALIASES else gguf.stem
-        return _load_gguf(gguf, name, fmt, device, dtype, attention, overrides, seed, int4, int8)
+        return _load_gguf(gguf, name, fmt, device, dtype, attention, overrides, seed, packing)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model {spec!r} not found: not a built-in alias ({', '.join(ALIASES)}), file or folder")
     if path.is_file() and fmt == "gguf":
-        return _load_gguf(path, path.stem, fmt, device, dtype, attention, overrides, seed, int4, int8)
+        return _load_gguf(path, path.stem, fmt, device, dtype, attention, overrides, seed, packing)
     if fmt == "gguf":
         raise ModelLoadError(f"--load-format gguf needs a .gguf file, got {path}")
     folder = path.parent if path.is_file() else path
@@ -125,8 +138,7 @@ def _load_gguf(
     attention: Attention,
     overrides: dict[str, Any],
     seed: int,
-    int4: bool,
-    int8: bool,
+    packing: _Packing,
 ) -> LoadedModel:
     from . import gguf_file
     from .tokenizer import tokenizer_from_gguf
@@ -144,8 +156,8 @@ def _load_gguf(
     if fmt == "dummy":
         model.init_random_(seed)
     else:
-        model.load_weights(gguf_file.iter_weights(g, cfg, dtype, device, int4))
-    if int8:  # the file is quantized already; a bf16 checkpoint is served as it is
+        model.load_weights(gguf_file.iter_weights(g, cfg, dtype, device, packing.int4, packing.blocks))
+    if packing.int8:  # the file is quantized already; a bf16 checkpoint is served as it is
         model.pack_int8_weights()
     return LoadedModel(model_id, cfg, model, tok)
 

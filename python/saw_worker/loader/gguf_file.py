@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
-from ..models.linear import Int4Parts, Int4Weight
+from ..models.linear import BLOCK_TYPES, BlockWeight, Int4Parts, Int4Weight
 from . import dequant
 from .errors import ModelLoadError
 from .gguf_int4 import int4_parts
@@ -226,20 +226,27 @@ def _dequantize(t: TensorInfo, device: torch.device) -> Tensor:
 
 
 def iter_weights(
-    g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, int4: bool = False
-) -> Iterator[tuple[str, Tensor | Int4Weight]]:
+    g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, int4: bool = False,
+    blocks: bool = False,
+) -> Iterator[tuple[str, Tensor | Int4Weight | BlockWeight]]:
     """(HF name, tensor) for every model weight, dequantized on `device` and cast to `dtype`.
 
-    int4 (CPU only): a projection weight stored 4-bit affine per group of 32 (Q4_0, Q4_1, Q4_K) comes as an
-    `Int4Weight`, the dense tensor with its codes, scales and zeros (gguf_int4.py; models/linear.py packs them)."""
+    blocks (CPU only): a matrix stored in a type the native matvec reads (models/linear.py, BLOCK_TYPES) comes as a
+    `BlockWeight`, the dense tensor with the file's blocks [rows, bytes per row].
+    int4 (CPU only, where blocks does not apply): a projection weight stored 4-bit affine per group of 32 (Q4_0,
+    Q4_1, Q4_K) comes as an `Int4Weight`, the dense tensor with its codes, scales and zeros (gguf_int4.py;
+    models/linear.py packs them)."""
     for t in g.tensors:
         name = hf_name(t.name)
         if name is None:
             continue
         w = _dequantize(t, device)
-        parts = None
-        if int4 and device.type == "cpu" and name.endswith("_proj.weight") and w.dim() == 2:
-            parts = int4_parts(t.data.reshape(w.shape[0], -1), t.ggml_type, w.numpy())
+        extra: Int4Parts | Tensor | None = None
+        if device.type == "cpu" and w.dim() == 2:
+            if blocks and t.ggml_type in BLOCK_TYPES:
+                extra = torch.from_numpy(np.array(t.data.reshape(w.shape[0], -1)))
+            elif int4 and name.endswith("_proj.weight"):
+                extra = int4_parts(t.data.reshape(w.shape[0], -1), t.ggml_type, w.numpy())
         if cfg.architecture == "llama":
             heads = None
             if t.name.endswith(("attn_q.weight", "attn_q.bias")):
@@ -248,8 +255,15 @@ def iter_weights(
                 heads = cfg.num_kv_heads
             if heads is not None:
                 w = _unpermute(w, heads)
-                if parts is not None:
-                    parts = Int4Parts(_unpermute(parts.codes, heads), _unpermute(parts.scale, heads),
-                                      _unpermute(parts.zero, heads))
+                if isinstance(extra, Int4Parts):
+                    extra = Int4Parts(_unpermute(extra.codes, heads), _unpermute(extra.scale, heads),
+                                      _unpermute(extra.zero, heads))
+                elif extra is not None:  # whole rows of blocks move as the rows do
+                    extra = _unpermute(extra, heads)
         w = w.to(dtype)
-        yield name, w if parts is None else Int4Weight(w, parts)
+        if isinstance(extra, Int4Parts):
+            yield name, Int4Weight(w, extra)
+        elif extra is not None:
+            yield name, BlockWeight(w, t.ggml_type, extra.contiguous())
+        else:
+            yield name, w

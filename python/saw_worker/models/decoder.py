@@ -21,19 +21,22 @@ from ..config import ModelConfig
 from . import cpu_fused
 from .attention import Attention
 from .linear import (
+    BlockWeight,
     Int4Parts,
     Int4Weight,
-    PackedInt4,
-    PackedInt8,
+    Packed,
+    PackedBlocks,
     int4_supported,
     int8_supported,
     linear,
     pack,
+    pack_blocks,
     pack_int8,
 )
 from .rope import apply_rope, cos_sin_cache
 
 PROJECTIONS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+Part = Int4Parts | BlockWeight  # what a row range of a weight brings for its packed copy
 
 
 def _param(*shape: int, device: torch.device | None, dtype: torch.dtype | None) -> nn.Parameter:
@@ -109,10 +112,10 @@ class DecoderLayer(nn.Module):
         # divided by it, per (KV head, channel), so the cache and every attention kernel see scaled keys;
         # powers of two, so q . k is exactly unchanged.
         self.k_scale: Tensor | None = None  # fp32 [Hkv, D]
-        # The projections' weights packed for the CPU int4 or int8 kernel, by parameter name (models/linear.py; int4
-        # set by DecoderLM.load_weights where the checkpoint holds them 4-bit, int8 by pack_int8_weights for the
+        # The projections' weights packed for a CPU kernel, by parameter name (models/linear.py; the GGUF's blocks or
+        # int4 set by DecoderLM.load_weights from what the checkpoint holds, int8 by pack_int8_weights for the
         # rest): few-row forwards read these instead.
-        self.packed: dict[str, PackedInt4 | PackedInt8] = {}
+        self.packed: dict[str, Packed] = {}
 
     def forward(self, x: Tensor, residual: Tensor | None, rope: Rope, attention: Attention) -> tuple[Tensor, Tensor]:
         """x: the previous block's output (the embeddings, with residual None, in layer 0); residual: the stream
@@ -171,8 +174,9 @@ class DecoderLM(nn.Module):
         self.lm_head_weight = (
             None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size, **kw)
         )
-        # the lm_head also as int8 for few-row logits (CPU bf16, models/linear.py): set by pack_int8_weights
-        self.lm_head_int8: PackedInt8 | None = None
+        # the lm_head also packed for few-row logits (CPU, models/linear.py): its GGUF blocks, set by load_weights,
+        # or int8, set by pack_int8_weights
+        self.lm_head_packed: Packed | None = None
         cache = cos_sin_cache(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings, dev
         )
@@ -196,17 +200,25 @@ class DecoderLM(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, H] -> logits [N, vocab] float32."""
         w = self.embed_weight if self.lm_head_weight is None else self.lm_head_weight
-        return linear(hidden, w, self.lm_head_int8).float()
+        return linear(hidden, w, self.lm_head_packed).float()
+
+    @property
+    def native_decode(self) -> bool:
+        """Whether a decode step's every weight read is the native kernel's (its GGUF blocks): torch's threads then
+        have nothing to do in it but would spin between ops against the kernel's threads (model_runner.py)."""
+        return isinstance(self.lm_head_packed, PackedBlocks) and all(
+            isinstance(layer.packed.get(attr), PackedBlocks) for layer in self.layers for attr in PROJECTIONS)
 
     @torch.no_grad()
     def pack_int8_weights(self) -> None:
-        """Keep the lm_head (or the tied embeddings) and every layer projection not packed int4 as int8 too, where
-        the kernel pays (bf16 on the CPU): decode reads half of bf16's bytes for them. The loader calls it after the
-        weights are in; writing a weight drops its packed copy."""
+        """Keep the lm_head (or the tied embeddings) and every layer projection not packed already (GGUF blocks,
+        int4) as int8 too, where the kernel pays (bf16 on the CPU): decode reads half of bf16's bytes for them. The
+        loader calls it after the weights are in; writing a weight drops its packed copy."""
         w = self.embed_weight if self.lm_head_weight is None else self.lm_head_weight
         if not int8_supported(w.device, w.dtype):
             return
-        self.lm_head_int8 = pack_int8(w)
+        if self.lm_head_packed is None:
+            self.lm_head_packed = pack_int8(w)
         for layer in self.layers:
             for attr in PROJECTIONS:
                 if attr not in layer.packed:
@@ -216,7 +228,7 @@ class DecoderLM(nn.Module):
     def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
         """Deterministic random weights (dummy load): small std keeps activations finite in bf16."""
         dev = self.embed_weight.device
-        self.lm_head_int8 = None
+        self.lm_head_packed = None
         for layer in self.layers:
             layer.packed.clear()
         g = torch.Generator(device=dev).manual_seed(seed)
@@ -229,20 +241,23 @@ class DecoderLM(nn.Module):
                 p.data.normal_(0.0, std, generator=g)
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, Tensor | Int4Weight]], strict: bool = True) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, Tensor | Int4Weight | BlockWeight]],
+                     strict: bool = True) -> None:
         """Copy HF-named tensors (`model.layers.3.self_attn.q_proj.weight`, ...) into the merged params.
 
-        An `Int4Weight` is copied as its dense tensor; where every row range of a projection came with int4 parts
-        and the model is bf16 on the CPU, the layer also keeps it packed (`DecoderLayer.packed`).
+        An `Int4Weight` or `BlockWeight` is copied as its dense tensor; where every row range of a projection came
+        with int4 parts (the model bf16 on the CPU) or GGUF blocks, the layer also keeps it packed
+        (`DecoderLayer.packed`); the lm_head's (or tied embeddings') blocks likewise (`lm_head_packed`).
         strict: every parameter must be written (a tied lm_head may be absent or present)."""
-        self.lm_head_int8 = None
+        self.lm_head_packed = None
         written: set[str] = set()
-        pending: dict[str, dict[tuple[int, int] | None, Int4Parts]] = {}  # projection -> its row ranges' parts
+        pending: dict[str, dict[tuple[int, int] | None, Part]] = {}  # projection -> its row ranges' parts
+        head = "embed_weight" if self.lm_head_weight is None else "lm_head_weight"
         for name, item in weights:
             target = self._target(name)
             if target is None:
                 continue
-            w = item.dense if isinstance(item, Int4Weight) else item
+            w = item.dense if isinstance(item, Int4Weight | BlockWeight) else item
             pname, rows = target
             p = self.get_parameter(pname)
             dst = p.data if rows is None else p.data[rows[0] : rows[1]]
@@ -250,17 +265,20 @@ class DecoderLM(nn.Module):
                 raise ValueError(f"weight {name}: shape {tuple(w.shape)}, model expects {tuple(dst.shape)}")
             dst.copy_(w)
             written.add(pname if rows is None else f"{pname}[{rows[0]}:{rows[1]}]")
-            self._update_int4(pname, rows, item.parts if isinstance(item, Int4Weight) else None, pending)
+            got = item.parts if isinstance(item, Int4Weight) else item if isinstance(item, BlockWeight) else None
+            if pname == head:
+                self.lm_head_packed = None if got is None else self._pack([got], w.shape[1])
+            self._update_packed(pname, rows, got, pending)
         if strict:
             missing = [n for n in self._expected_keys() if n not in written]
             if missing:
                 shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
                 raise ValueError(f"{len(missing)} model weights missing from the checkpoint: {shown}")
 
-    def _update_int4(self, pname: str, rows: tuple[int, int] | None, got: Int4Parts | None,
-                     pending: dict[str, dict[tuple[int, int] | None, Int4Parts]]) -> None:
-        """After writing rows of parameter `pname`: pack a layer projection once all its row ranges came with
-        int4 parts (`got`), and drop a packed weight that no longer matches the dense one."""
+    def _update_packed(self, pname: str, rows: tuple[int, int] | None, got: Part | None,
+                       pending: dict[str, dict[tuple[int, int] | None, Part]]) -> None:
+        """After writing rows of parameter `pname`: pack a layer projection once all its row ranges came with int4
+        parts or GGUF blocks (`got`), and drop a packed weight that no longer matches the dense one."""
         layer_name, _, attr = pname.rpartition(".")
         if not layer_name.startswith("layers.") or not attr.endswith("_weight"):
             return  # norms, biases, embeddings, lm_head stay dense
@@ -269,16 +287,25 @@ class DecoderLM(nn.Module):
         layer.packed.pop(attr, None)
         p = self.get_parameter(pname)
         parts = pending.setdefault(pname, {})
-        if got is None or not int4_supported(p.device, p.dtype):
+        if got is None or isinstance(got, Int4Parts) and not int4_supported(p.device, p.dtype):
             parts.clear()  # a dense row range: this projection stays dense
             return
         parts[rows] = got
         splits = self._row_splits(pname)
         if all(r in parts for r in splits):
-            packed = pack(Int4Parts.cat([parts[r] for r in splits]))
+            packed = self._pack([parts[r] for r in splits], p.shape[1])
             if packed is not None:
                 layer.packed[attr] = packed
             del pending[pname]
+
+    @staticmethod
+    def _pack(parts: list[Part], k: int) -> Packed | None:
+        """A weight's row ranges, all int4 parts or all GGUF blocks, packed for its kernel (None: no kernel)."""
+        if all(isinstance(p, BlockWeight) for p in parts):
+            return pack_blocks([(p.ggml_type, p.blocks) for p in parts if isinstance(p, BlockWeight)], k)
+        if all(isinstance(p, Int4Parts) for p in parts):
+            return pack(Int4Parts.cat([p for p in parts if isinstance(p, Int4Parts)]))
+        return None
 
     def _expected_keys(self) -> list[str]:
         keys = []
