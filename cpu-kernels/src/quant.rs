@@ -169,45 +169,14 @@ mod avx2 {
             let mut r0 = 0;
             while r0 < m && from < to {
                 let rows = (m - r0).min(4);
+                let (cols, group) = (from - first..to - first, Group { q8: y, r0 });
                 // SAFETY: the target features hold; the columns are rows of whole blocks of the format.
                 unsafe {
                     match rows {
-                        1 => columns::<T, 1>(
-                            s,
-                            row_bytes,
-                            from - first..to - first,
-                            Group { q8: y, r0 },
-                            out,
-                            n,
-                            first,
-                        ),
-                        2 => columns::<T, 2>(
-                            s,
-                            row_bytes,
-                            from - first..to - first,
-                            Group { q8: y, r0 },
-                            out,
-                            n,
-                            first,
-                        ),
-                        3 => columns::<T, 3>(
-                            s,
-                            row_bytes,
-                            from - first..to - first,
-                            Group { q8: y, r0 },
-                            out,
-                            n,
-                            first,
-                        ),
-                        _ => columns::<T, 4>(
-                            s,
-                            row_bytes,
-                            from - first..to - first,
-                            Group { q8: y, r0 },
-                            out,
-                            n,
-                            first,
-                        ),
+                        1 => columns::<T, 1>(s, row_bytes, cols, group, out, n, first),
+                        2 => columns::<T, 2>(s, row_bytes, cols, group, out, n, first),
+                        3 => columns::<T, 3>(s, row_bytes, cols, group, out, n, first),
+                        _ => columns::<T, 4>(s, row_bytes, cols, group, out, n, first),
                     }
                 }
                 r0 += rows;
