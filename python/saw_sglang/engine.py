@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from saw_sglang.config import BACKEND, ENV, KVSpec
+from saw_worker.config import TokenizerInfo
 from saw_worker.engine.interface import EngineInfo, LoadStats
 from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sink, TokenLogprob
 from saw_worker.kv.pool import bytes_per_token
 from saw_worker.loader.export import hf_folder_for
-from saw_worker.loader.tokenizer import byte_level_fallback, folder_tokenizer, write_hf_tokenizer
+from saw_worker.loader.tokenizer import folder_tokenizer, write_hf_tokenizer
 from saw_worker.options import GPU_PREFILL_TOKENS, WorkerOptions
 
 log = logging.getLogger("saw_worker")
@@ -63,13 +64,13 @@ def pool_tokens(memory: int, spec: KVSpec, config: dict[str, Any]) -> int:
     return memory // bytes_per_token(spec.format(head_dim(config)), int(config["num_hidden_layers"]), heads)
 
 
-def tokenizer_folder(folder: Path, vocab_size: int, scratch: Path) -> Path:
-    """A folder of the model's tokenizer files, as the router tokenizes: the model's own, else the byte-level
-    fallback written into scratch. SGLang does not tokenize (skip_tokenizer_init); its grammar backend reads this
-    folder (plugin.py)."""
+def tokenizer_folder(folder: Path, tokenizer: TokenizerInfo, scratch: Path) -> Path:
+    """A folder of the tokenizer the router uses (folder_tokenizer's): the model's own files, else `tokenizer` (the
+    byte-level fallback) written into scratch. SGLang does not tokenize (skip_tokenizer_init); its grammar backend
+    reads this folder (plugin.py)."""
     if (folder / "tokenizer.json").exists():
         return folder
-    write_hf_tokenizer(byte_level_fallback(vocab_size), scratch, DUMMY_MAX_LENGTH)
+    write_hf_tokenizer(tokenizer, scratch, DUMMY_MAX_LENGTH)
     return scratch
 
 
@@ -177,8 +178,9 @@ class SGLangEngine:
         folder = model_folder(options.model.name)
         config = json.loads((folder / "config.json").read_text())
         vocab = int(config["vocab_size"])
+        tokenizer = folder_tokenizer(folder, vocab)
         self._scratch = tempfile.TemporaryDirectory(prefix="saw-sglang-")
-        args = engine_args(options, folder, tokenizer_folder(folder, vocab, Path(self._scratch.name)))
+        args = engine_args(options, folder, tokenizer_folder(folder, tokenizer, Path(self._scratch.name)))
         spec = kv_spec(options)
         os.environ[ENV] = spec.to_env()  # SGLang's scheduler process reads it (config.py)
         self._ready = threading.Event()
@@ -189,7 +191,7 @@ class SGLangEngine:
         if self._failure is not None:
             raise RuntimeError(f"SGLang did not start: {self._failure}") from self._failure
         fmt = spec.format(head_dim(config))
-        self._info = EngineInfo(folder.resolve().name, folder_tokenizer(folder, vocab), self._context_len, vocab,
+        self._info = EngineInfo(folder.resolve().name, tokenizer, self._context_len, vocab,
                                 f"{fmt.describe()} (sglang)", self._capacity, options.pool.page_size, "cuda (sglang)")
         self._running: dict[str, int] = {}  # request id -> max new tokens
         self._lock = threading.Lock()

@@ -69,12 +69,13 @@ def test_the_grammar_backends_tokenizer_folder_is_the_routers_tokenizer(folder: 
 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    written = tokenizer_folder(folder, 100, scratch)
+    routers = folder_tokenizer(folder, 100)
+    written = tokenizer_folder(folder, routers, scratch)
     assert written == scratch
     assert tokenizer_from_hf_folder(written).tokenizer_json == byte_level_fallback(100).tokenizer_json
-    assert folder_tokenizer(folder, 100).eos_token_ids == tokenizer_from_hf_folder(written).eos_token_ids
+    assert routers.eos_token_ids == tokenizer_from_hf_folder(written).eos_token_ids
     (folder / "tokenizer.json").write_text(byte_level_fallback(100).tokenizer_json)
-    assert tokenizer_folder(folder, 100, scratch) == folder
+    assert tokenizer_folder(folder, folder_tokenizer(folder, 100), scratch) == folder
 
 
 def test_sampling_parameters() -> None:
