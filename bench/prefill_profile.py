@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 from saw_worker.builder import build_engine  # noqa: E402
+from saw_worker.config import ModelConfig  # noqa: E402
 from saw_worker.engine.request import GenerateParams, Sequence  # noqa: E402
 from saw_worker.options import WorkerOptions  # noqa: E402
 
@@ -42,14 +43,11 @@ def matmul_tflops(n: int = 8192) -> float:
     return 2 * n**3 / (sorted(times[5:])[10] * 1e-3) / 1e12
 
 
-def prefill_flops(cfg: object, tokens: int) -> float:
+def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
     """Model FLOPs of one causal prefill: 2 x parameters x tokens for the projections (LM head for the last token
     only, as the engine computes it) plus the attention products (4 T^2 D H / 2, causal)."""
-    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers  # type: ignore[attr-defined]
-    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim  # type: ignore[attr-defined]
-    per_layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * i
-    attention = 4 * tokens * tokens * d * hq / 2
-    return layers * (2 * per_layer * tokens + attention) + 2 * h * cfg.vocab_size  # type: ignore[attr-defined]
+    attention = 4 * tokens * tokens * cfg.head_dim * cfg.num_heads / 2
+    return cfg.num_layers * (2 * cfg.projection_params() * tokens + attention) + 2 * cfg.hidden_size * cfg.vocab_size
 
 
 def prefill_once(engine: object, tokens: int, rid: str, profile: bool) -> tuple[float, str]:

@@ -6,8 +6,8 @@ A point D(in, out) at concurrency c sends c requests at once (saw-bench --max-re
 least the prefill FLOPs at the matmul rate plus, per decode step, the larger of (weights + the running
 requests' KV bytes) at copy bandwidth and the step's FLOPs at the matmul rate. A pool that holds fewer than c
 whole requests (in + out tokens each) runs them in waves of what it holds. The bound is c · out over that time;
-bench/peer/table.py reports each row's output tokens/s as a fraction of it. Dense decoder configs (Llama / Qwen
-shapes) only; bf16 weights.
+bench/peer/table.py reports each row's output tokens/s as a fraction of it. The dense architectures saw's engine
+reads (Llama, Qwen2, Qwen3); bf16 weights.
 """
 
 from __future__ import annotations
@@ -36,15 +36,12 @@ class Model:
 
     @classmethod
     def from_config(cls, folder: Path) -> Model:
-        c = json.loads((folder / "config.json").read_text())
-        if c.get("num_experts") or c.get("num_local_experts"):
-            raise ValueError("the roofline covers dense configs only")
-        h, layers, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
-        hq, hkv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
-        d = c.get("head_dim") or h // hq
-        per_layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * inter
-        linear = layers * per_layer + vocab * h
-        return cls(layers, hq, hkv, d, linear, 2 * linear)
+        """A config folder's shapes, as saw reads them (an architecture saw's engine does not run is refused)."""
+        from saw_worker.config import ModelConfig
+
+        c = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+        linear = c.num_layers * c.projection_params() + c.vocab_size * c.hidden_size
+        return cls(c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, linear, 2 * linear)
 
     def kv_elements_per_token(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim
@@ -98,17 +95,14 @@ def scenario_lengths(scenario: str) -> tuple[int, int]:
 
 
 def measure() -> Ceilings:
-    """Copy bandwidth and bf16 matmul rate of this GPU, medians of do_bench."""
-    import torch
-    import triton.testing
+    """Copy bandwidth and bf16 matmul rate of this GPU, as the kernel and prefill benchmarks measure them."""
+    import sys
 
-    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=20, rep=200, return_mode="median")
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn_like(a)
-    mm_ms = triton.testing.do_bench(lambda: a @ b, warmup=20, rep=200, return_mode="median")
-    return Ceilings(round(2 * x.numel() / copy_ms / 1e6, 1), round(2 * 8192 ** 3 / mm_ms / 1e9, 1))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels_bench import copy_gbps
+    from prefill_profile import matmul_tflops
+
+    return Ceilings(round(copy_gbps(2 << 30), 1), round(matmul_tflops(), 1))
 
 
 def main() -> None:

@@ -94,6 +94,11 @@ class ModelConfig:
             qk_norm=arch == "qwen3",
         )
 
+    def projection_params(self) -> int:
+        """Parameters of one layer's projections: q, k, v, o and gate, up, down."""
+        h, d, hq, hkv = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
+        return h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * self.intermediate_size
+
     def to_hf(self) -> dict[str, Any]:
         """The HF config.json of this model (from_hf reads it back as this config)."""
         scaling = self.rope_scaling
