@@ -67,7 +67,7 @@ race() {
       --startup-timeout 400 --scenario "$scenario" -c "$conc" --max-requests 1x \
       --warmup-requests $((conc / 8)) --out "$run" 2>&1 | grep -E "output_tps|rror" | tail -6
     mkdir -p "$run/logs" && cp "$log" "$run/logs/$label.log"
-    runs+=("$run:$table_name")
+    [ -f "$run/summary.json" ] && runs+=("$run:$table_name")
   done
   kill -INT -- -"$pid" 2>/dev/null
   for _ in $(seq 30); do kill -0 -- -"$pid" 2>/dev/null || break; sleep 1; done
@@ -77,10 +77,11 @@ race() {
 }
 
 case $peer in vllm) peer_kv=${PEER_KV-auto fp8 int4_per_token_head} ;; *) peer_kv=${PEER_KV-auto fp8_e4m3} ;; esac
-# a peer that is not installed would only show as saw-bench's startup timeout, minutes later
+# a peer that is not installed (or lacks a module its HTTP server imports) would only show as saw-bench's startup
+# timeout, minutes later
 [ -z "$peer_kv" ] || case $peer in
-  vllm) PYTHONPATH=/tmp/vsite:/tmp/vdsite python3 -c "import vllm" ;;
-  sglang) PYTHONPATH=/tmp/ssite:/tmp/sdsite python3 -c "import sglang" ;;
+  vllm) PYTHONPATH=/tmp/vsite:/tmp/vdsite python3 -c "import vllm.entrypoints.openai.api_server" ;;
+  sglang) PYTHONPATH=/tmp/ssite:/tmp/sdsite python3 -c "import sglang.srt.entrypoints.http_server" ;;
 esac || { echo "$peer is not installed here: run bench/peer/install_gpu.sh $peer first"; exit 1; }
 # the roofline's ceilings (copy bandwidth, bf16 matmul rate), measured in this hold before any server starts
 ceilings=()
