@@ -13,6 +13,8 @@
 mod attend;
 mod fused;
 mod int4;
+mod layer;
+pub mod parts;
 mod pool;
 pub mod quant;
 mod raw;
@@ -20,7 +22,9 @@ mod vector;
 
 pub use fused::{add_rms_norm, qk_norm_rope, rms_norm, silu_mul, Elem, QkRope};
 pub use int4::{quantize_row, rotate};
-pub use raw::{decode_attention_raw, matvec_raw, qk_norm_rope_raw, rms_norm_raw, silu_mul_raw, Fields};
+pub use layer::{decode_layer, Layer, LayerParts};
+pub use parts::Fields;
+pub use raw::{decode_attention_raw, matvec_raw, qk_norm_rope_raw, rms_norm_raw, silu_mul_raw};
 
 /// Activations (q, k, v, the output) at the model's dtype: bf16 bits or f32, rows `stride` elements apart,
 /// each row [heads, head_dim] contiguous.
