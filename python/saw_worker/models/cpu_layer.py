@@ -45,6 +45,10 @@ class NativeAttention(Protocol):
     def native_kv(self, layer_id: int) -> Any: ...
 
 
+def available() -> bool:
+    return _CpuLayer is not None
+
+
 def unsupported(model: DecoderLM) -> str | None:
     """Why the model's layers cannot run as native calls; None where they can."""
     if _CpuLayer is None:
