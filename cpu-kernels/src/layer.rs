@@ -91,8 +91,17 @@ pub fn decode_layer<T: Elem>(
     fused::qk_norm_rope(&mut qkv, width, &rope, 1)?;
     let mut o = zeros(rows * hq * d);
     // q, k, v: the heads of qkv's rows, `width` apart
-    let (q, k, v) = (T::rows(&qkv, width), T::rows(&qkv[hq * d..], width), T::rows(&qkv[(hq + hkv) * d..], width));
-    decode_attention(&attend.step, &q, &k, &v, &mut attend.store, attend.ring.as_mut(), &mut T::rows_mut(&mut o))?;
+    let (q, k, v) =
+        (T::rows(&qkv, width), T::rows(&qkv[hq * d..], width), T::rows(&qkv[(hq + hkv) * d..], width));
+    decode_attention(
+        &attend.step,
+        &q,
+        &k,
+        &v,
+        &mut attend.store,
+        attend.ring.as_mut(),
+        &mut T::rows_mut(&mut o),
+    )?;
     quant::matvec(&o, hq * d, &l.o, x, l.threads)?;
     fused::add_rms_norm(x, residual, l.post_norm, l.eps, 1)?;
     let mut gate_up = zeros(rows * 2 * l.inter);
@@ -121,7 +130,8 @@ pub struct LayerParts {
 
 impl LayerParts {
     pub fn parse(f: &Fields, eps: f32) -> Result<Self, String> {
-        let [h, i, hq, hkv, d] = [f.get("hidden")?, f.get("inter")?, f.get("q_heads")?, f.get("kv_heads")?, f.get("head_dim")?];
+        let [h, i, hq, hkv, d] =
+            [f.get("hidden")?, f.get("inter")?, f.get("q_heads")?, f.get("kv_heads")?, f.get("head_dim")?];
         let weights = [
             WeightParts::parse(f, "qkv_")?,
             WeightParts::parse(f, "o_")?,
@@ -227,7 +237,14 @@ impl LayerParts {
                 let step = layout.step(layer.q_heads, cache, sm_scale, layer.threads);
                 let (store, ring) = cache.store(layout)?;
                 let mut attend = Attend { step, store, ring };
-                decode_layer(&layer, x.slice_mut(), residual.slice_mut(), first, positions.slice(), &mut attend)
+                decode_layer(
+                    &layer,
+                    x.slice_mut(),
+                    residual.slice_mut(),
+                    first,
+                    positions.slice(),
+                    &mut attend,
+                )
             }
         }
         let n = rows * self.dims[0];

@@ -116,7 +116,13 @@ impl StepParts {
 
     /// # Safety
     /// The tensors live, unchanged, while the step does.
-    pub unsafe fn step<'s>(&self, q_heads: usize, cache: &CacheParts, sm_scale: f32, threads: usize) -> Step<'s> {
+    pub unsafe fn step<'s>(
+        &self,
+        q_heads: usize,
+        cache: &CacheParts,
+        sm_scale: f32,
+        threads: usize,
+    ) -> Step<'s> {
         // SAFETY (the slices): the caller's contract.
         unsafe {
             Step {
@@ -193,17 +199,21 @@ impl CacheParts {
                 None => Store::Bf16 { k: self.k.slice_mut(), v: self.v.slice_mut() },
             };
             let ring = match (self.ring, step.window) {
-                (Some((k, v, sinks, window)), Some([rows, quant_lens, held_sinks, write_slots])) => Some(Ring {
-                    k: k.slice_mut(),
-                    v: v.slice_mut(),
-                    sinks,
-                    window,
-                    rows: rows.slice(),
-                    quant_lens: quant_lens.slice(),
-                    held_sinks: held_sinks.slice(),
-                    write_slots: write_slots.slice(),
-                }),
-                (Some(_), None) => return Err("the layer keeps a ring but the step has no window layout".into()),
+                (Some((k, v, sinks, window)), Some([rows, quant_lens, held_sinks, write_slots])) => {
+                    Some(Ring {
+                        k: k.slice_mut(),
+                        v: v.slice_mut(),
+                        sinks,
+                        window,
+                        rows: rows.slice(),
+                        quant_lens: quant_lens.slice(),
+                        held_sinks: held_sinks.slice(),
+                        write_slots: write_slots.slice(),
+                    })
+                }
+                (Some(_), None) => {
+                    return Err("the layer keeps a ring but the step has no window layout".into())
+                }
                 (None, _) => None,
             };
             Ok((store, ring))
@@ -240,6 +250,9 @@ impl WeightParts {
     /// The blocks live, unchanged, while the segments do.
     pub unsafe fn segments<'s>(&self) -> Vec<Segment<'s>> {
         // SAFETY: the caller's contract.
-        self.segments.iter().map(|&(format, rows, data)| Segment { format, rows, data: unsafe { data.slice() } }).collect()
+        self.segments
+            .iter()
+            .map(|&(format, rows, data)| Segment { format, rows, data: unsafe { data.slice() } })
+            .collect()
     }
 }

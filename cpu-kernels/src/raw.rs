@@ -126,7 +126,9 @@ pub unsafe fn matvec_raw(f: &Fields) -> Result<(), String> {
     unsafe fn run<T: Elem>(f: &Fields) -> Result<(), String> {
         let w = WeightParts::parse(f, "")?;
         // SAFETY (the slices): the caller's contract.
-        unsafe { quant::matvec::<T>(f.slice("x")?, w.k, &w.segments(), f.slice_mut("out")?, f.get("threads")?) }
+        unsafe {
+            quant::matvec::<T>(f.slice("x")?, w.k, &w.segments(), f.slice_mut("out")?, f.get("threads")?)
+        }
     }
     // SAFETY: the caller's contract.
     unsafe { by_activation!(f, run(f)) }
