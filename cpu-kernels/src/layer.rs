@@ -115,6 +115,7 @@ pub fn decode_layer<T: Elem>(
 /// `q_heads`, `kv_heads`, `head_dim`, `threads`; input_norm, post_norm, qkv_bias (optional), q_norm and k_norm
 /// (optional) at the activation dtype; cos_sin and k_scale (optional) f32; the projections' blocks under the
 /// prefixes `qkv_`, `o_`, `gate_up_`, `down_` (`WeightParts`).
+#[derive(Debug)]
 pub struct LayerParts {
     act_f32: bool,
     dims: [usize; 5], // hidden, inter, q_heads, kv_heads, head_dim

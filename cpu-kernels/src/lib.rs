@@ -3,6 +3,8 @@
 //! the new K, V in the request's bf16 ring when the format has a window. `fused` holds the layer's other
 //! elementwise ops (RMSNorm, q/k norm + RoPE, SiLU-and-mul), `quant` the projections' matrix-vector products on a
 //! GGUF's own quantized blocks; those and the attention's (request, KV head) pairs run on `pool`'s threads.
+//! `layer` runs a whole decoder layer of a decode step (those ops and the attention) in one call, on weights, step
+//! layout and cache parsed once from the Python side's fields (`parts`).
 //!
 //! The worker's torch reference (`saw_worker/kv/reference.py`, on `saw_kv/formats.py`) is the spec: the same
 //! arithmetic in fp32, in one pass over the cache instead of ~60 torch ops per layer. The Python side
