@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from gguf.constants import GGMLQuantizationType as Q
 from test_cpu_matvec import random_blocks
+from test_linear import QWEN, SMOLLM2
 
 from saw_kv.formats import KVFormat
 from saw_worker.config import ModelConfig
@@ -69,8 +71,8 @@ class Engine:
     """A model with its own pool, CpuBackend and scheduler; `native` False gives the model an attention without
     the native handles (the op-by-op path). Records every step's logits."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, fmt: KVFormat, native: bool, k_scale: bool) -> None:
-        self.model = _model(cfg, dtype, k_scale)
+    def __init__(self, model: DecoderLM, fmt: KVFormat, native: bool) -> None:
+        self.model, cfg = model, model.config
         pool = KVPool(fmt, cfg.num_layers, cfg.num_kv_heads, 64, PAGE, CPU, window_rows=5)
         if fmt.k_center:
             pool.k_mean = torch.randn(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
@@ -116,7 +118,13 @@ def _compare(cfg: ModelConfig, dtype: torch.dtype, kv: str, mods: dict, prompts:
     mods = dict(mods)
     k_scale = bool(mods.pop("k_scale", False))
     fmt = KVFormat.make(kv, cfg.head_dim, **mods)
-    native, ref = (Engine(cfg, dtype, fmt, flag, k_scale) for flag in (True, False))
+    native, ref = (Engine(_model(cfg, dtype, k_scale), fmt, flag) for flag in (True, False))
+    _agree(native, ref, prompts, steps)
+    return native, ref
+
+
+def _agree(native: Engine, ref: Engine, prompts: list[list[int]], steps: int) -> None:
+    """The same greedy tokens, every step's logits and the KV caches bit for bit."""
     tokens = native.generate(prompts, steps)
     assert tokens == ref.generate(prompts, steps), "greedy tokens"
     assert len(native.logits) == len(ref.logits)
@@ -126,7 +134,6 @@ def _compare(cfg: ModelConfig, dtype: torch.dtype, kv: str, mods: dict, prompts:
     for a, b in zip(*(p._tensors.values() for p in pools), strict=True):  # noqa: SLF001
         for x, y in zip(a, b, strict=True):
             assert (x is None and y is None) or torch.equal(x, y), "the KV caches"
-    return native, ref
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -146,7 +153,7 @@ def test_native_layers_take_bias_and_qk_norm(cfg: ModelConfig) -> None:
 
 def test_a_dense_projection_falls_back_with_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
     fmt = KVFormat.make("int4", LLAMA.head_dim)
-    engine = Engine(LLAMA, torch.float32, fmt, native=True, k_scale=False)
+    engine = Engine(_model(LLAMA, torch.float32, k_scale=False), fmt, native=True)
     del engine.model.layers[1].packed["o_weight"]
     with caplog.at_level(logging.INFO, logger="saw_worker"):
         engine.generate([[4, 5, 6]], 3)
@@ -157,7 +164,7 @@ def test_a_dense_projection_falls_back_with_a_log_line(caplog: pytest.LogCapture
 
 def test_steps_the_native_layers_do_not_take_run_op_by_op() -> None:
     fmt = KVFormat.make("bf16", LLAMA.head_dim)
-    engine = Engine(LLAMA, torch.float32, fmt, native=True, k_scale=False)
+    engine = Engine(_model(LLAMA, torch.float32, k_scale=False), fmt, native=True)
     x = torch.zeros(BLOCKS_MAX_ROWS + 1, LLAMA.hidden_size)
     positions = torch.zeros(BLOCKS_MAX_ROWS + 1, dtype=torch.int64)
     assert cpu_layer.decode(engine.model, x, positions, engine.backend) is None, "more rows than the matvec takes"
@@ -167,7 +174,7 @@ def test_steps_the_native_layers_do_not_take_run_op_by_op() -> None:
 
 def test_a_new_k_scale_remakes_its_layer() -> None:
     fmt = KVFormat.make("int4-bdr", LLAMA.head_dim, hadamard_order=64)
-    native, ref = (Engine(LLAMA, torch.float32, fmt, flag, k_scale=False) for flag in (True, False))
+    native, ref = (Engine(_model(LLAMA, torch.float32, k_scale=False), fmt, flag) for flag in (True, False))
     prompt = [[9, 8, 7, 6]]
     assert native.generate(prompt, 2) == ref.generate(prompt, 2)
     lam = 2.0 ** torch.randint(-2, 3, (LLAMA.num_kv_heads, LLAMA.head_dim), generator=torch.Generator().manual_seed(1))
@@ -177,3 +184,19 @@ def test_a_new_k_scale_remakes_its_layer() -> None:
     ref.logits.clear()
     assert native.generate(prompt, 4) == ref.generate(prompt, 4)
     assert all(torch.equal(a, b) for a, b in zip(native.logits, ref.logits, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [SMOLLM2, QWEN], ids=["smollm2-135m", "qwen2.5-coder-0.5b"])
+def test_real_models_decode_the_same_through_the_native_layers(path: Path) -> None:
+    """The aliases' GGUFs (Llama with tied embeddings; Qwen2 with its qkv bias, Q4_K_M's mixed types), float32 as
+    the worker loads them here, INT4-BDR: 3 streams, 12 steps each."""
+    from saw_worker.loader import load_model
+
+    if not path.exists():
+        pytest.skip(f"{path} is not cached")
+    fmt = KVFormat.make("int4-bdr", 64, hadamard_order=64, k_center=True)
+    native, ref = (Engine(load_model(str(path), "auto", CPU, torch.float32, None).model, fmt,  # type: ignore[arg-type]
+                          flag) for flag in (True, False))
+    _agree(native, ref, [[100 + 7 * i + j for j in range(5 + 3 * i)] for i in range(3)], 12)
+    assert native.model.native_layers is not None
