@@ -17,7 +17,7 @@ weights, and a layer's handle is remade where its K scale is set anew (calibrati
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -70,6 +70,7 @@ class NativeLayers:
 
     def __init__(self, model: DecoderLM) -> None:
         self.cos_sin: Tensor = model.cos_sin
+        self.dtype, self.hidden = model.embed_weight.dtype, model.config.hidden_size  # what the handles read
         self.handles = [self._handle(layer) for layer in model.layers]
         self.k_scales = [layer.k_scale for layer in model.layers]
 
@@ -80,6 +81,8 @@ class NativeLayers:
         for i, layer in enumerate(model.layers):
             if layer.k_scale is not self.k_scales[i]:
                 self.handles[i], self.k_scales[i] = self._handle(layer), layer.k_scale
+        if x.dtype != self.dtype or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"x: needs CPU {self.dtype} [T, {self.hidden}], got {x.dtype} {tuple(x.shape)}")
         if positions.dtype != torch.int64 or not positions.is_contiguous() or positions.shape != x.shape[:1]:
             raise ValueError(f"positions {positions.dtype} {tuple(positions.shape)} for {x.shape[0]} rows")
         x = x.contiguous()
@@ -92,38 +95,36 @@ class NativeLayers:
     def _handle(self, layer: DecoderLayer) -> Any:
         assert _CpuLayer is not None
         dt = layer.input_layernorm.weight.dtype
-        packed = {attr: layer.packed[attr] for attr in _PROJECTIONS}
         fields = {"act_f32": int(dt == torch.float32), "hidden": layer.down_weight.shape[0],
                   "inter": layer.down_weight.shape[1], "q_heads": layer.nq, "kv_heads": layer.nkv,
-                  "head_dim": layer.d, **tensor("input_norm", layer.input_layernorm.weight, dt),
-                  **tensor("post_norm", layer.post_attention_layernorm.weight, dt),
-                  **tensor("cos_sin", self.cos_sin, torch.float32)}
-        keep: list[object] = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight, self.cos_sin]
-        if layer.qkv_bias is not None:
-            fields |= tensor("qkv_bias", layer.qkv_bias, dt)
-            keep.append(layer.qkv_bias)
-        if layer.q_norm is not None and layer.k_norm is not None:
-            fields |= {**tensor("q_norm", layer.q_norm.weight, dt), **tensor("k_norm", layer.k_norm.weight, dt)}
-            keep += [layer.q_norm.weight, layer.k_norm.weight]
+                  "head_dim": layer.d, **tensor("cos_sin", self.cos_sin, torch.float32)}
+        keep: list[object] = [self.cos_sin]
+        weights = {"input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
+                   "qkv_bias": layer.qkv_bias, "q_norm": None if layer.q_norm is None else layer.q_norm.weight,
+                   "k_norm": None if layer.k_norm is None else layer.k_norm.weight}
+        for name, t in weights.items():
+            if t is not None:
+                fields |= tensor(name, t, dt)
+                keep.append(t)
         if layer.k_scale is not None:
             fields |= tensor("k_scale", layer.k_scale, torch.float32)
             keep.append(layer.k_scale)
         for attr, prefix in _PROJECTIONS.items():
-            p = packed[attr]
-            assert isinstance(p, PackedBlocks)
+            p = layer.packed[attr]
+            assert isinstance(p, PackedBlocks), "unsupported() checks it"
             fields |= {prefix + name: value for name, value in p.fields.items()}
+            fields["threads"] = p.fields["threads"]  # the worker's, as for the op-by-op matvecs and attention
             keep.append(p)
-        fields["threads"] = packed["gate_up_weight"].fields["threads"]  # type: ignore[union-attr]
         return _CpuLayer(fields, layer.input_layernorm.eps, keep)
 
 
 def decode(model: DecoderLM, x: Tensor, positions: Tensor, attention: object) -> tuple[Tensor, Tensor] | None:
     """The model's layers on a decode step's embeddings x as native calls, or None where this step or model is not
     one they take (the caller runs the op-by-op path)."""
-    native_step = getattr(attention, "native_step", None)
-    if native_step is None or x.shape[0] > BLOCKS_MAX_ROWS:
+    if getattr(attention, "native_step", None) is None or x.shape[0] > BLOCKS_MAX_ROWS:
         return None
-    step = native_step()
+    native_attention = cast(NativeAttention, attention)
+    step = native_attention.native_step()
     if step is None:
         return None
     if model.native_layers is None:
@@ -135,4 +136,4 @@ def decode(model: DecoderLM, x: Tensor, positions: Tensor, attention: object) ->
             model.native_refused = reason
             return None
         model.native_layers = NativeLayers(model)
-    return model.native_layers.run(model, x, positions, step, attention)  # type: ignore[arg-type]
+    return model.native_layers.run(model, x, positions, step, native_attention)
