@@ -2,8 +2,9 @@
 fuses (DecoderLayer.forward, the spec): two copies of a tiny model on GGUF blocks of several types, each with its own
 engine (pool, CpuBackend, scheduler), decode the same requests, one through the native layers and one through an
 attention without native handles; every step's logits and the KV caches must agree bit for bit. Over bf16, INT4
-and INT4-BDR caches (K centering, K scale, a bf16 window with sinks), 1 and 3 streams crossing page boundaries,
-float32 and bf16 models, Llama, Qwen2 (qkv bias) and Qwen3 (q/k norm); and the fallbacks."""
+and INT4-BDR caches (K centering, K scale, a bf16 window with sinks, a bf16 layer beside windowed ones), 1 and 3
+streams crossing page boundaries, float32 and bf16 models, Llama, Qwen2 (qkv bias) and Qwen3 (q/k norm); the aliases'
+GGUFs; and the fallbacks."""
 
 from __future__ import annotations
 
@@ -71,9 +72,10 @@ class Engine:
     """A model with its own pool, CpuBackend and scheduler; `native` False gives the model an attention without
     the native handles (the op-by-op path). Records every step's logits."""
 
-    def __init__(self, model: DecoderLM, fmt: KVFormat, native: bool) -> None:
+    def __init__(self, model: DecoderLM, fmt: KVFormat, native: bool, bf16_layers: frozenset[int] = frozenset()
+                 ) -> None:
         self.model, cfg = model, model.config
-        pool = KVPool(fmt, cfg.num_layers, cfg.num_kv_heads, 64, PAGE, CPU, window_rows=5)
+        pool = KVPool(fmt, cfg.num_layers, cfg.num_kv_heads, 64, PAGE, CPU, bf16_layers, window_rows=5)
         if fmt.k_center:
             pool.k_mean = torch.randn(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                       generator=torch.Generator().manual_seed(7))
@@ -110,6 +112,7 @@ CASES = [
     ("int4", {"k_center": True}),
     ("int4-bdr", {"hadamard_order": 64, "k_center": True, "k_scale": True}),
     ("int4-bdr", {"hadamard_order": 32, "rotate_v": True, "window": 4, "sinks": 2}),
+    ("int4", {"window": 3, "bf16_layers": (1,)}),  # a bf16 layer (no ring) beside a windowed one
 ]
 
 
@@ -117,8 +120,9 @@ def _compare(cfg: ModelConfig, dtype: torch.dtype, kv: str, mods: dict, prompts:
              steps: int = 9) -> tuple[Engine, Engine]:
     mods = dict(mods)
     k_scale = bool(mods.pop("k_scale", False))
+    bf16_layers = frozenset(mods.pop("bf16_layers", ()))
     fmt = KVFormat.make(kv, cfg.head_dim, **mods)
-    native, ref = (Engine(_model(cfg, dtype, k_scale), fmt, flag) for flag in (True, False))
+    native, ref = (Engine(_model(cfg, dtype, k_scale), fmt, flag, bf16_layers) for flag in (True, False))
     _agree(native, ref, prompts, steps)
     return native, ref
 
