@@ -9,14 +9,26 @@
 //! the caller's thread.
 
 use crate::vector::dot;
+use crate::{Rows, RowsMut};
 
 /// An activation element: bf16 (as its bits) or f32.
 pub trait Elem: Copy + Send + Sync + 'static {
     fn get(self) -> f32;
     fn put(x: f32) -> Self;
+    /// Rows of this type, `stride` elements apart, as the attention takes them.
+    fn rows(data: &[Self], stride: usize) -> Rows<'_>;
+    fn rows_mut(data: &mut [Self]) -> RowsMut<'_>;
 }
 
 impl Elem for f32 {
+    fn rows(data: &[f32], stride: usize) -> Rows<'_> {
+        Rows::F32 { data, stride }
+    }
+
+    fn rows_mut(data: &mut [f32]) -> RowsMut<'_> {
+        RowsMut::F32(data)
+    }
+
     #[inline(always)]
     fn get(self) -> f32 {
         self
@@ -29,6 +41,14 @@ impl Elem for f32 {
 }
 
 impl Elem for u16 {
+    fn rows(data: &[u16], stride: usize) -> Rows<'_> {
+        Rows::Bf16 { data, stride }
+    }
+
+    fn rows_mut(data: &mut [u16]) -> RowsMut<'_> {
+        RowsMut::Bf16(data)
+    }
+
     #[inline(always)]
     fn get(self) -> f32 {
         f32::from_bits((self as u32) << 16)

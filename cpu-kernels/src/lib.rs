@@ -3,6 +3,8 @@
 //! the new K, V in the request's bf16 ring when the format has a window. `fused` holds the layer's other
 //! elementwise ops (RMSNorm, q/k norm + RoPE, SiLU-and-mul), `quant` the projections' matrix-vector products on a
 //! GGUF's own quantized blocks; those and the attention's (request, KV head) pairs run on `pool`'s threads.
+//! `layer` runs a whole decoder layer of a decode step (those ops and the attention) in one call, on weights, step
+//! layout and cache parsed once from the Python side's fields (`parts`).
 //!
 //! The worker's torch reference (`saw_worker/kv/reference.py`, on `saw_kv/formats.py`) is the spec: the same
 //! arithmetic in fp32, in one pass over the cache instead of ~60 torch ops per layer. The Python side
@@ -13,6 +15,8 @@
 mod attend;
 mod fused;
 mod int4;
+mod layer;
+pub mod parts;
 mod pool;
 pub mod quant;
 mod raw;
@@ -20,7 +24,9 @@ mod vector;
 
 pub use fused::{add_rms_norm, qk_norm_rope, rms_norm, silu_mul, Elem, QkRope};
 pub use int4::{quantize_row, rotate};
-pub use raw::{decode_attention_raw, matvec_raw, qk_norm_rope_raw, rms_norm_raw, silu_mul_raw, Fields};
+pub use layer::{decode_layer, Layer, LayerParts};
+pub use parts::Fields;
+pub use raw::{decode_attention_raw, matvec_raw, qk_norm_rope_raw, rms_norm_raw, silu_mul_raw};
 
 /// Activations (q, k, v, the output) at the model's dtype: bf16 bits or f32, rows `stride` elements apart,
 /// each row [heads, head_dim] contiguous.

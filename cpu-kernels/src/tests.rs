@@ -1,6 +1,8 @@
 //! The kernel's own checks; its agreement with the torch reference is tested from Python
 //! (tests/worker/test_cpu_backend.py), where the reference lives.
 
+use std::collections::HashMap;
+
 use half::{bf16, f16};
 
 use super::*;
@@ -326,4 +328,56 @@ fn fused_bad_layouts_are_errors() {
     assert!(qk_norm_rope(&mut qkv, 16, &rope(&[0, 1]), 1).is_err(), "stride without room for v");
     assert!(qk_norm_rope(&mut qkv[..30], 24, &rope(&[0, 1]), 1).is_err(), "the last row cut short");
     assert!(qk_norm_rope(&mut qkv, 24, &rope(&[0, 1, 2]), 1).is_err(), "more positions than rows");
+}
+
+#[test]
+fn a_layer_of_the_wrong_shapes_is_refused() {
+    // a layer of hidden 64, inter 64, 2 + 2 x 1 heads of 32: Q8_0 blocks (34 bytes per 32 weights)
+    let (h, i, d) = (64usize, 64usize, 32usize);
+    let blocks = |rows: usize, k: usize| vec![0u8; rows * k / 32 * 34];
+    let (qkv, o, gate_up, down) = (blocks(4 * d, h), blocks(h, 2 * d), blocks(2 * i, h), blocks(h, i));
+    let (norm, cos_sin) = (vec![0f32; h], vec![0f32; 8 * 2 * d]);
+    let mut f: HashMap<String, usize> = [
+        ("act_f32", 1),
+        ("hidden", h),
+        ("inter", i),
+        ("q_heads", 2),
+        ("kv_heads", 1),
+        ("head_dim", d),
+        ("threads", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let tensor = |f: &mut HashMap<String, usize>, name: &str, addr: *const u8, len: usize| {
+        f.extend([(name.to_string(), addr as usize), (format!("{name}_len"), len)]);
+    };
+    tensor(&mut f, "input_norm", norm.as_ptr().cast(), h);
+    tensor(&mut f, "post_norm", norm.as_ptr().cast(), h);
+    tensor(&mut f, "cos_sin", cos_sin.as_ptr().cast(), cos_sin.len());
+    let weights = [
+        ("qkv_", &qkv, 4 * d, h),
+        ("o_", &o, h, 2 * d),
+        ("gate_up_", &gate_up, 2 * i, h),
+        ("down_", &down, h, i),
+    ];
+    for (p, w, rows, k) in weights {
+        tensor(&mut f, &format!("{p}w0"), w.as_ptr(), w.len());
+        f.extend([
+            (format!("{p}segments"), 1),
+            (format!("{p}k"), k),
+            (format!("{p}w0_type"), 8),
+            (format!("{p}w0_rows"), rows),
+        ]);
+    }
+    assert!(LayerParts::parse(&Fields(&f), 1e-6).is_ok());
+    let mut bad = f.clone();
+    bad.insert("kv_heads".into(), 2);
+    assert!(LayerParts::parse(&Fields(&bad), 1e-6).unwrap_err().contains("qkv"), "q|k|v rows for 2 KV heads");
+    let mut bad = f.clone();
+    bad.insert("post_norm_len".into(), h - 1);
+    assert!(LayerParts::parse(&Fields(&bad), 1e-6).unwrap_err().contains("post_norm"));
+    let mut bad = f.clone();
+    bad.insert("down_w0_type".into(), 1); // F16: not a type the matvec reads
+    assert!(LayerParts::parse(&Fields(&bad), 1e-6).is_err());
 }

@@ -6,6 +6,8 @@ pub mod app;
 mod app_tests;
 pub mod cli;
 pub mod conn;
+#[cfg(feature = "pyo3")]
+mod cpu_layer;
 pub mod detok;
 pub mod error;
 #[cfg(test)]
@@ -136,6 +138,9 @@ mod python {
         m.add_function(wrap_pyfunction!(cpu_qk_norm_rope, m)?)?;
         m.add_function(wrap_pyfunction!(cpu_silu_mul, m)?)?;
         m.add_function(wrap_pyfunction!(cpu_matvec, m)?)?;
-        m.add_function(wrap_pyfunction!(cpu_matvec_available, m)?)
+        m.add_function(wrap_pyfunction!(cpu_matvec_available, m)?)?;
+        m.add_class::<crate::cpu_layer::CpuLayer>()?;
+        m.add_class::<crate::cpu_layer::CpuStep>()?;
+        m.add_class::<crate::cpu_layer::CpuKv>()
     }
 }

@@ -1,9 +1,12 @@
 """The CPU attention backend: decode steps run saw's native CPU kernel (cpu-kernels/, built into the wheel's
 saw_router._native), one call per layer that stores the new K/V, attends and keeps the ring, in place of the torch
 reference's ~60 small ops; extend (prefill) steps run the reference (ReferenceBackend), which is the kernel's spec
-(tests/worker/test_cpu_backend.py holds them to each other)."""
+(tests/worker/test_cpu_backend.py holds them to each other). The same kernel runs inside the native decoder layers
+(models/cpu_layer.py), which take the step's layout and each layer's cache from here as native handles."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -15,6 +18,8 @@ from saw_worker.kv.reference_backend import ReferenceBackend
 from saw_worker.native import rows, tensor
 
 cpu_decode_attention = native.op("cpu_decode_attention")
+_CpuStep = native.op("CpuStep")
+_CpuKv = native.op("CpuKv")
 ACTIVATIONS = (torch.bfloat16, torch.float32)
 
 
@@ -29,6 +34,8 @@ class CpuBackend(ReferenceBackend):
         super().__init__(pool, sm_scale)
         self._step: tuple[StepLayout, dict[str, int]] | None = None
         self._caches: dict[int, tuple[LayerCache, dict[str, int]]] = {}
+        self._native_step: tuple[StepLayout, Any] | None = None
+        self._native_kv: dict[int, tuple[LayerCache, Any]] = {}
         # the worker's threads (builder sets them before the backend is built); decode steps may run torch on fewer
         self._threads = torch.get_num_threads()
 
@@ -45,6 +52,25 @@ class CpuBackend(ReferenceBackend):
         # the tensors behind the addresses stay referenced here until the call returns
         cpu_decode_attention(fields, self.sm_scale)
         return out
+
+    def native_step(self) -> Any | None:
+        """The prepared step's layout as a native handle for the native layers (models/cpu_layer.py), made once per
+        step; None unless it is a decode step, or while an observer watches each layer's q and K (calibration)."""
+        lay = self._layout
+        if lay is None or not lay.is_decode or self.observer is not None or _CpuStep is None:
+            return None
+        if self._native_step is None or self._native_step[0] is not lay:
+            self._native_step = (lay, _CpuStep(self._step_fields(lay), self.sm_scale, lay))
+        return self._native_step[1]
+
+    def native_kv(self, layer_id: int) -> Any:
+        """Layer layer_id's cache as a native handle, once per LayerCache (as _cache_fields)."""
+        assert _CpuKv is not None, "native_kv follows a native_step"
+        cache = self.pool.layer(layer_id)
+        kept = self._native_kv.get(layer_id)
+        if kept is None or kept[0] is not cache:
+            kept = self._native_kv[layer_id] = (cache, _CpuKv(self._cache_fields(cache), cache))
+        return kept[1]
 
     def _step_fields(self, lay: StepLayout) -> dict[str, int]:
         """What every layer of the step shares: the layout, once per step."""

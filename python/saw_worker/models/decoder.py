@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from . import cpu_fused
+from . import cpu_fused, cpu_layer
 from .attention import Attention
 from .linear import (
     BlockWeight,
@@ -181,12 +181,19 @@ class DecoderLM(nn.Module):
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings, dev
         )
         self.register_buffer("cos_sin", cache, persistent=False)  # float32, cast per call
+        # the layers as native handles for CPU decode steps (models/cpu_layer.py), made on the first such step, or
+        # why the model cannot have them; dropped wherever the packed weights change
+        self.native_layers: cpu_layer.NativeLayers | None = None
+        self.native_refused: str | None = None
 
     # ---- inference -------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, positions: Tensor, attention: Attention | None = None) -> Tensor:
         """input_ids, positions: [T] int64 -> hidden [T, H] with the final norm applied. attention: instead of
         self.attention (the compiled CPU decode step passes an opaque op that calls it, models/compiled.py)."""
         x = F.embedding(input_ids, self.embed_weight)
+        native = cpu_layer.decode(self, x, positions, attention or self.attention)
+        if native is not None:  # one native call per layer
+            return self.norm.add_norm(*native)[0]
         rope = Rope(self.cos_sin, positions)
         if fused_ops(x) is None:  # the torch path gathers the rows once for all layers
             cs = self.cos_sin[positions].to(x.dtype).unsqueeze(1)  # [T, 1, 2D]
@@ -217,6 +224,7 @@ class DecoderLM(nn.Module):
         w = self.embed_weight if self.lm_head_weight is None else self.lm_head_weight
         if not int8_supported(w.device, w.dtype):
             return
+        self._drop_native_layers()
         if self.lm_head_packed is None:
             self.lm_head_packed = pack_int8(w)
         for layer in self.layers:
@@ -229,6 +237,7 @@ class DecoderLM(nn.Module):
         """Deterministic random weights (dummy load): small std keeps activations finite in bf16."""
         dev = self.embed_weight.device
         self.lm_head_packed = None
+        self._drop_native_layers()
         for layer in self.layers:
             layer.packed.clear()
         g = torch.Generator(device=dev).manual_seed(seed)
@@ -250,6 +259,7 @@ class DecoderLM(nn.Module):
         (`DecoderLayer.packed`); the lm_head's (or tied embeddings') blocks likewise (`lm_head_packed`).
         strict: every parameter must be written (a tied lm_head may be absent or present)."""
         self.lm_head_packed = None
+        self._drop_native_layers()
         written: set[str] = set()
         pending: dict[str, dict[tuple[int, int] | None, Part]] = {}  # projection -> its row ranges' parts
         head = "embed_weight" if self.lm_head_weight is None else "lm_head_weight"
@@ -274,6 +284,11 @@ class DecoderLM(nn.Module):
             if missing:
                 shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
                 raise ValueError(f"{len(missing)} model weights missing from the checkpoint: {shown}")
+
+    def _drop_native_layers(self) -> None:
+        """Forget the native layers (and a refusal of them): the packed weights they read are about to change."""
+        self.native_layers = None
+        self.native_refused = None
 
     def _update_packed(self, pname: str, rows: tuple[int, int] | None, got: Part | None,
                        pending: dict[str, dict[tuple[int, int] | None, Part]]) -> None:
