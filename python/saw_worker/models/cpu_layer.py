@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("saw_worker")
 
 _CpuLayer = native.op("CpuLayer")
-# prefixes of the projections' fields (cpu-kernels/src/layer.rs, LayerParts)
-_PROJECTIONS = {"qkv_weight": "qkv_", "o_weight": "o_", "gate_up_weight": "gate_up_", "down_weight": "down_"}
 
 
 class NativeAttention(Protocol):
@@ -57,7 +55,7 @@ def unsupported(model: DecoderLM) -> str | None:
     if w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float32):
         return f"the native layers take bf16 or float32 CPU models, not {w.dtype} on {w.device}"
     for layer in model.layers:
-        if not all(isinstance(layer.packed.get(attr), PackedBlocks) for attr in _PROJECTIONS):
+        if not layer.on_blocks():
             return f"layer {layer.layer_id}: not every projection is held as GGUF blocks the native matvec reads"
         norms = [layer.input_layernorm, layer.post_attention_layernorm, layer.q_norm, layer.k_norm]
         if len({n.eps for n in norms if n is not None}) != 1:
@@ -109,12 +107,12 @@ class NativeLayers:
         if layer.k_scale is not None:
             fields |= tensor("k_scale", layer.k_scale, torch.float32)
             keep.append(layer.k_scale)
-        for attr, prefix in _PROJECTIONS.items():
-            p = layer.packed[attr]
+        # the projections' fields under the prefixes cpu-kernels/src/layer.rs reads: qkv_, o_, gate_up_, down_
+        for attr, p in layer.packed.items():
             assert isinstance(p, PackedBlocks), "unsupported() checks it"
-            fields |= {prefix + name: value for name, value in p.fields.items()}
-            fields["threads"] = p.fields["threads"]  # the worker's, as for the op-by-op matvecs and attention
+            fields |= {attr.removesuffix("weight") + name: value for name, value in p.fields.items()}
             keep.append(p)
+        fields["threads"] = fields["qkv_threads"]  # the worker's, as for the op-by-op matvecs and attention
         return _CpuLayer(fields, layer.input_layernorm.eps, keep)
 
 

@@ -117,6 +117,10 @@ class DecoderLayer(nn.Module):
         # rest): few-row forwards read these instead.
         self.packed: dict[str, Packed] = {}
 
+    def on_blocks(self) -> bool:
+        """Whether every projection is held as GGUF blocks (the native matvec's and the native layer's weights)."""
+        return all(isinstance(self.packed.get(attr), PackedBlocks) for attr in PROJECTIONS)
+
     def forward(self, x: Tensor, residual: Tensor | None, rope: Rope, attention: Attention) -> tuple[Tensor, Tensor]:
         """x: the previous block's output (the embeddings, with residual None, in layer 0); residual: the stream
         before it. Returns this layer's MLP output and the stream before it: every add is fused into the next norm."""
@@ -213,8 +217,7 @@ class DecoderLM(nn.Module):
     def native_decode(self) -> bool:
         """Whether a decode step's every weight read is the native kernel's (its GGUF blocks): torch's threads then
         have nothing to do in it but would spin between ops against the kernel's threads (model_runner.py)."""
-        return isinstance(self.lm_head_packed, PackedBlocks) and all(
-            isinstance(layer.packed.get(attr), PackedBlocks) for layer in self.layers for attr in PROJECTIONS)
+        return isinstance(self.lm_head_packed, PackedBlocks) and all(layer.on_blocks() for layer in self.layers)
 
     @torch.no_grad()
     def pack_int8_weights(self) -> None:
