@@ -19,7 +19,7 @@ for kv in "${kvs[@]}"; do
   mkdir -p "$dir"
   echo "== SGLang's model runner, saw's $kv"
   # the plugin registers --attention-backend saw; bench_one_batch (no server) does not load plugins itself
-  SGLANG_TORCH_PROFILER_DIR=$dir SAW_SGLANG_KV="{\"kv\": \"$kv\"}" PYTHONPATH=$sglang_path python3 -c "
+  SGLANG_TORCH_PROFILER_DIR=$dir SAW_SGLANG_KV="{\"kv\": \"$kv\", \"k_center\": false, \"k_scale\": false}" PYTHONPATH=$sglang_path python3 -c "
 import runpy
 from sglang.srt.plugins import load_plugins
 load_plugins()

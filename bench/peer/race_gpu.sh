@@ -94,7 +94,7 @@ for kv in ${SAW_KV-bf16 int4-bdr}; do
   race "saw-$kv" "$kv" saw serve_saw "$kv"
 done
 for kv in ${SGLANG_ENGINE_KV:-}; do
-  # (its formats have no bf16 window, sinks or K centering / scale: docs/sglang.md)
+  # (its formats have no bf16 window or sinks: docs/sglang.md)
   PYTHONPATH=$sglang_path race "saw-sglang-$kv" "$kv" "saw --engine sglang" serve_saw "$kv" --engine sglang
 done
 python3 bench/peer/table.py --out "$out/race-$peer" "${ceilings[@]}" --config "${CONFIG:-configs/qwen3-8b}" "${runs[@]}"

@@ -109,24 +109,48 @@ class SawAttentionBackend(AttentionBackend):
 
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
                        forward_batch: ForwardBatch, save_kv_cache: bool = True, **kwargs: object) -> torch.Tensor:
-        lay, cache, q3 = self._prepare(q, k, layer, forward_batch, save_kv_cache, kwargs)
+        lay, cache, q3, k = self._prepare(q, k, layer, forward_batch, save_kv_cache, kwargs)
         return self.kernels.forward_decode(q3, k, v, cache, lay).reshape(q.shape[0], -1)
 
     def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
                        forward_batch: ForwardBatch, save_kv_cache: bool = True, **kwargs: object) -> torch.Tensor:
-        lay, cache, q3 = self._prepare(q, k, layer, forward_batch, save_kv_cache, kwargs)
+        lay, cache, q3, k = self._prepare(q, k, layer, forward_batch, save_kv_cache, kwargs)
         return self.kernels.forward_extend(q3, k, v, cache, lay).reshape(q.shape[0], -1)
 
     def _prepare(self, q: torch.Tensor, k: torch.Tensor | None, layer: RadixAttention, forward_batch: ForwardBatch,
-                 save_kv_cache: bool, kwargs: dict[str, object]) -> tuple[StepLayout, object, torch.Tensor]:
+                 save_kv_cache: bool, kwargs: dict[str, object]) -> tuple[StepLayout, object, torch.Tensor,
+                                                                          torch.Tensor]:
+        """The step's layout, the layer's cache, and q [T, Hq, D], k [T, Hkv, D] as the kernels take them (times and
+        divided by the layer's K scale)."""
         lay = self.layout
         assert lay is not None, "init_forward_metadata was not called"
         if layer.layer_id not in self._checked:
             self._check_layer(layer, k, save_kv_cache, kwargs)
+        assert k is not None
         if lay.slots is not forward_batch.out_cache_loc:
             lay.slots = forward_batch.out_cache_loc
         self.kernels.sm_scale = layer.scaling  # one backend serves every layer; the scale is the layer's
-        return lay, self.pool.layer(layer.layer_id), q.view(-1, layer.tp_q_head_num, layer.head_dim)
+        pool, index = self.pool, layer.layer_id - self.pool.start_layer
+        q3 = q.view(-1, layer.tp_q_head_num, layer.head_dim)
+        if index in pool.uncalibrated and not lay.is_decode:  # decode before it: CUDA graph capture, dummy inputs
+            self._check_calibration_prompt(forward_batch)
+            pool.calibrate(index, q3, k)
+        if pool.k_scale is not None:  # exact: powers of two
+            lam = pool.k_scale[index]
+            lam = lam if lam.dtype == q.dtype else lam.to(q.dtype)
+            t, hkv, d = k.shape
+            q3 = (q3.view(t, hkv, -1, d) * lam[:, None]).view(t, -1, d)
+            k = k / lam
+        return lay, pool.layer(layer.layer_id), q3, k
+
+    def _check_calibration_prompt(self, forward_batch: ForwardBatch) -> None:
+        """The K calibration is measured on the worker's calibration prompt, which it sends first; another
+        first prefill would calibrate on the wrong text, and is refused."""
+        want = self.pool.calibration_tokens
+        if (forward_batch.batch_size != 1 or forward_batch.extend_prefix_lens_cpu[0] != 0
+                or forward_batch.extend_seq_lens_cpu[0] != want):
+            raise RuntimeError(f"saw's K calibration expects its calibration prompt ({want} tokens) as the first "
+                               "prefill; this one is a batch of other requests")
 
     def _check_layer(self, layer: RadixAttention, k: torch.Tensor | None, save_kv_cache: bool,
                      kwargs: dict[str, object]) -> None:

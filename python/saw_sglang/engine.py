@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from saw_sglang.config import BACKEND, ENV, KVSpec
 from saw_worker.config import TokenizerInfo
 from saw_worker.engine.interface import EngineInfo, LoadStats
 from saw_worker.engine.request import Event, Finish, GenerateParams, RequestError, Sink, TokenLogprob
+from saw_worker.kv import calibration
 from saw_worker.kv.pool import bytes_per_token
 from saw_worker.loader.export import hf_folder_for
 from saw_worker.loader.tokenizer import folder_tokenizer, write_hf_tokenizer
@@ -49,8 +51,10 @@ def model_folder(spec: str) -> Path:
     return folder
 
 
-def kv_spec(opts: WorkerOptions) -> KVSpec:
-    return KVSpec(opts.kv.name, opts.kv.hadamard_order, opts.kv.rotate_v)
+def kv_spec(opts: WorkerOptions, calibration_tokens: int = 0) -> KVSpec:
+    kv = opts.kv
+    return KVSpec(kv.name, kv.hadamard_order, kv.rotate_v, kv.k_center, kv.k_scale, kv.k_scale_alpha, kv.k_mean_file,
+                  calibration_tokens)
 
 
 def head_dim(config: dict[str, Any]) -> int:
@@ -77,12 +81,11 @@ def tokenizer_folder(folder: Path, tokenizer: TokenizerInfo, scratch: Path) -> P
 def engine_args(opts: WorkerOptions, folder: Path, tokenizer: Path) -> dict[str, Any]:
     """sglang.Engine's arguments for the worker's options; what SGLang's engine cannot honour is refused."""
     m, kv, pool, sched, dec = opts.model, opts.kv, opts.pool, opts.scheduler, opts.decode
-    refused = {"--window": kv.window, "--sinks": kv.sinks, "--k-center": kv.k_center, "--k-scale": kv.k_scale,
-               "--k-mean-file": kv.k_mean_file}
-    asked = [flag for flag, value in refused.items() if value]
-    if asked or kv.bf16_layers:
-        raise ValueError(f"--engine sglang does not take {', '.join(asked + ['--bf16-layers'] * bool(kv.bf16_layers))}"
-                         " yet (they need saw's scheduler or its calibration pass)")
+    asked = [flag for flag, value in (("--window", kv.window), ("--sinks", kv.sinks), ("--bf16-layers",
+                                                                                       kv.bf16_layers)) if value]
+    if asked:
+        raise ValueError(f"--engine sglang does not take {', '.join(asked)} yet (the bf16 window and sinks need saw's "
+                         "scheduler; per-layer formats, saw's pool layout)")
     args: dict[str, Any] = dict(
         model_path=str(folder), load_format="dummy" if m.load_format == "dummy" else "auto",
         dtype="auto" if m.dtype == "auto" else m.dtype, attention_backend=BACKEND, page_size=pool.page_size,
@@ -181,7 +184,10 @@ class SGLangEngine:
         tokenizer = folder_tokenizer(folder, vocab)
         self._scratch = tempfile.TemporaryDirectory(prefix="saw-sglang-")
         args = engine_args(options, folder, tokenizer_folder(folder, tokenizer, Path(self._scratch.name)))
-        spec = kv_spec(options)
+        prompt = calibration.calibration_ids(tokenizer)
+        spec = kv_spec(options, len(prompt))
+        # the backend measures the K calibration on the first prefill: this prompt, sent before any request (_run)
+        self._calibration_prompt = prompt if spec.measures_calibration(head_dim(config)) else None
         os.environ[ENV] = spec.to_env()  # SGLang's scheduler process reads it (config.py)
         self._ready = threading.Event()
         self._failure: BaseException | None = None
@@ -205,6 +211,10 @@ class SGLangEngine:
             import sglang
 
             self._engine = sglang.Engine(**args)
+            if self._calibration_prompt is not None:
+                started = time.perf_counter()
+                self._engine.generate(input_ids=self._calibration_prompt, sampling_params={"max_new_tokens": 1})
+                log.info("K calibration measured on the built-in text in %.2fs", time.perf_counter() - started)
             self._capacity = int(self._engine.get_server_info()["max_total_num_tokens"])
             self._context_len = int(self._engine.tokenizer_manager.context_len)
             self._loop: asyncio.AbstractEventLoop = self._engine.loop

@@ -4,6 +4,11 @@ SGLang allocates token slots (its radix cache and allocator stay as they are); t
 saw's kernels read and write at those slots: bf16 K/V, or packed INT4 codes + fp16 (scale, lo) per (token, head).
 The tensors are a saw `KVPool`'s, so the layer views (`LayerCache`) are the ones saw's own engine uses. SGLang's
 slot 0..page_size-1 (page 0) is its padding slot, as it is saw's.
+
+With K centering / the K scale the pool also holds the calibration, per layer: the K mean the kernels subtract
+and the power-of-two scale the backend applies to q and K. Both exist from the start (mean 0, scale 1: no-ops),
+so decode CUDA graphs captured before calibration read the calibrated values after it; they are filled from a
+--k-mean-file here, or by the backend from the first prefill (`uncalibrated` names the layers still waiting).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from sglang.srt.mem_cache.memory_pool import KVCache
 
 from saw_kv.cache import LayerCache
 from saw_sglang.config import spec_from_env
+from saw_worker.kv import calibration
 from saw_worker.kv.pool import KVPool
 
 
@@ -35,10 +41,50 @@ class SawKVPool(KVCache):
         # pool whose dtype is bf16 (models/utils.py enable_fused_set_kv_buffer: Qwen3-MoE, GPT-OSS, ...); saw's
         # backend writes (and quantizes) every layer's K/V itself.
         self.dtype = None
-        self.fmt = spec_from_env().format(head_dim)
+        spec = spec_from_env()
+        self.fmt = fmt = spec.format(head_dim)
         # SGLang hands out slots 0 .. size + page_size - 1 (page 0: padding)
-        self.saw = KVPool(self.fmt, layer_num, head_num, size // page_size + 1, page_size, torch.device(device))
+        self.saw = KVPool(fmt, layer_num, head_num, size // page_size + 1, page_size, torch.device(device))
+        shape = (layer_num, head_num, head_dim)
+        if fmt.k_center:
+            self.saw.k_mean = torch.zeros(shape, dtype=torch.float32, device=device)
+        # lambda in the model's dtype when that is bf16 (exact: powers of two up to 2^16), so a step casts nothing
+        scale_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        self.k_scale = torch.ones(shape, dtype=scale_dtype, device=device) if fmt.k_scale else None
+        self.k_scale_alpha = spec.k_scale_alpha
+        self.calibration_tokens = spec.calibration_tokens
+        self.uncalibrated: set[int] = set()
+        if spec.k_calibration is not None:
+            self._load_calibration(spec.k_calibration)
+        elif spec.measures_calibration(head_dim):
+            if not spec.calibration_tokens:
+                raise ValueError("K centering / the K scale need a calibration: a k_calibration file (--k-mean-file), "
+                                 "or saw's worker, which sends its calibration prompt first; or k_center and k_scale "
+                                 "false")
+            self.uncalibrated = set(range(layer_num))
         self._finalize_allocation_log(size)
+
+    def _load_calibration(self, path: str) -> None:
+        cal = calibration.load(path, self.layer_num, self.head_num, self.head_dim)
+        if self.fmt.k_center:
+            if cal.k_mean is None:
+                raise ValueError(f"{path} holds no k_mean; give k_center false or a file with one")
+            self.saw.k_mean.copy_(cal.k_mean)
+        if self.k_scale is not None:
+            if cal.k_scale is None:
+                raise ValueError(f"{path} holds no k_scale; give k_scale false or a file with one")
+            self.k_scale.copy_(cal.k_scale)
+
+    def calibrate(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Layer's (pool index) K mean and scale from its first prefill's q [T, Hq, D] and post-RoPE k [T, Hkv, D],
+        before that prefill's keys are stored with them."""
+        q_max = calibration.query_absmax(q, self.head_num) if self.k_scale is not None else None
+        mean, lam = calibration.layer_calibration(k, q_max, self.k_scale_alpha)
+        if self.k_scale is not None:
+            self.k_scale[layer].copy_(lam)
+        if self.fmt.k_center:
+            self.saw.k_mean[layer].copy_(mean)
+        self.uncalibrated.discard(layer)
 
     def layer(self, layer_id: int) -> LayerCache:
         return self.saw.layer(layer_id - self.start_layer)

@@ -6,7 +6,6 @@ import logging
 import os
 import time
 
-import tokenizers
 import torch
 
 from saw_kv.formats import KVFormat, default_kv_options
@@ -120,9 +119,8 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
             if fmt.k_scale and cal.k_scale is None:
                 raise ValueError(f"{opts.kv.k_mean_file} holds no k_scale; give --no-k-scale or a file with one")
         else:
-            ids = tokenizers.Tokenizer.from_str(loaded.tokenizer.tokenizer_json).encode(
-                calibration.CALIBRATION_TEXT).ids
-            cal = calibration.measure(runner, ids, fmt.k_center, fmt.k_scale, opts.kv.k_scale_alpha)
+            cal = calibration.measure(runner, calibration.calibration_ids(loaded.tokenizer), fmt.k_center,
+                                      fmt.k_scale, opts.kv.k_scale_alpha)
         # the pool renews its per-layer views, which the backend reads each call (and the graphs capture after this)
         pool.k_mean = cal.k_mean.to(device) if fmt.k_center and cal.k_mean is not None else None
         if fmt.k_scale and cal.k_scale is not None:

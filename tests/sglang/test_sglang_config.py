@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from saw_sglang.config import ENV, KVSpec, spec_from_env
-from saw_sglang.engine import engine_args, event, model_folder, sampling_params, tokenizer_folder
+from saw_sglang.engine import engine_args, event, kv_spec, model_folder, sampling_params, tokenizer_folder
 from saw_worker.engine.request import Finish, GenerateParams, GrammarSpec, RequestError, SamplingOptions
 from saw_worker.options import KVOptions, ModelOptions, PoolOptions, WorkerOptions
 
@@ -38,7 +38,6 @@ def test_engine_args_carry_the_options(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("kv,flag", [({"window": 16}, "--window"), ({"sinks": 4}, "--sinks"),
-                                     ({"k_center": True}, "--k-center"), ({"k_scale": True}, "--k-scale"),
                                      ({"bf16_layers": frozenset({0})}, "--bf16-layers")])
 def test_options_the_sglang_engine_cannot_honour_are_refused(folder: Path, kv: dict[str, object], flag: str) -> None:
     with pytest.raises(ValueError, match=flag):
@@ -122,6 +121,22 @@ def test_kv_spec_round_trips_through_the_environment() -> None:
         spec_from_env({ENV: "int4"})
     with pytest.raises(ValueError, match="unknown KV format"):
         KVSpec("fp8")
+
+
+def test_the_k_levers_follow_the_format_defaults_and_the_calibration_source(folder: Path) -> None:
+    """As --engine saw: K centering and the K scale on for the INT4 formats unless turned off; measured by the
+    backend on the worker's calibration prompt (its length travels in the spec) unless a file gives them."""
+    spec = kv_spec(opts(folder), calibration_tokens=400)
+    assert spec.format(128).describe() == "int4-bdr:b128+center+scale" and spec.measures_calibration(128)
+    assert spec_from_env({ENV: spec.to_env()}) == spec and spec.calibration_tokens == 400
+    plain = kv_spec(opts(folder, k_center=False, k_scale=False))
+    assert plain.format(128).describe() == "int4-bdr:b128" and not plain.measures_calibration(128)
+    assert not kv_spec(opts(folder, k_mean_file="k.pt")).measures_calibration(128)
+    assert kv_spec(opts(folder, k_scale=False)).format(64).describe() == "int4-bdr:b32+center"
+    assert not KVSpec("bf16").measures_calibration(128) and KVSpec("bf16").format(128).describe() == "bf16"
+    engine_args(opts(folder, k_center=True, k_scale=True, k_mean_file="k.pt"), folder, folder)  # taken, not refused
+    with pytest.raises(ValueError, match="not a saw KV spec"):
+        spec_from_env({ENV: json.dumps({"kv": "int4", "window": 16})})
 
 
 def test_without_sglang_the_error_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -89,9 +89,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def options(model_dir: Path, engine: str, kv: str, pool: PoolOptions | None = None, load_format: str = "auto",
             prefix_cache: bool = True) -> WorkerOptions:
-    fmt = {} if kv == "bf16" else {"window": 0, "sinks": 0, "k_center": False, "k_scale": False}
+    """kv: a format, plain (no window, sinks, K centering or scale), or "FORMAT:center+scale" with the K levers on
+    (each engine calibrates them on the built-in text)."""
+    name, _, levers = kv.partition(":")
+    fmt = {} if name == "bf16" else {"window": 0, "sinks": 0} | ({} if levers else {"k_center": False,
+                                                                                     "k_scale": False})
     return WorkerOptions(model=ModelOptions(name=str(model_dir), load_format=load_format, engine=engine),
-                         kv=KVOptions(name=kv, **fmt),  # type: ignore[arg-type]
+                         kv=KVOptions(name=name, **fmt),  # type: ignore[arg-type]
                          pool=pool or (PoolOptions(mem_fraction=0.5) if engine == "sglang" else PoolOptions(
                              kv_cache_memory=2 << 30)),
                          scheduler=SchedulerOptions(max_running_requests=16, prefix_cache=prefix_cache))
@@ -136,7 +140,7 @@ def agreement(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
     return sum(first_difference(a[k], b[k]) / len(a[k]) for k in a) / len(a)
 
 
-@pytest.mark.parametrize("kv", ["bf16", "int4", "int4-bdr"])
+@pytest.mark.parametrize("kv", ["bf16", "int4", "int4-bdr", "int4-bdr:center+scale"])
 def test_sglang_engine_matches_saw_engine(model_dir: Path, kv: str) -> None:
     saw = tokens(model_dir, "saw", kv)
     sgl = tokens(model_dir, "sglang", kv)

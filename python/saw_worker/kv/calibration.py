@@ -16,11 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import tokenizers
 import torch
 
 from saw_kv.formats import DEFAULT_K_SCALE_ALPHA
-from saw_worker.engine.model_runner import ModelRunner
+
+if TYPE_CHECKING:
+    from saw_worker.config import TokenizerInfo
+    from saw_worker.engine.model_runner import ModelRunner
 
 # Prose and code, since served traffic mixes both; a few hundred tokens settle the mean.
 CALIBRATION_TEXT = """\
@@ -59,29 +64,40 @@ def k_scale_from_stats(k_absmax: torch.Tensor, q_absmax: torch.Tensor, alpha: fl
     return torch.exp2(log_lam.round().clamp(-16, 16))
 
 
+def calibration_ids(tokenizer: TokenizerInfo) -> list[int]:
+    """CALIBRATION_TEXT as the model's token ids."""
+    return tokenizers.Tokenizer.from_str(tokenizer.tokenizer_json).encode(CALIBRATION_TEXT).ids
+
+
+def query_absmax(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """max |q| [Hkv, D] per KV head's channel, over the tokens of q [T, Hq, D] and the head's query group."""
+    return q.float().abs().view(q.shape[0], num_kv_heads, -1, q.shape[-1]).amax((0, 2))
+
+
+def layer_calibration(k: torch.Tensor, q_max: torch.Tensor | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's (K mean, K scale), each fp32 [Hkv, D], from its post-RoPE keys k [T, Hkv, D] and, for a K
+    scale, query_absmax (None: the scale is 1)."""
+    k = k.float()
+    lam = torch.ones_like(k[0]) if q_max is None else k_scale_from_stats((k - k.mean(0)).abs().amax(0), q_max, alpha)
+    return (k / lam).mean(0), lam
+
+
 def measure(runner: ModelRunner, token_ids: list[int], center: bool, scale: bool,
             alpha: float = DEFAULT_K_SCALE_ALPHA) -> KCalibration:
     """Run the text through the model once and derive the K mean and scale from each layer's q and K."""
-    keys: dict[int, torch.Tensor] = {}
-    q_max: dict[int, torch.Tensor] = {}
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def observe(layer_id: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        keys[layer_id] = k.float()
-        hkv = k.shape[1]
-        q_max[layer_id] = q.float().abs().view(q.shape[0], hkv, -1, q.shape[-1]).amax((0, 2))
+        found[layer_id] = layer_calibration(k, query_absmax(q, k.shape[1]) if scale else None, alpha)
 
     runner.backend.observer = observe
     try:
         runner.score(token_ids)
     finally:
         runner.backend.observer = None
-    means, scales = [], []
-    for i in range(runner.pool.num_layers):
-        k = keys[i]
-        lam = k_scale_from_stats((k - k.mean(0)).abs().amax(0), q_max[i], alpha) if scale else torch.ones_like(k[0])
-        scales.append(lam)
-        means.append((k / lam).mean(0))
-    return KCalibration(torch.stack(means) if center else None, torch.stack(scales) if scale else None)
+    layers = [found[i] for i in range(runner.pool.num_layers)]
+    return KCalibration(torch.stack([m for m, _ in layers]) if center else None,
+                        torch.stack([lam for _, lam in layers]) if scale else None)
 
 
 def load(path: str | Path, num_layers: int, num_kv_heads: int, head_dim: int) -> KCalibration:
