@@ -186,14 +186,17 @@ _DERIVED: dict[tuple[int, object], tuple[torch.Tensor, int, torch.Tensor]] = {}
 
 def _derived(src: torch.Tensor, key: object, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """build(), a tensor computed from src, cached per src object and version (the entry holds src, so its
-    id cannot be reused): an in-place update (calibration) is seen. Inside a graph capture a new result would
-    be written only at replay, hence an error there."""
+    id cannot be reused): an in-place update (calibration) is seen, and refills the tensor built before it,
+    which CUDA graphs captured earlier read (SGLang captures before saw's backend calibrates). Inside a graph
+    capture a new result would be written only at replay, hence an error there."""
     hit = _DERIVED.get((id(src), key))
     if hit is not None and hit[0] is src and hit[1] == src._version:
         return hit[2]
     if src.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("write_kv: run it once with this k_mean before capturing a CUDA graph")
     x = build()
+    if hit is not None and hit[0] is src and hit[2].shape == x.shape:
+        x = hit[2].copy_(x)
     if len(_DERIVED) > 4096:  # one per layer in use: a served model never reaches this, so a capture never misses
         _DERIVED.clear()
     _DERIVED[(id(src), key)] = (src, src._version, x)

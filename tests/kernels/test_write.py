@@ -98,7 +98,8 @@ def test_write_empty_batch() -> None:
 
 
 def test_write_sees_an_updated_k_mean() -> None:
-    """The rotated mean is cached per k_mean version: an in-place update (calibration) must show."""
+    """The rotated mean is cached per k_mean version: an in-place update (calibration) must show, in the tensor
+    built before it (a CUDA graph captured then reads that one)."""
     fmt = KVFormat("int4-bdr", 64, 32, k_center=True)
     gen = torch.Generator().manual_seed(5)
     k, v = rand_kv(4, 2, 64, gen=gen), rand_kv(4, 2, 64, gen=gen)
@@ -106,8 +107,11 @@ def test_write_sees_an_updated_k_mean() -> None:
     k_mean = torch.zeros(2, 64, device=DEV)
     cache = empty_cache(fmt, 8, 2, 16, k_mean)
     write_kv(k, v, slots, cache)
+    before = mean_pieces(k_mean, fmt.hadamard_order)
     k_mean.add_((torch.randn(2, 64, generator=gen) * 3).to(DEV))
     write_kv(k, v, slots, cache)
+    after = mean_pieces(k_mean, fmt.hadamard_order)
+    assert after is before and after.data_ptr() == before.data_ptr()
     _, ref_params = quantize_int4(encode_k(k, fmt, k_mean))
     torch.testing.assert_close(cache.k_params[slots].float(), ref_params.float(), rtol=2e-3, atol=1e-6)
 
