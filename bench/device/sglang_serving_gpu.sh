@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the lent GPU from the repo root, after `bash bench/peer/install_gpu.sh sglang` (carrying .whl and
 # target/wheels): the whole stack (saw-router -> worker) with --engine sglang, then --engine saw, on Qwen3-8B shapes
-# with dummy weights, the same KV format in both (the SGLang engine's: no bf16 window, no K centering / scale), one
+# with dummy weights, the same plain KV format in both (no bf16 window, sinks, K centering or scale), one
 # saw-bench point each; then saw's own engine with its default format. Results: $OUT/serving-<engine>/.
 # Usage: bash bench/device/sglang_serving_gpu.sh ["D(256,1024)"] [256] [int4-bdr]
 set -uo pipefail
