@@ -111,6 +111,19 @@ class KVFormat:
         """Build a format, capping the Hadamard order at head_dim as `--hadamard-order` promises."""
         return KVFormat(name, head_dim, min(hadamard_order, head_dim), rotate_v, k_center, k_scale, window, sinks)
 
+    @staticmethod
+    def with_defaults(name: str, head_dim: int, hadamard_order: int | None = None, rotate_v: bool = False,
+                      k_center: bool | None = None, k_scale: bool | None = None, window: int | None = None,
+                      sinks: int | None = None) -> KVFormat:
+        """The format with each option not given (None) filled in per model (default_kv_options); window 0
+        means no sinks either."""
+        d = default_kv_options(name, head_dim)
+        window = d.window if window is None else window
+        sinks = (d.sinks if window else 0) if sinks is None else sinks
+        return KVFormat.make(name, head_dim, hadamard_order or d.hadamard_order, rotate_v,
+                             d.k_center if k_center is None else k_center, d.k_scale if k_scale is None else k_scale,
+                             window, sinks)
+
     def describe(self) -> str:
         """The format with its options, as Info and /metrics report it (e.g. int4-bdr:b32+center+scale+s4+w16)."""
         if not self.quantized:

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from saw_kv.formats import DEFAULT_K_SCALE_ALPHA, KV_FORMATS, KVFormat, default_kv_options
+from saw_kv.formats import DEFAULT_K_SCALE_ALPHA, KV_FORMATS, KVFormat
 
 BACKEND = "saw"  # SGLang's --attention-backend name
 ENV = "SAW_SGLANG_KV"  # JSON of KVSpec's fields
@@ -43,10 +43,8 @@ class KVSpec:
         return json.dumps(asdict(self))
 
     def format(self, head_dim: int) -> KVFormat:
-        d = default_kv_options(self.kv, head_dim)
-        center = d.k_center if self.k_center is None else self.k_center
-        scale = d.k_scale if self.k_scale is None else self.k_scale
-        return KVFormat.make(self.kv, head_dim, self.hadamard_order or d.hadamard_order, self.rotate_v, center, scale)
+        return KVFormat.with_defaults(self.kv, head_dim, self.hadamard_order, self.rotate_v, self.k_center,
+                                      self.k_scale, window=0)
 
     def measures_calibration(self, head_dim: int) -> bool:
         """Whether the backend measures the K calibration (centering or scale asked for, no file given)."""

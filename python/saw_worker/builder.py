@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from saw_kv.formats import KVFormat, default_kv_options
+from saw_kv.formats import KVFormat
 from saw_worker.engine.engine import LocalEngine
 from saw_worker.engine.interface import EngineInfo
 from saw_worker.engine.model_runner import ModelRunner
@@ -42,16 +42,9 @@ def kv_budget(opts: PoolOptions, device: torch.device) -> int:
 
 
 def kv_format(opts: KVOptions, head_dim: int) -> KVFormat:
-    """The format --kv and its modifiers ask for, defaults filled in per model (default_kv_options)."""
-    d = default_kv_options(opts.name, head_dim)
-
-    def pick(given: bool | int | None, default: bool | int) -> bool | int:
-        return default if given is None else given
-
-    window = int(pick(opts.window, d.window))
-    return KVFormat.make(opts.name, head_dim, opts.hadamard_order or d.hadamard_order, opts.rotate_v,
-                         bool(pick(opts.k_center, d.k_center)), bool(pick(opts.k_scale, d.k_scale)),
-                         window, int(pick(opts.sinks, d.sinks if window else 0)))  # --window 0: no sinks either
+    """The format --kv and its modifiers ask for, defaults filled in per model (KVFormat.with_defaults)."""
+    return KVFormat.with_defaults(opts.name, head_dim, opts.hadamard_order, opts.rotate_v, opts.k_center,
+                                  opts.k_scale, opts.window, opts.sinks)
 
 
 def device_name(device: torch.device) -> str:
@@ -115,9 +108,7 @@ def build_engine(opts: WorkerOptions) -> LocalEngine:
     if fmt.k_center or fmt.k_scale:
         started = time.perf_counter()
         if opts.kv.k_mean_file:
-            cal = calibration.load(opts.kv.k_mean_file, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-            if fmt.k_scale and cal.k_scale is None:
-                raise ValueError(f"{opts.kv.k_mean_file} holds no k_scale; give --no-k-scale or a file with one")
+            cal = calibration.load(opts.kv.k_mean_file, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, fmt.k_scale)
         else:
             cal = calibration.measure(runner, calibration.calibration_ids(loaded.tokenizer), fmt.k_center,
                                       fmt.k_scale, opts.kv.k_scale_alpha)
