@@ -65,14 +65,12 @@ class SawKVPool(KVCache):
         self._finalize_allocation_log(size)
 
     def _load_calibration(self, path: str) -> None:
-        cal = calibration.load(path, self.layer_num, self.head_num, self.head_dim)
+        cal = calibration.load(path, self.layer_num, self.head_num, self.head_dim, self.fmt.k_scale)
         if self.fmt.k_center:
             if cal.k_mean is None:
-                raise ValueError(f"{path} holds no k_mean; give k_center false or a file with one")
+                raise ValueError(f"{path} holds no k_mean; give --no-k-center or a file with one")
             self.saw.k_mean.copy_(cal.k_mean)
         if self.k_scale is not None:
-            if cal.k_scale is None:
-                raise ValueError(f"{path} holds no k_scale; give k_scale false or a file with one")
             self.k_scale.copy_(cal.k_scale)
 
     def calibrate(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:

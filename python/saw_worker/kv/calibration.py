@@ -100,9 +100,10 @@ def measure(runner: ModelRunner, token_ids: list[int], center: bool, scale: bool
                         torch.stack([lam for _, lam in layers]) if scale else None)
 
 
-def load(path: str | Path, num_layers: int, num_kv_heads: int, head_dim: int) -> KCalibration:
+def load(path: str | Path, num_layers: int, num_kv_heads: int, head_dim: int, scale: bool = False) -> KCalibration:
     """A saved calibration: a dict {"k_mean": ..., "k_scale": ...} (either may be absent), or a bare K mean
-    tensor (what --k-mean-file held before the K scale existed)."""
+    tensor (what --k-mean-file held before the K scale existed). scale: the format has a K scale, which the
+    file must hold."""
     data = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(data, torch.Tensor):
         data = {"k_mean": data}
@@ -113,7 +114,9 @@ def load(path: str | Path, num_layers: int, num_kv_heads: int, head_dim: int) ->
         if t is not None and tuple(t.shape) != want:
             raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, expected {want}")
         out[name] = None if t is None else t.float()
-    scale = out["k_scale"]
-    if scale is not None and not bool((scale > 0).all() and (scale == torch.exp2(scale.log2().round())).all()):
+    lam = out["k_scale"]
+    if lam is None and scale:
+        raise ValueError(f"{path} holds no k_scale; give --no-k-scale or a file with one")
+    if lam is not None and not bool((lam > 0).all() and (lam == torch.exp2(lam.log2().round())).all()):
         raise ValueError(f"{path}: k_scale must hold positive powers of two")
-    return KCalibration(out["k_mean"], scale)
+    return KCalibration(out["k_mean"], lam)
