@@ -232,8 +232,13 @@ def _decode(model: DecoderLM, att: FullCausalAttention, prompt: list[int], steps
     return tokens, torch.cat(logits).log_softmax(-1)
 
 
+def _kl_steps(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(ref || other) per step of two [steps, vocab] log-prob tensors."""
+    return (ref.exp() * (ref - other)).sum(-1)
+
+
 def _kl(ref: torch.Tensor, other: torch.Tensor) -> float:
-    return float((ref.exp() * (ref - other)).sum(-1).mean())
+    return float(_kl_steps(ref, other).mean())
 
 
 @pytest.mark.slow
@@ -313,7 +318,7 @@ def test_decode_on_gguf_blocks_stays_close_to_dense(path: Path) -> None:
     for name in ("blocks", "bf16 int4/int8"):
         _, logp = _decode(runs[name][0].model, runs[name][1], prompt, steps, ref_tokens)
         assert torch.isfinite(logp).all()
-        kl[name] = (ref.exp() * (ref - logp)).sum(-1)  # per step
+        kl[name] = _kl_steps(ref, logp)
     print({name: (f"mean {float(k.mean()):.2e}", f"median {float(k.median()):.2e}") for name, k in kl.items()})
     assert kl["blocks"].median() <= 1.25 * kl["bf16 int4/int8"].median()
     assert kl["blocks"].mean() < 4e-3
